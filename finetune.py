@@ -1,0 +1,376 @@
+"""LoRA instruction tuning of a LLaMA-family model (the one training core).
+
+    python finetune.py --data_path sample/instruct/data_sample.jsonl --output_path lora-out
+    torchrun --nproc_per_node 2 finetune.py ...          # DDP, one process per GPU
+
+`finetune_4bit.py` (QLoRA) and `finetune_chat.py` (multi-turn chat) call `main` with other
+defaults; every flag works in all three. Without --model_path the embedded SmolLM2-135M-Instruct
+is used, so this runs on a laptop CPU with nothing to download.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from prompt import IGNORE_INDEX, PROMPT_TYPES, build_example
+from utils import (ADAPTER_CONFIG, EMBEDDED_MODEL, QUANT_CHOICES, UserError, cli_errors, logger,
+                   setup_logging)
+
+# Defaults in one visible place (Chinese-Vicuna's where it had them). Variants override a few.
+DEFAULTS = dict(
+    data_path="sample/instruct/data_sample.jsonl",
+    output_path="lora-Vicuna",
+    model_path=EMBEDDED_MODEL,
+    prompt_type="instruct",
+    quant="none",
+    cutoff_len=256,
+    micro_batch_size=4,
+    batch_size=128,
+    num_epochs=3,
+    max_steps=-1,
+    learning_rate=3e-4,
+    warmup_steps=100,
+    lora_r=8,
+    lora_alpha=16,
+    lora_dropout=0.05,
+    lora_target_modules="q_proj,v_proj",
+    train_on="all",
+    test_size=200,
+    eval_steps=200,
+    save_steps=200,
+    save_total_limit=3,
+    logging_steps=10,
+    seed=42,
+)
+
+
+def build_parser(defaults: dict) -> argparse.ArgumentParser:
+    d = defaults
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--data_path", default=d["data_path"], help="JSON/JSONL instruction or chat data (format auto-detected)")
+    a("--output_path", default=d["output_path"], help="where the adapter, checkpoints and logs go")
+    a("--model_path", default=d["model_path"],
+      help=f"base model: Hugging Face id, local folder or .gguf file (default: embedded {EMBEDDED_MODEL})")
+    a("--prompt_type", choices=PROMPT_TYPES, default=d["prompt_type"], help="prompt template")
+    a("--quant", choices=QUANT_CHOICES, default=d["quant"], help="load the base model in 8-bit or 4-bit (QLoRA)")
+    a("--cutoff_len", type=int, default=d["cutoff_len"], help="truncate examples to this many tokens")
+    a("--micro_batch_size", type=int, default=d["micro_batch_size"], help="examples per device per step")
+    a("--batch_size", type=int, default=d["batch_size"], help="examples per optimizer step, all devices")
+    a("--num_epochs", type=float, default=d["num_epochs"])
+    a("--max_steps", type=int, default=d["max_steps"], help="optimizer steps; overrides --num_epochs when > 0")
+    a("--learning_rate", type=float, default=d["learning_rate"])
+    a("--warmup_steps", type=int, default=d["warmup_steps"])
+    a("--lora_r", type=int, default=d["lora_r"])
+    a("--lora_alpha", type=int, default=d["lora_alpha"])
+    a("--lora_dropout", type=float, default=d["lora_dropout"])
+    a("--lora_target_modules", default=d["lora_target_modules"],
+      help="comma-separated module names, or all-linear")
+    a("--train_on", choices=("all", "last"), default=d["train_on"],
+      help="chat: supervise every assistant turn, or only the last (Chinese-Vicuna's recipe)")
+    a("--test_size", type=int, default=d["test_size"], help="records held out for evaluation (0: none)")
+    a("--eval_steps", type=int, default=d["eval_steps"])
+    a("--save_steps", type=int, default=d["save_steps"])
+    a("--save_total_limit", type=int, default=d["save_total_limit"], help="checkpoints kept (0: all)")
+    a("--logging_steps", type=int, default=d["logging_steps"])
+    a("--resume_from_checkpoint", default=None,
+      help="checkpoint-N folder to continue (optimizer, scheduler, RNG and data position restored)")
+    a("--lora_path", default=None,
+      help="continue-finetune this adapter (ours, plain peft or legacy Chinese-Vicuna) with a fresh schedule")
+    a("--seed", type=int, default=d["seed"])
+    a("--wandb", action="store_true", help="also log to Weights & Biases (pip install wandb)")
+    a("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=None,
+      help="trade compute for memory (default: on with a GPU, off on CPU)")
+    a("--bf16", action="store_true", help="train in bfloat16 (default: auto, bf16/fp16 on GPU, fp32 on CPU)")
+    a("--fp16", action="store_true", help="train in float16")
+    a("--overwrite_output_dir", action="store_true", help="write into an output folder that holds an adapter")
+    a("--inspect_data", metavar="FILE", default=None,
+      help="write every example as {input_ids, labels} JSON lines to FILE and exit")
+    a("--trust_remote_code", action="store_true", help="allow model code from the hub (off by default)")
+    return p
+
+
+def validate_args(args) -> None:
+    for name in ("cutoff_len", "micro_batch_size", "batch_size", "lora_r", "lora_alpha",
+                 "eval_steps", "save_steps", "logging_steps"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name} must be > 0, got {getattr(args, name)}")
+    if args.batch_size % args.micro_batch_size:
+        raise UserError(f"--batch_size {args.batch_size} is not a multiple of --micro_batch_size "
+                        f"{args.micro_batch_size}")
+    if not 0 <= args.lora_dropout < 1:
+        raise UserError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+    if args.bf16 and args.fp16:
+        raise UserError("--bf16 and --fp16 exclude each other; pass one")
+    if args.resume_from_checkpoint and not os.path.isdir(args.resume_from_checkpoint):
+        raise UserError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such directory")
+    if args.resume_from_checkpoint and args.lora_path:
+        raise UserError("--resume_from_checkpoint continues a run, --lora_path starts a new one from an "
+                        "adapter; pass one of them")
+    if args.max_steps <= 0 and args.num_epochs <= 0:
+        raise UserError("--num_epochs must be > 0 (or pass --max_steps)")
+
+
+def target_modules(spec: str):
+    if spec.strip() == "all-linear":
+        return "all-linear"
+    names = [m.strip() for m in spec.split(",") if m.strip()]
+    if not names:
+        raise UserError("--lora_target_modules is empty; pass e.g. q_proj,v_proj or all-linear")
+    return names
+
+
+def build_examples(convs, args, tokenizer) -> tuple[list[dict], int]:
+    """Tokenized, masked, truncated examples; returns (examples, dropped_count)."""
+    examples, dropped = [], 0
+    for conv in convs:
+        ex = build_example(args.prompt_type, conv, tokenizer, args.cutoff_len, args.train_on)
+        if ex is None:
+            dropped += 1
+        else:
+            examples.append(ex)
+    return examples, dropped
+
+
+def check_output_dir(args) -> None:
+    out = args.output_path
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--output_path {out} is a file; pass a folder")
+    has_adapter = os.path.isfile(os.path.join(out, ADAPTER_CONFIG))
+    if has_adapter and not (args.overwrite_output_dir or args.resume_from_checkpoint):
+        raise UserError(f"--output_path {out} already holds an adapter; pass another folder or "
+                        "--overwrite_output_dir to write over it")
+
+
+def plot_loss(log_history: list[dict], path: str) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
+    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
+    if not train and not evals:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), marker="o", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_inspect_file(path: str, examples: list[dict]) -> None:
+    if os.path.exists(path):
+        raise UserError(f"--inspect_data {path} exists; pass a new file name")
+    with open(path, "w", encoding="utf-8") as f:
+        for ex in examples:
+            f.write(json.dumps({"input_ids": ex["input_ids"], "labels": ex["labels"]}) + "\n")
+
+
+def run(args) -> str | None:
+    import torch
+
+    from data import load_conversations, train_test_split
+    from utils import load_tokenizer, resolve_model_path
+
+    validate_args(args)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    ddp = world_size > 1
+    if not args.inspect_data:
+        check_output_dir(args)
+
+    # Data first: a bad record must stop the run before any weights load or files are written.
+    data_format, convs = load_conversations(args.data_path)
+    model_path = resolve_model_path(args.model_path)
+    tokenizer = load_tokenizer(model_path, args.trust_remote_code)
+    tokenizer.padding_side = "right"
+    if args.inspect_data:
+        examples, dropped = build_examples(convs, args, tokenizer)
+        write_inspect_file(args.inspect_data, examples)
+        logger.info("wrote %d examples to %s (%d dropped: no supervised token within --cutoff_len %d)",
+                    len(examples), args.inspect_data, dropped, args.cutoff_len)
+        return None
+    train_convs, test_convs = train_test_split(convs, args.test_size, args.seed, args.data_path)
+    train_examples, dropped_train = build_examples(train_convs, args, tokenizer)
+    test_examples, dropped_test = build_examples(test_convs, args, tokenizer)
+    if dropped_train + dropped_test:
+        logger.warning("dropped %d of %d records whose response lies beyond --cutoff_len %d",
+                       dropped_train + dropped_test, len(convs), args.cutoff_len)
+    if not train_examples:
+        raise UserError(f"{args.data_path}: no training example keeps a supervised token within "
+                        f"--cutoff_len {args.cutoff_len}; raise --cutoff_len")
+    n_tokens = sum(len(e["input_ids"]) for e in train_examples)
+    n_sup = sum(sum(1 for t in e["labels"] if t != IGNORE_INDEX) for e in train_examples)
+    logger.info("%s: %s format, %d train / %d eval examples, %d tokens (%d supervised)",
+                args.data_path, data_format, len(train_examples), len(test_examples), n_tokens, n_sup)
+
+    grad_accum = args.batch_size // args.micro_batch_size
+    if ddp:
+        if grad_accum % world_size:
+            raise UserError(f"--batch_size {args.batch_size} / --micro_batch_size {args.micro_batch_size} "
+                            f"= {grad_accum} is not divisible by the {world_size} processes")
+        grad_accum //= world_size
+    on_gpu = torch.cuda.is_available()
+    gradient_checkpointing = on_gpu if args.gradient_checkpointing is None else args.gradient_checkpointing
+
+    model, resolved = load_trainable_model(args, model_path, ddp, gradient_checkpointing)
+    trainer = make_trainer(args, model, tokenizer, train_examples, test_examples, grad_accum,
+                           gradient_checkpointing, on_gpu, ddp)
+    config = {
+        "base_model": args.model_path,
+        "base_model_resolved": model_path,
+        "prompt_type": args.prompt_type,
+        "data_format": data_format,
+        "num_train_examples": len(train_examples),
+        "num_eval_examples": len(test_examples),
+        "dropped_examples": dropped_train + dropped_test,
+        "gradient_accumulation_steps": grad_accum,
+        "world_size": world_size,
+        "gradient_checkpointing": gradient_checkpointing,
+        "eos_token": tokenizer.eos_token,
+        "pad_token": tokenizer.pad_token,
+        "args": vars(args),
+        **resolved,
+    }
+    trainer.add_callback(_config_callback(config))
+
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    if rank == 0:
+        from utils import adapter_key_report, save_training_config
+
+        trainer.save_model(args.output_path)
+        adapter_key_report(args.output_path, trainer.model)
+        save_training_config(args.output_path, config)
+        png = plot_loss(trainer.state.log_history, os.path.join(args.output_path, "loss.png"))
+        logger.info("adapter saved to %s%s", args.output_path, f"; loss curve: {png}" if png else "")
+    return args.output_path
+
+
+def load_trainable_model(args, model_path: str, ddp: bool, gradient_checkpointing: bool):
+    """Base model (optionally 8/4-bit) wrapped with a fresh or continued LoRA adapter."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from utils import device_map_for, load_adapter, load_model, pick_dtype
+
+    dtype = pick_dtype(args.bf16, args.fp16)
+    model = load_model(model_path, quant=args.quant, dtype=dtype, device_map=device_map_for(args.quant, ddp),
+                       trust_remote_code=args.trust_remote_code)
+    if args.quant != "none":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif gradient_checkpointing:
+        model.enable_input_require_grads()
+    if args.lora_path:
+        model = load_adapter(model, args.lora_path, trainable=True)
+        lora = model.peft_config["default"]
+        logger.info("continuing adapter %s (r=%d, targets %s) with a fresh schedule",
+                    args.lora_path, lora.r, sorted(lora.target_modules))
+    else:
+        lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                          target_modules=target_modules(args.lora_target_modules), bias="none",
+                          task_type="CAUSAL_LM")
+        try:
+            model = get_peft_model(model, lora)
+        except ValueError as e:
+            raise UserError(f"--lora_target_modules {args.lora_target_modules}: {str(e).splitlines()[0]}") from None
+    trainable, total = model.get_nb_trainable_parameters()
+    logger.info("trainable parameters: %s of %s (%.3f%%), dtype %s, quant %s",
+                f"{trainable:,}", f"{total:,}", 100 * trainable / total, dtype, args.quant)
+    resolved = {"dtype": str(dtype).removeprefix("torch."), "lora_r": lora.r, "lora_alpha": lora.lora_alpha,
+                "lora_target_modules": sorted(lora.target_modules) if not isinstance(lora.target_modules, str)
+                else lora.target_modules}
+    return model, resolved
+
+
+def make_trainer(args, model, tokenizer, train_examples, test_examples, grad_accum,
+                 gradient_checkpointing, on_gpu, ddp):
+    import torch
+    from datasets import Dataset
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    report_to = ["tensorboard"]
+    if args.wandb:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise UserError("--wandb needs the wandb package: pip install wandb") from None
+        report_to.append("wandb")
+    has_eval = bool(test_examples)
+    dtype = model.get_input_embeddings().weight.dtype
+    training_args = TrainingArguments(
+        output_dir=args.output_path,
+        per_device_train_batch_size=args.micro_batch_size,
+        per_device_eval_batch_size=args.micro_batch_size,
+        gradient_accumulation_steps=grad_accum,
+        num_train_epochs=args.num_epochs,
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        warmup_steps=args.warmup_steps,
+        lr_scheduler_type="linear",
+        logging_steps=args.logging_steps,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=args.eval_steps if has_eval else None,
+        save_strategy="steps",
+        save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit or None,
+        bf16=on_gpu and dtype == torch.bfloat16,
+        fp16=on_gpu and dtype == torch.float16,
+        optim="paged_adamw_8bit" if (on_gpu and args.quant == "4bit") else "adamw_torch",
+        activation_checkpointing=gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
+        report_to=report_to,
+        seed=args.seed,
+        data_seed=args.seed,
+        remove_unused_columns=False,
+        ddp_find_unused_parameters=False if ddp else None,
+        ddp_backend=None if on_gpu or not ddp else "gloo",
+        use_cpu=not on_gpu,
+        dataloader_num_workers=0,
+    )
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX,
+                                      pad_to_multiple_of=8, return_tensors="pt")
+    return Trainer(model=model, args=training_args, data_collator=collator,
+                   train_dataset=Dataset.from_list(train_examples),
+                   eval_dataset=Dataset.from_list(test_examples) if has_eval else None)
+
+
+def _config_callback(config: dict):
+    """Write the training config into every checkpoint folder (on the main process)."""
+    from transformers import TrainerCallback
+
+    from utils import save_training_config
+
+    class SaveConfig(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+                if os.path.isdir(folder):
+                    save_training_config(folder, config)
+
+    return SaveConfig()
+
+
+def main(argv: list[str] | None = None, defaults: dict | None = None):
+    """Entry point; `defaults` lets finetune_4bit.py / finetune_chat.py change defaults only."""
+    setup_logging()
+    logging.getLogger("transformers").setLevel(logging.WARNING)
+    args = build_parser({**DEFAULTS, **(defaults or {})}).parse_args(argv)
+    return cli_errors(run)(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

