@@ -182,7 +182,7 @@ def train_test_split(items: list, test_size: int, seed: int, path: str) -> tuple
         raise DataError(f"--test_size must be >= 0, got {test_size}")
     if test_size >= len(items) and test_size > 0:
         raise DataError(f"--test_size {test_size} leaves no training data: {path} has {len(items)} "
-                        f"records; pass a smaller --test_size (e.g. {max(0, len(items) // 10)}) or 0")
+                        f"records; pass a smaller --test_size (at most {len(items) - 1}) or 0")
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
     test = [items[i] for i in sorted(order[:test_size])]

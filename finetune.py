@@ -88,6 +88,8 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
     a("--bf16", action="store_true", help="train in bfloat16 (default: auto, bf16/fp16 on GPU, fp32 on CPU)")
     a("--fp16", action="store_true", help="train in float16")
     a("--overwrite_output_dir", action="store_true", help="write into an output folder that holds an adapter")
+    a("--deepspeed", metavar="JSON", default=None,
+      help="DeepSpeed config for HF Trainer, e.g. config-sample/zero2.json (pip install deepspeed)")
     a("--inspect_data", metavar="FILE", default=None,
       help="write every example as {input_ids, labels} JSON lines to FILE and exit")
     a("--trust_remote_code", action="store_true", help="allow model code from the hub (off by default)")
@@ -111,6 +113,8 @@ def validate_args(args) -> None:
     if args.resume_from_checkpoint and args.lora_path:
         raise UserError("--resume_from_checkpoint continues a run, --lora_path starts a new one from an "
                         "adapter; pass one of them")
+    if args.deepspeed and not os.path.isfile(args.deepspeed):
+        raise UserError(f"--deepspeed {args.deepspeed}: no such file; see config-sample/zero2.json")
     if args.max_steps <= 0 and args.num_epochs <= 0:
         raise UserError("--num_epochs must be > 0 (or pass --max_steps)")
 
@@ -180,8 +184,6 @@ def write_inspect_file(path: str, examples: list[dict]) -> None:
 
 
 def run(args) -> str | None:
-    import torch
-
     from data import load_conversations, train_test_split
     from utils import load_tokenizer, resolve_model_path
 
@@ -194,6 +196,8 @@ def run(args) -> str | None:
 
     # Data first: a bad record must stop the run before any weights load or files are written.
     data_format, convs = load_conversations(args.data_path)
+    if not args.inspect_data:
+        train_convs, test_convs = train_test_split(convs, args.test_size, args.seed, args.data_path)
     model_path = resolve_model_path(args.model_path)
     tokenizer = load_tokenizer(model_path, args.trust_remote_code)
     tokenizer.padding_side = "right"
@@ -203,7 +207,6 @@ def run(args) -> str | None:
         logger.info("wrote %d examples to %s (%d dropped: no supervised token within --cutoff_len %d)",
                     len(examples), args.inspect_data, dropped, args.cutoff_len)
         return None
-    train_convs, test_convs = train_test_split(convs, args.test_size, args.seed, args.data_path)
     train_examples, dropped_train = build_examples(train_convs, args, tokenizer)
     test_examples, dropped_test = build_examples(test_convs, args, tokenizer)
     if dropped_train + dropped_test:
@@ -223,6 +226,8 @@ def run(args) -> str | None:
             raise UserError(f"--batch_size {args.batch_size} / --micro_batch_size {args.micro_batch_size} "
                             f"= {grad_accum} is not divisible by the {world_size} processes")
         grad_accum //= world_size
+    import torch
+
     on_gpu = torch.cuda.is_available()
     gradient_checkpointing = on_gpu if args.gradient_checkpointing is None else args.gradient_checkpointing
 
@@ -340,6 +345,7 @@ def make_trainer(args, model, tokenizer, train_examples, test_examples, grad_acc
         ddp_backend=None if on_gpu or not ddp else "gloo",
         use_cpu=not on_gpu,
         dataloader_num_workers=0,
+        deepspeed=args.deepspeed,
     )
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX,
                                       pad_to_multiple_of=8, return_tensors="pt")

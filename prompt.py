@@ -244,3 +244,50 @@ def extract_response(text: str, prompt_type: str) -> str:
         if pos != -1:
             cut = min(cut, pos)
     return text[:cut].strip()
+
+
+def fit_history(prompt_type: str, conv: Conversation, tokenizer, budget: int,
+                max_new_tokens: int) -> tuple[Conversation, list[int]]:
+    """Drop the oldest turns until prompt + max_new_tokens fits `budget` tokens.
+
+    The current (last, unanswered) question is never dropped; if it alone does not fit, its
+    prompt is returned as is and generation gets whatever room is left.
+    Returns the trimmed conversation and its prompt ids.
+    """
+    turns = list(conv.turns)
+    while True:
+        trimmed = Conversation(turns=turns, system=conv.system, input=conv.input if len(turns) == len(conv.turns) else "")
+        ids = build_prompt_ids(prompt_type, trimmed, tokenizer)
+        if len(ids) + max_new_tokens <= budget or len(turns) == 1:
+            return trimmed, ids
+        turns = turns[1:]
+
+
+class StopStringFilter:
+    """Hold back streamed text that might be the start of a stop marker, and cut at a full one.
+
+    `update(text)` takes the whole text generated so far and returns the part that is safe to
+    show; `done` turns true once a marker was seen (the caller may stop generating).
+    """
+
+    def __init__(self, prompt_type: str):
+        self.markers = STOP_STRINGS.get(prompt_type, [])
+        self.done = False
+
+    def update(self, text: str, final: bool = False) -> str:
+        cut = len(text)
+        for marker in self.markers:
+            pos = text.find(marker)
+            if pos != -1:
+                cut = min(cut, pos)
+                self.done = True
+        if self.done or final:
+            return text[:cut].rstrip()
+        # Hold back a tail that is a proper prefix of some marker.
+        hold = 0
+        for marker in self.markers:
+            for k in range(min(len(marker) - 1, len(text)), 0, -1):
+                if text.endswith(marker[:k]):
+                    hold = max(hold, k)
+                    break
+        return text[:len(text) - hold]

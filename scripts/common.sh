@@ -1,0 +1,49 @@
+# Shared launcher for scripts/*.sh; source it, do not run it.
+#
+# Environment (each has a default; set it to override):
+#   TOT_CUDA    GPU ids, comma-separated ("0", "0,1"). Unset or empty: whatever device torch finds
+#               (CPU on a machine without a GPU). Two or more ids: one torchrun process per GPU (DDP).
+#   PORT        torchrun master port (default 12345); change it to run two jobs on one machine.
+#   MODEL_PATH  base model (HF id, local folder or .gguf). Empty: the entry script's default,
+#               the embedded SmolLM2-135M-Instruct, so nothing is downloaded.
+#   PYTHON      interpreter (default: python).  TORCHRUN  launcher (default: torchrun).
+#
+# Usage, from a script that has already done  cd "$(dirname "$0")/.."  (paths are relative to
+# the repository root):
+#   source scripts/common.sh
+#   launch finetune.py --flag value ... "$@"
+
+TOT_CUDA="${TOT_CUDA:-}"
+PORT="${PORT:-12345}"
+MODEL_PATH="${MODEL_PATH:-}"
+PYTHON="${PYTHON:-python}"
+TORCHRUN="${TORCHRUN:-torchrun}"
+
+# launch ENTRY [ARGS...]: run ENTRY with plain python (0 or 1 GPU) or torchrun (2+ GPUs).
+# --model_path goes first, so a --model_path among ARGS (or the caller's "$@") still wins.
+launch() {
+  local entry="$1"
+  shift
+  local n_gpus=0
+  local ids=()
+  if [[ -n "$TOT_CUDA" ]]; then
+    IFS=',' read -r -a ids <<< "$TOT_CUDA"
+    n_gpus=${#ids[@]}
+    export CUDA_VISIBLE_DEVICES="$TOT_CUDA"
+  fi
+
+  local cmd=()
+  if (( n_gpus > 1 )); then
+    cmd=("$TORCHRUN" --nproc_per_node "$n_gpus" --master_port "$PORT" "$entry")
+  else
+    cmd=("$PYTHON" "$entry")
+  fi
+  if [[ -n "$MODEL_PATH" ]]; then
+    cmd+=(--model_path "$MODEL_PATH")
+  fi
+  cmd+=("$@")
+
+  # The exact command on stderr, so a log records what ran (stdout stays the program's own).
+  echo "+ CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-}" "$(printf '%q ' "${cmd[@]}")" >&2
+  exec "${cmd[@]}"
+}
