@@ -270,6 +270,9 @@ def load_trainable_model(args, model_path: str, ddp: bool, gradient_checkpointin
 
     from utils import device_map_for, load_adapter, load_model, pick_dtype
 
+    from transformers import set_seed
+
+    set_seed(args.seed)  # LoRA's lora_A init draws from the global RNG: same seed, same adapter
     dtype = pick_dtype(args.bf16, args.fp16)
     model = load_model(model_path, quant=args.quant, dtype=dtype, device_map=device_map_for(args.quant, ddp),
                        trust_remote_code=args.trust_remote_code)

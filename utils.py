@@ -56,8 +56,9 @@ def cli_errors(fn):
 
 
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if verbose else logging.INFO,
-                        format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    level = logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(stream=sys.stderr, level=level, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    logger.setLevel(level)
 
 
 # --- the embedded default model -------------------------------------------------------------------

@@ -1,0 +1,347 @@
+"""The shipped scripts/*.sh and config-sample/ files, checked without training anything.
+
+Each script is run with PYTHON and TORCHRUN pointing at a stub that prints the launcher it stands
+for, CUDA_VISIBLE_DEVICES, the working directory and its argv (NUL-separated, so paths with spaces
+survive). The argv after the entry script is then parsed with that entry script's own parser.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+SCRIPTS_DIR = ROOT / "scripts"
+CONFIG_DIR = ROOT / "config-sample"
+SCRIPTS = sorted(p.name for p in SCRIPTS_DIR.glob("*.sh") if p.name != "common.sh")
+ALL_SH = sorted(p.name for p in SCRIPTS_DIR.glob("*.sh"))
+ENV_VARS = ("TOT_CUDA", "PORT", "DATA_PATH", "OUTPUT_PATH", "MODEL_PATH", "LORA_PATH", "DS_CONFIG",
+            "PYTHON", "TORCHRUN", "CUDA_VISIBLE_DEVICES")
+TORCHRUN_FLAGS = {"--nproc_per_node", "--master_port"}
+UNSET = "<unset>"
+
+# Scripts that need more than the common variables, and their non-common defaults.
+EXTRA_ENV = {"finetune_continue.sh": {"LORA_PATH": "some lora/adapter"}}
+DEFAULT_TOT_CUDA = {"finetune_deepspeed.sh": "0,1"}  # DeepSpeed assumes 2+ GPUs
+
+STUB = """#!/usr/bin/env bash
+printf '%s\\0' "{name}" "${{CUDA_VISIBLE_DEVICES-{unset}}}" "$PWD" "$@"
+"""
+
+
+def test_found_the_scripts():
+    assert {"finetune.sh", "finetune_4bit.sh", "finetune_chat.sh", "finetune_continue.sh",
+            "finetune_deepspeed.sh"} <= set(SCRIPTS)
+    assert "common.sh" in ALL_SH
+
+
+@dataclasses.dataclass
+class Launch:
+    returncode: int
+    stderr: str
+    launcher: str = ""
+    cuda: str = ""
+    cwd: str = ""
+    argv: list[str] = dataclasses.field(default_factory=list)  # after the launcher
+
+    @property
+    def entry_index(self) -> int:
+        return next(i for i, a in enumerate(self.argv) if a.endswith(".py"))
+
+    @property
+    def entry(self) -> str:
+        return self.argv[self.entry_index]
+
+    @property
+    def script_args(self) -> list[str]:
+        return self.argv[self.entry_index + 1:]
+
+    def value(self, flag: str) -> str | None:
+        """The value of the last `flag` in the entry script's args (argparse: last one wins)."""
+        args = self.script_args
+        hits = [i for i, a in enumerate(args) if a == flag]
+        return args[hits[-1] + 1] if hits else None
+
+
+@pytest.fixture(scope="module")
+def stubs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("stubs")
+    paths = {}
+    for name in ("python", "torchrun"):
+        path = folder / f"fake-{name}"
+        path.write_text(STUB.format(name=name, unset=UNSET))
+        path.chmod(0o755)
+        paths[name] = str(path)
+    return paths
+
+
+@pytest.fixture
+def run_script(stubs):
+    def run(script: str, cwd: str | Path = ROOT, extra_args: tuple = (), **env_overrides) -> Launch:
+        env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
+        env.update(PYTHON=stubs["python"], TORCHRUN=stubs["torchrun"])
+        env.update(EXTRA_ENV.get(script, {}))
+        for key, value in env_overrides.items():
+            if value is None:
+                env.pop(key, None)
+            else:
+                env[key] = value
+        proc = subprocess.run(["bash", str(SCRIPTS_DIR / script), *extra_args], cwd=cwd, env=env,
+                              capture_output=True, timeout=30)
+        result = Launch(proc.returncode, proc.stderr.decode())
+        if proc.stdout:
+            fields = proc.stdout.decode().split("\0")
+            assert fields[-1] == "", "stub output not NUL-terminated"
+            result.launcher, result.cuda, result.cwd, *result.argv = fields[:-1]
+        return result
+
+    return run
+
+
+def parser_for(entry: str):
+    """The argparse parser of finetune.py / finetune_4bit.py / finetune_chat.py with its defaults."""
+    import finetune
+
+    module = importlib.import_module(Path(entry).stem)
+    defaults = {**finetune.DEFAULTS, **(getattr(module, "DEFAULTS", {}) if module is not finetune else {})}
+    return finetune.build_parser(defaults)
+
+
+def shell_code(path: Path) -> str:
+    """The script without comment lines."""
+    return "\n".join(line for line in path.read_text().splitlines() if not line.lstrip().startswith("#"))
+
+
+# --- the scripts themselves -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("script", ALL_SH)
+def test_bash_syntax(script):
+    proc = subprocess.run(["bash", "-n", str(SCRIPTS_DIR / script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_header_and_strict_mode(script):
+    text = (SCRIPTS_DIR / script).read_text()
+    lines = text.splitlines()
+    assert lines[0] == "#!/usr/bin/env bash"
+    header = []
+    for line in lines[1:]:
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    header_text = "\n".join(header)
+    assert len(header) >= 3, f"{script}: needs a header comment (what it runs, hardware, expected time)"
+    assert re.search(r"hardware", header_text, re.I), f"{script}: header does not name the hardware"
+    assert re.search(r"\b(minutes?|hours?|seconds?)\b", header_text), f"{script}: header gives no expected time"
+    code = shell_code(SCRIPTS_DIR / script)
+    assert "set -euo pipefail" in code
+    assert 'cd "$(dirname "$0")/.."' in code
+    assert "source scripts/common.sh" in code
+    assert "CUDA_VISIBLE_DEVICES=" not in code, "GPU ids belong in TOT_CUDA (common.sh), not hard-coded"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_flags_exist_in_entry_parser(script, run_script):
+    result = run_script(script, MODEL_PATH="some/model")
+    assert result.returncode == 0, result.stderr
+    parser = parser_for(result.entry)
+    try:
+        _, unknown = parser.parse_known_args(result.script_args)
+    except SystemExit:  # a bad value (choices, type) makes argparse exit
+        pytest.fail(f"{script}: {result.entry} rejects {result.script_args} (see the captured stderr)")
+    assert unknown == [], f"{script} passes flags {result.entry} does not have: {unknown}"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_flag_in_the_script_is_emitted(script, run_script):
+    """So the parser check above sees every flag the script can pass, not only some."""
+    written = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_]*", shell_code(SCRIPTS_DIR / script)))
+    result = run_script(script, MODEL_PATH="some/model")
+    assert result.returncode == 0, result.stderr
+    assert written - TORCHRUN_FLAGS <= set(result.script_args)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_path_variables_override(script, run_script):
+    env = dict(DATA_PATH="/data dir/new data.jsonl", OUTPUT_PATH="/out dir/lora", MODEL_PATH="/models/llama 7b")
+    result = run_script(script, **env)
+    assert result.returncode == 0, result.stderr
+    assert result.value("--data_path") == env["DATA_PATH"]
+    assert result.value("--output_path") == env["OUTPUT_PATH"]
+    assert result.value("--model_path") == env["MODEL_PATH"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("model_path", [None, ""])
+def test_no_model_path_uses_the_embedded_default(script, model_path, run_script):
+    result = run_script(script, MODEL_PATH=model_path)
+    assert result.returncode == 0, result.stderr
+    assert "--model_path" not in result.script_args
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_defaults_point_at_shipped_files(script, run_script):
+    result = run_script(script, cwd="/")
+    assert result.returncode == 0, result.stderr
+    assert Path(result.cwd).resolve() == ROOT, "scripts must cd to the repository root"
+    assert (ROOT / result.entry).is_file()
+    assert (ROOT / result.value("--data_path")).is_file()
+    if result.value("--deepspeed") is not None:
+        assert (ROOT / result.value("--deepspeed")).is_file()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_tot_cuda_unset_or_empty_runs_plain_python(script, run_script):
+    result = run_script(script, TOT_CUDA="")
+    assert result.returncode == 0, result.stderr
+    assert (result.launcher, result.cuda) == ("python", UNSET)
+    assert result.argv[0].endswith(".py")
+    if script not in DEFAULT_TOT_CUDA:
+        result = run_script(script, TOT_CUDA=None)
+        assert (result.launcher, result.cuda) == ("python", UNSET)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_one_gpu_runs_plain_python_on_that_gpu(script, run_script):
+    result = run_script(script, TOT_CUDA="3")
+    assert result.returncode == 0, result.stderr
+    assert (result.launcher, result.cuda) == ("python", "3")
+    assert result.argv[0].endswith(".py")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("tot_cuda, n", [("0,1", 2), ("4,5,6,7", 4)])
+def test_several_gpus_run_torchrun(script, tot_cuda, n, run_script):
+    result = run_script(script, TOT_CUDA=tot_cuda, PORT="23456")
+    assert result.returncode == 0, result.stderr
+    assert (result.launcher, result.cuda) == ("torchrun", tot_cuda)
+    assert result.argv[:5] == ["--nproc_per_node", str(n), "--master_port", "23456", result.entry]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_default_port(script, run_script):
+    result = run_script(script, TOT_CUDA="0,1", PORT=None)
+    assert result.argv[:4] == ["--nproc_per_node", "2", "--master_port", "12345"]
+
+
+def test_deepspeed_defaults_to_two_gpus(run_script):
+    result = run_script("finetune_deepspeed.sh", TOT_CUDA=None)
+    assert result.launcher == "torchrun"
+    assert result.argv[:2] == ["--nproc_per_node", "2"]
+
+
+def test_deepspeed_flag_exists_in_finetune():
+    result_flags = {opt for action in parser_for("finetune.py")._actions for opt in action.option_strings}
+    assert "--deepspeed" in result_flags, "scripts/finetune_deepspeed.sh passes --deepspeed to finetune.py"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_extra_args_are_passed_through_last(script, run_script):
+    result = run_script(script, extra_args=("--num_epochs", "1", "--data_path", "x y.jsonl"))
+    assert result.returncode == 0, result.stderr
+    assert result.script_args[-4:] == ["--num_epochs", "1", "--data_path", "x y.jsonl"]
+    args, _ = parser_for(result.entry).parse_known_args(result.script_args)
+    assert (args.num_epochs, args.data_path) == (1.0, "x y.jsonl")
+
+
+def test_continue_requires_lora_path(run_script):
+    for lora_path in (None, ""):
+        result = run_script("finetune_continue.sh", LORA_PATH=lora_path)
+        assert result.returncode != 0
+        assert result.launcher == "", "must stop before launching anything"
+        assert "LORA_PATH" in result.stderr
+
+
+def test_continue_passes_lora_path(run_script):
+    result = run_script("finetune_continue.sh", LORA_PATH="/runs/lora Vicuna")
+    assert result.returncode == 0, result.stderr
+    assert result.value("--lora_path") == "/runs/lora Vicuna"
+
+
+# --- config-sample --------------------------------------------------------------------------------
+
+CONFIGS = sorted(p.name for p in CONFIG_DIR.glob("*.json"))
+ADAPTER_CONFIGS = {
+    "adapter_config.json": {"q_proj", "v_proj"},
+    "adapter_config_chat.json": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+}
+
+# Keys the HF Trainer fills in for "auto" (transformers.integrations.deepspeed.trainer_config_process
+# and trainer_config_finalize); an "auto" anywhere else reaches DeepSpeed as a string and fails.
+HF_AUTO_KEYS = {
+    "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "gradient_clipping",
+    "fp16.enabled", "bf16.enabled", "amp.enabled", "amp.opt_level",
+    "optimizer.params.lr", "optimizer.params.betas", "optimizer.params.eps", "optimizer.params.weight_decay",
+    "scheduler.params.warmup_min_lr", "scheduler.params.warmup_max_lr", "scheduler.params.warmup_num_steps",
+    "scheduler.params.total_num_steps",
+    "zero_optimization.reduce_bucket_size", "zero_optimization.stage3_prefetch_bucket_size",
+    "zero_optimization.stage3_param_persistence_threshold",
+}
+
+
+def test_found_the_configs():
+    assert {"zero2.json", *ADAPTER_CONFIGS} <= set(CONFIGS)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_is_json(name):
+    with open(CONFIG_DIR / name, encoding="utf-8") as f:
+        assert isinstance(json.load(f), dict)
+
+
+def _auto_keys(node, prefix=""):
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _auto_keys(value, path + ".")
+        elif value == "auto":
+            yield path
+
+
+def test_zero2_config():
+    config = json.loads((CONFIG_DIR / "zero2.json").read_text())
+    zero = config["zero_optimization"]
+    assert zero["stage"] == 2
+    assert zero["overlap_comm"] and zero["contiguous_gradients"]
+    assert zero.get("offload_optimizer", {}).get("device", "none") == "none"
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+        assert config[key] == "auto", f"{key} must come from finetune.py's flags"
+    assert config["fp16"]["enabled"] == config["bf16"]["enabled"] == "auto"
+    assert set(_auto_keys(config)) <= HF_AUTO_KEYS
+
+
+@pytest.mark.parametrize("name", sorted(ADAPTER_CONFIGS))
+def test_adapter_config_loads_as_lora_config(name, tmp_path):
+    from peft import LoraConfig
+
+    raw = json.loads((CONFIG_DIR / name).read_text())
+    known = {f.name for f in dataclasses.fields(LoraConfig)}
+    config = LoraConfig(**{k: v for k, v in raw.items() if k in known})
+    assert (config.r, config.lora_alpha, config.lora_dropout) == (8, 16, 0.05)
+    assert set(config.target_modules) == ADAPTER_CONFIGS[name]
+    assert config.task_type == "CAUSAL_LM" and config.bias == "none"
+    assert raw["peft_type"] == "LORA" and raw["base_model_name_or_path"]
+
+    # And through peft's own reader, as for an adapter folder.
+    shutil.copy(CONFIG_DIR / name, tmp_path / "adapter_config.json")
+    assert set(LoraConfig.from_pretrained(str(tmp_path)).target_modules) == ADAPTER_CONFIGS[name]
+
+
+def test_readme_describes_every_config():
+    readme = (CONFIG_DIR / "README.md").read_text()
+    for name in CONFIGS:
+        assert f"`{name}`" in readme, f"config-sample/README.md does not describe {name}"
