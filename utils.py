@@ -531,15 +531,24 @@ def stream_generate(model, tokenizer, input_ids: list[int], gen_kwargs: dict,
         raise error[0]
 
 
-def generate_text(model, tokenizer, input_ids: list[int], gen_kwargs: dict,
-                  stop_strings: list[str] | None = None) -> str:
-    """The whole generated text (without the prompt), not streamed."""
+def generate_batch(model, tokenizer, prompts: list[list[int]], gen_kwargs: dict,
+                   stop_strings: list[str] | None = None) -> list[str]:
+    """Generate for several prompts in one left-padded batch; returns the texts without prompts."""
     import torch
 
-    ids = torch.tensor([input_ids], device=model.device)
-    kwargs = dict(gen_kwargs, input_ids=ids, attention_mask=torch.ones_like(ids))
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+    kwargs = dict(gen_kwargs, input_ids=ids, attention_mask=mask)
     if stop_strings:
         kwargs.update(stop_strings=stop_strings, tokenizer=tokenizer)
     with torch.inference_mode():
         out = model.generate(**kwargs)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
+
+
+def generate_text(model, tokenizer, input_ids: list[int], gen_kwargs: dict,
+                  stop_strings: list[str] | None = None) -> str:
+    """The whole generated text (without the prompt), not streamed."""
+    return generate_batch(model, tokenizer, [input_ids], gen_kwargs, stop_strings)[0]
