@@ -15,7 +15,6 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 from dataclasses import fields
 
 logger = logging.getLogger("vicuna")
@@ -476,64 +475,16 @@ def add_model_args(parser) -> None:
                         help="allow model code from the hub (off by default)")
 
 
-def generation_kwargs(args, tokenizer) -> dict:
-    """Keyword arguments for `model.generate` from the shared flags, validated."""
-    if args.num_beams < 1:
-        raise UserError(f"--num_beams must be >= 1, got {args.num_beams}")
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
-    if args.do_sample and args.temperature <= 0:
-        raise UserError(f"--temperature must be > 0 when sampling, got {args.temperature}")
-    kwargs = {"max_new_tokens": args.max_new_tokens, "min_new_tokens": min(args.min_new_tokens, args.max_new_tokens),
-              "num_beams": args.num_beams, "do_sample": args.do_sample,
-              "repetition_penalty": args.repetition_penalty,
-              "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
-    if args.do_sample:
-        kwargs.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
-    else:  # keep the model's generation_config from adding sampling warnings
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    return kwargs
+def params_from_args(args):
+    """streaming.GenerationParams from the shared generation flags, validated."""
+    from streaming import GenerationParams
 
-
-def stream_generate(model, tokenizer, input_ids: list[int], gen_kwargs: dict,
-                    stop_strings: list[str] | None = None):
-    """Yield the decoded answer as it grows (greedy and sampling; beams yield once at the end).
-
-    Uses transformers' TextIteratorStreamer in a worker thread; decoding holds back incomplete
-    UTF-8 characters, so no half of a Chinese character is ever shown.
-    """
-    import torch
-    from transformers import TextIteratorStreamer
-
-    ids = torch.tensor([input_ids], device=model.device)
-    kwargs = dict(gen_kwargs, input_ids=ids, attention_mask=torch.ones_like(ids))
-    if stop_strings:
-        kwargs.update(stop_strings=stop_strings, tokenizer=tokenizer)
-    if kwargs.get("num_beams", 1) > 1:
-        with torch.inference_mode():
-            out = model.generate(**kwargs)
-        yield tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-        return
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    error = []
-
-    def work():
-        try:
-            with torch.inference_mode():
-                model.generate(**kwargs, streamer=streamer)
-        except BaseException as e:  # surfaced in the caller's thread below
-            error.append(e)
-            streamer.end()
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    text = ""
-    for piece in streamer:
-        text += piece
-        yield text
-    thread.join()
-    if error:
-        raise error[0]
+    params = GenerationParams(
+        max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, num_beams=args.num_beams,
+        do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty, seed=args.seed)
+    params.validate()
+    return params
 
 
 def generate_batch(model, tokenizer, prompts: list[list[int]], gen_kwargs: dict,

@@ -8,18 +8,17 @@ import pytest
 
 from chat import reply_stream
 from conftest import run_script
+from streaming import GenerationParams
 from prompt import STOP_STRINGS, Conversation, build_prompt_ids, extract_response, fit_history
 from utils import generate_text, load_for_inference
 
-GREEDY = {"max_new_tokens": 12, "min_new_tokens": 1, "num_beams": 1, "do_sample": False, "repetition_penalty": 1.0,
-          "temperature": None, "top_p": None, "top_k": None}
+GREEDY = GenerationParams(max_new_tokens=12, num_beams=1, do_sample=False, repetition_penalty=1.0)
 
 
 @pytest.fixture(scope="module")
 def loaded(tiny_model):
     model, tokenizer = load_for_inference(tiny_model)
-    gen = dict(GREEDY, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return model, tokenizer, gen
+    return model, tokenizer, GREEDY.generate_kwargs(tokenizer)
 
 
 def test_generate_cli_prints_only_the_response(tiny_model, loaded):
@@ -51,7 +50,7 @@ def test_generate_uses_the_adapters_prompt_type(tmp_path, tiny_model, loaded):
 def test_reply_stream_uses_history_and_equals_one_shot(loaded):
     model, tokenizer, gen = loaded
     history = [("你好", "你好！"), ("What is 2+2?", "4")]
-    *partials, final = list(reply_stream(model, tokenizer, "chat", history, "And 3+3?", gen, max_memory=512))
+    *partials, final = list(reply_stream(model, tokenizer, "chat", history, "And 3+3?", GREEDY, max_memory=512))
     conv = Conversation(turns=history + [("And 3+3?", None)])
     _, ids = fit_history("chat", conv, tokenizer, 512, gen["max_new_tokens"])
     assert ids == build_prompt_ids("chat", conv, tokenizer)  # fits: nothing trimmed
@@ -68,6 +67,10 @@ def test_chat_cli_session(tiny_model):
     assert "(history cleared)" in result.stderr
 
 
-def test_generate_requires_instruction(tiny_model):
-    result = run_script("generate.py", "--model_path", tiny_model)
-    assert result.returncode == 2 and "--instruction" in result.stderr and "Traceback" not in result.stderr
+def test_generate_rejects_bad_flags_before_loading(tiny_model):
+    for args, message in ((["--instruction", " "], "--instruction is empty"),
+                          (["--instruction", "hi", "--num_beams", "0"], "--num_beams"),
+                          (["--auth", "nopassword"], "--auth")):
+        result = run_script("generate.py", "--model_path", tiny_model, *args, timeout=120)
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Serve the question-answer page (generate.py): streaming answers, beam search, Stop button,
+# API endpoint /generate. Opens on http://127.0.0.1:$PORT (this machine only).
+#
+# Hardware: none required; defaults run the embedded SmolLM2-135M-Instruct on the CPU. With a GPU,
+# a 7B base in fp16 needs about 14 GB (8-bit: about 8 GB, pass --quant 8bit); several ids in
+# TOT_CUDA shard the model over those GPUs (device_map="auto"). Start-up: seconds (CPU, embedded).
+#
+# Override from the environment:
+#   BASE_MODEL=meta-llama/Llama-2-7b-hf LORA_PATH=lora-Vicuna TOT_CUDA=0 PORT=7860 bash scripts/generate.sh
+# and any generate.py flag by appending it:  bash scripts/generate.sh --show_beam --host 0.0.0.0
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+BASE_MODEL="${BASE_MODEL:-}"
+LORA_PATH="${LORA_PATH:-}"
+TOT_CUDA="${TOT_CUDA:-}"
+PORT="${PORT:-7860}"
+PYTHON="${PYTHON:-python}"
+
+if [[ -n "$TOT_CUDA" ]]; then
+  export CUDA_VISIBLE_DEVICES="$TOT_CUDA"
+fi
+cmd=("$PYTHON" generate.py --port "$PORT")
+if [[ -n "$BASE_MODEL" ]]; then
+  cmd+=(--model_path "$BASE_MODEL")
+fi
+if [[ -n "$LORA_PATH" ]]; then
+  cmd+=(--lora_path "$LORA_PATH")
+fi
+cmd+=("$@")
+echo "+ CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-}" "$(printf '%q ' "${cmd[@]}")" >&2
+exec "${cmd[@]}"
