@@ -74,3 +74,20 @@ def test_generate_rejects_bad_flags_before_loading(tiny_model):
         result = run_script("generate.py", "--model_path", tiny_model, *args, timeout=120)
         assert result.returncode == 2, result.stderr
         assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_save_chat_refuses_root_and_adapter_folder(tmp_path):
+    from chat import check_save_dir, save_chat
+    from utils import UserError
+
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    for bad in ("/", str(lora), str(lora / "logs"), " "):
+        with pytest.raises(UserError):
+            check_save_dir(bad, str(lora))
+    record = {"conversation": [{"role": "user", "content": "你好"}]}
+    path = save_chat(str(tmp_path / "logs"), record, str(lora))
+    save_chat(str(tmp_path / "logs"), record, str(lora))  # appends, never overwrites
+    lines = open(path, encoding="utf-8").read().splitlines()
+    assert [json.loads(l) for l in lines] == [record, record]
+    assert not os.listdir(lora)
