@@ -228,11 +228,15 @@ def test_chat_page_in_browser(browser, chat_server, tmp_path):
         seen.add(bot.inner_text())
         time.sleep(0.05)
     assert len(seen) >= 3, seen  # the reply grew while we watched
-    page.wait_for_timeout(1500)
-    assert "hello there" in bot.inner_text()
+    done = """() => { const t = document.querySelector('#chatbot').innerText;
+                      return t.includes('hello there') && !t.includes('processing'); }"""
+    page.wait_for_function(done, timeout=120_000)
+    before = bot.inner_text()
     page.get_by_role("button", name="Regenerate").click()
-    page.wait_for_timeout(2000)
-    assert "hello there" in bot.inner_text()
+    page.wait_for_timeout(500)
+    page.wait_for_function(done, timeout=120_000)
+    after = bot.inner_text()
+    assert after.count("hello there") == before.count("hello there") == 1  # replaced, not appended
     page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)
     page.get_by_role("button", name="Save chat").click()
     page.wait_for_timeout(1500)
