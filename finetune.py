@@ -72,6 +72,9 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
       help="comma-separated module names, or all-linear")
     a("--train_on", choices=("all", "last"), default=d["train_on"],
       help="chat: supervise every assistant turn, or only the last (Chinese-Vicuna's recipe)")
+    a("--packing", action=argparse.BooleanOptionalAction, default=True,
+      help="pack each micro-batch into one row without padding (positions restart per example, "
+           "attention never crosses examples); --no-packing pads each batch to its longest example")
     a("--test_size", type=int, default=d["test_size"], help="records held out for evaluation (0: none)")
     a("--eval_steps", type=int, default=d["eval_steps"])
     a("--save_steps", type=int, default=d["save_steps"])
@@ -308,7 +311,9 @@ def make_trainer(args, model, tokenizer, train_examples, test_examples, grad_acc
                  gradient_checkpointing, on_gpu, ddp):
     import torch
     from datasets import Dataset
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, TrainingArguments
+
+    SupervisedLossTrainer = _trainer_class()
 
     report_to = ["tensorboard"]
     if args.wandb:
@@ -344,17 +349,77 @@ def make_trainer(args, model, tokenizer, train_examples, test_examples, grad_acc
         seed=args.seed,
         data_seed=args.seed,
         remove_unused_columns=False,
+        prediction_loss_only=True,
         ddp_find_unused_parameters=False if ddp else None,
         ddp_backend=None if on_gpu or not ddp else "gloo",
         use_cpu=not on_gpu,
         dataloader_num_workers=0,
         deepspeed=args.deepspeed,
     )
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX,
-                                      pad_to_multiple_of=8, return_tensors="pt")
-    return Trainer(model=model, args=training_args, data_collator=collator,
-                   train_dataset=Dataset.from_list(train_examples),
-                   eval_dataset=Dataset.from_list(test_examples) if has_eval else None)
+    if args.packing:
+        # One [1, sum of lengths] row per micro-batch; no attention_mask, so transformers derives the
+        # block-diagonal causal mask from the restarting position_ids (SDPA, eager and flash-attention).
+        collator = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+    else:
+        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX,
+                                          pad_to_multiple_of=8, return_tensors="pt")
+    return SupervisedLossTrainer(model=model, args=training_args, data_collator=collator,
+                                 train_dataset=Dataset.from_list(train_examples),
+                                 eval_dataset=Dataset.from_list(test_examples) if has_eval else None)
+
+
+def supervised_token_loss(model, inputs: dict, chunk_size: int = 2048):
+    """(sum of token losses, number of tokens) computing logits only where a label is supervised.
+
+    The prompt is about 40 % of an instruction example: its positions never reach the vocabulary
+    projection. `logits_to_keep` (a boolean [batch, seq] mask) makes the model return logits for
+    the kept positions only, flattened to [n_supervised, vocab]; cross-entropy then runs in float32
+    chunk by chunk under activation checkpointing, so no [tokens x vocab] float32 tensor is ever
+    alive for backward.
+    """
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    labels = inputs["labels"]
+    inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    target = labels[:, 1:]  # position t predicts token t + 1
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = target != IGNORE_INDEX
+    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits  # [n, vocab]
+    logits = logits.reshape(-1, logits.shape[-1])
+    wanted = target[keep[:, :-1]]
+    total = logits.new_zeros((), dtype=torch.float32)
+    for start in range(0, wanted.numel(), chunk_size):
+        total = total + checkpoint(_cross_entropy_sum, logits[start:start + chunk_size],
+                                   wanted[start:start + chunk_size], use_reentrant=False)
+    return total, wanted.numel()
+
+
+def _cross_entropy_sum(logits, target):
+    import torch.nn.functional as F
+
+    return F.cross_entropy(logits.float(), target, reduction="sum")
+
+
+def _trainer_class():
+    from transformers import Trainer
+
+    class SupervisedLossTrainer(Trainer):
+        """HF Trainer whose loss skips unsupervised positions (see supervised_token_loss)."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            total, count = supervised_token_loss(model, inputs)
+            if num_items_in_batch is None:  # evaluation, or a collator the Trainer cannot count
+                self.loss_is_scaled_for_ga = False
+                loss = total / max(count, 1)
+            else:  # normalized over every token of the accumulated (and all-process) batch
+                self.loss_is_scaled_for_ga = True
+                loss = total / num_items_in_batch
+                if self.args.average_tokens_across_devices:
+                    loss = loss * self.accelerator.num_processes  # DDP averages the gradients back
+            return (loss, {}) if return_outputs else loss  # no logits to hand back: prediction_loss_only
+
+    return SupervisedLossTrainer
 
 
 def _config_callback(config: dict):
