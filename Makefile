@@ -30,3 +30,9 @@ test: install
 
 test-all: install
 	$(PY) -m pytest -q --runslow tests
+
+# vicuna.cpp, the C++ CPU engine: builds tools/vicuna.cpp/build/vicuna (needs cmake and a C++17 compiler)
+.PHONY: cpp
+cpp:
+	cmake -S tools/vicuna.cpp -B tools/vicuna.cpp/build -DCMAKE_BUILD_TYPE=Release > /dev/null
+	cmake --build tools/vicuna.cpp/build --target vicuna -j 2

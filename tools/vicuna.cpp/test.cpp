@@ -1,0 +1,434 @@
+// test.cpp: the engine's own tests. It includes vicuna.cpp (built with -DTESTING, so without
+// its main) and tests the pieces directly; tests/test_vicuna_cpp.py builds it with ASan/UBSan
+// and runs:
+//
+//   vicuna-test unit                       fp16, quantizer error budgets, kernels vs scalar
+//                                          references, pre-tokenizer, stop strings, sampler, pool
+//   vicuna-test fuzz SEED.gguf N SEED SECS mutate SEED.gguf N times (or for SECS seconds) and
+//                                          run reader, tokenizer, model and a forward pass on each
+//   vicuna-test cli ARGS...                the vicuna CLI itself (same exit codes and messages)
+//
+// Golden values from Python (gguf-py's quantizers, HF tokenizer ids, transformers logits) are
+// checked in tests/test_vicuna_cpp.py through the CLI.
+#include "vicuna.cpp"
+
+#include <random>
+
+static int g_failures = 0;
+
+#define CHECK(cond, ...)                                            \
+    do {                                                            \
+        if (!(cond)) {                                              \
+            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);    \
+            fprintf(stderr, __VA_ARGS__);                           \
+            fprintf(stderr, "\n");                                  \
+            g_failures++;                                           \
+        }                                                           \
+    } while (0)
+
+// ----------------------------------------------------------------------------
+// error budgets
+//
+// Round trip: rms(x - dequantize(quantize(x))) / rms(x) on seeded N(0, 1) data, so there is
+// no noise. Measured: F16 0.00021, Q8_0 0.0053, Q4_1 0.078, Q4_0 0.086 (the 4-bit types spend
+// one of 16 levels on the sign or the minimum). The budgets leave 15-50 % headroom: they are
+// broken by a real bug (wrong rounding, wrong nibble order), not by a harmless change.
+static const double MAX_ROUNDTRIP_ERR_F16 = 0.0005;
+static const double MAX_ROUNDTRIP_ERR_Q8_0 = 0.008;
+static const double MAX_ROUNDTRIP_ERR_Q4_1 = 0.09;
+static const double MAX_ROUNDTRIP_ERR_Q4_0 = 0.10;
+// Kernels against an exact (double) dot of the same dequantized operands, relative to
+// ||w|| ||x||: only float summation order differs.
+static const double MAX_KERNEL_ERR = 1e-5;
+// Quantized dot (int8 activations) against the exact float dot of the original weights and
+// activations, relative to ||w|| ||x||: the quantization error of both operands.
+static const double MAX_DOT_ERR_Q8_0 = 0.004;
+static const double MAX_DOT_ERR_Q4_1 = 0.03;
+static const double MAX_DOT_ERR_Q4_0 = 0.035;
+
+static std::vector<float> randn(size_t n, uint64_t seed) {
+    std::mt19937_64 rng(seed);
+    std::normal_distribution<float> dist(0.0f, 1.0f);
+    std::vector<float> v(n);
+    for (float& x : v) x = dist(rng);
+    return v;
+}
+
+static size_t row_size(uint32_t type, int64_t n) {
+    TypeInfo ti = ggml_type_info(type);
+    return (size_t)(n / ti.block * ti.block_size);
+}
+
+// ----------------------------------------------------------------------------
+// unit tests
+
+static void test_fp16() {
+    for (uint32_t h = 0; h < 65536; h++) {
+        float a = fp16_to_fp32_ref((uint16_t)h), b = fp16_to_fp32((uint16_t)h);
+        uint32_t ba, bb;
+        memcpy(&ba, &a, 4);
+        memcpy(&bb, &b, 4);
+        bool nan = std::isnan(a) && std::isnan(b);
+        CHECK(nan || ba == bb, "fp16_to_fp32(0x%04x): ref %08x, fast %08x", h, ba, bb);
+        if (!std::isnan(a)) CHECK(fp32_to_fp16_ref(a) == h, "fp32_to_fp16_ref(fp16 0x%04x) does not round trip", h);
+    }
+    std::mt19937 rng(1);
+    for (int i = 0; i < 1000000; i++) {
+        uint32_t bits = rng();
+        float f;
+        memcpy(&f, &bits, 4);
+        if (std::isnan(f)) continue;
+        uint16_t a = fp32_to_fp16_ref(f), b = fp32_to_fp16(f);
+        CHECK(a == b, "fp32_to_fp16(%g): ref 0x%04x, fast 0x%04x", f, a, b);
+        if (a != b) break;
+    }
+}
+
+static double roundtrip_error(uint32_t type, const std::vector<float>& x) {
+    std::vector<uint8_t> q(row_size(type, (int64_t)x.size()));
+    std::vector<float> y(x.size());
+    quantize_row(type, x.data(), q.data(), (int64_t)x.size());
+    dequantize_row(type, q.data(), y.data(), (int64_t)x.size());
+    double err = 0, ref = 0;
+    for (size_t i = 0; i < x.size(); i++) {
+        err += (x[i] - y[i]) * (double)(x[i] - y[i]);
+        ref += x[i] * (double)x[i];
+    }
+    return std::sqrt(err / ref);
+}
+
+static void test_quant_roundtrip() {
+    std::vector<float> x = randn(32 * 4096, 7);
+    struct {
+        uint32_t type;
+        double budget;
+    } cases[] = {{GGML_TYPE_F16, MAX_ROUNDTRIP_ERR_F16},
+                 {GGML_TYPE_Q8_0, MAX_ROUNDTRIP_ERR_Q8_0},
+                 {GGML_TYPE_Q4_1, MAX_ROUNDTRIP_ERR_Q4_1},
+                 {GGML_TYPE_Q4_0, MAX_ROUNDTRIP_ERR_Q4_0}};
+    for (auto& c : cases) {
+        double e = roundtrip_error(c.type, x);
+        printf("roundtrip %-5s rms error %.5f (budget %.5f)\n", ggml_type_info(c.type).name, e, c.budget);
+        CHECK(e <= c.budget, "%s round trip error %.5f exceeds %.5f", ggml_type_info(c.type).name, e, c.budget);
+    }
+    // edge cases: all zeros, constant blocks, one huge value
+    std::vector<float> z(64, 0.0f), k(64, 3.5f);
+    for (uint32_t t : {GGML_TYPE_Q8_0, GGML_TYPE_Q4_0, GGML_TYPE_Q4_1}) {
+        CHECK(roundtrip_error(t, k) < 1e-2, "%s: a constant block does not survive", ggml_type_info(t).name);
+        std::vector<uint8_t> q(row_size(t, 64));
+        std::vector<float> y(64, 1.0f);
+        quantize_row(t, z.data(), q.data(), 64);
+        dequantize_row(t, q.data(), y.data(), 64);
+        for (float v : y) CHECK(v == 0.0f, "%s: zeros do not stay zero", ggml_type_info(t).name);
+    }
+}
+
+static double dot_exact(const float* a, const float* b, int n) {
+    double s = 0;
+    for (int i = 0; i < n; i++) s += (double)a[i] * b[i];
+    return s;
+}
+
+static void test_kernels() {
+    const int cols = 512, rows = 8, B = 7;  // B = 7: one pass of 4 columns plus three single ones
+    std::vector<float> w = randn((size_t)rows * cols, 11), x = randn((size_t)B * cols, 12);
+    std::vector<BlockQ8A> xq((size_t)B * cols / QK), xq_ref((size_t)B * cols / QK);
+    quantize_act(x.data(), xq.data(), (int64_t)B * cols);
+    quantize_act_ref(x.data(), xq_ref.data(), (int64_t)B * cols);
+    CHECK(memcmp(xq.data(), xq_ref.data(), xq.size() * sizeof(BlockQ8A)) == 0,
+          "quantize_act differs from quantize_act_ref");
+    std::vector<float> xdq((size_t)B * cols);  // the activations as the int8 kernels see them
+    for (size_t i = 0; i < xq.size(); i++)
+        for (int j = 0; j < QK; j++) xdq[i * QK + j] = xq[i].d * xq[i].qs[j];
+
+    struct {
+        uint32_t type;
+        double budget;
+    } cases[] = {{GGML_TYPE_F32, 1e-6}, {GGML_TYPE_F16, 2e-3}, {GGML_TYPE_Q8_0, MAX_DOT_ERR_Q8_0},
+                 {GGML_TYPE_Q4_1, MAX_DOT_ERR_Q4_1}, {GGML_TYPE_Q4_0, MAX_DOT_ERR_Q4_0}};
+    for (auto& c : cases) {
+        size_t rb = row_size(c.type, cols);
+        std::vector<uint8_t> wq(rb * rows);
+        std::vector<float> wdq((size_t)rows * cols);
+        for (int r = 0; r < rows; r++) {
+            quantize_row(c.type, &w[(size_t)r * cols], &wq[r * rb], cols);
+            dequantize_row(c.type, &wq[r * rb], &wdq[(size_t)r * cols], cols);
+        }
+        bool qt = c.type != GGML_TYPE_F32 && c.type != GGML_TYPE_F16;
+        double worst_kernel = 0, worst_quant = 0;
+        for (int r = 0; r < rows; r++) {
+            float o4[4], o1;
+            for (int b = 0; b < B; b++) {
+                dot_row<1>(c.type, &wq[r * rb], x.data(), xq.data(), b, cols, &o1);
+                if (b + 4 <= B && b % 4 == 0) {
+                    dot_row<4>(c.type, &wq[r * rb], x.data(), xq.data(), b, cols, o4);
+                    for (int k = 0; k < 4; k++) {
+                        float ok;
+                        dot_row<1>(c.type, &wq[r * rb], x.data(), xq.data(), b + k, cols, &ok);
+                        CHECK(o4[k] == ok, "%s: 4-column kernel %g differs from 1-column %g",
+                              ggml_type_info(c.type).name, o4[k], ok);
+                    }
+                }
+                const float* xs = &(qt ? xdq : x)[(size_t)b * cols];
+                double norm = std::sqrt(dot_exact(&wdq[(size_t)r * cols], &wdq[(size_t)r * cols], cols) *
+                                        dot_exact(&x[(size_t)b * cols], &x[(size_t)b * cols], cols));
+                double exact_same = dot_exact(&wdq[(size_t)r * cols], xs, cols);
+                double exact_orig = dot_exact(&w[(size_t)r * cols], &x[(size_t)b * cols], cols);
+                worst_kernel = std::max(worst_kernel, std::fabs(o1 - exact_same) / norm);
+                worst_quant = std::max(worst_quant, std::fabs(o1 - exact_orig) / norm);
+            }
+        }
+        printf("kernel %-5s vs exact: %.2e (budget %.0e), vs unquantized: %.5f (budget %.4f)\n",
+               ggml_type_info(c.type).name, worst_kernel, MAX_KERNEL_ERR, worst_quant, c.budget);
+        CHECK(worst_kernel <= MAX_KERNEL_ERR, "%s kernel error %.2e", ggml_type_info(c.type).name, worst_kernel);
+        CHECK(worst_quant <= c.budget, "%s quantized dot error %.5f", ggml_type_info(c.type).name, worst_quant);
+    }
+
+    // vectorized exp inside swiglu and softmax vs libm
+    std::vector<float> g = randn(1000, 3), u = randn(1000, 4), s = g;
+    for (float& v : g) v *= 10.0f;
+    std::vector<float> gg = g;
+    vec_swiglu(gg.data(), u.data(), 1000);
+    for (int i = 0; i < 1000; i++) {
+        double ref = g[i] / (1.0 + std::exp(-(double)g[i])) * u[i];
+        CHECK(std::fabs(gg[i] - ref) <= 1e-5 * (1 + std::fabs(ref)), "swiglu(%g) = %g, expected %g", g[i], gg[i], ref);
+    }
+    std::vector<float> sm = s;
+    vec_softmax(sm.data(), 1000);
+    double z = 0;
+    float mx = *std::max_element(s.begin(), s.end());
+    for (float v : s) z += std::exp((double)v - mx);
+    for (int i = 0; i < 1000; i++) {
+        double ref = std::exp((double)s[i] - mx) / z;
+        CHECK(std::fabs(sm[i] - ref) <= 1e-6 + 1e-5 * ref, "softmax[%d] = %g, expected %g", i, sm[i], ref);
+    }
+}
+
+static std::vector<std::string> pieces_of(const std::string& text, bool llama3) {
+    std::vector<CodePoint> cps = utf8_split(text);
+    Pieces p;
+    if (llama3) pretokenize_llama3(cps, &p);
+    else pretokenize_gpt2(cps, &p);
+    std::vector<std::string> out;
+    for (auto [a, b] : p) out.push_back(text.substr(cps[a].off, cps[b - 1].off + cps[b - 1].len - cps[a].off));
+    return out;
+}
+
+static void test_pretokenizer() {
+    auto eq = [](const std::vector<std::string>& a, const std::vector<std::string>& b) { return a == b; };
+    CHECK(eq(pieces_of("Hello  world's 123!!\n\n x", false),
+             {"Hello", " ", " world", "'s", " 123", "!!", "\n\n", " x"}), "gpt2 split");
+    CHECK(eq(pieces_of("你好，世界 abc  ", false), {"你好", "，", "世界", " abc", "  "}), "gpt2 split zh");
+    CHECK(eq(pieces_of("I'M 12345 ok\r\n\n  x", true), {"I", "'M", " ", "123", "45", " ok", "\r\n\n", " ", " x"}),
+          "llama3 split");
+    std::string bad = "a\xff\xfe b";  // invalid UTF-8 survives as bytes
+    std::vector<std::string> p = pieces_of(bad, false);
+    std::string joined;
+    for (auto& s : p) joined += s;
+    CHECK(joined == bad, "invalid UTF-8 must survive pre-tokenization");
+    CHECK(utf8_incomplete_tail("ab\xe4\xbd") == 2 && utf8_incomplete_tail("ab\xe4\xbd\xa0") == 0 &&
+              utf8_incomplete_tail("x") == 0, "utf8_incomplete_tail");
+}
+
+static void test_printer() {
+    StreamPrinter p;
+    p.stops = {"\nUser:"};
+    const char* pieces[] = {"Hello", " wor", "ld", "\nUs", "er: more"};
+    bool stopped = false;
+    for (const char* s : pieces) {
+        stopped = printer_add(&p, s);
+        if (stopped) break;
+    }
+    printer_finish(&p);
+    CHECK(stopped, "the stop string was not seen");
+    CHECK(p.printed == 11 && p.text.compare(0, 11, "Hello world") == 0, "printed %zu bytes", p.printed);
+    StreamPrinter q;  // a UTF-8 character split over two tokens is held back
+    printer_add(&q, "\xe4\xbd");
+    CHECK(q.printed == 0, "half a character was printed");
+    printer_add(&q, "\xa0");
+    CHECK(q.printed == 3, "the completed character was not printed");
+}
+
+static void test_sampler() {
+    std::vector<float> logits = {0.1f, 2.0f, -1.0f, 1.9f};
+    Sampler s;
+    s.temp = 0.0f;
+    s.repeat_penalty = 1.0f;
+    CHECK(sampler_sample(&s, logits.data(), 4, {}) == 1, "greedy must take the argmax");
+    s.repeat_penalty = 2.0f;
+    CHECK(sampler_sample(&s, logits.data(), 4, {1}) == 3, "repetition penalty must demote token 1");
+    s.temp = 1.0f;
+    s.top_k = 1;
+    s.repeat_penalty = 1.0f;
+    for (int i = 0; i < 10; i++) CHECK(sampler_sample(&s, logits.data(), 4, {}) == 1, "top-k 1 is greedy");
+    s.top_k = 0;
+    s.top_p = 1.0f;
+    Sampler a = s, b = s;
+    sampler_seed(&a, 42);
+    sampler_seed(&b, 42);
+    int counts[4] = {0};
+    for (int i = 0; i < 2000; i++) {
+        int x = sampler_sample(&a, logits.data(), 4, {}), y = sampler_sample(&b, logits.data(), 4, {});
+        CHECK(x == y, "same seed, different samples");
+        counts[x]++;
+    }
+    CHECK(counts[1] > counts[0] && counts[3] > counts[2] && counts[2] > 0, "samples do not follow the softmax");
+}
+
+struct CountTask {
+    std::atomic<int> next{0};
+    std::atomic<long> sum{0};
+};
+static void count_worker(void* p, int, int) {
+    CountTask* t = (CountTask*)p;
+    for (int i; (i = t->next.fetch_add(1)) < 1000;) t->sum += i;
+}
+
+static void test_pool() {
+    ThreadPool pool;
+    pool_init(&pool, 4);
+    for (int rep = 0; rep < 300; rep++) {
+        CountTask t;
+        pool_run(&pool, count_worker, &t);
+        CHECK(t.sum == 999 * 1000 / 2, "pool lost work: %ld", t.sum.load());
+    }
+    pool_free(&pool);
+}
+
+static int run_unit() {
+    test_fp16();
+    test_quant_roundtrip();
+    test_kernels();
+    test_pretokenizer();
+    test_printer();
+    test_sampler();
+    test_pool();
+    printf("%s: %d failure(s)\n", __func__, g_failures);
+    return g_failures ? 1 : 0;
+}
+
+// ----------------------------------------------------------------------------
+// fuzz: mutate a valid GGUF and feed it to everything that reads one
+
+static const char* const FUZZ_TEXTS[] = {
+    "Hello, world! 你好，世界。", "  spaces\tand\nnewlines\n\n", "<|im_start|>user\nhi<|im_end|>", "<s>x</s>",
+    "数字 12345 and émojis 🦙", "\xff\xfe invalid bytes \xc3", ""};
+
+static void fuzz_one(const std::vector<uint8_t>& buf) {
+    GGUFFile f;
+    gguf_init_from_buffer(&f, buf.data(), buf.size(), "fuzz.gguf");
+    Tokenizer t;
+    try {
+        tokenizer_init(&t, &f);
+        for (const char* s : FUZZ_TEXTS) {
+            std::vector<int> ids = tokenizer_encode(&t, s, true);
+            for (int id : ids) {
+                if (id < 0 || id >= t.n_tokens) FAIL("tokenizer produced id %d outside [0, %d)", id, t.n_tokens);
+            }
+        }
+    } catch (const Error&) {
+        // a broken tokenizer still lets us try the model
+    }
+    // small enough to run? then run a few tokens through the model
+    int64_t dim = gguf_get_int(&f, "llama.embedding_length", 0, false, 0, INT64_MAX);
+    int64_t layers = gguf_get_int(&f, "llama.block_count", 0, false, 0, INT64_MAX);
+    const GGUFTensor* embd = gguf_find_tensor(&f, "token_embd.weight");
+    if (dim > 512 || layers > 4 || !embd || embd->ne[1] > 4096) return;
+    Engine e;
+    engine_init_gguf(&e, &f, 32, 2);
+    StreamPrinter pr;
+    Sampler s;
+    sampler_seed(&s, 1);
+    std::vector<int> ids = build_prompt_ids(&e.tok, PROMPT_CHAT, {{"q", "a"}}, "hello 你好");
+    if (ids.size() > 16) ids.resize(16);
+    if (ids.empty()) ids.push_back(0);
+    generate(&e, ids, 4, &s, &pr, true);
+}
+
+static uint64_t fuzz_parse_end(const std::vector<uint8_t>& buf) {
+    GGUFFile f;
+    gguf_init_from_buffer(&f, buf.data(), buf.size(), "seed.gguf");
+    return f.data_offset;
+}
+
+static int run_fuzz(const char* path, long iters, uint64_t seed, double seconds) {
+    std::string data = read_file(path);
+    std::vector<uint8_t> orig(data.begin(), data.end());
+    uint64_t meta_end = fuzz_parse_end(orig);  // the seed must be valid; mutate mostly its header
+    std::mt19937_64 rng(seed);
+    auto rnd = [&](uint64_t n) { return n ? rng() % n : 0; };
+    static const uint64_t interesting[] = {0, 1, 2, 3, 4, 7, 8, 9, 12, 13, 31, 32, 0x7f, 0x80, 0xff, 0xffff,
+                                           0x7fffffff, 0x80000000, 0xffffffff, 1ull << 32, 1ull << 40,
+                                           0x7fffffffffffffffull, ~0ull};
+    long n_ok = 0, n_err = 0;
+    double t0 = time_s();
+    long it = 0;
+    for (; it < iters && time_s() - t0 < seconds; it++) {
+        std::vector<uint8_t> buf = orig;
+        int n_mut = 1 + (int)rnd(4);
+        for (int m = 0; m < n_mut && !buf.empty(); m++) {
+            uint64_t span = rnd(10) < 9 ? std::min<uint64_t>(meta_end, buf.size()) : buf.size();
+            uint64_t pos = rnd(span);
+            switch (rnd(7)) {
+                case 0: buf[pos] ^= (uint8_t)(1u << rnd(8)); break;
+                case 1: buf[pos] = (uint8_t)interesting[rnd(15)]; break;
+                case 2: {
+                    uint64_t v = interesting[rnd(sizeof interesting / sizeof interesting[0])];
+                    size_t w = rnd(2) ? 8 : 4;
+                    if (pos + w <= buf.size()) memcpy(&buf[pos], &v, w);
+                    break;
+                }
+                case 3: buf.resize(pos); break;
+                case 4: {
+                    uint64_t len = 1 + rnd(64);
+                    buf.erase(buf.begin() + pos, buf.begin() + std::min<uint64_t>(buf.size(), pos + len));
+                    break;
+                }
+                case 5: {
+                    uint64_t len = 1 + rnd(64);
+                    uint64_t end = std::min<uint64_t>(buf.size(), pos + len);
+                    std::vector<uint8_t> dup(buf.begin() + pos, buf.begin() + end);
+                    buf.insert(buf.begin() + pos, dup.begin(), dup.end());
+                    break;
+                }
+                case 6: {
+                    uint32_t v = (uint32_t)rnd(16);  // a plausible value type / tensor type / dim count
+                    if (pos + 4 <= buf.size()) memcpy(&buf[pos], &v, 4);
+                    break;
+                }
+            }
+        }
+        try {
+            fuzz_one(buf);
+            n_ok++;
+        } catch (const Error& e) {
+            n_err++;
+            const char* msg = e.what();
+            if (strchr(msg, '\n') || !strstr(msg, ": error: ")) {
+                fprintf(stderr, "FAIL: badly formed error message: %s\n", msg);
+                return 1;
+            }
+        }
+    }
+    printf("fuzz: %ld mutated files in %.1f s: %ld ran, %ld rejected with an error\n", it, time_s() - t0, n_ok,
+           n_err);
+    return 0;
+}
+
+int main(int argc, char** argv) {
+    if (argc >= 2 && !strcmp(argv[1], "unit")) return run_unit();
+    if (argc >= 2 && !strcmp(argv[1], "cli")) {
+        argv[1] = (char*)"vicuna";
+        return vicuna_main(argc - 1, argv + 1);
+    }
+    if (argc == 6 && !strcmp(argv[1], "fuzz")) {
+        try {
+            return run_fuzz(argv[2], atol(argv[3]), (uint64_t)atoll(argv[4]), atof(argv[5]));
+        } catch (const Error& e) {
+            fprintf(stderr, "%s\n", e.what());
+            return 1;
+        }
+    }
+    fprintf(stderr, "usage: vicuna-test unit | fuzz SEED.gguf ITERS SEED SECONDS | cli ARGS...\n");
+    return 2;
+}
