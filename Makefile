@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all clean-cache
+.PHONY: install demo test test-all bench-train
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ test: install
 
 test-all: install
 	$(PY) -m pytest -q --runslow tests
+
+# Training throughput, Chinese-Vicuna recipe vs our default path (docs/performance.md).
+bench-train: install
+	$(PY) tools/bench_train.py
 
 # vicuna.cpp, the C++ CPU engine: builds tools/vicuna.cpp/build/vicuna (needs cmake and a C++17 compiler)
 .PHONY: cpp

@@ -1,0 +1,148 @@
+"""Training throughput: the Chinese-Vicuna recipe against our default path, in one command.
+
+    python tools/bench_train.py [--num_examples 64] [--data PATH ...]     (make bench-train)
+
+Both variants train the same examples, model and LoRA settings (embedded SmolLM2-135M, LoRA r=8 on
+q_proj,v_proj, micro-batch 4, cutoff 256, fp32 on the CPU, one pass, no eval, no checkpoints):
+
+  recipe  Chinese-Vicuna: every example padded to --cutoff_len, one example per row, the model's
+          own loss over full [tokens x vocab] logits (prompt masked with -100, as it did).
+  ours    finetune.py's default: padding-free packing of each micro-batch into one row, logits and
+          loss only at supervised positions.
+
+Each variant runs in its own process so its peak RSS is its own. Printed: wall time of
+`trainer.train()`, effective (non-pad) tokens per second, peak RSS, the ratio ours/recipe, and the
+padding bound (the recipe's padded tokens / real tokens: the speed-up from dropping padding alone).
+Data: mixed Chinese/English alpaca records from ../shared/data when present (benchmarks only),
+otherwise sample/instruct/data_sample.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
+DEFAULT_DATA = [os.path.join(SHARED, "alpaca_en_hikariming_0-3252.json"),
+                os.path.join(SHARED, "alpaca_zh_hikariming_0-3252.json")]
+
+
+def pick_examples(paths: list[str], n: int, seed: int):
+    """n records, alternating between the files (mixed languages), skipping empty outputs."""
+    import random
+
+    from data import load_conversations
+
+    pools = []
+    for path in paths:
+        _, convs = load_conversations(path)
+        convs = [c for c in convs if c.turns[0][1].strip()]
+        random.Random(seed).shuffle(convs)
+        pools.append(convs)
+    out = []
+    while len(out) < n and any(pools):
+        for pool in pools:
+            if pool and len(out) < n:
+                out.append(pool.pop())
+    return out
+
+
+def run_variant(variant: str, opts) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    import finetune
+    from prompt import IGNORE_INDEX
+    from utils import load_tokenizer, resolve_model_path
+
+    torch.set_num_threads(opts.threads)
+    paths = opts.data or ([p for p in DEFAULT_DATA if os.path.isfile(p)] or
+                          [os.path.join(ROOT, "sample/instruct/data_sample.jsonl")])
+    convs = pick_examples(paths, opts.num_examples, opts.seed)
+    model_path = resolve_model_path(opts.model_path)
+    args = finetune.build_parser(finetune.DEFAULTS).parse_args([
+        "--model_path", opts.model_path, "--output_path", os.path.join(opts.workdir, variant),
+        "--cutoff_len", str(opts.cutoff_len), "--micro_batch_size", "4", "--batch_size", "4",
+        "--num_epochs", "1", "--learning_rate", "3e-4", "--warmup_steps", "0", "--test_size", "0",
+        "--save_steps", "100000", "--logging_steps", "1000", "--seed", str(opts.seed),
+        "--lora_r", "8", "--lora_target_modules", "q_proj,v_proj", "--no-gradient_checkpointing"]
+        + ([] if variant == "ours" else ["--no-packing"]))
+    tokenizer = load_tokenizer(model_path)
+    tokenizer.padding_side = "right"
+    examples, dropped = finetune.build_examples(convs, args, tokenizer)
+    real_tokens = sum(len(e["input_ids"]) for e in examples)
+    model, _ = finetune.load_trainable_model(args, model_path, ddp=False, gradient_checkpointing=False)
+    if variant == "ours":
+        trainer = finetune.make_trainer(args, model, tokenizer, examples, [], 1, False, False, False)
+        trainer.args.save_strategy = "no"
+        computed_tokens = real_tokens
+    else:
+        collator = DataCollatorForSeq2Seq(tokenizer, padding="max_length", max_length=opts.cutoff_len,
+                                          label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
+        targs = TrainingArguments(output_dir=args.output_path, per_device_train_batch_size=4,
+                                  gradient_accumulation_steps=1, num_train_epochs=1, learning_rate=3e-4,
+                                  warmup_steps=0, logging_steps=1000, save_strategy="no", report_to=[],
+                                  seed=opts.seed, data_seed=opts.seed, remove_unused_columns=False,
+                                  use_cpu=True, dataloader_num_workers=0)
+        trainer = Trainer(model=model, args=targs, data_collator=collator, train_dataset=Dataset.from_list(examples))
+        computed_tokens = len(examples) * opts.cutoff_len
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    return {"variant": variant, "examples": len(examples), "dropped": dropped, "real_tokens": real_tokens,
+            "computed_tokens": computed_tokens, "wall_s": wall, "tokens_per_s": real_tokens / wall,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "data": [os.path.basename(p) for p in paths]}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num_examples", type=int, default=64)
+    p.add_argument("--cutoff_len", type=int, default=256)
+    p.add_argument("--model_path", default="SmolLM2-135M-Instruct")
+    p.add_argument("--data", nargs="*", default=None, help="data files (default: shared alpaca en+zh)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", default="/tmp/bench_train")
+    p.add_argument("--variant", choices=("recipe", "ours"), help=argparse.SUPPRESS)
+    opts = p.parse_args(argv)
+    if opts.variant:
+        import logging
+
+        logging.disable(logging.WARNING)
+        print(json.dumps(run_variant(opts.variant, opts)))
+        return
+    results = {}
+    for variant in ("recipe", "ours"):
+        cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant] + (argv or sys.argv[1:])
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode:
+            sys.exit(f"{variant} failed:\n{out.stderr[-3000:]}")
+        results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+    a, b = results["recipe"], results["ours"]
+    bound = a["computed_tokens"] / a["real_tokens"]
+    print(f"data: {', '.join(a['data'])}; {a['examples']} examples, {a['real_tokens']} real tokens, "
+          f"cutoff {opts.cutoff_len}, {opts.threads} threads")
+    print(f"{'variant':<8} {'wall s':>8} {'eff tok/s':>10} {'peak RSS MB':>12}")
+    for r in (a, b):
+        print(f"{r['variant']:<8} {r['wall_s']:>8.1f} {r['tokens_per_s']:>10.1f} {r['peak_rss_mb']:>12.0f}")
+    ratio = b["tokens_per_s"] / a["tokens_per_s"]
+    print(f"ours/recipe: {ratio:.2f}x   padding bound: {bound:.2f}x   ({ratio / bound:.0%} of the bound)")
+    try:
+        import trl  # noqa: F401
+        print("TRL is installed but not benchmarked here yet")
+    except ImportError:
+        print("TRL SFTTrainer: not installed (pip install trl to compare)")
+
+
+if __name__ == "__main__":
+    main()
