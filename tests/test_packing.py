@@ -66,3 +66,17 @@ def test_gradients_match_the_models_own_loss(tiny_models):
     (reference / count).backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(ours[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run(tmp_path):
+    """tools/gpu_check.py end to end on a tiny model on the CPU (the GPU run uses the same code)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = subprocess.run([sys.executable, f"{ROOT}/tools/gpu_check.py", "--dry-run", "--workdir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    assert out.stdout.count(" tok/s ") == 4 and "ours/recipe (8-bit):" in out.stdout

@@ -65,6 +65,7 @@ def run_variant(variant: str, opts) -> dict:
     from utils import load_tokenizer, resolve_model_path
 
     torch.set_num_threads(opts.threads)
+    on_gpu = torch.cuda.is_available()
     paths = opts.data or ([p for p in DEFAULT_DATA if os.path.isfile(p)] or
                           [os.path.join(ROOT, "sample/instruct/data_sample.jsonl")])
     convs = pick_examples(paths, opts.num_examples, opts.seed)
@@ -74,15 +75,21 @@ def run_variant(variant: str, opts) -> dict:
         "--cutoff_len", str(opts.cutoff_len), "--micro_batch_size", "4", "--batch_size", "4",
         "--num_epochs", "1", "--learning_rate", "3e-4", "--warmup_steps", "0", "--test_size", "0",
         "--save_steps", "100000", "--logging_steps", "1000", "--seed", str(opts.seed),
-        "--lora_r", "8", "--lora_target_modules", "q_proj,v_proj", "--no-gradient_checkpointing"]
+        "--lora_r", "8", "--lora_target_modules", "q_proj,v_proj", "--quant", opts.quant]
+        + (["--max_steps", str(opts.max_steps)] if opts.max_steps else [])
+        + (["--bf16"] if opts.bf16 else [])
+        + (["--gradient_checkpointing"] if on_gpu and variant == "ours" else ["--no-gradient_checkpointing"])
         + ([] if variant == "ours" else ["--no-packing"]))
     tokenizer = load_tokenizer(model_path)
     tokenizer.padding_side = "right"
     examples, dropped = finetune.build_examples(convs, args, tokenizer)
     real_tokens = sum(len(e["input_ids"]) for e in examples)
-    model, _ = finetune.load_trainable_model(args, model_path, ddp=False, gradient_checkpointing=False)
+    checkpointing = bool(args.gradient_checkpointing)
+    model, _ = finetune.load_trainable_model(args, model_path, ddp=False, gradient_checkpointing=checkpointing)
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
     if variant == "ours":
-        trainer = finetune.make_trainer(args, model, tokenizer, examples, [], 1, False, False, False)
+        trainer = finetune.make_trainer(args, model, tokenizer, examples, [], 1, checkpointing, on_gpu, False)
         trainer.args.save_strategy = "no"
         computed_tokens = real_tokens
     else:
@@ -92,13 +99,19 @@ def run_variant(variant: str, opts) -> dict:
                                   gradient_accumulation_steps=1, num_train_epochs=1, learning_rate=3e-4,
                                   warmup_steps=0, logging_steps=1000, save_strategy="no", report_to=[],
                                   seed=opts.seed, data_seed=opts.seed, remove_unused_columns=False,
-                                  use_cpu=True, dataloader_num_workers=0)
+                                  use_cpu=not on_gpu, dataloader_num_workers=0, max_steps=opts.max_steps or -1,
+                                  fp16=on_gpu and args.quant == "8bit" and not opts.bf16,
+                                  bf16=on_gpu and opts.bf16)
         trainer = Trainer(model=model, args=targs, data_collator=collator, train_dataset=Dataset.from_list(examples))
         computed_tokens = len(examples) * opts.cutoff_len
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
-    return {"variant": variant, "examples": len(examples), "dropped": dropped, "real_tokens": real_tokens,
+    steps = trainer.state.global_step
+    if opts.max_steps:  # only the examples the steps consumed
+        real_tokens = sum(len(e["input_ids"]) for e in examples[:steps * 4])
+    return {"steps": steps, "quant": opts.quant,
+            "peak_vram_gb": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None,"variant": variant, "examples": len(examples), "dropped": dropped, "real_tokens": real_tokens,
             "computed_tokens": computed_tokens, "wall_s": wall, "tokens_per_s": real_tokens / wall,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "data": [os.path.basename(p) for p in paths]}
@@ -113,6 +126,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default="/tmp/bench_train")
+    p.add_argument("--quant", choices=("none", "8bit", "4bit"), default="none")
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0: one pass)")
     p.add_argument("--variant", choices=("recipe", "ours"), help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
     if opts.variant:

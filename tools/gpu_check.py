@@ -1,0 +1,86 @@
+"""GPU training check on a LLaMA-7B-shaped model with random weights (no download, no network).
+
+    bash tools/gpu_check.sh            # one H100-class GPU, under 8 minutes
+    python tools/gpu_check.py --dry-run  # tiny model on the CPU: checks the script itself
+
+Cutoff 512, micro-batch 4, LoRA r=8 on q_proj,v_proj; a few dozen steps each of
+  (1) the Chinese-Vicuna recipe in 8-bit, (2) ours in 8-bit, (3) ours 4-bit QLoRA, (4) ours bf16,
+printing tokens/s and peak VRAM (torch.cuda.max_memory_allocated). Goals: (3) <= 6 GB peak,
+(2) >= 2x the tokens/s of (1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+RUNS = [("recipe", "8bit", False), ("ours", "8bit", False), ("ours", "4bit", False), ("ours", "none", True)]
+
+
+def make_model(out_dir: str, dry_run: bool) -> str:
+    """Save a random LLaMA (7B shape, or tiny for --dry-run) with the embedded model's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from utils import EMBEDDED_MODEL, resolve_model_path
+
+    if os.path.isfile(os.path.join(out_dir, "config.json")):
+        return out_dir
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(EMBEDDED_MODEL))
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4) if dry_run else \
+        dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+             num_key_value_heads=32)
+    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=2048, **shape,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)  # random init, on the GPU: fast
+    model.save_pretrained(out_dir, max_shard_size="2GB")
+    tokenizer.save_pretrained(out_dir)
+    del model
+    return out_dir
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dry-run", action="store_true", help="tiny model on the CPU, 2 steps each")
+    p.add_argument("--workdir", default="/tmp/gpu_check")
+    p.add_argument("--steps", type=int, default=30)
+    opts = p.parse_args(argv)
+    model_dir = make_model(os.path.join(opts.workdir, "tiny" if opts.dry_run else "llama7b-random"), opts.dry_run)
+    steps = 2 if opts.dry_run else opts.steps
+    results = []
+    for variant, quant, bf16 in RUNS:
+        cmd = [sys.executable, os.path.join(ROOT, "tools/bench_train.py"), "--variant", variant, "--quant", quant,
+               "--model_path", model_dir, "--cutoff_len", "512", "--max_steps", str(steps),
+               "--num_examples", str(4 * steps), "--workdir", opts.workdir] + (["--bf16"] if bf16 else [])
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode:
+            print(f"{variant} {quant}: FAILED\n{out.stderr[-2000:]}")
+            continue
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        r["bf16"] = bf16
+        results.append(r)
+        vram = f"{r['peak_vram_gb']:.2f} GB" if r["peak_vram_gb"] is not None else "n/a (CPU)"
+        print(f"{variant:<7} {quant:<5} {'bf16' if bf16 else '':<5} {r['steps']:>3} steps  "
+              f"{r['tokens_per_s']:>9.1f} tok/s  peak VRAM {vram}", flush=True)
+    by = {(r["variant"], r["quant"], r["bf16"]): r for r in results}
+    if ("recipe", "8bit", False) in by and ("ours", "8bit", False) in by:
+        ratio = by[("ours", "8bit", False)]["tokens_per_s"] / by[("recipe", "8bit", False)]["tokens_per_s"]
+        print(f"ours/recipe (8-bit): {ratio:.2f}x (goal >= 2x)")
+    qlora = by.get(("ours", "4bit", False))
+    if qlora and qlora["peak_vram_gb"] is not None:
+        print(f"QLoRA peak VRAM: {qlora['peak_vram_gb']:.2f} GB (goal <= 6 GB)")
+    if len(results) != len(RUNS):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
