@@ -810,8 +810,13 @@ static std::vector<int> generate(Engine* e, std::vector<int> ids, int n_new, Sam
 
 // ----------------------------------------------------------------------------
 // quantize: rewrite a GGUF with its 2-D F32/F16 tensors in a block type
+//
+// Like llama.cpp, the classifier (output.weight, or token_embd.weight when the embeddings are
+// tied) is kept at 8 bits when the target is a 4-bit type: its errors land directly on the
+// logits. On SmolLM2-135M that is the difference between +12 % and +50 % perplexity for q4_0.
+// `pure` quantizes it like everything else.
 
-static void quantize_file(const char* in_path, const char* out_path, uint32_t type, int n_threads) {
+static void quantize_file(const char* in_path, const char* out_path, uint32_t type, bool pure) {
     GGUFFile f;
     gguf_init_from_file(&f, in_path);
     struct Plan {
@@ -821,10 +826,13 @@ static void quantize_file(const char* in_path, const char* out_path, uint32_t ty
     };
     std::vector<Plan> plan;
     uint64_t off = 0;
+    bool tied = gguf_find_tensor(&f, "output.weight") == nullptr;
     for (const GGUFTensor& t : f.tensors) {
         bool convert = (t.type == GGML_TYPE_F32 || t.type == GGML_TYPE_F16) && t.n_dims == 2 &&
                        t.ne[0] % ggml_type_info(type).block == 0;
-        uint32_t nt = convert ? type : t.type;
+        bool classifier = t.name == "output.weight" || (tied && t.name == "token_embd.weight");
+        bool four_bit = type == GGML_TYPE_Q4_0 || type == GGML_TYPE_Q4_1;
+        uint32_t nt = !convert ? t.type : (classifier && four_bit && !pure) ? GGML_TYPE_Q8_0 : type;
         TypeInfo ti = ggml_type_info(nt);
         uint64_t n_bytes = t.n_elements / ti.block * ti.block_size;
         plan.push_back({&t, nt, off, n_bytes});
@@ -885,7 +893,6 @@ static void quantize_file(const char* in_path, const char* out_path, uint32_t ty
         gguf_free(&f);
         throw;
     }
-    (void)n_threads;
     gguf_free(&f);
 }
 
@@ -907,8 +914,10 @@ static const char* const USAGE =
     "             write the last position's logits (vocab float32, little-endian)\n"
     "  bench      -m F.gguf [-t THREADS] [-p 512] [-n 128]\n"
     "             time a prompt and a generation: prints 'prefill: X tok/s' and 'decode: Y tok/s'\n"
-    "  perplexity -m F.gguf -f TEXT.txt [-c CTX]  perplexity over a text, as llama.cpp computes it\n"
-    "  quantize   IN.gguf OUT.gguf TYPE           f32/f16 tensors -> q8_0, q4_0, q4_1 (or f16)\n";
+    "  perplexity -m F.gguf -f TEXT.txt [-c CTX] [--chunks N]\n"
+    "             perplexity over a text (the first N chunks of CTX tokens), as llama.cpp computes it\n"
+    "  quantize   IN.gguf OUT.gguf TYPE [--pure]  f32/f16 tensors -> q8_0, q4_0, q4_1 (or f16); for 4-bit\n"
+    "             types the classifier stays q8_0 unless --pure\n";
 
 struct Options {
     std::string command;
@@ -916,12 +925,12 @@ struct Options {
     std::string model, prompt, file, ids, dump_logits;
     PromptType prompt_type = PROMPT_NONE;
     bool prompt_type_set = false;
-    int n_predict = 256, n_prompt = 512, threads = 0, ctx = 0;
+    int n_predict = 256, n_prompt = 512, threads = 0, ctx = 0, chunks = 0;
     bool n_predict_set = false, prompt_set = false;
     float temp = 0.7f, top_p = 0.9f, repeat_penalty = 1.1f;
     int top_k = 40;
     int64_t seed = -1;
-    bool print_ids = false, ignore_eos = false, no_bos = false, lines = false;
+    bool print_ids = false, ignore_eos = false, no_bos = false, lines = false, pure = false;
 };
 
 static long parse_int(const std::string& flag, const char* v, long lo, long hi) {
@@ -967,8 +976,8 @@ static Options parse_args(int argc, char** argv) {
         {"tokenize", " -m -p -f --lines --prompt-type --no-bos "},
         {"eval", " -m -p --ids --dump-logits -t "},
         {"bench", " -m -p -n -t "},
-        {"perplexity", " -m -f -c -t "},
-        {"quantize", " -t "},
+        {"perplexity", " -m -f -c -t --chunks "},
+        {"quantize", " --pure "},
     };
     auto cmd = allowed.find(o.command);
     if (cmd == allowed.end()) FAIL("unknown command '%s'; run 'vicuna --help'", printable(o.command).c_str());
@@ -985,6 +994,7 @@ static Options parse_args(int argc, char** argv) {
         if (a == "--ignore-eos") { o.ignore_eos = true; continue; }
         if (a == "--no-bos") { o.no_bos = true; continue; }
         if (a == "--lines") { o.lines = true; continue; }
+        if (a == "--pure") { o.pure = true; continue; }
         if (i + 1 >= argc) FAIL("%s needs a value", a.c_str());
         const char* v = argv[++i];
         if (a == "-m") o.model = v;
@@ -994,6 +1004,7 @@ static Options parse_args(int argc, char** argv) {
         else if (a == "-n") { o.n_predict = (int)parse_int(a, v, 0, 1 << 20); o.n_predict_set = true; }
         else if (a == "-t") o.threads = (int)parse_int(a, v, 1, 256);
         else if (a == "-c") o.ctx = (int)parse_int(a, v, 1, 1 << 24);
+        else if (a == "--chunks") o.chunks = (int)parse_int(a, v, 1, 1 << 24);
         else if (a == "--temp") o.temp = parse_float(a, v, 0.0f, 100.0f);
         else if (a == "--top-k") o.top_k = (int)parse_int(a, v, 0, 1 << 24);
         else if (a == "--top-p") o.top_p = parse_float(a, v, 0.0f, 1.0f);
@@ -1252,6 +1263,7 @@ static int cmd_perplexity(const Options& o) {
     int n_ctx = e.kv.n_ctx, V = e.model.cfg.vocab_size;
     std::vector<int> tokens = tokenizer_encode(&e.tok, text, true);
     int n_chunks = (int)(tokens.size() / (size_t)n_ctx);
+    if (o.chunks > 0) n_chunks = std::min(n_chunks, o.chunks);
     if (n_chunks == 0 || n_ctx < 4) {
         FAIL("'%s' is %zu tokens, less than one context of %d; use a longer text or a smaller -c",
              printable(o.file).c_str(), tokens.size(), n_ctx);
@@ -1291,7 +1303,7 @@ static int cmd_quantize(const Options& o) {
                   : t == "f16" ? GGML_TYPE_F16 : 0xffffffffu;
     if (type == 0xffffffffu) FAIL("unknown quantization type '%s' (q8_0, q4_0, q4_1, f16)", printable(t).c_str());
     if (o.positional[0] == o.positional[1]) FAIL("the output must not overwrite the input '%s'", printable(o.positional[0]).c_str());
-    quantize_file(o.positional[0].c_str(), o.positional[1].c_str(), type, o.threads);
+    quantize_file(o.positional[0].c_str(), o.positional[1].c_str(), type, o.pure);
     return 0;
 }
 
