@@ -1,0 +1,770 @@
+"""Export a Hugging Face LLaMA-architecture checkpoint (merged or base) to a GGUF v3 file.
+
+    python tools/convert_gguf.py --model_path vicuna-merged --outfile vicuna.q8_0.gguf --outtype q8_0
+    python tools/convert_gguf.py --model_path vicuna-merged --outfile vicuna.f16.gguf --outtype f16 --modelfile
+
+The file carries what llama.cpp, ollama and tools/vicuna.cpp need: the `llama.*` hyperparameters
+(context length, sizes, heads and KV heads, rope theta and scaling, RMSNorm epsilon), the tensors
+under llama.cpp's names with Q and K permuted the way llama.cpp's convert_hf_to_gguf.py permutes
+them, the tokenizer (SentencePiece "llama" with scores and token types for LLaMA-1/2; byte-level BPE
+"gpt2" with merges and the pre-tokenizer name for SmolLM2/LLaMA-3), the special ids, add-BOS, and
+`tokenizer.chat_template`: a Jinja template that renders the prompt format the model was trained
+with (instruct or chat, as prompt.py renders them; `chat_template` keeps the tokenizer's own).
+The prompt type defaults to the one in the merged folder's training_config.json (tools/merge_lora.py
+copies it there), else instruct.
+
+Tensor types (--outtype): 1-D tensors (norms) stay F32. f16 stores the 2-D weights as F16; q8_0,
+q4_0 and q4_1 quantize them with the gguf package's quantizers (bit-identical to llama.cpp's
+reference), except weights whose rows are not a multiple of 32 values (F16 instead, as llama.cpp
+does) and, for the q4 types, the output projection (token_embd when tied) which stays Q8_0, the
+way the embedded SmolLM2 Q4_1 file ships it.
+
+`--verify` (default: on for models under 1B parameters) runs a few prompts through the Hugging Face
+model and through the written GGUF -- with tools/vicuna.cpp/build/vicuna when it has been built
+(`make cpp`), otherwise with transformers' own GGUF loader -- and prints top-1 agreement and the
+largest logit difference. An f32 export that disagrees (top-1 mismatch or max relative difference
+over 1e-3) exits with status 1. `--modelfile` writes an ollama Modelfile beside the GGUF.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TOOLS)
+for _p in (ROOT, TOOLS):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from utils import UserError, cli_errors, logger, setup_logging  # noqa: E402
+
+OUTTYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")
+ENGINE = os.path.join(ROOT, "tools", "vicuna.cpp", "build", "vicuna")
+VERIFY_MAX_PARAMS = 1_000_000_000  # --verify is on by default below this size
+F32_MAX_REL_DIFF = 1e-3  # an f32 export must match the HF logits this closely (max |d| / max |logit|)
+PROMPT_TYPE_KEY = "vicuna.prompt_type"  # instruct | chat | chat_template
+QK = 32  # block size of q8_0 / q4_0 / q4_1: rows must be a multiple of it
+ARCHITECTURES = ("llama", "mistral")  # model_type values llama.cpp runs as general.architecture=llama
+VERIFY_QUESTIONS = ["Give three tips for staying healthy.", "用一句话介绍你自己。",
+                    "Translate to English: 我明天要去图书馆还书。"]
+VERIFY_TEXTS = ["Hello world! 你好，世界。", "数字 2024 年 12 月 31 日, tabs\tand  two  spaces\n\nnew paragraph",
+                " leading space, café, naïve, 🦙 and 小羊驼"]
+
+# Byte-level BPE pre-tokenizers by the regex their tokenizer.json splits with, named as llama.cpp
+# names them in `tokenizer.ggml.pre` (llama-vocab.cpp). GPT-2's own regex is ByteLevel(use_regex).
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from prompt import PROMPT_TYPES
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_path", required=True,
+                   help="Hugging Face model folder (e.g. from tools/merge_lora.py), hub id or the embedded name")
+    p.add_argument("--outfile", required=True, help="GGUF file to write")
+    p.add_argument("--outtype", choices=OUTTYPES, default="f16", help="tensor type of the 2-D weights (default: f16)")
+    p.add_argument("--prompt_type", choices=PROMPT_TYPES, default=None,
+                   help="template stored as tokenizer.chat_template (default: the training_config.json one, "
+                        "else instruct)")
+    p.add_argument("--modelfile", action="store_true", help="also write an ollama Modelfile beside the GGUF")
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
+                   help="compare logits of the export with the HF model (default: on under 1B parameters)")
+    p.add_argument("--overwrite", action="store_true", help="replace --outfile if it exists")
+    return p
+
+
+# --- hyperparameters -------------------------------------------------------------------------------
+
+
+@dataclass
+class HParams:
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ctx: int
+    rope_theta: float
+    rope_scaling: dict | None
+    rms_eps: float
+    tied: bool
+    name: str
+
+    @classmethod
+    def from_config(cls, config: dict, model_dir: str) -> "HParams":
+        model_type = config.get("model_type")
+        if model_type not in ARCHITECTURES:
+            raise UserError(f"--model_path {model_dir}: model_type {model_type!r} is not a LLaMA-architecture "
+                            f"model ({', '.join(ARCHITECTURES)}); this converter writes general.architecture=llama")
+        if config.get("sliding_window") and model_type == "mistral":
+            logger.warning("sliding_window=%s is not stored; llama.cpp attends to the whole context",
+                           config["sliding_window"])
+        rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+        theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "linear", "llama3"):
+            raise UserError(f"--model_path {model_dir}: rope scaling {rope_type!r} is not supported "
+                            "(default, linear and llama3 are)")
+        try:
+            n_head = config["num_attention_heads"]
+            n_embd = config["hidden_size"]
+            return cls(
+                n_vocab=config["vocab_size"], n_embd=n_embd, n_layer=config["num_hidden_layers"],
+                n_ff=config["intermediate_size"], n_head=n_head,
+                n_head_kv=config.get("num_key_value_heads") or n_head,
+                head_dim=config.get("head_dim") or n_embd // n_head,
+                n_ctx=config.get("max_position_embeddings", 2048), rope_theta=float(theta),
+                rope_scaling=None if rope_type == "default" else dict(rope, rope_type=rope_type),
+                rms_eps=config.get("rms_norm_eps", 1e-6), tied=bool(config.get("tie_word_embeddings", False)),
+                name=os.path.basename(os.path.normpath(model_dir)))
+        except KeyError as e:
+            raise UserError(f"--model_path {model_dir}: config.json lacks {e.args[0]!r}") from None
+
+
+def write_hparams(writer, hp: HParams) -> None:
+    import gguf
+
+    writer.add_name(hp.name)
+    writer.add_context_length(hp.n_ctx)
+    writer.add_embedding_length(hp.n_embd)
+    writer.add_block_count(hp.n_layer)
+    writer.add_feed_forward_length(hp.n_ff)
+    writer.add_head_count(hp.n_head)
+    writer.add_head_count_kv(hp.n_head_kv)
+    writer.add_rope_dimension_count(hp.head_dim)
+    writer.add_rope_freq_base(hp.rope_theta)
+    writer.add_layer_norm_rms_eps(hp.rms_eps)
+    writer.add_vocab_size(hp.n_vocab)
+    if hp.head_dim != hp.n_embd // hp.n_head:
+        writer.add_key_length(hp.head_dim)
+        writer.add_value_length(hp.head_dim)
+    if hp.rope_scaling and hp.rope_scaling["rope_type"] == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(hp.rope_scaling["factor"]))
+
+
+def llama3_rope_factors(hp: HParams):
+    """LLaMA-3.1 rope scaling as llama.cpp stores it: a `rope_freqs` tensor of per-frequency divisors
+    (the same computation as convert_hf_to_gguf.py's LlamaModel.generate_extra_tensors)."""
+    import numpy as np
+
+    rs = hp.rope_scaling
+    factor, low, high = rs.get("factor", 8.0), rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
+    old_ctx = rs.get("original_max_position_embeddings", 8192)
+    freqs = 1.0 / (hp.rope_theta ** (np.arange(0, hp.head_dim, 2, dtype=np.float32) / hp.head_dim))
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_ctx / high:
+            out.append(1.0)
+        elif wavelen > old_ctx / low:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+# --- tensors ---------------------------------------------------------------------------------------
+
+
+def permute_qk(w, n_head: int):
+    """HF's rotate-half layout -> llama.cpp's interleaved pairs, per head (rows of a q/k weight or bias).
+
+    Exactly convert_hf_to_gguf.py's LlamaModel.permute; transformers' GGUF loader undoes it with
+    reshape(n_head, dim, 2, ...).swapaxes(2, 1). For K, n_head is the number of KV heads.
+    """
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@dataclass
+class TensorPlan:
+    gguf_name: str
+    hf_name: str | None  # None: computed (rope_freqs)
+    shape: tuple[int, ...]  # HF (torch) order: rows first
+    qtype: object  # gguf.GGMLQuantizationType
+    permute_heads: int = 0  # 0: as is; else permute_qk with this many heads
+
+
+def pick_type(gguf_name: str, shape: tuple[int, ...], outtype: str, tied: bool):
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    if len(shape) == 1 or outtype == "f32":
+        return T.F32
+    if outtype == "f16":
+        return T.F16
+    if shape[-1] % QK != 0:
+        return T.F16  # llama.cpp's fallback when a row does not split into blocks
+    wanted = {"q8_0": T.Q8_0, "q4_0": T.Q4_0, "q4_1": T.Q4_1}[outtype]
+    is_output = gguf_name == "output.weight" or (tied and gguf_name == "token_embd.weight")
+    if is_output and outtype in ("q4_0", "q4_1"):
+        return T.Q8_0  # the output projection is the most sensitive tensor; keep it at 8 bits
+    return wanted
+
+
+def plan_tensors(base, hp: HParams, outtype: str, model_dir: str) -> list[TensorPlan]:
+    """Which HF tensor becomes which GGUF tensor, in which type; raises on anything unexpected."""
+    import gguf
+
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, hp.n_layer)
+    plans = []
+    has_lm_head = "lm_head.weight" in base.files
+    tied = hp.tied or not has_lm_head
+    if not has_lm_head and not hp.tied:
+        logger.warning("config says tie_word_embeddings=false but there is no lm_head.weight; exporting as tied")
+    for hf_name in sorted(base.files, key=_gguf_order):
+        if hf_name.endswith("rotary_emb.inv_freq") or (hf_name == "lm_head.weight" and tied):
+            continue  # recomputed by every runtime / the tied output is token_embd
+        gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise UserError(f"--model_path {model_dir}: tensor {hf_name} has no llama.cpp name; "
+                            "is this a plain LLaMA-architecture checkpoint?")
+        shape = base.shape(hf_name)
+        heads = 0
+        if re.search(r"\.q_proj\.(weight|bias)$", hf_name):
+            heads = hp.n_head
+        elif re.search(r"\.k_proj\.(weight|bias)$", hf_name):
+            heads = hp.n_head_kv
+        plans.append(TensorPlan(gguf_name, hf_name, shape, pick_type(gguf_name, shape, outtype, tied), heads))
+    if hp.rope_scaling and hp.rope_scaling["rope_type"] == "llama3":
+        plans.append(TensorPlan("rope_freqs.weight", None, (hp.head_dim // 2,), gguf.GGMLQuantizationType.F32))
+    if not any(p.gguf_name == "token_embd.weight" for p in plans):
+        raise UserError(f"--model_path {model_dir}: no model.embed_tokens.weight in the checkpoint")
+    return plans
+
+
+def _gguf_order(hf_name: str):
+    """token_embd, then the blocks in order, then output_norm and output: llama.cpp's order."""
+    group = 0 if "embed_tokens" in hf_name else 1 if ".layers." in hf_name else 2
+    return [group] + [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", hf_name)]
+
+
+def tensor_data(plan: TensorPlan, base, hp: HParams):
+    """The bytes of one GGUF tensor as a numpy array (float32/float16, or uint8 blocks)."""
+    import gguf
+    import numpy as np
+
+    if plan.hf_name is None:
+        data = llama3_rope_factors(hp)
+    else:
+        data = base.tensor(plan.hf_name).float().numpy()
+    if plan.permute_heads:
+        data = permute_qk(data, plan.permute_heads)
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    return gguf.quants.quantize(data, plan.qtype)
+
+
+def nbytes_of(plan: TensorPlan) -> tuple[tuple[int, ...], int]:
+    """(byte shape or element shape, nbytes) of a planned tensor, without computing it."""
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    if plan.qtype in (T.F32, T.F16):
+        return plan.shape, math.prod(plan.shape) * (4 if plan.qtype == T.F32 else 2)
+    byte_shape = gguf.quant_shape_to_byte_shape(plan.shape, plan.qtype)
+    return byte_shape, math.prod(byte_shape)
+
+
+# --- tokenizer -------------------------------------------------------------------------------------
+
+
+def load_hf_tokenizer(model_dir: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a tokenizer from {model_dir}: {str(e).strip().splitlines()[0]}") from None
+
+
+def _merge_strings(merges) -> list[str]:
+    # tokenizer.json stores merges as "a b" strings or, since tokenizers 0.20, as [a, b] pairs;
+    # a space inside a pair is written as U+0120 + 256 the way gguf-py's SpecialVocab does.
+    out = []
+    for m in merges:
+        if isinstance(m, str):
+            out.append(m)
+        else:
+            out.append(" ".join("".join(chr(ord(c) + 256) if c == " " else c for c in part) for part in m))
+    return out
+
+
+def bpe_pre_type(backend: dict, model_dir: str) -> str:
+    """llama.cpp's name for the byte-level BPE pre-tokenizer of this tokenizer.json."""
+    pre = backend.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [s.get("type") for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm"  # SmolLM/StarCoder: single digits, then GPT-2's regex
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        regex = (steps[0].get("pattern") or {}).get("Regex")
+        if regex == LLAMA3_SPLIT:
+            return "llama-bpe"
+    raise UserError(f"--model_path {model_dir}: byte-level BPE pre-tokenizer {json.dumps(pre)[:120]} is not one "
+                    "this converter knows (gpt-2, smollm, llama-bpe); llama.cpp would split text differently")
+
+
+def tokenizer_fields(tokenizer, model_dir: str, n_vocab: int) -> dict:
+    """Everything `tokenizer.ggml.*` for this tokenizer, as plain Python values."""
+    import gguf
+
+    from prompt import leading_special_ids
+
+    TT = gguf.TokenType
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = backend["model"]
+    if model.get("type") != "BPE":
+        raise UserError(f"--model_path {model_dir}: tokenizer model {model.get('type')!r} is not supported "
+                        "(SentencePiece BPE and byte-level BPE are)")
+    spm = bool(model.get("byte_fallback"))
+    vocab: dict[str, int] = dict(model["vocab"])
+    added = {t["id"]: t for t in backend.get("added_tokens", [])}
+    for i, t in added.items():
+        vocab.setdefault(t["content"], i)
+    size = max(vocab.values()) + 1
+    if size > n_vocab:
+        raise UserError(f"--model_path {model_dir}: the tokenizer has {size} tokens but the embedding only "
+                        f"{n_vocab} rows")
+    merges = _merge_strings(model.get("merges") or [])
+    by_id = {i: tok for tok, i in vocab.items()}
+    tokens, types, scores = [], [], []
+    # SentencePiece models score a candidate merge by the merged piece: use the first merge rank that
+    # builds each piece (real sentencepiece scores when tokenizer.model is there), so llama.cpp's
+    # score-driven merging picks the same pairs as the HF merges.
+    rank = {}
+    for r, m in enumerate(merges):
+        rank.setdefault(m.replace(" ", ""), r)
+    sp_scores = _sentencepiece_scores(model_dir) if spm else None
+    specials = set(tokenizer.all_special_ids)
+    for i in range(n_vocab):
+        tok = by_id.get(i)
+        if tok is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(TT.UNUSED)
+            scores.append(-1e9)
+            continue
+        if i in added and not added[i].get("special", False) and i not in specials:
+            tt = TT.USER_DEFINED
+        elif i in added or i in specials:
+            tt = TT.UNKNOWN if tok == tokenizer.unk_token else TT.CONTROL
+        elif spm and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", tok):
+            tt = TT.BYTE
+        else:
+            tt = TT.NORMAL
+        tokens.append(tok)
+        types.append(tt)
+        if sp_scores is not None and i < len(sp_scores):
+            scores.append(sp_scores[i])
+        elif tok in rank:
+            scores.append(-float(rank[tok]))
+        else:
+            scores.append(0.0 if len(tok) == 1 or tt != TT.NORMAL else -1e9)
+
+    lead = leading_special_ids(tokenizer)
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    fields = {
+        "model": "llama" if spm else "gpt2",
+        "tokens": tokens, "types": [int(t) for t in types], "merges": merges,
+        "scores": scores if spm else None,
+        "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,
+        "unk": tokenizer.unk_token_id, "pad": tokenizer.pad_token_id,
+        "add_bos": bool(lead) and lead == [tokenizer.bos_token_id],
+        "add_eos": tokenizer.eos_token_id is not None and with_special[len(lead):] == plain + [tokenizer.eos_token_id],
+    }
+    if spm:
+        pre = backend.get("pre_tokenizer") or {}
+        norm = json.dumps(backend.get("normalizer") or {})
+        fields["add_space_prefix"] = (pre.get("type") == "Metaspace" and pre.get("prepend_scheme", "always") != "never"
+                                      ) or '"Prepend"' in norm
+    else:
+        fields["pre"] = bpe_pre_type(backend, model_dir)
+    return fields
+
+
+def _sentencepiece_scores(model_dir: str) -> list[float] | None:
+    path = os.path.join(model_dir, "tokenizer.model")
+    if not os.path.isfile(path):
+        return None
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=path)
+    return [sp.GetScore(i) for i in range(sp.vocab_size())]
+
+
+def write_tokenizer(writer, fields: dict, chat_template: str | None) -> None:
+    writer.add_tokenizer_model(fields["model"])
+    if "pre" in fields:
+        writer.add_tokenizer_pre(fields["pre"])
+    writer.add_token_list(fields["tokens"])
+    if fields["scores"] is not None:
+        writer.add_token_scores(fields["scores"])
+    writer.add_token_types(fields["types"])
+    if fields["merges"]:
+        writer.add_token_merges(fields["merges"])
+    for key in ("bos", "eos", "unk", "pad"):
+        if fields[key] is not None:
+            getattr(writer, f"add_{key}_token_id")(fields[key])
+    writer.add_add_bos_token(fields["add_bos"])
+    writer.add_add_eos_token(fields["add_eos"])
+    if "add_space_prefix" in fields:
+        writer.add_add_space_prefix(fields["add_space_prefix"])
+    if chat_template:
+        writer.add_chat_template(chat_template)
+
+
+# --- prompt templates for llama.cpp (Jinja) and ollama (Go templates) -----------------------------
+
+
+def _jinja_str(text: str) -> str:
+    return json.dumps(text)  # a JSON string is a valid Jinja string literal (\n, \", \\, \uXXXX)
+
+
+def chat_template_for(prompt_type: str, tokenizer) -> str:
+    """A Jinja chat template rendering `messages` the way prompt.py renders our templates.
+
+    instruct: the last user message is the instruction (a user message may carry an "input" key,
+    alpaca's context field); earlier turns are dropped, as the template holds one exchange.
+    chat: chatv1 -- a system message replaces the preamble; each assistant reply is followed by the
+    EOS token, as in training. chat_template: the tokenizer's own template, unchanged.
+    """
+    import prompt
+
+    if prompt_type == "chat_template":
+        template = getattr(tokenizer, "chat_template", None)
+        if not template:
+            raise UserError("--prompt_type chat_template: this tokenizer has no chat template; use instruct or chat")
+        return template
+    if prompt_type == "instruct":
+        no_in_head, no_in_tail = prompt.INSTRUCT_NO_INPUT.split("{instruction}")
+        in_head, rest = prompt.INSTRUCT_WITH_INPUT.split("{instruction}")
+        in_mid, in_tail = rest.split("{input}")
+        return (
+            "{%- set ns = namespace(user=none, answer=none) -%}"
+            "{%- for message in messages -%}"
+            "{%- if message['role'] == 'user' -%}{%- set ns.user = message -%}{%- set ns.answer = none -%}"
+            "{%- elif message['role'] == 'assistant' -%}{%- set ns.answer = message['content'] -%}"
+            "{%- endif -%}"
+            "{%- endfor -%}"
+            "{%- if ns.user is not none -%}"
+            "{%- if ns.user['input'] is defined and ns.user['input'] -%}"
+            f"{{{{- {_jinja_str(in_head)} + ns.user['content'] + {_jinja_str(in_mid)} + ns.user['input'] + "
+            f"{_jinja_str(in_tail)} -}}}}"
+            "{%- else -%}"
+            f"{{{{- {_jinja_str(no_in_head)} + ns.user['content'] + {_jinja_str(no_in_tail)} -}}}}"
+            "{%- endif -%}"
+            "{%- if ns.answer is not none -%}{{- ns.answer + eos_token -}}{%- endif -%}"
+            "{%- endif -%}"
+        )
+    if prompt_type == "chat":
+        user_head, user_tail = prompt.CHAT_USER.split("{input}")
+        return (
+            "{%- set ns = namespace(first=true) -%}"
+            "{%- if messages and messages[0]['role'] == 'system' -%}"
+            "{{- messages[0]['content'].rstrip('\\n') + '\\n\\n' -}}"
+            "{%- else -%}"
+            f"{{{{- {_jinja_str(prompt.CHAT_PREAMBLE)} -}}}}"
+            "{%- endif -%}"
+            "{%- for message in messages -%}"
+            "{%- if message['role'] == 'user' -%}"
+            f"{{%- if not ns.first -%}}{{{{- {_jinja_str(prompt.CHAT_TURN_SEPARATOR)} -}}}}{{%- endif -%}}"
+            f"{{{{- {_jinja_str(user_head)} + message['content'] + {_jinja_str(user_tail)} -}}}}"
+            "{%- set ns.first = false -%}"
+            "{%- elif message['role'] == 'assistant' -%}"
+            "{{- message['content'] + eos_token -}}"
+            "{%- endif -%}"
+            "{%- endfor -%}"
+        )
+    raise UserError(f"--prompt_type {prompt_type!r}: choose instruct, chat or chat_template")
+
+
+def _go_literal(text: str) -> str:
+    # Text outside {{ }} is copied as is; only "{{" would start an action.
+    return text.replace("{{", '{{ "{{" }}')
+
+
+def modelfile_for(gguf_name: str, prompt_type: str, tokenizer) -> str:
+    """An ollama Modelfile: FROM the GGUF, TEMPLATE in Go-template syntax, stop markers."""
+    import prompt
+
+    eos = tokenizer.eos_token or ""
+    lines = [f"# ollama create my-model -f Modelfile   (written by tools/convert_gguf.py, prompt type {prompt_type})",
+             f"FROM ./{gguf_name}"]
+    if prompt_type == "instruct":
+        no_in_head, no_in_tail = prompt.INSTRUCT_NO_INPUT.split("{instruction}")
+        template = _go_literal(no_in_head) + "{{ .Prompt }}" + _go_literal(no_in_tail) + "{{ .Response }}"
+    elif prompt_type == "chat":
+        user_head, user_tail = prompt.CHAT_USER.split("{input}")
+        preamble = prompt.CHAT_PREAMBLE
+        template = (
+            "{{- if .System }}{{ .System }}" + "\n\n" + "{{ else }}" + _go_literal(preamble) + "{{ end }}"
+            "{{- $first := true }}"
+            "{{- range .Messages }}"
+            "{{- if eq .Role \"user\" }}{{ if not $first }}" + prompt.CHAT_TURN_SEPARATOR + "{{ end }}"
+            + _go_literal(user_head) + "{{ .Content }}" + _go_literal(user_tail) + "{{ $first = false }}"
+            "{{- else if eq .Role \"assistant\" }}{{ .Content }}" + _go_literal(eos) +
+            "{{- end }}"
+            "{{- end }}"
+        )
+    else:
+        raise UserError("--modelfile: ollama templates are written for --prompt_type instruct and chat; "
+                        "for chat_template use ollama's own template for the base model family")
+    lines.append(f'TEMPLATE """{template}"""')
+    for stop in prompt.STOP_STRINGS[prompt_type]:
+        lines.append(f"PARAMETER stop {json.dumps(stop)}")
+    if eos:
+        lines.append(f"PARAMETER stop {json.dumps(eos)}")
+    return "\n".join(lines) + "\n"
+
+
+# --- conversion ------------------------------------------------------------------------------------
+
+
+def resolve_prompt_type(prompt_type: str | None, model_dir: str) -> str:
+    from utils import load_training_config
+
+    if prompt_type:
+        return prompt_type
+    saved = load_training_config(model_dir).get("prompt_type")
+    if saved:
+        logger.info("prompt type %r from %s/training_config.json", saved, model_dir)
+        return saved
+    return "instruct"
+
+
+def convert(model_path: str, outfile: str, outtype: str = "f16", prompt_type: str | None = None,
+            overwrite: bool = False, modelfile: bool = False) -> dict:
+    """Write the GGUF (and Modelfile); returns {"model_dir", "prompt_type", "n_params", "outfile"}."""
+    import gguf
+    import numpy as np
+
+    from merge_lora import BaseCheckpoint, resolve_base
+
+    if os.path.exists(outfile) and not overwrite:
+        raise UserError(f"--outfile {outfile} exists; pass --overwrite to replace it")
+    if not outfile.endswith(".gguf"):
+        raise UserError(f"--outfile {outfile}: name the file *.gguf")
+    model_dir = resolve_base(model_path)
+    config_path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise UserError(f"--model_path {model_path}: no config.json")
+    with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+    hp = HParams.from_config(config, model_dir)
+    prompt_type = resolve_prompt_type(prompt_type, model_dir)
+    tokenizer = load_hf_tokenizer(model_dir)
+    template = chat_template_for(prompt_type, tokenizer)
+    fields = tokenizer_fields(tokenizer, model_dir, hp.n_vocab)
+    modelfile_text = modelfile_for(os.path.basename(outfile), prompt_type, tokenizer) if modelfile else None
+    base = BaseCheckpoint(model_dir)
+    plans = plan_tensors(base, hp, outtype, model_dir)
+
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+                 "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}[outtype]
+    out_dir = os.path.dirname(os.path.abspath(outfile))
+    os.makedirs(out_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".converting-", suffix=".gguf", dir=out_dir)
+    os.close(fd)
+    writer = gguf.GGUFWriter(tmp, "llama")
+    try:
+        writer.add_type("model")
+        write_hparams(writer, hp)
+        writer.add_file_type(int(file_type))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        write_tokenizer(writer, fields, template)
+        # Our own key (runtimes ignore keys they do not know): which of prompt.py's templates the
+        # model was trained with, so vicuna.cpp can pick it without parsing the Jinja template.
+        writer.add_string(PROMPT_TYPE_KEY, prompt_type)
+        # Two passes: tensor infos first (shapes and byte sizes are known without the data), then
+        # each tensor is read, converted, written and dropped, so memory stays at one tensor.
+        for p in plans:
+            byte_shape, nbytes = nbytes_of(p)
+            dtype = {gguf.GGMLQuantizationType.F32: "float32", gguf.GGMLQuantizationType.F16: "float16"}.get(p.qtype, "uint8")
+            writer.add_tensor_info(p.gguf_name, byte_shape, np.dtype(dtype), nbytes,
+                                   raw_dtype=p.qtype if dtype == "uint8" else None)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for p in plans:
+            writer.write_tensor_data(tensor_data(p, base, hp))
+        writer.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; give it the mode a plain open() would
+        os.replace(tmp, outfile)
+    except BaseException:
+        writer.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    n_params = sum(math.prod(p.shape) for p in plans)
+    logger.info("wrote %s: %d tensors, %.1fM parameters, %s, prompt type %s", outfile, len(plans),
+                n_params / 1e6, outtype, prompt_type)
+    if modelfile_text is not None:
+        path = os.path.join(out_dir, "Modelfile")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(modelfile_text)
+        logger.info("wrote %s", path)
+    return {"model_dir": model_dir, "prompt_type": prompt_type, "n_params": n_params, "outfile": outfile}
+
+
+# --- verification ----------------------------------------------------------------------------------
+
+
+def verify_prompts(model_dir: str, prompt_type: str) -> tuple[list[list[int]], list[str], list[list[int]]]:
+    """(prompt ids for the logits check, texts and their HF ids for the tokenizer check)."""
+    from prompt import Conversation, build_prompt_ids, generation_prompt
+    from utils import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    convs = [Conversation(turns=[(q, None)]) for q in VERIFY_QUESTIONS]
+    prompts = [build_prompt_ids(prompt_type, c, tokenizer) for c in convs]
+    texts = [generation_prompt(prompt_type, c, tokenizer) for c in convs] + VERIFY_TEXTS
+    return prompts, texts, [list(tokenizer(t)["input_ids"]) for t in texts]
+
+
+def hf_logits(model_dir: str, prompts: list[list[int]]):
+    """Last-position logits of the Hugging Face model, float32, one row per prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    with torch.inference_mode():
+        return torch.stack([model(torch.tensor([ids])).logits[0, -1] for ids in prompts]).numpy()
+
+
+def engine_logits(gguf_path: str, prompts: list[list[int]], engine: str):
+    """Last-position logits from `vicuna eval -m F.gguf --ids ... --dump-logits OUT.bin`."""
+    import numpy as np
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, ids in enumerate(prompts):
+            out = os.path.join(tmp, f"logits{k}.bin")
+            _run_engine([engine, "eval", "-m", gguf_path, "--ids", ",".join(map(str, ids)), "--dump-logits", out])
+            rows.append(np.fromfile(out, dtype="<f4"))
+    return np.stack(rows)
+
+
+def engine_tokenize(gguf_path: str, texts: list[str], engine: str) -> list[list[int]]:
+    """Token ids (BOS as the file says) from `vicuna tokenize -m F.gguf -f FILE --lines`."""
+    escaped = [t.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r") for t in texts]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "texts.txt")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("\n".join(escaped) + "\n")
+        out = _run_engine([engine, "tokenize", "-m", gguf_path, "-f", path, "--lines"])
+    lines = out.splitlines()
+    if len(lines) != len(texts):
+        raise UserError(f"--verify: {engine} tokenize printed {len(lines)} lines for {len(texts)} texts")
+    return [[int(x) for x in line.split()] for line in lines]
+
+
+def _run_engine(cmd: list[str]) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"--verify: {cmd[0]} {cmd[1]} failed (exit {proc.returncode}): {tail}")
+    return proc.stdout
+
+
+def transformers_gguf_logits(gguf_path: str, prompts: list[list[int]]):
+    """Last-position logits of the GGUF as transformers' own GGUF loader reads it (dequantized)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder, name = os.path.split(os.path.abspath(gguf_path))
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    model.eval()
+    with torch.inference_mode():
+        return torch.stack([model(torch.tensor([ids])).logits[0, -1] for ids in prompts]).numpy()
+
+
+def transformers_gguf_tokenize(gguf_path: str, texts: list[str]) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    folder, name = os.path.split(os.path.abspath(gguf_path))
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    return [list(tokenizer(t)["input_ids"]) for t in texts]
+
+
+def compare_logits(ref, got) -> dict:
+    """Top-1 agreement, max |diff| and max relative diff (max |diff| / max |ref|, per prompt)."""
+    import numpy as np
+
+    if ref.shape != got.shape:
+        raise UserError(f"--verify: logits of shape {got.shape} from the GGUF, {ref.shape} from the HF model")
+    diff = np.abs(ref - got)
+    rel = diff.max(axis=1) / np.maximum(np.abs(ref).max(axis=1), 1e-12)
+    top1 = (ref.argmax(axis=1) == got.argmax(axis=1))
+    return {"n": len(ref), "top1_agree": int(top1.sum()), "max_abs_diff": float(diff.max()),
+            "max_rel_diff": float(rel.max())}
+
+
+def verify(model_dir: str, gguf_path: str, prompt_type: str, engine: str | None = None) -> tuple[dict, str]:
+    """(report, which runtime read the GGUF): logits of a few prompts and token ids of a few texts,
+    the GGUF through vicuna.cpp when it is built, else through transformers, against the HF model."""
+    engine = engine or ENGINE
+    prompts, texts, want_ids = verify_prompts(model_dir, prompt_type)
+    ref = hf_logits(model_dir, prompts)
+    if os.path.isfile(engine) and os.access(engine, os.X_OK):
+        used = f"vicuna.cpp ({os.path.relpath(engine, ROOT)})"
+        got = engine_logits(gguf_path, prompts, engine)
+        got_ids = engine_tokenize(gguf_path, texts, engine)
+    else:
+        used = "transformers' GGUF loader (tools/vicuna.cpp/build/vicuna not built; run `make cpp`)"
+        got = transformers_gguf_logits(gguf_path, prompts)
+        got_ids = transformers_gguf_tokenize(gguf_path, texts)
+    report = compare_logits(ref, got)
+    same = [a == b for a, b in zip(want_ids, got_ids)]
+    report.update(n_texts=len(texts), tokens_agree=sum(same),
+                  first_token_mismatch=next((texts[i] for i, ok in enumerate(same) if not ok), None))
+    return report, used
+
+
+@cli_errors
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    info = convert(args.model_path, args.outfile, args.outtype, args.prompt_type, args.overwrite, args.modelfile)
+    do_verify = args.verify if args.verify is not None else info["n_params"] < VERIFY_MAX_PARAMS
+    print(args.outfile)
+    if not do_verify:
+        return 0
+    report, used = verify(info["model_dir"], args.outfile, info["prompt_type"])
+    print(f"verify ({used}): top-1 agreement {report['top1_agree']}/{report['n']} prompts, "
+          f"max logit diff {report['max_abs_diff']:.3g} (relative {report['max_rel_diff']:.3g}); "
+          f"tokenizer: {report['tokens_agree']}/{report['n_texts']} texts give the same ids")
+    failed = False
+    if report["first_token_mismatch"] is not None:
+        print(f"error: the GGUF's tokenizer splits {report['first_token_mismatch']!r} differently from the "
+              "Hugging Face tokenizer", file=sys.stderr)
+        failed = True
+    if args.outtype == "f32" and (report["top1_agree"] < report["n"] or report["max_rel_diff"] > F32_MAX_REL_DIFF):
+        print(f"error: the f32 export disagrees with the Hugging Face model (limit: same top-1, relative "
+              f"difference <= {F32_MAX_REL_DIFF})", file=sys.stderr)
+        failed = True
+    if failed:
+        print(f"{args.outfile} is kept for inspection", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

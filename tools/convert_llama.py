@@ -1,0 +1,287 @@
+"""Convert Meta's original LLaMA checkpoint (consolidated.*.pth, params.json, tokenizer.model) to a
+Hugging Face model folder.
+
+    python tools/convert_llama.py --input_dir llama --model_size 7B --output_dir llama-7b-hf
+
+--input_dir is the folder of Meta's download: the weights are read from <input_dir>/<model_size>/
+when that folder exists (Meta's layout: llama/7B/consolidated.00.pth, llama/tokenizer.model),
+otherwise from <input_dir> itself; tokenizer.model is looked up in either.
+
+transformers used to ship this converter (models/llama/convert_llama_weights_to_hf.py); 5.x no
+longer does, so this is a small faithful re-implementation of its LLaMA-1/2 path:
+
+- model-parallel shards are concatenated the way Meta split them: wq/wk/wv/w1/w3 and `output` by
+  rows, wo/w2 by columns, tok_embeddings by columns (LLaMA-1/2's ParallelEmbedding); norms are
+  replicated;
+- wq and wk are permuted from Meta's interleaved rotary pairs to HF's rotate-half layout,
+  per head (per KV head for wk): w.view(h, d/h/2, 2, in).transpose(1, 2);
+- intermediate_size is read from the w1 shape (and checked against params.json's multiple_of /
+  ffn_dim_multiplier rule); rope_theta and n_kv_heads come from params.json when present;
+- the SentencePiece tokenizer.model becomes a LlamaTokenizer (BOS added, no EOS).
+
+LLaMA-3's tiktoken tokenizer.model is not a SentencePiece model and is refused.
+Shards are written as they fill (--max_shard_size), so memory stays near one input shard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TOOLS)
+for _p in (ROOT, TOOLS):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from utils import UserError, cli_errors, logger, setup_logging  # noqa: E402
+
+# Meta's published sizes -> number of model-parallel shards (as in the old transformers converter).
+NUM_SHARDS = {"7B": 1, "7Bf": 1, "13B": 2, "13Bf": 2, "30B": 4, "34B": 4, "65B": 8, "70B": 8, "70Bf": 8}
+# Context length by generation: LLaMA-1 was trained with 2048 tokens, LLaMA-2 with 4096.
+DEFAULT_CONTEXT = {1: 2048, 2: 4096}
+DTYPES = ("float16", "bfloat16", "float32")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input_dir", required=True, help="Meta's download folder (params.json, consolidated.*.pth)")
+    p.add_argument("--model_size", default=None,
+                   help="7B, 13B, 30B, 65B, 70B ...: subfolder of --input_dir and expected shard count "
+                        "(default: read the weights from --input_dir itself)")
+    p.add_argument("--output_dir", required=True, help="new folder for the Hugging Face model")
+    p.add_argument("--llama_version", type=int, choices=(1, 2), default=2,
+                   help="sets max_position_embeddings: 2048 for 1, 4096 for 2 (default: 2)")
+    p.add_argument("--max_position_embeddings", type=int, default=None, help="override the context length")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="saved dtype (default: the checkpoint's own)")
+    p.add_argument("--max_shard_size", default="2GB", help="largest output shard (default: 2GB)")
+    return p
+
+
+def permute_for_hf(w, n_heads: int):
+    """Meta's interleaved rotary pairs -> HF's rotate-half halves, per head; rows of wq/wk."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def ffn_size(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """Meta's FeedForward hidden size: 2/3 of 4*dim, scaled, rounded up to multiple_of."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def find_inputs(input_dir: str, model_size: str | None) -> tuple[str, list[str], str]:
+    """(weights folder, consolidated.*.pth sorted, tokenizer.model path)."""
+    if not os.path.isdir(input_dir):
+        raise UserError(f"--input_dir {input_dir}: no such directory")
+    weights_dir = input_dir
+    if model_size and os.path.isdir(os.path.join(input_dir, model_size)):
+        weights_dir = os.path.join(input_dir, model_size)
+    shards = sorted(glob.glob(os.path.join(weights_dir, "consolidated.*.pth")),
+                    key=lambda p: int(re.search(r"consolidated\.(\d+)\.pth$", p).group(1)))
+    if not shards:
+        where = weights_dir if weights_dir != input_dir or not model_size else f"{input_dir} (nor in {model_size}/)"
+        raise UserError(f"--input_dir {where}: no consolidated.*.pth files (Meta's checkpoint format)")
+    if not os.path.isfile(os.path.join(weights_dir, "params.json")):
+        raise UserError(f"--input_dir {weights_dir}: no params.json")
+    expected = NUM_SHARDS.get(model_size or "")
+    if expected is not None and expected != len(shards):
+        raise UserError(f"--model_size {model_size} has {expected} consolidated shard(s) but {weights_dir} holds "
+                        f"{len(shards)}; check --model_size")
+    for folder in (weights_dir, input_dir):
+        tok = os.path.join(folder, "tokenizer.model")
+        if os.path.isfile(tok):
+            return weights_dir, shards, tok
+    raise UserError(f"--input_dir {input_dir}: no tokenizer.model (in {weights_dir} or {input_dir})")
+
+
+def read_params(weights_dir: str) -> dict:
+    path = os.path.join(weights_dir, "params.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            params = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    for key in ("dim", "n_layers", "n_heads"):
+        if key not in params:
+            raise UserError(f"{path}: lacks {key!r}; is this Meta's params.json?")
+    return params
+
+
+def convert_tokenizer(tokenizer_model: str, out_dir: str):
+    """tokenizer.model -> a saved LlamaTokenizer (tokenizer.json + tokenizer.model); returns it."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    try:
+        spm.SentencePieceProcessor(model_file=tokenizer_model)
+    except (RuntimeError, OSError):
+        raise UserError(f"{tokenizer_model} is not a SentencePiece model (LLaMA-3's tiktoken tokenizer is not "
+                        "supported by this converter)") from None
+    with tempfile.TemporaryDirectory() as raw:
+        shutil.copyfile(tokenizer_model, os.path.join(raw, "tokenizer.model"))
+        with open(os.path.join(raw, "tokenizer_config.json"), "w") as f:
+            json.dump({"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+                       "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "legacy": False}, f)
+        tokenizer = AutoTokenizer.from_pretrained(raw)
+        tokenizer.save_pretrained(out_dir)
+    shutil.copyfile(tokenizer_model, os.path.join(out_dir, "tokenizer.model"))
+    return tokenizer
+
+
+class ShardWriter:
+    """Collect tensors and write a safetensors shard each time --max_shard_size would be exceeded;
+    names them model-0000i-of-0000N at the end, when N is known."""
+
+    def __init__(self, folder: str, max_bytes: int):
+        self.folder, self.max_bytes = folder, max_bytes
+        self.buffer, self.size, self.files, self.weight_map, self.total = {}, 0, [], {}, 0
+
+    def add(self, name: str, tensor) -> None:
+        n = tensor.numel() * tensor.element_size()
+        if self.buffer and self.size + n > self.max_bytes:
+            self.flush()
+        self.buffer[name] = tensor.contiguous()
+        self.size += n
+        self.total += n
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.buffer:
+            return
+        fname = f"shard-{len(self.files):05d}.safetensors"
+        save_file(self.buffer, os.path.join(self.folder, fname), metadata={"format": "pt"})
+        self.files.append((fname, list(self.buffer)))
+        self.buffer, self.size = {}, 0
+
+    def finish(self) -> None:
+        self.flush()
+        n = len(self.files)
+        for i, (fname, names) in enumerate(self.files):
+            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(os.path.join(self.folder, fname), os.path.join(self.folder, final))
+            self.weight_map.update({name: final for name in names})
+        if n > 1:
+            with open(os.path.join(self.folder, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+                json.dump({"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))},
+                          f, indent=2)
+                f.write("\n")
+
+
+def convert(input_dir: str, output_dir: str, model_size: str | None = None, llama_version: int = 2,
+            max_position_embeddings: int | None = None, dtype: str | None = None,
+            max_shard_size: str = "2GB") -> str:
+    import torch
+    from transformers import GenerationConfig, LlamaConfig
+
+    from merge_lora import parse_size
+
+    max_bytes = parse_size(max_shard_size)
+    if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
+        raise UserError(f"--output_dir {output_dir} already exists and is not empty; pass a new folder")
+    weights_dir, shard_paths, tokenizer_model = find_inputs(input_dir, model_size)
+    params = read_params(weights_dir)
+    dim, n_layers, n_heads = params["dim"], params["n_layers"], params["n_heads"]
+    n_kv = params.get("n_kv_heads") or n_heads
+    if dim % n_heads or n_heads % n_kv:
+        raise UserError(f"params.json: dim {dim}, n_heads {n_heads}, n_kv_heads {n_kv} do not divide evenly")
+    head_dim = dim // n_heads
+
+    loaded = []
+    for path in shard_paths:
+        try:
+            loaded.append(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+        except Exception as e:  # not a zip/pickle, truncated file
+            raise UserError(f"{path}: cannot be read as a PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+    first = loaded[0]
+    for key in ("tok_embeddings.weight", "norm.weight", "output.weight", "layers.0.feed_forward.w1.weight"):
+        if key not in first:
+            raise UserError(f"{shard_paths[0]}: no {key}; is this Meta's LLaMA checkpoint?")
+    n_shards = len(loaded)
+    n_ff = first["layers.0.feed_forward.w1.weight"].shape[0] * n_shards
+    if "multiple_of" in params:
+        formula = ffn_size(dim, params["multiple_of"], params.get("ffn_dim_multiplier"))
+        if formula != n_ff:
+            logger.warning("params.json implies a feed-forward size of %d but w1 has %d rows; using %d",
+                           formula, n_ff, n_ff)
+
+    src_dtype = first["tok_embeddings.weight"].dtype
+    out_dtype = getattr(torch, dtype) if dtype else src_dtype
+
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".converting-", dir=parent)
+    try:
+        tokenizer = convert_tokenizer(tokenizer_model, tmp)
+        vocab_size = first["tok_embeddings.weight"].shape[0]
+        if params.get("vocab_size", -1) not in (-1, vocab_size):
+            raise UserError(f"params.json says vocab_size {params['vocab_size']} but tok_embeddings has {vocab_size} rows")
+        if len(tokenizer) > vocab_size:
+            raise UserError(f"{tokenizer_model} has {len(tokenizer)} tokens but the checkpoint only {vocab_size} embeddings")
+
+        def cat(key: str, dim_: int):
+            parts = [s[key] for s in loaded]
+            return parts[0] if n_shards == 1 or parts[0].dim() == 1 else torch.cat(parts, dim=dim_)
+
+        def put(name: str, tensor) -> None:
+            out.add(name, tensor.to(out_dtype))
+
+        out = ShardWriter(tmp, max_bytes)
+        put("model.embed_tokens.weight", cat("tok_embeddings.weight", 1))
+        for i in range(n_layers):
+            p, m = f"layers.{i}.", f"model.layers.{i}."
+            put(m + "self_attn.q_proj.weight", permute_for_hf(cat(p + "attention.wq.weight", 0), n_heads))
+            put(m + "self_attn.k_proj.weight", permute_for_hf(cat(p + "attention.wk.weight", 0), n_kv))
+            put(m + "self_attn.v_proj.weight", cat(p + "attention.wv.weight", 0))
+            put(m + "self_attn.o_proj.weight", cat(p + "attention.wo.weight", 1))
+            put(m + "mlp.gate_proj.weight", cat(p + "feed_forward.w1.weight", 0))
+            put(m + "mlp.down_proj.weight", cat(p + "feed_forward.w2.weight", 1))
+            put(m + "mlp.up_proj.weight", cat(p + "feed_forward.w3.weight", 0))
+            put(m + "input_layernorm.weight", first[p + "attention_norm.weight"])
+            put(m + "post_attention_layernorm.weight", first[p + "ffn_norm.weight"])
+        put("model.norm.weight", first["norm.weight"])
+        put("lm_head.weight", cat("output.weight", 0))
+        out.finish()
+
+        config = LlamaConfig(
+            vocab_size=vocab_size, hidden_size=dim, intermediate_size=n_ff, num_hidden_layers=n_layers,
+            num_attention_heads=n_heads, num_key_value_heads=n_kv, head_dim=head_dim,
+            rms_norm_eps=params.get("norm_eps", 1e-5),
+            max_position_embeddings=max_position_embeddings or DEFAULT_CONTEXT[llama_version],
+            rope_theta=float(params.get("rope_theta", 10000.0)), tie_word_embeddings=False,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            architectures=["LlamaForCausalLM"])
+        config.dtype = str(out_dtype).removeprefix("torch.")
+        config.save_pretrained(tmp)
+        GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id).save_pretrained(tmp)
+        if os.path.isdir(output_dir):
+            os.rmdir(output_dir)
+        os.replace(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("converted %d shard(s) of %s: %d layers, hidden %d, %d heads (%d KV) -> %s",
+                n_shards, weights_dir, n_layers, dim, n_heads, n_kv, output_dir)
+    return output_dir
+
+
+@cli_errors
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    convert(args.input_dir, args.output_dir, args.model_size, args.llama_version, args.max_position_embeddings,
+            args.dtype, args.max_shard_size)
+    print(args.output_dir)
+
+
+if __name__ == "__main__":
+    main()
