@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <cstring>
 #include <chrono>
+#include <ctime>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -66,6 +67,13 @@ static std::string printable(std::string_view s, size_t max_len = 80) {
 static double time_s() {
     using namespace std::chrono;
     return duration<double>(steady_clock::now().time_since_epoch()).count();
+}
+
+// CPU seconds used by this process, all threads
+static double cpu_time_s() {
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
 // ----------------------------------------------------------------------------

@@ -455,14 +455,30 @@ static void vec_softmax(float* x, int n) {
     for (i = 0; i < n; i++) x[i] *= inv;
 }
 
-// out[i] += w * v[i]
-static void vec_axpy(float* out, float w, const float* v, int n) {
-    int i = 0;
+// out (n,) = sum_t w[t] * v[t] for rows v[t] (n,) of a row-major (n_rows, n) matrix; the output
+// strip stays in registers while the rows stream past (attention's weighted sum of values).
+static void vec_weighted_sum(float* out, const float* w, const float* v, int n_rows, int n) {
+    int j = 0;
 #ifdef VICUNA_AVX2
-    __m256 vw = _mm256_set1_ps(w);
-    for (; i + 8 <= n; i += 8) {
-        _mm256_storeu_ps(out + i, _mm256_fmadd_ps(vw, _mm256_loadu_ps(v + i), _mm256_loadu_ps(out + i)));
+    for (; j + 32 <= n; j += 32) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+        for (int t = 0; t < n_rows; t++) {
+            const float* r = v + (size_t)t * n + j;
+            __m256 wt = _mm256_broadcast_ss(w + t);
+            a0 = _mm256_fmadd_ps(wt, _mm256_loadu_ps(r), a0);
+            a1 = _mm256_fmadd_ps(wt, _mm256_loadu_ps(r + 8), a1);
+            a2 = _mm256_fmadd_ps(wt, _mm256_loadu_ps(r + 16), a2);
+            a3 = _mm256_fmadd_ps(wt, _mm256_loadu_ps(r + 24), a3);
+        }
+        _mm256_storeu_ps(out + j, a0);
+        _mm256_storeu_ps(out + j + 8, a1);
+        _mm256_storeu_ps(out + j + 16, a2);
+        _mm256_storeu_ps(out + j + 24, a3);
     }
 #endif
-    for (; i < n; i++) out[i] += w * v[i];
+    for (; j < n; j++) {
+        float acc = 0.0f;
+        for (int t = 0; t < n_rows; t++) acc += w[t] * v[(size_t)t * n + j];
+        out[j] = acc;
+    }
 }

@@ -214,10 +214,11 @@ static void model_free(Model* m) {
 // ----------------------------------------------------------------------------
 // key/value cache and scratch buffers
 
+// One kv head's keys (and values) are contiguous, a row per position: attention streams them.
 struct KVCache {
     int n_ctx = 0;
     int n_kv_heads = 0, head_dim = 0;
-    std::vector<float> k;  // (n_layers, n_kv_heads, n_ctx, head_dim): one head's keys are contiguous
+    std::vector<float> k;  // (n_layers, n_kv_heads, n_ctx, head_dim)
     std::vector<float> v;  // (n_layers, n_kv_heads, n_ctx, head_dim)
 };
 
@@ -225,13 +226,17 @@ static void kv_cache_init(KVCache* kv, const Config* c, int n_ctx) {
     kv->n_ctx = n_ctx;
     kv->n_kv_heads = c->n_kv_heads;
     kv->head_dim = c->head_dim;
-    size_t n = (size_t)c->n_layers * c->n_kv_heads * n_ctx * c->head_dim;
-    kv->k.assign(n, 0.0f);
-    kv->v.assign(n, 0.0f);
+    kv->k.assign((size_t)c->n_layers * c->n_kv_heads * n_ctx * c->head_dim, 0.0f);
+    kv->v.assign((size_t)c->n_layers * c->n_kv_heads * n_ctx * c->head_dim, 0.0f);
 }
 
-static float* kv_at(std::vector<float>& buf, const KVCache* kv, int layer, int head, int pos) {
-    return buf.data() + (((size_t)layer * kv->n_kv_heads + head) * kv->n_ctx + pos) * kv->head_dim;
+// (n_ctx, head_dim) keys of one layer and kv head
+static float* kv_keys(KVCache* kv, int layer, int head) {
+    return kv->k.data() + ((size_t)layer * kv->n_kv_heads + head) * (size_t)kv->n_ctx * kv->head_dim;
+}
+// (n_ctx, head_dim) values of one layer and kv head
+static float* kv_values(KVCache* kv, int layer, int head) {
+    return kv->v.data() + ((size_t)layer * kv->n_kv_heads + head) * (size_t)kv->n_ctx * kv->head_dim;
 }
 
 static void kv_cache_free(KVCache* kv) { *kv = KVCache(); }
@@ -245,7 +250,7 @@ struct RunState {
     std::vector<float> q;         // (B, n_heads*head_dim)
     std::vector<float> k, v;      // (B, n_kv_heads*head_dim)
     std::vector<float> hb, hb2;   // (B, hidden_dim) SwiGLU gate and up projections
-    std::vector<float> att;       // (n_threads, n_ctx) attention weights, a row per thread
+    std::vector<float> att;       // (n_threads, n_heads, n_ctx) attention weights per thread
     std::vector<float> rope_cos;  // (B, rope_dim/2)
     std::vector<float> rope_sin;  // (B, rope_dim/2)
     std::vector<BlockQ8A> xq;     // (B, max(dim, q_dim, hidden_dim)/32) quantized matmul input
@@ -264,7 +269,7 @@ static void state_init(RunState* s, const Config* c, int max_batch, int n_ctx, i
     s->v.assign(B * kv_dim, 0.0f);
     s->hb.assign(B * c->hidden_dim, 0.0f);
     s->hb2.assign(B * c->hidden_dim, 0.0f);
-    s->att.assign((size_t)n_threads * n_ctx, 0.0f);
+    s->att.assign((size_t)n_threads * c->n_heads * n_ctx, 0.0f);
     s->rope_cos.assign(B * (c->rope_dim / 2), 0.0f);
     s->rope_sin.assign(B * (c->rope_dim / 2), 0.0f);
     int max_in = std::max(std::max(c->dim, q_dim), c->hidden_dim);
@@ -330,16 +335,19 @@ static void matmul_worker(void* p, int ith, int nth) {
         const Tensor* w = t->jobs[j].w;
         float* out = t->jobs[j].out;
         int64_t r0 = (int64_t)local * t->chunk_rows[j], r1 = std::min(w->rows, r0 + t->chunk_rows[j]);
-        for (int64_t r = r0; r < r1; r++) {
-            const uint8_t* row = w->data + (size_t)r * w->row_bytes;
-            float o[4];
-            int b = 0;
-            for (; b + 4 <= t->B; b += 4) {  // four tokens per pass over the row (prefill)
-                dot_row<4>(w->type, row, t->x, t->xq, b, t->cols, o);
+        // The chunk's rows (<= ~16 KB) stay in L1 while four tokens at a time stream past them;
+        // each weight block is unpacked once per four tokens (prefill).
+        float o[4];
+        int b = 0;
+        for (; b + 4 <= t->B; b += 4) {
+            for (int64_t r = r0; r < r1; r++) {
+                dot_row<4>(w->type, w->data + (size_t)r * w->row_bytes, t->x, t->xq, b, t->cols, o);
                 for (int k = 0; k < 4; k++) out[(size_t)(b + k) * w->rows + r] = o[k];
             }
-            for (; b < t->B; b++) {
-                dot_row<1>(w->type, row, t->x, t->xq, b, t->cols, o);
+        }
+        for (; b < t->B; b++) {
+            for (int64_t r = r0; r < r1; r++) {
+                dot_row<1>(w->type, w->data + (size_t)r * w->row_bytes, t->x, t->xq, b, t->cols, o);
                 out[(size_t)b * w->rows + r] = o[0];
             }
         }
@@ -355,9 +363,11 @@ static void matmul(ThreadPool* pool, RunState* s, const float* x, int B, std::in
     int chunks = 0;
     for (const MatJob& j : jobs) {
         quantized |= j.w->type != GGML_TYPE_F32 && j.w->type != GGML_TYPE_F16;
-        // about 8 chunks per thread and job: enough to balance, few enough to be cheap
+        // decode: about 8 chunks per thread and job, enough to balance and few enough to be
+        // cheap; prefill: chunks of ~16 KB of weights, which stay in L1 (see matmul_worker)
         int rows = (int)j.w->rows;
-        int cr = std::max(4, (rows + pool->n_threads * 8 - 1) / (pool->n_threads * 8));
+        int cr = B >= 4 ? std::max(4, (int)(16384 / j.w->row_bytes))
+                        : std::max(4, (rows + pool->n_threads * 8 - 1) / (pool->n_threads * 8));
         t.jobs[t.n_jobs] = j;
         t.chunk_rows[t.n_jobs] = cr;
         chunks += (rows + cr - 1) / cr;
@@ -375,41 +385,95 @@ static void matmul(ThreadPool* pool, RunState* s, const float* x, int B, std::in
 }
 
 // ----------------------------------------------------------------------------
-// attention: for each (token, head), softmax(q k^T / sqrt(head_dim)) v over positions 0..pos
+// attention: softmax(q k^T / sqrt(head_dim)) v over positions 0..pos, causal
+//
+// A work item is one token and one kv head with the query heads that share it (grouped-query
+// attention): every key and value row is loaded once for the whole group. In decode there is
+// one token, so an item is a single head, to give every thread something to do.
 
 struct AttnTask {
     const Config* c;
     RunState* s;
     KVCache* kv;
     int layer, B, pos0;
+    int heads_per_item;  // query heads per work item: the group size, or 1 in decode
     std::atomic<int> next{0};
 };
+
+// att[g][pos] = q[g] . k[pos] * scale for pos < n_pos and the NG query heads q[g] that share the
+// (n_pos, hd) keys k. Four positions at a time: each key row is loaded once for all NG heads,
+// and the four dot products are reduced together with horizontal adds.
+template <int NG>
+static void attn_scores(const float* const* q, const float* k, int hd, int n_pos, float scale, float* const* att) {
+    int pos = 0;
+#ifdef VICUNA_AVX2
+    if (hd % 8 == 0) {
+        for (; pos + 4 <= n_pos; pos += 4) {
+            __m256 acc[NG][4];
+            for (int g = 0; g < NG; g++)
+                for (int j = 0; j < 4; j++) acc[g][j] = _mm256_setzero_ps();
+            const float* kr = k + (size_t)pos * hd;
+            for (int d = 0; d < hd; d += 8) {
+                __m256 k0 = _mm256_loadu_ps(kr + d), k1 = _mm256_loadu_ps(kr + hd + d);
+                __m256 k2 = _mm256_loadu_ps(kr + 2 * hd + d), k3 = _mm256_loadu_ps(kr + 3 * hd + d);
+                for (int g = 0; g < NG; g++) {
+                    __m256 qv = _mm256_loadu_ps(q[g] + d);
+                    acc[g][0] = _mm256_fmadd_ps(qv, k0, acc[g][0]);
+                    acc[g][1] = _mm256_fmadd_ps(qv, k1, acc[g][1]);
+                    acc[g][2] = _mm256_fmadd_ps(qv, k2, acc[g][2]);
+                    acc[g][3] = _mm256_fmadd_ps(qv, k3, acc[g][3]);
+                }
+            }
+            for (int g = 0; g < NG; g++) {
+                __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[g][0], acc[g][1]), _mm256_hadd_ps(acc[g][2], acc[g][3]));
+                __m128 r = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+                _mm_storeu_ps(att[g] + pos, _mm_mul_ps(r, _mm_set1_ps(scale)));
+            }
+        }
+    }
+#endif
+    for (; pos < n_pos; pos++) {
+        const float* kr = k + (size_t)pos * hd;
+        for (int g = 0; g < NG; g++) {
+            float d;
+            dot_f32<1>(q[g], &kr, hd, &d);
+            att[g][pos] = d * scale;
+        }
+    }
+}
 
 static void attention_worker(void* p, int ith, int nth) {
     (void)nth;
     AttnTask* t = (AttnTask*)p;
     const Config* c = t->c;
-    int q_dim = c->n_heads * c->head_dim, hd = c->head_dim, group = c->n_heads / c->n_kv_heads;
-    float scale = 1.0f / std::sqrt((float)hd);
-    float* att = t->s->att.data() + (size_t)ith * t->kv->n_ctx;
+    const int q_dim = c->n_heads * c->head_dim, hd = c->head_dim, group = c->n_heads / c->n_kv_heads;
+    const int per_item = t->heads_per_item, items_per_token = c->n_heads / per_item;
+    const float scale = 1.0f / std::sqrt((float)hd);
+    float* att_base = t->s->att.data() + (size_t)ith * c->n_heads * t->kv->n_ctx;
     for (;;) {
         int item = t->next.fetch_add(1, std::memory_order_relaxed);
-        if (item >= t->B * c->n_heads) break;
-        int b = item / c->n_heads, h = item % c->n_heads, kvh = h / group;
-        int n_pos = t->pos0 + b + 1;  // causal: this token sees itself and everything before
-        const float* q = t->s->q.data() + (size_t)b * q_dim + h * hd;
-        const float* keys = kv_at(t->kv->k, t->kv, t->layer, kvh, 0);
-        const float* vals = kv_at(t->kv->v, t->kv, t->layer, kvh, 0);
-        for (int pos = 0; pos < n_pos; pos++) {
-            const float* k = keys + (size_t)pos * hd;
-            float d;
-            dot_f32<1>(q, &k, hd, &d);
-            att[pos] = d * scale;
+        if (item >= t->B * items_per_token) break;
+        int b = item / items_per_token, h0 = (item % items_per_token) * per_item, kvh = h0 / group;
+        int n_pos = t->pos0 + b + 1;  // this token sees itself and everything before it
+        const float* keys = kv_keys(t->kv, t->layer, kvh);
+        const float* vals = kv_values(t->kv, t->layer, kvh);
+        for (int g0 = 0; g0 < per_item;) {  // query heads in register-sized groups of up to 2
+            int ng = std::min(2, per_item - g0);
+            const float* q[2];
+            float* att[2];
+            for (int g = 0; g < ng; g++) {
+                q[g] = t->s->q.data() + (size_t)b * q_dim + (size_t)(h0 + g0 + g) * hd;
+                att[g] = att_base + (size_t)(g0 + g) * t->kv->n_ctx;
+            }
+            if (ng == 2) attn_scores<2>(q, keys, hd, n_pos, scale, att);
+            else attn_scores<1>(q, keys, hd, n_pos, scale, att);
+            g0 += ng;
         }
-        vec_softmax(att, n_pos);
-        float* out = t->s->xb2.data() + (size_t)b * q_dim + h * hd;
-        memset(out, 0, sizeof(float) * hd);
-        for (int pos = 0; pos < n_pos; pos++) vec_axpy(out, att[pos], vals + (size_t)pos * hd, hd);
+        for (int g = 0; g < per_item; g++) {
+            float* att = att_base + (size_t)g * t->kv->n_ctx;
+            vec_softmax(att, n_pos);
+            vec_weighted_sum(t->s->xb2.data() + (size_t)b * q_dim + (size_t)(h0 + g) * hd, att, vals, n_pos, hd);
+        }
     }
 }
 
@@ -473,8 +537,10 @@ static void forward_batch(const Model* m, RunState* s, KVCache* kv, ThreadPool* 
             rope(&s->q[(size_t)b * q_dim], c->n_heads, hd, c->rope_dim, ct, st);
             rope(&s->k[(size_t)b * kv_dim], c->n_kv_heads, hd, c->rope_dim, ct, st);
             for (int h = 0; h < c->n_kv_heads; h++) {
-                memcpy(kv_at(kv->k, kv, l, h, pos0 + b), &s->k[(size_t)b * kv_dim + h * hd], sizeof(float) * hd);
-                memcpy(kv_at(kv->v, kv, l, h, pos0 + b), &s->v[(size_t)b * kv_dim + h * hd], sizeof(float) * hd);
+                memcpy(kv_keys(kv, l, h) + (size_t)(pos0 + b) * hd, &s->k[(size_t)b * kv_dim + h * hd],
+                       sizeof(float) * hd);
+                memcpy(kv_values(kv, l, h) + (size_t)(pos0 + b) * hd, &s->v[(size_t)b * kv_dim + h * hd],
+                       sizeof(float) * hd);
             }
         }
         AttnTask at;
@@ -484,6 +550,7 @@ static void forward_batch(const Model* m, RunState* s, KVCache* kv, ThreadPool* 
         at.layer = l;
         at.B = B;
         at.pos0 = pos0;
+        at.heads_per_item = B >= 4 ? c->n_heads / c->n_kv_heads : 1;
         pool_run(pool, attention_worker, &at);
         matmul(pool, s, s->xb2.data(), B, {{&w->wo, s->xb.data()}});
         for (size_t i = 0; i < (size_t)B * dim; i++) s->x[i] += s->xb[i];
@@ -912,8 +979,9 @@ static const char* const USAGE =
     "             print token ids; --lines: one text per line, \\n \\t \\r \\\\ escapes, one line of ids each\n"
     "  eval       -m F.gguf (-p TEXT | --ids 1,2,3) --dump-logits OUT.bin\n"
     "             write the last position's logits (vocab float32, little-endian)\n"
-    "  bench      -m F.gguf [-t THREADS] [-p 512] [-n 128]\n"
+    "  bench      -m F.gguf [-t THREADS] [-p 512] [-n 128] [-v]\n"
     "             time a prompt and a generation: prints 'prefill: X tok/s' and 'decode: Y tok/s'\n"
+    "             (-v adds wall and CPU seconds per phase on stderr)\n"
     "  perplexity -m F.gguf -f TEXT.txt [-c CTX] [--chunks N]\n"
     "             perplexity over a text (the first N chunks of CTX tokens), as llama.cpp computes it\n"
     "  quantize   IN.gguf OUT.gguf TYPE [--pure]  f32/f16 tensors -> q8_0, q4_0, q4_1 (or f16); for 4-bit\n"
@@ -930,7 +998,7 @@ struct Options {
     float temp = 0.7f, top_p = 0.9f, repeat_penalty = 1.1f;
     int top_k = 40;
     int64_t seed = -1;
-    bool print_ids = false, ignore_eos = false, no_bos = false, lines = false, pure = false;
+    bool print_ids = false, ignore_eos = false, no_bos = false, lines = false, pure = false, verbose = false;
 };
 
 static long parse_int(const std::string& flag, const char* v, long lo, long hi) {
@@ -975,7 +1043,7 @@ static Options parse_args(int argc, char** argv) {
         {"chat", " -m -n -t -c --temp --top-k --top-p --repeat-penalty --seed --prompt-type "},
         {"tokenize", " -m -p -f --lines --prompt-type --no-bos "},
         {"eval", " -m -p --ids --dump-logits -t "},
-        {"bench", " -m -p -n -t "},
+        {"bench", " -m -p -n -t -v "},
         {"perplexity", " -m -f -c -t --chunks "},
         {"quantize", " --pure "},
     };
@@ -995,6 +1063,7 @@ static Options parse_args(int argc, char** argv) {
         if (a == "--no-bos") { o.no_bos = true; continue; }
         if (a == "--lines") { o.lines = true; continue; }
         if (a == "--pure") { o.pure = true; continue; }
+        if (a == "-v") { o.verbose = true; continue; }
         if (i + 1 >= argc) FAIL("%s needs a value", a.c_str());
         const char* v = argv[++i];
         if (a == "-m") o.model = v;
@@ -1239,16 +1308,20 @@ static int cmd_bench(const Options& o) {
     engine_forward(&e, prompt.data(), std::min(n_prompt, 16), 0, logits, false);  // warm-up: page in weights
     engine_forward(&e, prompt.data(), 1, 16, logits, false);
 
-    double t0 = time_s();
+    double t0 = time_s(), c0 = cpu_time_s();
     engine_forward(&e, prompt.data(), n_prompt, 0, logits, false);
-    double t1 = time_s();
+    double t1 = time_s(), c1 = cpu_time_s();
     for (int i = 0; i < n_gen; i++) {
         int tok = (int)(std::max_element(logits, logits + V) - logits);
         engine_forward(&e, &tok, 1, n_prompt + i, logits, false);
     }
-    double t2 = time_s();
+    double t2 = time_s(), c2 = cpu_time_s();
     printf("prefill: %.2f tok/s\n", n_prompt / (t1 - t0));
     printf("decode: %.2f tok/s\n", n_gen / (t2 - t1));
+    if (o.verbose) {  // CPU seconds tell how much work a phase was when other jobs share the cores
+        fprintf(stderr, "bench: prefill %.3f s wall %.3f s cpu, decode %.3f s wall %.3f s cpu, %d threads\n",
+                t1 - t0, c1 - c0, t2 - t1, c2 - c1, e.pool.n_threads);
+    }
     engine_free(&e);
     return 0;
 }
