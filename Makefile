@@ -40,3 +40,8 @@ bench-train: install
 cpp:
 	cmake -S tools/vicuna.cpp -B tools/vicuna.cpp/build -DCMAKE_BUILD_TYPE=Release > /dev/null
 	cmake --build tools/vicuna.cpp/build --target vicuna -j 2
+
+# CPU speed of vicuna.cpp next to llama.cpp (if llama-cpp-python is installed) and transformers
+.PHONY: bench-cpu
+bench-cpu: cpp
+	$(PY) tools/vicuna.cpp/bench_cpu.py

@@ -881,9 +881,10 @@ static std::vector<int> generate(Engine* e, std::vector<int> ids, int n_new, Sam
 // Like llama.cpp, the classifier (output.weight, or token_embd.weight when the embeddings are
 // tied) is kept at 8 bits when the target is a 4-bit type: its errors land directly on the
 // logits. On SmolLM2-135M that is the difference between +12 % and +50 % perplexity for q4_0.
-// `pure` quantizes it like everything else.
+// `pure` quantizes it like everything else. `requantize` also converts tensors that are already
+// quantized (through f32: the result carries the errors of both formats).
 
-static void quantize_file(const char* in_path, const char* out_path, uint32_t type, bool pure) {
+static void quantize_file(const char* in_path, const char* out_path, uint32_t type, bool pure, bool requantize) {
     GGUFFile f;
     gguf_init_from_file(&f, in_path);
     struct Plan {
@@ -895,7 +896,8 @@ static void quantize_file(const char* in_path, const char* out_path, uint32_t ty
     uint64_t off = 0;
     bool tied = gguf_find_tensor(&f, "output.weight") == nullptr;
     for (const GGUFTensor& t : f.tensors) {
-        bool convert = (t.type == GGML_TYPE_F32 || t.type == GGML_TYPE_F16) && t.n_dims == 2 &&
+        bool is_float = t.type == GGML_TYPE_F32 || t.type == GGML_TYPE_F16;
+        bool convert = (is_float || (requantize && t.type != type)) && t.n_dims == 2 &&
                        t.ne[0] % ggml_type_info(type).block == 0;
         bool classifier = t.name == "output.weight" || (tied && t.name == "token_embd.weight");
         bool four_bit = type == GGML_TYPE_Q4_0 || type == GGML_TYPE_Q4_1;
@@ -984,8 +986,9 @@ static const char* const USAGE =
     "             (-v adds wall and CPU seconds per phase on stderr)\n"
     "  perplexity -m F.gguf -f TEXT.txt [-c CTX] [--chunks N]\n"
     "             perplexity over a text (the first N chunks of CTX tokens), as llama.cpp computes it\n"
-    "  quantize   IN.gguf OUT.gguf TYPE [--pure]  f32/f16 tensors -> q8_0, q4_0, q4_1 (or f16); for 4-bit\n"
-    "             types the classifier stays q8_0 unless --pure\n";
+    "  quantize   IN.gguf OUT.gguf TYPE [--pure] [--allow-requantize]\n"
+    "             f32/f16 tensors -> q8_0, q4_0, q4_1 (or f16); for 4-bit types the classifier stays\n"
+    "             q8_0 unless --pure; --allow-requantize also converts already quantized tensors\n";
 
 struct Options {
     std::string command;
@@ -998,7 +1001,7 @@ struct Options {
     float temp = 0.7f, top_p = 0.9f, repeat_penalty = 1.1f;
     int top_k = 40;
     int64_t seed = -1;
-    bool print_ids = false, ignore_eos = false, no_bos = false, lines = false, pure = false, verbose = false;
+    bool print_ids = false, ignore_eos = false, no_bos = false, lines = false, pure = false, verbose = false, requantize = false;
 };
 
 static long parse_int(const std::string& flag, const char* v, long lo, long hi) {
@@ -1045,7 +1048,7 @@ static Options parse_args(int argc, char** argv) {
         {"eval", " -m -p --ids --dump-logits -t "},
         {"bench", " -m -p -n -t -v "},
         {"perplexity", " -m -f -c -t --chunks "},
-        {"quantize", " --pure "},
+        {"quantize", " --pure --allow-requantize "},
     };
     auto cmd = allowed.find(o.command);
     if (cmd == allowed.end()) FAIL("unknown command '%s'; run 'vicuna --help'", printable(o.command).c_str());
@@ -1063,6 +1066,7 @@ static Options parse_args(int argc, char** argv) {
         if (a == "--no-bos") { o.no_bos = true; continue; }
         if (a == "--lines") { o.lines = true; continue; }
         if (a == "--pure") { o.pure = true; continue; }
+        if (a == "--allow-requantize") { o.requantize = true; continue; }
         if (a == "-v") { o.verbose = true; continue; }
         if (i + 1 >= argc) FAIL("%s needs a value", a.c_str());
         const char* v = argv[++i];
@@ -1376,7 +1380,7 @@ static int cmd_quantize(const Options& o) {
                   : t == "f16" ? GGML_TYPE_F16 : 0xffffffffu;
     if (type == 0xffffffffu) FAIL("unknown quantization type '%s' (q8_0, q4_0, q4_1, f16)", printable(t).c_str());
     if (o.positional[0] == o.positional[1]) FAIL("the output must not overwrite the input '%s'", printable(o.positional[0]).c_str());
-    quantize_file(o.positional[0].c_str(), o.positional[1].c_str(), type, o.pure);
+    quantize_file(o.positional[0].c_str(), o.positional[1].c_str(), type, o.pure, o.requantize);
     return 0;
 }
 
