@@ -290,8 +290,8 @@ def load_hf_tokenizer(model_dir: str):
 
 
 def _merge_strings(merges) -> list[str]:
-    # tokenizer.json stores merges as "a b" strings or, since tokenizers 0.20, as [a, b] pairs;
-    # a space inside a pair is written as U+0120 + 256 the way gguf-py's SpecialVocab does.
+    # tokenizer.json stores merges as "a b" strings or, since tokenizers 0.20, as [a, b] pairs; a
+    # space inside a part is written as chr(ord(" ") + 256) (byte-level's "Ġ"), as gguf-py does.
     out = []
     for m in merges:
         if isinstance(m, str):
@@ -360,7 +360,8 @@ def tokenizer_fields(tokenizer, model_dir: str, n_vocab: int) -> dict:
         if i in added and not added[i].get("special", False) and i not in specials:
             tt = TT.USER_DEFINED
         elif i in added or i in specials:
-            tt = TT.UNKNOWN if tok == tokenizer.unk_token else TT.CONTROL
+            # llama.cpp's converters mark <unk> UNKNOWN in SentencePiece vocabularies, CONTROL in BPE ones
+            tt = TT.UNKNOWN if spm and tok == tokenizer.unk_token else TT.CONTROL
         elif spm and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", tok):
             tt = TT.BYTE
         else:

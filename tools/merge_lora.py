@@ -310,9 +310,13 @@ def read_adapter(lora_path: str) -> tuple[list[LoraDelta], dict]:
 # --- the merge -------------------------------------------------------------------------------------
 
 
-def check_fits(deltas: list[LoraDelta], base: BaseCheckpoint, lora_path: str, model_path: str) -> None:
+def check_fits(deltas: list[LoraDelta], base: BaseCheckpoint, lora_path: str, model_path: str,
+               tied: bool = False) -> None:
     """Every adapter module has a base weight of the right shape; one line naming both otherwise."""
     for d in deltas:
+        if d.weight_name == "lm_head.weight" and tied and d.weight_name not in base.files:
+            raise UserError(f"adapter {lora_path} has LoRA on lm_head, which base model {model_path} ties to "
+                            "embed_tokens; merging it would untie them, which this tool does not do")
         if d.weight_name not in base.files:
             raise UserError(f"adapter {lora_path} does not fit base model {model_path}: the base has no "
                             f"{d.weight_name} for the adapter's {PREFIX}{d.module}; pass the base model the "
@@ -357,7 +361,7 @@ def merge(model_path: str, lora_path: str, output_path: str, dtype: str | None =
     with open(os.path.join(base_dir, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
     base = BaseCheckpoint(base_dir)
-    check_fits(deltas, base, lora_path, model_path)
+    check_fits(deltas, base, lora_path, model_path, tied=bool(config.get("tie_word_embeddings")))
     by_weight = {d.weight_name: d for d in deltas}
 
     out_dtype_name = dtype or base_dtype_name(config)
