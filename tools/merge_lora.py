@@ -284,6 +284,7 @@ def read_adapter(lora_path: str) -> tuple[list[LoraDelta], dict]:
     pairs: dict[str, dict] = {}
     for key, value in state.items():
         head, _, tail = key.partition(".lora_")
+        tail = tail.removesuffix(".default")  # lora_embedding_A.default of some peft versions
         kind = {"A.weight": "A", "B.weight": "B", "embedding_A": "A", "embedding_B": "B"}.get(tail)
         if kind is None:
             raise UserError(f"--lora_path {lora_path}: {key} is not a LoRA A/B tensor this merge understands")
