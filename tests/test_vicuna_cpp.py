@@ -47,11 +47,12 @@ LOGITS_RTOL = 1e-3
 ASSUMED_Q4_1_RTOL = 6e-2
 # perplexity of quantized files relative to f32 (issue 4: q8_0 within 1 %). The only real f32
 # model at hand is the embedded SmolLM2 dequantized from its Q4_1 file, so q4_1 lands back on
-# the same grid (measured x0.99) while q4_0 re-grids Q4_1 values (measured x1.33-1.39 on 3-4
-# chunks); llama.cpp's +4 % for q4_0 is for 7B models quantized from f16.
+# the same grid (measured x0.99) while q4_0 re-grids Q4_1 values (measured x1.39 on these 3
+# chunks of 128 tokens, x1.33 on 4 of 256); llama.cpp's +4 % for q4_0 is for 7B models quantized
+# from f16.
 PPL_Q8_0_MAX_RATIO = 1.01
 PPL_Q4_1_MAX_RATIO = 1.10
-PPL_Q4_0_MAX_RATIO = 1.50
+PPL_Q4_0_MAX_RATIO = 1.60
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,17 +260,15 @@ def hf_last_logits(model_dir: str, ids: list[int]) -> np.ndarray:
         return hf_model(model_dir)(torch.tensor([ids])).logits[0, -1].numpy()
 
 
-def hf_greedy(model_dir: str, ids: list[int], n: int) -> list[int]:
+def assert_greedy_matches_hf(model_dir: str, ids: list[int], generated: list[int]):
+    """Our greedy tokens are HF's greedy tokens: with teacher forcing, HF's argmax after every
+    prefix is the token we generated next (one forward pass instead of one per token)."""
     import torch
 
-    model, out, past, inp = hf_model(model_dir), [], None, torch.tensor([ids])
     with torch.no_grad():
-        for _ in range(n):
-            r = model(input_ids=inp, past_key_values=past, use_cache=True)
-            past = r.past_key_values
-            out.append(int(r.logits[0, -1].argmax()))
-            inp = torch.tensor([[out[-1]]])
-    return out
+        logits = hf_model(model_dir)(torch.tensor([ids + generated])).logits[0]
+    hf_next = logits[len(ids) - 1:len(ids) - 1 + len(generated)].argmax(-1).tolist()
+    assert generated == hf_next, f"ours {generated}\nhf   {hf_next}"
 
 
 def vicuna_logits(vicuna, gguf_path, ids, tmp_path) -> np.ndarray:
@@ -384,7 +383,9 @@ def test_tiny_f32_logits_and_greedy_match_transformers(vicuna, tiny_ggufs, kind,
     ids = tok(PROMPTS[0])["input_ids"]
     out = run([vicuna, "run", "-m", path, "--ids", ",".join(map(str, ids)), "-n", "32", "--temp", "0",
                "--repeat-penalty", "1", "--ignore-eos", "--print-ids", "-c", "128", "-t", "2"])
-    assert [int(x) for x in out.stdout.split()] == hf_greedy(hf_dir, ids, 32)
+    generated = [int(x) for x in out.stdout.split()]
+    assert len(generated) == 32
+    assert_greedy_matches_hf(hf_dir, ids, generated)
 
 
 def test_embedded_f32_logits_and_greedy_match_transformers(vicuna, embedded_f32_gguf, embedded_path, tmp_path):
@@ -398,7 +399,9 @@ def test_embedded_f32_logits_and_greedy_match_transformers(vicuna, embedded_f32_
     ids = tok(PROMPTS[2])["input_ids"]
     out = run([vicuna, "run", "-m", embedded_f32_gguf, "--ids", ",".join(map(str, ids)), "-n", "32", "--temp", "0",
                "--repeat-penalty", "1", "--ignore-eos", "--print-ids", "-c", "128"])
-    assert [int(x) for x in out.stdout.split()] == hf_greedy(embedded_path, ids, 32)
+    generated = [int(x) for x in out.stdout.split()]
+    assert len(generated) == 32
+    assert_greedy_matches_hf(embedded_path, ids, generated)
 
 
 def test_shipped_q4_1_matches_transformers_top1(vicuna, embedded_q4_1, embedded_path, tmp_path):
@@ -586,7 +589,7 @@ def test_fuzz_gguf_reader_and_tokenizer(vicuna_asan, tiny_ggufs, tmp_path):
     spec["tensors"]["output.weight"] = rng.standard_normal((n, 64)).astype(np.float32) * 0.1
     seeds.append(write_gguf(str(tmp_path / "small-bpe.gguf"), spec))
     for i, seed in enumerate(seeds):
-        proc = run([vicuna_asan, "fuzz", seed, 100000, 1000 + i, 9], check=False, timeout=120)
+        proc = run([vicuna_asan, "fuzz", seed, 100000, 1000 + i, 7], check=False, timeout=120)
         out = proc.stdout.decode() + proc.stderr.decode()
         assert proc.returncode == 0, out[-4000:]
         m = re.search(r"fuzz: (\d+) mutated files", out)
@@ -617,13 +620,13 @@ def test_chat_survives_a_full_context(vicuna_asan, tiny_ggufs):
     """Many turns, Chinese, a line far longer than the context: history is trimmed, no crash."""
     _, path = tiny_ggufs["bpe"]
     lines = ["你好！", "Tell me about llamas.", "/clear", "再说一遍", "长" * 3000 + " end", "", "last question?"]
-    stdin = ("\n".join(lines * 2) + "\n").encode()
-    proc = run([vicuna_asan, "cli", "chat", "-m", path, "-c", "96", "-n", "24", "--temp", "0.7", "--seed", "1",
+    stdin = ("\n".join(lines) + "\n").encode()
+    proc = run([vicuna_asan, "cli", "chat", "-m", path, "-c", "96", "-n", "16", "--temp", "0.7", "--seed", "1",
                 "-t", "2"], stdin=stdin, timeout=300, check=False)
     err = proc.stderr.decode(errors="replace")
     assert proc.returncode == 0, err[-3000:]
     assert "kept its last" in err  # the long line was cut to fit
-    proc.stdout.decode("utf-8")  # complete UTF-8 characters only
+    proc.stdout.decode("utf-8")  # valid UTF-8 only, even from a random byte-level model
 
 
 def test_bench_prints_two_lines(vicuna, tiny_ggufs):

@@ -229,6 +229,17 @@ static void quantize_act(const float* x, BlockQ8A* y, int64_t n) {
 //
 // Reading a weight block once and using it for several tokens is what makes prefill faster
 // than decode: the unpacked nibbles stay in registers. Decode calls the NC = 1 versions.
+// Each kernel has a portable *_ref twin: the fallback without AVX2, and the reference the unit
+// test compares the SIMD version against.
+
+template <int NC>
+static void dot_f32_ref(const float* w, const float* const* x, int n, float* out) {
+    for (int c = 0; c < NC; c++) {
+        float s = 0.0f;
+        for (int j = 0; j < n; j++) s += w[j] * x[c][j];
+        out[c] = s;
+    }
+}
 
 template <int NC>
 static void dot_f32(const float* w, const float* const* x, int n, float* out) {
@@ -249,12 +260,17 @@ static void dot_f32(const float* w, const float* const* x, int n, float* out) {
         out[c] = s;
     }
 #else
+    dot_f32_ref<NC>(w, x, n, out);
+#endif
+}
+
+template <int NC>
+static void dot_f16_ref(const uint16_t* w, const float* const* x, int n, float* out) {
     for (int c = 0; c < NC; c++) {
         float s = 0.0f;
-        for (int j = 0; j < n; j++) s += w[j] * x[c][j];
+        for (int j = 0; j < n; j++) s += fp16_to_fp32(w[j]) * x[c][j];
         out[c] = s;
     }
-#endif
 }
 
 template <int NC>
@@ -273,11 +289,7 @@ static void dot_f16(const uint16_t* w, const float* const* x, int n, float* out)
         out[c] = s;
     }
 #else
-    for (int c = 0; c < NC; c++) {
-        float s = 0.0f;
-        for (int j = 0; j < n; j++) s += fp16_to_fp32(w[j]) * x[c][j];
-        out[c] = s;
-    }
+    dot_f16_ref<NC>(w, x, n, out);
 #endif
 }
 
@@ -300,6 +312,19 @@ static inline __m256i unpack_nibbles(const uint8_t* qs) {
 #endif
 
 template <int NC>
+static void dot_q8_0_ref(const BlockQ8_0* w, const BlockQ8A* const* x, int nb, float* out) {
+    for (int c = 0; c < NC; c++) {
+        float s = 0.0f;
+        for (int i = 0; i < nb; i++) {
+            int isum = 0;
+            for (int j = 0; j < QK; j++) isum += w[i].qs[j] * x[c][i].qs[j];
+            s += fp16_to_fp32(w[i].d) * x[c][i].d * (float)isum;
+        }
+        out[c] = s;
+    }
+}
+
+template <int NC>
 static void dot_q8_0(const BlockQ8_0* w, const BlockQ8A* const* x, int nb, float* out) {
 #ifdef VICUNA_AVX2
     __m256 acc[NC];
@@ -314,16 +339,24 @@ static void dot_q8_0(const BlockQ8_0* w, const BlockQ8A* const* x, int nb, float
     }
     for (int c = 0; c < NC; c++) out[c] = hsum_f32x8(acc[c]);
 #else
+    dot_q8_0_ref<NC>(w, x, nb, out);
+#endif
+}
+
+template <int NC>
+static void dot_q4_0_ref(const BlockQ4_0* w, const BlockQ8A* const* x, int nb, float* out) {
     for (int c = 0; c < NC; c++) {
         float s = 0.0f;
         for (int i = 0; i < nb; i++) {
             int isum = 0;
-            for (int j = 0; j < QK; j++) isum += w[i].qs[j] * x[c][i].qs[j];
+            for (int j = 0; j < QK / 2; j++) {
+                isum += ((w[i].qs[j] & 0xf) - 8) * x[c][i].qs[j];
+                isum += ((w[i].qs[j] >> 4) - 8) * x[c][i].qs[j + QK / 2];
+            }
             s += fp16_to_fp32(w[i].d) * x[c][i].d * (float)isum;
         }
         out[c] = s;
     }
-#endif
 }
 
 template <int NC>
@@ -342,22 +375,27 @@ static void dot_q4_0(const BlockQ4_0* w, const BlockQ8A* const* x, int nb, float
     }
     for (int c = 0; c < NC; c++) out[c] = hsum_f32x8(acc[c]);
 #else
+    dot_q4_0_ref<NC>(w, x, nb, out);
+#endif
+}
+
+// sum_j (d q_j + m) (dx qx_j) = d dx sum_j q_j qx_j + m (dx sum_j qx_j) = d dx isum + m s
+template <int NC>
+static void dot_q4_1_ref(const BlockQ4_1* w, const BlockQ8A* const* x, int nb, float* out) {
     for (int c = 0; c < NC; c++) {
         float s = 0.0f;
         for (int i = 0; i < nb; i++) {
             int isum = 0;
             for (int j = 0; j < QK / 2; j++) {
-                isum += ((w[i].qs[j] & 0xf) - 8) * x[c][i].qs[j];
-                isum += ((w[i].qs[j] >> 4) - 8) * x[c][i].qs[j + QK / 2];
+                isum += (w[i].qs[j] & 0xf) * x[c][i].qs[j];
+                isum += (w[i].qs[j] >> 4) * x[c][i].qs[j + QK / 2];
             }
-            s += fp16_to_fp32(w[i].d) * x[c][i].d * (float)isum;
+            s += fp16_to_fp32(w[i].d) * x[c][i].d * (float)isum + fp16_to_fp32(w[i].m) * x[c][i].s;
         }
         out[c] = s;
     }
-#endif
 }
 
-// sum_j (d q_j + m) (dx qx_j) = d dx sum_j q_j qx_j + m (dx sum_j qx_j) = d dx isum + m s
 template <int NC>
 static void dot_q4_1(const BlockQ4_1* w, const BlockQ8A* const* x, int nb, float* out) {
 #ifdef VICUNA_AVX2
@@ -378,18 +416,7 @@ static void dot_q4_1(const BlockQ4_1* w, const BlockQ8A* const* x, int nb, float
     }
     for (int c = 0; c < NC; c++) out[c] = hsum_f32x8(acc[c]) + msum[c];
 #else
-    for (int c = 0; c < NC; c++) {
-        float s = 0.0f;
-        for (int i = 0; i < nb; i++) {
-            int isum = 0;
-            for (int j = 0; j < QK / 2; j++) {
-                isum += (w[i].qs[j] & 0xf) * x[c][i].qs[j];
-                isum += (w[i].qs[j] >> 4) * x[c][i].qs[j + QK / 2];
-            }
-            s += fp16_to_fp32(w[i].d) * x[c][i].d * (float)isum + fp16_to_fp32(w[i].m) * x[c][i].s;
-        }
-        out[c] = s;
-    }
+    dot_q4_1_ref<NC>(w, x, nb, out);
 #endif
 }
 

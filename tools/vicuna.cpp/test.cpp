@@ -157,13 +157,16 @@ static void test_kernels() {
         bool qt = c.type != GGML_TYPE_F32 && c.type != GGML_TYPE_F16;
         double worst_kernel = 0, worst_quant = 0;
         for (int r = 0; r < rows; r++) {
-            float o4[4], o1;
+            float o4[4], o1 = 0.0f, oref = 0.0f;
             for (int b = 0; b < B; b++) {
                 dot_row<1>(c.type, &wq[r * rb], x.data(), xq.data(), b, cols, &o1);
+                dot_row_ref<1>(c.type, &wq[r * rb], x.data(), xq.data(), b, cols, &oref);
+                CHECK(std::fabs(o1 - oref) <= 1e-5f * (1.0f + std::fabs(oref)), "%s: SIMD kernel %g, portable %g",
+                      ggml_type_info(c.type).name, o1, oref);
                 if (b + 4 <= B && b % 4 == 0) {
                     dot_row<4>(c.type, &wq[r * rb], x.data(), xq.data(), b, cols, o4);
                     for (int k = 0; k < 4; k++) {
-                        float ok;
+                        float ok = 0.0f;
                         dot_row<1>(c.type, &wq[r * rb], x.data(), xq.data(), b + k, cols, &ok);
                         CHECK(o4[k] == ok, "%s: 4-column kernel %g differs from 1-column %g",
                               ggml_type_info(c.type).name, o4[k], ok);

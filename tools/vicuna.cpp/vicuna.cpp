@@ -321,6 +321,25 @@ static inline void dot_row(uint32_t type, const uint8_t* row, const float* x, co
     }
 }
 
+// the same with the portable kernels (the unit test's reference)
+template <int NC>
+[[maybe_unused]] static void dot_row_ref(uint32_t type, const uint8_t* row, const float* x, const BlockQ8A* xq, int b,
+                                         int cols, float* out) {
+    const float* xs[NC];
+    const BlockQ8A* xqs[NC];
+    for (int c = 0; c < NC; c++) {
+        xs[c] = x + (size_t)(b + c) * cols;
+        xqs[c] = xq + (size_t)(b + c) * (cols / QK);
+    }
+    switch (type) {
+        case GGML_TYPE_F32: dot_f32_ref<NC>((const float*)row, xs, cols, out); break;
+        case GGML_TYPE_F16: dot_f16_ref<NC>((const uint16_t*)row, xs, cols, out); break;
+        case GGML_TYPE_Q8_0: dot_q8_0_ref<NC>((const BlockQ8_0*)row, xqs, cols / QK, out); break;
+        case GGML_TYPE_Q4_0: dot_q4_0_ref<NC>((const BlockQ4_0*)row, xqs, cols / QK, out); break;
+        case GGML_TYPE_Q4_1: dot_q4_1_ref<NC>((const BlockQ4_1*)row, xqs, cols / QK, out); break;
+    }
+}
+
 static void matmul_worker(void* p, int ith, int nth) {
     (void)ith;
     (void)nth;
@@ -804,8 +823,28 @@ static std::string strip(std::string_view s) {
     return std::string(s.substr(a, b - a));
 }
 
+// Valid UTF-8 for the terminal: each invalid byte becomes U+FFFD, as HF's decode does. A
+// byte-level model can emit any bytes (a tiny random one does).
+static std::string utf8_sanitize(std::string_view s) {
+    std::string out;
+    out.reserve(s.size());
+    size_t i = 0;
+    while (i < s.size()) {
+        uint32_t cp;
+        size_t len = utf8_len((const uint8_t*)s.data() + i, s.size() - i, &cp);
+        if (len == 0) {
+            out += "\xef\xbf\xbd";
+            i++;
+        } else {
+            out.append(s.data() + i, len);
+            i += len;
+        }
+    }
+    return out;
+}
+
 // Streams generated text, holding back what may still turn into a stop string or is an
-// incomplete UTF-8 character; like prompt.py's StopStringFilter.
+// incomplete UTF-8 character; like prompt.py's StopStringFilter. What it prints is valid UTF-8.
 struct StreamPrinter {
     std::vector<std::string> stops;
     FILE* out = nullptr;  // nullptr: collect only
@@ -817,7 +856,8 @@ struct StreamPrinter {
 static void printer_emit(StreamPrinter* p, size_t end) {
     if (end > p->printed) {
         if (p->out) {
-            fwrite(p->text.data() + p->printed, 1, end - p->printed, p->out);
+            std::string clean = utf8_sanitize(std::string_view(p->text).substr(p->printed, end - p->printed));
+            fwrite(clean.data(), 1, clean.size(), p->out);
             fflush(p->out);
         }
         p->printed = end;
