@@ -348,6 +348,35 @@ def test_tokenizer_matches_hf(vicuna, tiny_ggufs, kind, tmp_path):
     assert not bad, f"{len(bad)} of {len(texts)} strings differ, e.g.\n" + "\n".join(bad[:5])
 
 
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def test_llama3_pretokenizer_matches_hf(vicuna, tiny_ggufs, tmp_path):
+    """LLaMA-3's regex (tokenizer.ggml.pre = "llama-bpe") on SmolLM2's vocabulary and merges,
+    against the `tokenizers` library running the same regex."""
+    import gguf
+    from tokenizers import Regex, Tokenizer, pre_tokenizers
+    from transformers import AutoTokenizer
+
+    hf_dir = tiny_ggufs["bpe"][0]
+    ref = Tokenizer.from_str(AutoTokenizer.from_pretrained(hf_dir).backend_tokenizer.to_str())
+    ref.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    T = gguf.GGUFValueType
+    kvs = [kv for kv in _tokenizer_kvs(hf_dir) if kv[0] != "tokenizer.ggml.pre"]
+    spec = {"arch": "llama", "kvs": kvs + [("tokenizer.ggml.pre", "llama-bpe", T.STRING, None)], "tensors": {}}
+    path = write_gguf(str(tmp_path / "llama3-tok.gguf"), spec)
+    texts = mixed_strings(300, seed=99, specials=[])
+    lines = tmp_path / "texts.txt"
+    lines.write_text("\n".join(escape_line(s) for s in texts) + "\n", encoding="utf-8")
+    got = run([vicuna, "tokenize", "-m", path, "-f", lines, "--lines"]).stdout.decode().split("\n")[:len(texts)]
+    bad = [f"{t!r}: ours {line} hf {ref.encode(t).ids}" for t, line in zip(texts, got)
+           if [int(x) for x in line.split()] != ref.encode(t).ids]
+    assert not bad, f"{len(bad)} of {len(texts)} differ, e.g.\n" + "\n".join(bad[:5])
+
+
 @pytest.mark.parametrize("kind", ["bpe", "sp"])
 @pytest.mark.parametrize("prompt_type", ["instruct", "chat"])
 def test_prompt_templates_match_prompt_py(vicuna, tiny_ggufs, kind, prompt_type):
