@@ -57,8 +57,10 @@ def llama_cpp_bench(model: str, threads: int, n_prompt: int, n_gen: int) -> tupl
     t0 = time.perf_counter()
     llm.eval(tokens)
     t1 = time.perf_counter()
-    for _ in range(n_gen):
-        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+    vocab = llm.n_vocab()
+    for _ in range(n_gen):  # greedy, like vicuna bench; the last logits straight from the context
+        logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))
+        llm.eval([int(np.argmax(logits))])
     t2 = time.perf_counter()
     return n_prompt / (t1 - t0), n_gen / (t2 - t1)
 
