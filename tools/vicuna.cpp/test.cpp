@@ -317,13 +317,31 @@ static const char* const FUZZ_TEXTS[] = {
     "Hello, world! 你好，世界。", "  spaces\tand\nnewlines\n\n", "<|im_start|>user\nhi<|im_end|>", "<s>x</s>",
     "数字 12345 and émojis 🦙", "\xff\xfe invalid bytes \xc3", ""};
 
-static void fuzz_one(const std::vector<uint8_t>& buf) {
+// Random text for the tokenizer: ASCII, spaces, CJK, emoji, special-token fragments and
+// invalid bytes, mixed.
+static std::string fuzz_text(std::mt19937_64& rng) {
+    static const char* const parts[] = {"a", "Z", " ", "  ", "\n", "\t", "\r\n", "'s", "'LL", "123", "你", "好，",
+                                        "\xf0\x9f\xa6\x99", "\xe2\x96\x81", "<|im_", "start|>", "<s>", "</s",
+                                        "<0x41>", "\xc3", "\xa9", "\xff", "\x80", "\xed\xa0\x80", "\xf4\x90\x80\x80",
+                                        "\x01", "!!", "..."};
+    std::string s;
+    int n = (int)(rng() % 24);
+    for (int i = 0; i < n; i++) {
+        s += parts[rng() % (sizeof parts / sizeof parts[0])];
+        if (rng() % 16 == 0) s.push_back('\0');  // NUL bytes are text too
+    }
+    return s;
+}
+
+static void fuzz_one(const std::vector<uint8_t>& buf, std::mt19937_64& rng) {
     GGUFFile f;
     gguf_init_from_buffer(&f, buf.data(), buf.size(), "fuzz.gguf");
     Tokenizer t;
     try {
         tokenizer_init(&t, &f);
-        for (const char* s : FUZZ_TEXTS) {
+        std::vector<std::string> texts(std::begin(FUZZ_TEXTS), std::end(FUZZ_TEXTS));
+        for (int i = 0; i < 4; i++) texts.push_back(fuzz_text(rng));
+        for (const std::string& s : texts) {
             std::vector<int> ids = tokenizer_encode(&t, s, true);
             for (int id : ids) {
                 if (id < 0 || id >= t.n_tokens) FAIL("tokenizer produced id %d outside [0, %d)", id, t.n_tokens);
@@ -402,7 +420,7 @@ static int run_fuzz(const char* path, long iters, uint64_t seed, double seconds)
             }
         }
         try {
-            fuzz_one(buf);
+            fuzz_one(buf, rng);
             n_ok++;
         } catch (const Error& e) {
             n_err++;
