@@ -43,8 +43,8 @@ pytestmark = pytest.mark.skipif(
 # relative tolerance of final-position logits against transformers, f32 files
 LOGITS_RTOL = 1e-3
 # the shipped Q4_1 file against transformers on its dequantized weights: int8 activations in
-# the engine's dot products cost accuracy (measured ~1.5e-2), so only a loose bound plus top-1
-ASSUMED_Q4_1_RTOL = 6e-2
+# the engine's dot products cost accuracy (measured 2e-2 to 3.5e-2), so a loose bound plus top-1
+Q4_1_RTOL = 6e-2
 # perplexity of quantized files relative to f32 (issue 4: q8_0 within 1 %). The only real f32
 # model at hand is the embedded SmolLM2 dequantized from its Q4_1 file, so q4_1 lands back on
 # the same grid (measured x0.99) while q4_0 re-grids Q4_1 values (measured x1.39 on these 3
@@ -442,7 +442,7 @@ def test_shipped_q4_1_matches_transformers_top1(vicuna, embedded_q4_1, embedded_
         ids = tok(text)["input_ids"]
         ours, ref = vicuna_logits(vicuna, embedded_q4_1, ids, tmp_path), hf_last_logits(embedded_path, ids)
         assert int(ours.argmax()) == int(ref.argmax()), text
-        assert rel_err(ours, ref) < ASSUMED_Q4_1_RTOL, (text, rel_err(ours, ref))
+        assert rel_err(ours, ref) < Q4_1_RTOL, (text, rel_err(ours, ref))
 
 
 # ---------------------------------------------------------------------------------------------
