@@ -300,12 +300,12 @@ static void gguf_parse(GGUFFile* f) {
     size_t left = f->size - r.off;
     // smallest key/value: 8 (key length) + 4 (type) + 1 (u8); smallest tensor info: 8+4+8+4+8
     if (n_kv > left / 13) {
-        FAIL("'%s' is corrupt: header claims %" PRIu64 " metadata entries, which cannot fit in %zu bytes",
-             path.c_str(), n_kv, left);
+        FAIL("'%s' is truncated or corrupt: the header at offset 16 claims %" PRIu64 " metadata entries, "
+             "which cannot fit in the %zu bytes that follow (file size %zu)", path.c_str(), n_kv, left, f->size);
     }
     if (n_tensors > left / 32) {
-        FAIL("'%s' is corrupt: header claims %" PRIu64 " tensors, which cannot fit in %zu bytes",
-             path.c_str(), n_tensors, left);
+        FAIL("'%s' is truncated or corrupt: the header at offset 8 claims %" PRIu64 " tensors, which cannot "
+             "fit in the %zu bytes that follow (file size %zu)", path.c_str(), n_tensors, left, f->size);
     }
 
     f->kvs.resize((size_t)n_kv);
