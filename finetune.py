@@ -269,6 +269,7 @@ def run(args) -> str | None:
 
 def load_trainable_model(args, model_path: str, ddp: bool, gradient_checkpointing: bool):
     """Base model (optionally 8/4-bit) wrapped with a fresh or continued LoRA adapter."""
+    import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     from utils import device_map_for, load_adapter, load_model, pick_dtype
@@ -280,9 +281,17 @@ def load_trainable_model(args, model_path: str, ddp: bool, gradient_checkpointin
     model = load_model(model_path, quant=args.quant, dtype=dtype, device_map=device_map_for(args.quant, ddp),
                        trust_remote_code=args.trust_remote_code)
     if args.quant != "none":
+        loaded = {name: p.dtype for name, p in model.named_parameters()}
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
+        if dtype == torch.bfloat16:
+            # peft upcasts every non-quantized weight to float32, which fp16 training needs; bf16 does
+            # not (RMSNorm already reduces in float32), and on a 7B model the upcast embedding, head
+            # and float32 residual stream cost about 2 GB of a QLoRA run's memory. Put them back.
+            for name, p in model.named_parameters():
+                if loaded.get(name) == torch.bfloat16 and p.dtype == torch.float32:
+                    p.data = p.data.to(torch.bfloat16)
     elif gradient_checkpointing:
         model.enable_input_require_grads()
     if args.lora_path:
@@ -313,6 +322,8 @@ def make_trainer(args, model, tokenizer, train_examples, test_examples, grad_acc
     from datasets import Dataset
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, TrainingArguments
 
+    from utils import pick_dtype
+
     SupervisedLossTrainer = _trainer_class()
 
     report_to = ["tensorboard"]
@@ -323,7 +334,7 @@ def make_trainer(args, model, tokenizer, train_examples, test_examples, grad_acc
             raise UserError("--wandb needs the wandb package: pip install wandb") from None
         report_to.append("wandb")
     has_eval = bool(test_examples)
-    dtype = model.get_input_embeddings().weight.dtype
+    dtype = pick_dtype(args.bf16, args.fp16)  # the load dtype; mixed precision follows it on a GPU
     training_args = TrainingArguments(
         output_dir=args.output_path,
         per_device_train_batch_size=args.micro_batch_size,

