@@ -58,7 +58,7 @@ def pick_examples(paths: list[str], n: int, seed: int):
 def run_variant(variant: str, opts) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
     import finetune
     from prompt import IGNORE_INDEX
@@ -81,7 +81,7 @@ def run_variant(variant: str, opts) -> dict:
         # Chinese-Vicuna on a GPU: fp16 weights, peft's prepare_model_for_int8_training (float32
         # upcast, gradient checkpointing on by default in the peft it used) and fp16 autocast.
         + (["--fp16"] if on_gpu and variant == "recipe" and not opts.bf16 else [])
-        + (["--gradient_checkpointing"] if on_gpu else ["--no-gradient_checkpointing"])
+        + (["--gradient_checkpointing"] if on_gpu and not opts.no_checkpointing else ["--no-gradient_checkpointing"])
         + ([] if variant == "ours" else ["--no-packing"]))
     tokenizer = load_tokenizer(model_path)
     tokenizer.padding_side = "right"
@@ -107,15 +107,36 @@ def run_variant(variant: str, opts) -> dict:
                                   bf16=on_gpu and opts.bf16)
         trainer = Trainer(model=model, args=targs, data_collator=collator, train_dataset=Dataset.from_list(examples))
         computed_tokens = len(examples) * opts.cutoff_len
+    # Steady state: per-step real tokens (counted in the collator) over per-step end times, after
+    # opts.warmup_steps steps (CUDA/cuBLAS/bitsandbytes initialisation lands in the first steps).
+    batch_tokens, step_ends = [], []
+    collate = trainer.data_collator
+
+    def counting_collator(features):
+        batch_tokens.append(sum(len(f["input_ids"]) for f in features))
+        return collate(features)
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, *_, **__):
+            if on_gpu:
+                torch.cuda.synchronize()
+            step_ends.append(time.perf_counter())
+
+    trainer.data_collator = counting_collator
+    trainer.add_callback(StepClock())
     start, cpu_start = time.perf_counter(), time.process_time()
     trainer.train()
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    w = opts.warmup_steps
+    steady = (sum(batch_tokens[w + 1:len(step_ends)]) / (step_ends[-1] - step_ends[w])
+              if len(step_ends) > w + 1 else None)
     steps = trainer.state.global_step
     if opts.max_steps:  # only the examples the steps consumed
         real_tokens = sum(len(e["input_ids"]) for e in examples[:steps * 4])
     return {"steps": steps, "quant": opts.quant,
             "peak_vram_gb": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None, "variant": variant, "examples": len(examples), "dropped": dropped, "real_tokens": real_tokens,
             "computed_tokens": computed_tokens, "wall_s": wall, "tokens_per_s": real_tokens / wall,
+            "steady_tokens_per_s": steady, "first_step_s": step_ends[0] - start if step_ends else None,
             "cpu_s": cpu, "tokens_per_cpu_s": real_tokens / cpu,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "data": [os.path.basename(p) for p in paths]}
@@ -133,6 +154,8 @@ def main(argv=None):
     p.add_argument("--quant", choices=("none", "8bit", "4bit"), default="none")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0: one pass)")
+    p.add_argument("--warmup_steps", type=int, default=2, help="steps left out of the steady-state rate")
+    p.add_argument("--no_checkpointing", action="store_true", help="no gradient checkpointing on a GPU")
     p.add_argument("--variant", choices=("recipe", "ours"), help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
     if opts.variant:

@@ -20,7 +20,9 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-RUNS = [("recipe", "8bit", False), ("ours", "8bit", False), ("ours", "4bit", False), ("ours", "none", True)]
+# (variant, quant, bf16, gradient checkpointing)
+RUNS = [("recipe", "8bit", False, True), ("ours", "8bit", False, True), ("ours", "8bit", False, False),
+        ("ours", "4bit", False, True), ("ours", "none", True, True), ("ours", "none", True, False)]
 
 
 def make_model(out_dir: str, dry_run: bool, tokenizer_path: str | None) -> str:
@@ -66,31 +68,37 @@ def main(argv=None):
                            opts.tokenizer)
     steps = 2 if opts.dry_run else opts.steps
     results = []
-    for variant, quant, bf16 in RUNS:
+    for variant, quant, bf16, ckpt in RUNS:
+        name = f"{variant} {quant}{' bf16' if bf16 else ''}{'' if ckpt else ' no-ckpt'}"
         cmd = [sys.executable, os.path.join(ROOT, "tools/bench_train.py"), "--variant", variant, "--quant", quant,
                "--model_path", model_dir, "--cutoff_len", "512", "--max_steps", str(steps),
                "--num_examples", str(4 * steps), "--workdir", opts.workdir] + (["--bf16"] if bf16 else []) \
-            + (["--data", *opts.data] if opts.data else [])
+            + ([] if ckpt else ["--no_checkpointing"]) + (["--data", *opts.data] if opts.data else [])
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=opts.timeout)
         except subprocess.TimeoutExpired:
-            print(f"{variant} {quant}: did not finish in {opts.timeout} s", flush=True)
+            print(f"{name}: did not finish in {opts.timeout} s", flush=True)
             continue
         if out.returncode:
-            print(f"{variant} {quant}: FAILED\n{out.stderr[-2000:]}", flush=True)
+            print(f"{name}: FAILED\n{out.stderr[-2000:]}", flush=True)
             continue
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        r["bf16"] = bf16
+        r.update(bf16=bf16, checkpointing=ckpt, name=name)
         results.append(r)
         vram = f"{r['peak_vram_gb']:.2f} GB" if r["peak_vram_gb"] is not None else "n/a (CPU)"
-        print(f"{variant:<7} {quant:<5} {'bf16' if bf16 else '':<5} {r['steps']:>3} steps  "
-              f"{r['real_tokens']:>6} tokens ({r['computed_tokens']:>6} computed)  "
-              f"{r['tokens_per_s']:>9.1f} tok/s  peak VRAM {vram}", flush=True)
-    by = {(r["variant"], r["quant"], r["bf16"]): r for r in results}
-    if ("recipe", "8bit", False) in by and ("ours", "8bit", False) in by:
-        ratio = by[("ours", "8bit", False)]["tokens_per_s"] / by[("recipe", "8bit", False)]["tokens_per_s"]
-        print(f"ours/recipe (8-bit): {ratio:.2f}x (goal >= 2x)")
-    qlora = by.get(("ours", "4bit", False))
+        steady = f"{r['steady_tokens_per_s']:>8.1f}" if r["steady_tokens_per_s"] else "     n/a"
+        print(f"{name:<22} {r['steps']:>3} steps {r['real_tokens']:>6} tokens ({r['computed_tokens']:>6} computed)"
+              f"  {r['tokens_per_s']:>8.1f} tok/s, steady {steady} tok/s, first step {r['first_step_s']:.1f} s,"
+              f"  peak VRAM {vram}", flush=True)
+    by = {r["name"]: r for r in results}
+    recipe = by.get("recipe 8bit")
+    for name in ("ours 8bit", "ours 8bit no-ckpt"):
+        if recipe and name in by:
+            r = by[name]
+            steady = (f", steady {r['steady_tokens_per_s'] / recipe['steady_tokens_per_s']:.2f}x"
+                      if r["steady_tokens_per_s"] and recipe["steady_tokens_per_s"] else "")
+            print(f"{name} / recipe 8bit: {r['tokens_per_s'] / recipe['tokens_per_s']:.2f}x{steady} (goal >= 2x)")
+    qlora = by.get("ours 4bit")
     if qlora and qlora["peak_vram_gb"] is not None:
         print(f"QLoRA peak VRAM: {qlora['peak_vram_gb']:.2f} GB (goal <= 6 GB)")
     if opts.json:
