@@ -87,7 +87,8 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
     a("--seed", type=int, default=d["seed"])
     a("--wandb", action="store_true", help="also log to Weights & Biases (pip install wandb)")
     a("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=None,
-      help="trade compute for memory (default: on with a GPU, off on CPU)")
+      help="trade compute for memory (default: on with a GPU, off on CPU); on a card with room to spare "
+           "--no-gradient_checkpointing trains 1.6-2.2x faster (docs/performance.md)")
     a("--bf16", action="store_true", help="train in bfloat16 (default: auto, bf16/fp16 on GPU, fp32 on CPU)")
     a("--fp16", action="store_true", help="train in float16")
     a("--overwrite_output_dir", action="store_true", help="write into an output folder that holds an adapter")
@@ -370,13 +371,58 @@ def make_trainer(args, model, tokenizer, train_examples, test_examples, grad_acc
     if args.packing:
         # One [1, sum of lengths] row per micro-batch; no attention_mask, so transformers derives the
         # block-diagonal causal mask from the restarting position_ids (SDPA, eager and flash-attention).
-        collator = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+        # The sequence boundaries (cu_seq_lens_*) ride along for flash-attention and PACKED_ATTENTION.
+        collator = DataCollatorWithFlattening(return_position_ids=True, return_flash_attn_kwargs=True,
+                                              separator_id=IGNORE_INDEX)
+        if not on_gpu:  # measured on the CPU (docs/performance.md); GPUs keep SDPA's masked kernels
+            use_packed_attention(model.get_base_model() if hasattr(model, "get_base_model") else model)
     else:
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX,
                                           pad_to_multiple_of=8, return_tensors="pt")
     return SupervisedLossTrainer(model=model, args=training_args, data_collator=collator,
                                  train_dataset=Dataset.from_list(train_examples),
                                  eval_dataset=Dataset.from_list(test_examples) if has_eval else None)
+
+
+PACKED_ATTENTION = "sdpa_packed"
+
+
+def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                          scaling: float | None = None, **kwargs):
+    """SDPA that runs a padding-free packed row one example at a time.
+
+    With a packed row, plain SDPA gets a [T x T] block-diagonal mask and computes every block, masked
+    or not (on the CPU it also loses the causal kernel's skipping); here each example between two
+    `cu_seq_lens_q` boundaries gets its own causal SDPA call, so the work is sum(len^2) / 2 instead
+    of T^2. Anything else (padded batches, generation with a cache) goes to transformers' SDPA with
+    the mask it built.
+    """
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    bounds = kwargs.pop("cu_seq_lens_q", None)
+    for name in ("cu_seq_lens_k", "max_length_q", "max_length_k"):
+        kwargs.pop(name, None)
+    if bounds is None or query.shape[0] != 1 or key.shape[2] != query.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    bounds = bounds.tolist()
+    outputs = [sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
+                                      None, dropout=dropout, scaling=scaling, is_causal=True, **kwargs)[0]
+               for start, end in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(outputs, dim=1), None
+
+
+def use_packed_attention(model) -> None:
+    """Switch an SDPA model to packed_sdpa_attention (registered with transformers once)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    if PACKED_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
+        AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)  # padded batches keep their mask
+    if model.config._attn_implementation == "sdpa":
+        model.set_attn_implementation(PACKED_ATTENTION)
 
 
 def supervised_token_loss(model, inputs: dict, chunk_size: int = 2048):

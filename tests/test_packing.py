@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
 from conftest import INSTRUCT_RECORDS
-from finetune import supervised_token_loss
+from finetune import PACKED_ATTENTION, supervised_token_loss, use_packed_attention
 from prompt import IGNORE_INDEX, Conversation, build_example
 
 
@@ -20,13 +20,23 @@ def examples(tokenizer, prompt_type="instruct"):
     return out
 
 
-@pytest.mark.parametrize("kind", ["bpe", "sp"])
-def test_packed_loss_equals_one_by_one(tiny_models, kind):
+def flatten(exs):
+    """The packed batch finetune.py trains on: one row, restarting position ids, sequence bounds."""
+    return DataCollatorWithFlattening(return_position_ids=True, return_flash_attn_kwargs=True,
+                                      separator_id=IGNORE_INDEX)(exs)
+
+
+@pytest.mark.parametrize("kind,attention", [("bpe", "sdpa"), ("sp", "sdpa"), ("bpe", PACKED_ATTENTION),
+                                            ("sp", PACKED_ATTENTION)])
+def test_packed_loss_equals_one_by_one(tiny_models, kind, attention):
     from utils import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_models[kind])
     tokenizer.padding_side = "right"
     model = AutoModelForCausalLM.from_pretrained(tiny_models[kind], dtype=torch.float32).eval()
+    if attention == PACKED_ATTENTION:
+        use_packed_attention(model)  # one causal SDPA per example; padded batches keep the masked path
+        assert model.config._attn_implementation == PACKED_ATTENTION
     exs = examples(tokenizer)
     reference_sum, reference_count = 0.0, 0
     with torch.no_grad():
@@ -36,8 +46,9 @@ def test_packed_loss_equals_one_by_one(tiny_models, kind):
             n = int((labels[:, 1:] != IGNORE_INDEX).sum())
             reference_sum += float(model(input_ids=ids, labels=labels).loss) * n
             reference_count += n
-        packed = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)(exs)
+        packed = flatten(exs)
         assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
+        assert packed["cu_seq_lens_q"].tolist()[-1] == packed["input_ids"].shape[1]
         total, count = supervised_token_loss(model, packed)
         padded = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX,
                                         return_tensors="pt")(exs)
@@ -47,13 +58,16 @@ def test_packed_loss_equals_one_by_one(tiny_models, kind):
     torch.testing.assert_close(float(total_padded), reference_sum, rtol=1e-5, atol=1e-5)
 
 
-def test_gradients_match_the_models_own_loss(tiny_models):
+@pytest.mark.parametrize("attention", ["sdpa", PACKED_ATTENTION])
+def test_gradients_match_the_models_own_loss(tiny_models, attention):
     from utils import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_models["sp"])
     model = AutoModelForCausalLM.from_pretrained(tiny_models["sp"], dtype=torch.float32)
+    if attention == PACKED_ATTENTION:
+        use_packed_attention(model)
     exs = examples(tokenizer)[:3]
-    packed = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)(exs)
+    packed = flatten(exs)
     total, count = supervised_token_loss(model, packed, chunk_size=7)  # several checkpointed chunks
     (total / count).backward()
     ours = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -79,4 +93,4 @@ def test_gpu_check_dry_run(tmp_path):
     out = subprocess.run([sys.executable, f"{ROOT}/tools/gpu_check.py", "--dry-run", "--workdir", str(tmp_path)],
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
-    assert out.stdout.count(" tok/s ") == 4 and "ours/recipe (8-bit):" in out.stdout
+    assert out.stdout.count(" steps ") == 6 and "ours 8bit / recipe 8bit:" in out.stdout

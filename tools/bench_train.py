@@ -2,13 +2,15 @@
 
     python tools/bench_train.py [--num_examples 64] [--data PATH ...]     (make bench-train)
 
-Both variants train the same examples, model and LoRA settings (embedded SmolLM2-135M, LoRA r=8 on
+All variants train the same examples, model and LoRA settings (embedded SmolLM2-135M, LoRA r=8 on
 q_proj,v_proj, micro-batch 4, cutoff 256, fp32 on the CPU, one pass, no eval, no checkpoints):
 
   recipe  Chinese-Vicuna: every example padded to --cutoff_len, one example per row, the model's
           own loss over full [tokens x vocab] logits (prompt masked with -100, as it did).
-  ours    finetune.py's default: padding-free packing of each micro-batch into one row, logits and
-          loss only at supervised positions.
+  ours    finetune.py's default: padding-free packing of each micro-batch into one row, attention
+          per example, logits and loss only at supervised positions.
+  trl     TRL's SFTTrainer with padding_free=True on the same tokenized examples and labels (only
+          when trl is installed).
 
 Each variant runs in its own process so its peak RSS is its own. Printed: wall time of
 `trainer.train()`, effective (non-pad) tokens per second, peak RSS, the ratio ours/recipe, and the
@@ -55,6 +57,21 @@ def pick_examples(paths: list[str], n: int, seed: int):
     return out
 
 
+def trl_trainer(args, model, tokenizer, examples, opts, on_gpu):
+    """TRL's SFTTrainer, padding-free, on the same tokenized examples and labels (prompt masked)."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    config = SFTConfig(output_dir=args.output_path, per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                       num_train_epochs=1, learning_rate=3e-4, warmup_steps=0, logging_steps=1000,
+                       save_strategy="no", report_to=[], seed=opts.seed, data_seed=opts.seed,
+                       use_cpu=not on_gpu, dataloader_num_workers=0, max_steps=opts.max_steps or -1,
+                       padding_free=True, packing=False, max_length=None, bf16=on_gpu and opts.bf16,
+                       gradient_checkpointing=bool(args.gradient_checkpointing))  # TRL defaults it to on
+    return SFTTrainer(model=model, args=config, processing_class=tokenizer,
+                      train_dataset=Dataset.from_list(examples))
+
+
 def run_variant(variant: str, opts) -> dict:
     import torch
     from datasets import Dataset
@@ -82,7 +99,7 @@ def run_variant(variant: str, opts) -> dict:
         # upcast, gradient checkpointing on by default in the peft it used) and fp16 autocast.
         + (["--fp16"] if on_gpu and variant == "recipe" and not opts.bf16 else [])
         + (["--gradient_checkpointing"] if on_gpu and not opts.no_checkpointing else ["--no-gradient_checkpointing"])
-        + ([] if variant == "ours" else ["--no-packing"]))
+        + ([] if variant == "ours" else ["--no-packing"]))  # trl: its own collator
     tokenizer = load_tokenizer(model_path)
     tokenizer.padding_side = "right"
     examples, dropped = finetune.build_examples(convs, args, tokenizer)
@@ -94,6 +111,9 @@ def run_variant(variant: str, opts) -> dict:
     if variant == "ours":
         trainer = finetune.make_trainer(args, model, tokenizer, examples, [], 1, checkpointing, on_gpu, False)
         trainer.args.save_strategy = "no"
+        computed_tokens = real_tokens
+    elif variant == "trl":
+        trainer = trl_trainer(args, model, tokenizer, examples, opts, on_gpu)
         computed_tokens = real_tokens
     else:
         collator = DataCollatorForSeq2Seq(tokenizer, padding="max_length", max_length=opts.cutoff_len,
@@ -156,7 +176,7 @@ def main(argv=None):
     p.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0: one pass)")
     p.add_argument("--warmup_steps", type=int, default=2, help="steps left out of the steady-state rate")
     p.add_argument("--no_checkpointing", action="store_true", help="no gradient checkpointing on a GPU")
-    p.add_argument("--variant", choices=("recipe", "ours"), help=argparse.SUPPRESS)
+    p.add_argument("--variant", choices=("recipe", "ours", "trl"), help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
     if opts.variant:
         import logging
@@ -164,8 +184,14 @@ def main(argv=None):
         logging.disable(logging.WARNING)
         print(json.dumps(run_variant(opts.variant, opts)))
         return
+    variants = ["recipe", "ours"]
+    try:
+        import trl  # noqa: F401
+        variants.append("trl")
+    except ImportError:
+        pass
     results = {}
-    for variant in ("recipe", "ours"):
+    for variant in variants:
         cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant] + (argv or sys.argv[1:])
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
@@ -175,20 +201,27 @@ def main(argv=None):
     bound = a["computed_tokens"] / a["real_tokens"]
     print(f"data: {', '.join(a['data'])}; {a['examples']} examples, {a['real_tokens']} real tokens, "
           f"cutoff {opts.cutoff_len}, {opts.threads} threads")
-    print(f"{'variant':<8} {'wall s':>8} {'eff tok/s':>10} {'CPU s':>8} {'tok/CPU s':>10} {'peak RSS MB':>12}")
-    for r in (a, b):
-        print(f"{r['variant']:<8} {r['wall_s']:>8.1f} {r['tokens_per_s']:>10.1f} {r['cpu_s']:>8.1f} "
+    print(f"{'variant':<8} {'wall s':>8} {'eff tok/s':>10} {'steady':>8} {'CPU s':>8} {'tok/CPU s':>10} "
+          f"{'peak RSS MB':>12}")
+    for r in results.values():
+        steady = f"{r['steady_tokens_per_s']:>8.1f}" if r["steady_tokens_per_s"] else f"{'n/a':>8}"
+        print(f"{r['variant']:<8} {r['wall_s']:>8.1f} {r['tokens_per_s']:>10.1f} {steady} {r['cpu_s']:>8.1f} "
               f"{r['tokens_per_cpu_s']:>10.1f} {r['peak_rss_mb']:>12.0f}")
-    ratio = b["tokens_per_s"] / a["tokens_per_s"]
-    cpu_ratio = b["tokens_per_cpu_s"] / a["tokens_per_cpu_s"]
-    print(f"ours/recipe: {ratio:.2f}x wall, {cpu_ratio:.2f}x CPU time   padding bound: {bound:.2f}x   "
+
+    def ratios(x, y):
+        steady = (f", {x['steady_tokens_per_s'] / y['steady_tokens_per_s']:.2f}x steady"
+                  if x["steady_tokens_per_s"] and y["steady_tokens_per_s"] else "")
+        return x["tokens_per_s"] / y["tokens_per_s"], x["tokens_per_cpu_s"] / y["tokens_per_cpu_s"], steady
+
+    ratio, cpu_ratio, steady = ratios(b, a)
+    print(f"ours/recipe: {ratio:.2f}x wall, {cpu_ratio:.2f}x CPU time{steady}   padding bound: {bound:.2f}x   "
           f"({ratio / bound:.0%} / {cpu_ratio / bound:.0%} of the bound)")
-    print("(CPU time is less disturbed than wall time when other jobs share the machine)")
-    try:
-        import trl  # noqa: F401
-        print("TRL is installed but not benchmarked here yet")
-    except ImportError:
+    if "trl" in results:
+        ratio, cpu_ratio, steady = ratios(b, results["trl"])
+        print(f"ours/TRL SFTTrainer (padding-free): {ratio:.2f}x wall, {cpu_ratio:.2f}x CPU time{steady}")
+    else:
         print("TRL SFTTrainer: not installed (pip install trl to compare)")
+    print("(CPU time is less disturbed than wall time when other jobs share the machine)")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@
 # Needs torch, transformers, peft, accelerate, bitsandbytes (carry its wheel if absent):
 #   pip install --no-deps bitsandbytes-*.whl
 # Usage: bash tools/gpu_check.sh [--steps 30]      CPU self-check: bash tools/gpu_check.sh --dry-run
+# On a machine without the model wheel or ../shared/data, pass a tokenizer folder and data files:
+#   bash tools/gpu_check.sh --steps 24 --tokenizer TOK_DIR --data en.json zh.json --json out.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python}"
