@@ -273,6 +273,14 @@ def find_adapter_weights(lora_path: str) -> str:
                     "pass the folder finetune.py wrote (or a checkpoint-N folder inside it)")
 
 
+def strip_adapter_name(key: str) -> str:
+    """A peft state-dict key without the adapter name, as adapter files store it: `.default.` inside
+    module keys (`q_proj.lora_A.default.weight`), a trailing `.default` on the parameters of
+    embedding adapters (`embed_tokens.lora_embedding_A.default`)."""
+    key = key.replace(".default.", ".")
+    return key[:-len(".default")] if key.endswith(".default") else key
+
+
 def load_adapter_state_dict(weights_path: str) -> dict:
     """LoRA tensors keyed as current peft saves them: `base_model.model.<module>.lora_A.weight`.
 
@@ -294,7 +302,7 @@ def load_adapter_state_dict(weights_path: str) -> dict:
     for key, value in raw.items():
         if "lora_" not in key:
             continue
-        key = key.replace(".default.", ".")
+        key = strip_adapter_name(key)
         if not key.startswith("base_model.model."):
             key = "base_model.model." + key
         state[key] = value
@@ -360,7 +368,7 @@ def load_adapter(model, lora_path: str, trainable: bool = False):
         peft_model = get_peft_model(model, config)
     except ValueError as e:
         raise UserError(f"adapter {lora_path} does not fit base model {_base_name(model)}: {_first_line(e)}") from None
-    expected = {k.replace(".default.", ".") : v for k, v in peft_model.state_dict().items() if "lora_" in k}
+    expected = {strip_adapter_name(k): v for k, v in peft_model.state_dict().items() if "lora_" in k}
     for key, value in state.items():
         if key not in expected:
             raise UserError(f"adapter {lora_path} does not fit base model {_base_name(model)}: the model has "
@@ -391,7 +399,7 @@ def adapter_key_report(adapter_dir: str, peft_model) -> None:
     if not os.path.isfile(path):
         raise RuntimeError(f"{path} was not written")
     saved = load_adapter_state_dict(path)
-    expected = {k.replace(".default.", ".") for k in peft_model.state_dict() if "lora_" in k}
+    expected = {strip_adapter_name(k) for k in peft_model.state_dict() if "lora_" in k}
     missing = sorted(expected - set(saved))
     if missing:
         raise RuntimeError(f"{path} is missing {len(missing)} LoRA tensors, e.g. {missing[0]}; the adapter is incomplete")

@@ -85,6 +85,32 @@ def test_legacy_checkpoint_dir_gives_same_logits_as_peft(tmp_path, tiny_model, b
     assert tree_digest(run_dir) == before  # nothing renamed, nothing written
 
 
+@pytest.mark.parametrize("legacy_keys", [False, True])
+def test_adapter_on_the_embedding_loads(tmp_path, tiny_model, bpe_tokenizer, legacy_keys):
+    """LoRA on embed_tokens stores parameters, not modules (`embed_tokens.lora_embedding_A`, or with a
+    trailing `.default` from some peft versions): they load, and the logits equal peft's own."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(4)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], task_type="CAUSAL_LM",
+                        init_lora_weights=False)
+    out = str(tmp_path / "adapter")
+    get_peft_model(base(tiny_model), config).save_pretrained(out)
+    weights = os.path.join(out, "adapter_model.safetensors")
+    sd = load_file(weights)
+    assert any(k.endswith("embed_tokens.lora_embedding_A") for k in sd)
+    if legacy_keys:
+        save_file({k + ".default" if k.endswith(("lora_embedding_A", "lora_embedding_B")) else k: v
+                   for k, v in sd.items()}, weights)
+    ours = load_adapter(base(tiny_model), out)
+    plain = get_peft_model(base(tiny_model), config)  # peft's own loader, on the file as peft wrote it
+    set_peft_model_state_dict(plain, sd)
+    plain.eval()
+    torch.testing.assert_close(logits(ours, bpe_tokenizer), logits(plain, bpe_tokenizer), rtol=0, atol=0)
+    assert not torch.allclose(logits(ours, bpe_tokenizer), logits(base(tiny_model), bpe_tokenizer))
+
+
 def test_legacy_fp16_adapter_model_bin(tmp_path, tiny_model, bpe_tokenizer, peft_adapter):
     from peft import PeftModel
 
