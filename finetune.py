@@ -407,9 +407,15 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     bounds = bounds.tolist()
-    outputs = [sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
-                                      None, dropout=dropout, scaling=scaling, is_causal=True, **kwargs)[0]
-               for start, end in zip(bounds[:-1], bounds[1:])]
+    if bounds[0] != 0 or bounds[-1] != query.shape[2]:  # not a whole packed row: keep the mask
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    sizes = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+    # split, not slicing: the backward of a slice allocates and zero-fills a full-size gradient per
+    # example, the backward of split concatenates the pieces once
+    outputs = [sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling, is_causal=True,
+                                      **kwargs)[0]
+               for q, k, v in zip(query.split(sizes, dim=2), key.split(sizes, dim=2), value.split(sizes, dim=2))]
     return torch.cat(outputs, dim=1), None
 
 

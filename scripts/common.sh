@@ -43,7 +43,34 @@ launch() {
   fi
   cmd+=("$@")
 
-  # The exact command on stderr, so a log records what ran (stdout stays the program's own).
-  echo "+ CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-}" "$(printf '%q ' "${cmd[@]}")" >&2
-  exec "${cmd[@]}"
+  run_logged "${cmd[@]}"
+}
+
+# serve ENTRY PORT [ARGS...]: a gradio page (generate.py, chat.py) in one process on PORT. TOT_CUDA
+# only selects the GPUs: with several, the page shards the model over them (device_map="auto")
+# instead of starting one process per GPU. MODEL_PATH (or BASE_MODEL, the name the serving scripts
+# document) and LORA_PATH become --model_path / --lora_path; ARGS come last, so they win.
+serve() {
+  local entry="$1" port="$2"
+  shift 2
+  if [[ -n "$TOT_CUDA" ]]; then
+    export CUDA_VISIBLE_DEVICES="$TOT_CUDA"
+  fi
+  local cmd=("$PYTHON" "$entry" --port "$port")
+  local model="${MODEL_PATH:-${BASE_MODEL:-}}"
+  if [[ -n "$model" ]]; then
+    cmd+=(--model_path "$model")
+  fi
+  if [[ -n "${LORA_PATH:-}" ]]; then
+    cmd+=(--lora_path "$LORA_PATH")
+  fi
+  cmd+=("$@")
+  run_logged "${cmd[@]}"
+}
+
+# run_logged CMD...: the exact command on stderr, so a log records what ran (stdout stays the
+# program's own), then replace this shell with it.
+run_logged() {
+  echo "+ CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-}" "$(printf '%q ' "$@")" >&2
+  exec "$@"
 }

@@ -12,22 +12,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-BASE_MODEL="${BASE_MODEL:-}"
-LORA_PATH="${LORA_PATH:-}"
-TOT_CUDA="${TOT_CUDA:-}"
-PORT="${PORT:-7860}"
-PYTHON="${PYTHON:-python}"
-
-if [[ -n "$TOT_CUDA" ]]; then
-  export CUDA_VISIBLE_DEVICES="$TOT_CUDA"
-fi
-cmd=("$PYTHON" generate.py --port "$PORT")
-if [[ -n "$BASE_MODEL" ]]; then
-  cmd+=(--model_path "$BASE_MODEL")
-fi
-if [[ -n "$LORA_PATH" ]]; then
-  cmd+=(--lora_path "$LORA_PATH")
-fi
-cmd+=("$@")
-echo "+ CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-}" "$(printf '%q ' "${cmd[@]}")" >&2
-exec "${cmd[@]}"
+SERVE_PORT="${PORT:-7860}"  # read before common.sh, whose PORT is torchrun's master port
+source scripts/common.sh
+serve generate.py "$SERVE_PORT" "$@"

@@ -145,7 +145,14 @@ def run_variant(variant: str, opts) -> dict:
     trainer.data_collator = counting_collator
     trainer.add_callback(StepClock())
     start, cpu_start = time.perf_counter(), time.process_time()
-    trainer.train()
+    if opts.profile:  # where the time goes: operators by self CPU time, over the whole run
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            trainer.train()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=opts.profile), file=sys.stderr)
+    else:
+        trainer.train()
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     w = opts.warmup_steps
     steady = (sum(batch_tokens[w + 1:len(step_ends)]) / (step_ends[-1] - step_ends[w])
@@ -176,7 +183,10 @@ def main(argv=None):
     p.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0: one pass)")
     p.add_argument("--warmup_steps", type=int, default=2, help="steps left out of the steady-state rate")
     p.add_argument("--no_checkpointing", action="store_true", help="no gradient checkpointing on a GPU")
-    p.add_argument("--variant", choices=("recipe", "ours", "trl"), help=argparse.SUPPRESS)
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="with --variant: print the N operators with the most self CPU time (torch.profiler)")
+    p.add_argument("--variant", choices=("recipe", "ours", "trl"),
+                   help="run only this variant, in this process, and print its figures as JSON")
     opts = p.parse_args(argv)
     if opts.variant:
         import logging
