@@ -126,6 +126,7 @@ def build_page(model, tokenizer, args, default_prompt_type: str, title: str):
                        session_of)
 
     stops = StopRegistry()
+    cleared: set = set()  # sessions that pressed Clear while (or before) a reply streamed
     model_info = {"model_path": args.model_path, "lora_path": args.lora_path, "quant": args.quant}
 
     def respond(message: str, history: list, system: str, prompt_type: str, max_memory: float, *controls,
@@ -137,6 +138,7 @@ def build_page(model, tokenizer, args, default_prompt_type: str, title: str):
             yield "", history
             return
         session = session_of(request)
+        cleared.discard(session)
         cancel = stops.start(session)
         shown = history + [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
         try:
@@ -148,6 +150,8 @@ def build_page(model, tokenizer, args, default_prompt_type: str, title: str):
                                      int(max_memory), system, cancel):
                 shown[-1] = {"role": "assistant", "content": text}
                 yield "", shown
+            if session in cleared:  # Clear stopped this reply: its last update must not refill the chat
+                yield "", []
         except Exception as e:  # out of memory, bad settings: show it in the chat, keep serving
             _free_memory()
             shown[-1] = {"role": "assistant", "content": f"**Error:** {type(e).__name__}: {e}"}
@@ -220,7 +224,13 @@ def build_page(model, tokenizer, args, default_prompt_type: str, title: str):
         ]
         stop.click(stops.stop_request, inputs=None, outputs=None, queue=False, cancels=events,
                    api_visibility="private")
-        clear.click(lambda: ([], ""), outputs=[chatbot, status], queue=False, api_visibility="private")
+        def clear_history(request: gr.Request):
+            session = session_of(request)
+            cleared.add(session)  # a reply still streaming ends with an empty chat, not its own text
+            stops.stop(session)
+            return [], ""
+
+        clear.click(clear_history, outputs=[chatbot, status], queue=False, api_visibility="private")
         save_btn.click(save, inputs=[chatbot, save_dir, *settings], outputs=status, api_visibility="private")
         reset_btn.click(reset, outputs=[*controls, max_memory, preset, system, prompt_type], queue=False,
                         api_visibility="private")

@@ -83,9 +83,14 @@ class StopRegistry:
         self._lock = threading.Lock()
 
     def start(self, session: str | None) -> threading.Event:
+        """The cancel event of a new generation; one still running in this session is stopped (a
+        Regenerate pressed mid-reply must not leave the old reply streaming beyond Stop's reach)."""
         event = threading.Event()
         with self._lock:
+            previous = self._events.get(session or "")
             self._events[session or ""] = event
+        if previous is not None:
+            previous.set()
         return event
 
     def stop(self, session: str | None) -> None:

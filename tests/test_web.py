@@ -91,6 +91,23 @@ def stream(client, *args, api_name):
     return job.outputs()
 
 
+def test_stop_registry_one_generation_per_session():
+    from webui import StopRegistry
+
+    stops = StopRegistry()
+    first = stops.start("a")
+    other = stops.start("b")
+    second = stops.start("a")  # Regenerate while the first reply streams: the first one stops
+    assert first.is_set() and not second.is_set() and not other.is_set()
+    stops.finish("a", first)  # the old generation ending must not unregister the new one
+    stops.stop("a")
+    assert second.is_set() and not other.is_set()
+    stops.finish("a", second)
+    stops.stop("a")  # nothing running: no error
+    stops.stop("b")
+    assert other.is_set()
+
+
 def test_generate_api_streams_and_matches_cli(qa_server, tiny_model):
     from gradio_client import Client
 
@@ -244,4 +261,14 @@ def test_chat_page_in_browser(browser, chat_server, tmp_path):
     page.get_by_role("button", name="Clear history").click()
     page.wait_for_timeout(1000)
     assert "hello there" not in bot.inner_text()
+    # Clear while a reply streams: the generation stops and does not refill the box
+    box.fill("one more question")
+    page.get_by_role("button", name="Submit").click()
+    page.wait_for_function("() => document.querySelector('#chatbot').innerText.includes('one more question')",
+                           timeout=60_000)
+    page.get_by_role("button", name="Clear history").click()
+    page.wait_for_timeout(1000)
+    assert "one more question" not in bot.inner_text()
+    page.wait_for_timeout(2000)
+    assert "one more question" not in bot.inner_text()
     page.close()
