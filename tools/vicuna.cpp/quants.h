@@ -311,93 +311,55 @@ static inline __m256i unpack_nibbles(const uint8_t* qs) {
 }
 #endif
 
-template <int NC>
-static void dot_q8_0_ref(const BlockQ8_0* w, const BlockQ8A* const* x, int nb, float* out) {
-    for (int c = 0; c < NC; c++) {
-        float s = 0.0f;
-        for (int i = 0; i < nb; i++) {
-            int isum = 0;
-            for (int j = 0; j < QK; j++) isum += w[i].qs[j] * x[c][i].qs[j];
-            s += fp16_to_fp32(w[i].d) * x[c][i].d * (float)isum;
-        }
-        out[c] = s;
-    }
-}
+// The three block types differ only in how a block becomes 32 integer weights (element j of the
+// block: weight(b, j); all 32 as bytes in element order: load(b)) and in Q4_1's minimum, so one
+// loop serves them all. Q4_1's weights stay unsigned (0..15) for the u8 x i8 multiply:
+// sum_j (d q_j + m) (dx qx_j) = d dx sum_j q_j qx_j + m (dx sum_j qx_j) = d dx isum + m s.
+static inline int nibble(const uint8_t* qs, int j) { return j < QK / 2 ? qs[j] & 0xf : qs[j - QK / 2] >> 4; }
 
-template <int NC>
-static void dot_q8_0(const BlockQ8_0* w, const BlockQ8A* const* x, int nb, float* out) {
+struct Q8_0Kind {
+    typedef BlockQ8_0 Block;
+    static const bool is_unsigned = false, has_min = false;
+    static int weight(const Block& b, int j) { return b.qs[j]; }
 #ifdef VICUNA_AVX2
-    __m256 acc[NC];
-    for (int c = 0; c < NC; c++) acc[c] = _mm256_setzero_ps();
-    for (int i = 0; i < nb; i++) {
-        __m256i wq = _mm256_loadu_si256((const __m256i*)w[i].qs);
-        float dw = fp16_to_fp32(w[i].d);
-        for (int c = 0; c < NC; c++) {
-            __m256i p = dot_i8x32(wq, _mm256_loadu_si256((const __m256i*)x[c][i].qs));
-            acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(dw * x[c][i].d), _mm256_cvtepi32_ps(p), acc[c]);
-        }
-    }
-    for (int c = 0; c < NC; c++) out[c] = hsum_f32x8(acc[c]);
-#else
-    dot_q8_0_ref<NC>(w, x, nb, out);
+    static __m256i load(const Block& b) { return _mm256_loadu_si256((const __m256i*)b.qs); }
 #endif
-}
-
-template <int NC>
-static void dot_q4_0_ref(const BlockQ4_0* w, const BlockQ8A* const* x, int nb, float* out) {
-    for (int c = 0; c < NC; c++) {
-        float s = 0.0f;
-        for (int i = 0; i < nb; i++) {
-            int isum = 0;
-            for (int j = 0; j < QK / 2; j++) {
-                isum += ((w[i].qs[j] & 0xf) - 8) * x[c][i].qs[j];
-                isum += ((w[i].qs[j] >> 4) - 8) * x[c][i].qs[j + QK / 2];
-            }
-            s += fp16_to_fp32(w[i].d) * x[c][i].d * (float)isum;
-        }
-        out[c] = s;
-    }
-}
-
-template <int NC>
-static void dot_q4_0(const BlockQ4_0* w, const BlockQ8A* const* x, int nb, float* out) {
+};
+struct Q4_0Kind {
+    typedef BlockQ4_0 Block;
+    static const bool is_unsigned = false, has_min = false;
+    static int weight(const Block& b, int j) { return nibble(b.qs, j) - 8; }
 #ifdef VICUNA_AVX2
-    __m256 acc[NC];
-    for (int c = 0; c < NC; c++) acc[c] = _mm256_setzero_ps();
-    const __m256i eight = _mm256_set1_epi8(8);
-    for (int i = 0; i < nb; i++) {
-        __m256i wq = _mm256_sub_epi8(unpack_nibbles(w[i].qs), eight);  // -8..7
-        float dw = fp16_to_fp32(w[i].d);
-        for (int c = 0; c < NC; c++) {
-            __m256i p = dot_i8x32(wq, _mm256_loadu_si256((const __m256i*)x[c][i].qs));
-            acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(dw * x[c][i].d), _mm256_cvtepi32_ps(p), acc[c]);
-        }
-    }
-    for (int c = 0; c < NC; c++) out[c] = hsum_f32x8(acc[c]);
-#else
-    dot_q4_0_ref<NC>(w, x, nb, out);
+    static __m256i load(const Block& b) { return _mm256_sub_epi8(unpack_nibbles(b.qs), _mm256_set1_epi8(8)); }
 #endif
-}
+};
+struct Q4_1Kind {
+    typedef BlockQ4_1 Block;
+    static const bool is_unsigned = true, has_min = true;
+    static int weight(const Block& b, int j) { return nibble(b.qs, j); }
+#ifdef VICUNA_AVX2
+    static __m256i load(const Block& b) { return unpack_nibbles(b.qs); }
+#endif
+};
 
-// sum_j (d q_j + m) (dx qx_j) = d dx sum_j q_j qx_j + m (dx sum_j qx_j) = d dx isum + m s
-template <int NC>
-static void dot_q4_1_ref(const BlockQ4_1* w, const BlockQ8A* const* x, int nb, float* out) {
+template <class K, int NC>
+static void dot_blocks_ref(const typename K::Block* w, const BlockQ8A* const* x, int nb, float* out) {
     for (int c = 0; c < NC; c++) {
         float s = 0.0f;
         for (int i = 0; i < nb; i++) {
             int isum = 0;
-            for (int j = 0; j < QK / 2; j++) {
-                isum += (w[i].qs[j] & 0xf) * x[c][i].qs[j];
-                isum += (w[i].qs[j] >> 4) * x[c][i].qs[j + QK / 2];
-            }
-            s += fp16_to_fp32(w[i].d) * x[c][i].d * (float)isum + fp16_to_fp32(w[i].m) * x[c][i].s;
+            for (int j = 0; j < QK; j++) isum += K::weight(w[i], j) * x[c][i].qs[j];
+            if constexpr (K::has_min)
+                s += fp16_to_fp32(w[i].d) * x[c][i].d * (float)isum + fp16_to_fp32(w[i].m) * x[c][i].s;
+            else
+                s += fp16_to_fp32(w[i].d) * x[c][i].d * (float)isum;
         }
         out[c] = s;
     }
 }
 
-template <int NC>
-static void dot_q4_1(const BlockQ4_1* w, const BlockQ8A* const* x, int nb, float* out) {
+template <class K, int NC>
+static void dot_blocks(const typename K::Block* w, const BlockQ8A* const* x, int nb, float* out) {
 #ifdef VICUNA_AVX2
     __m256 acc[NC];
     float msum[NC];
@@ -406,17 +368,23 @@ static void dot_q4_1(const BlockQ4_1* w, const BlockQ8A* const* x, int nb, float
         msum[c] = 0.0f;
     }
     for (int i = 0; i < nb; i++) {
-        __m256i wq = unpack_nibbles(w[i].qs);  // 0..15
-        float dw = fp16_to_fp32(w[i].d), mw = fp16_to_fp32(w[i].m);
+        __m256i wq = K::load(w[i]);
+        float dw = fp16_to_fp32(w[i].d);
         for (int c = 0; c < NC; c++) {
-            __m256i p = dot_u4i8x32(wq, _mm256_loadu_si256((const __m256i*)x[c][i].qs));
+            __m256i xq = _mm256_loadu_si256((const __m256i*)x[c][i].qs);
+            __m256i p;
+            if constexpr (K::is_unsigned) p = dot_u4i8x32(wq, xq);
+            else p = dot_i8x32(wq, xq);
             acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(dw * x[c][i].d), _mm256_cvtepi32_ps(p), acc[c]);
-            msum[c] += mw * x[c][i].s;
+        }
+        if constexpr (K::has_min) {
+            float mw = fp16_to_fp32(w[i].m);
+            for (int c = 0; c < NC; c++) msum[c] += mw * x[c][i].s;
         }
     }
     for (int c = 0; c < NC; c++) out[c] = hsum_f32x8(acc[c]) + msum[c];
 #else
-    dot_q4_1_ref<NC>(w, x, nb, out);
+    dot_blocks_ref<K, NC>(w, x, nb, out);
 #endif
 }
 

@@ -315,9 +315,9 @@ static inline void dot_row(uint32_t type, const uint8_t* row, const float* x, co
     const BlockQ8A* xs[NC];
     for (int c = 0; c < NC; c++) xs[c] = xq + (size_t)(b + c) * nb;
     switch (type) {
-        case GGML_TYPE_Q8_0: dot_q8_0<NC>((const BlockQ8_0*)row, xs, nb, out); break;
-        case GGML_TYPE_Q4_0: dot_q4_0<NC>((const BlockQ4_0*)row, xs, nb, out); break;
-        case GGML_TYPE_Q4_1: dot_q4_1<NC>((const BlockQ4_1*)row, xs, nb, out); break;
+        case GGML_TYPE_Q8_0: dot_blocks<Q8_0Kind, NC>((const BlockQ8_0*)row, xs, nb, out); break;
+        case GGML_TYPE_Q4_0: dot_blocks<Q4_0Kind, NC>((const BlockQ4_0*)row, xs, nb, out); break;
+        case GGML_TYPE_Q4_1: dot_blocks<Q4_1Kind, NC>((const BlockQ4_1*)row, xs, nb, out); break;
     }
 }
 
@@ -334,9 +334,9 @@ template <int NC>
     switch (type) {
         case GGML_TYPE_F32: dot_f32_ref<NC>((const float*)row, xs, cols, out); break;
         case GGML_TYPE_F16: dot_f16_ref<NC>((const uint16_t*)row, xs, cols, out); break;
-        case GGML_TYPE_Q8_0: dot_q8_0_ref<NC>((const BlockQ8_0*)row, xqs, cols / QK, out); break;
-        case GGML_TYPE_Q4_0: dot_q4_0_ref<NC>((const BlockQ4_0*)row, xqs, cols / QK, out); break;
-        case GGML_TYPE_Q4_1: dot_q4_1_ref<NC>((const BlockQ4_1*)row, xqs, cols / QK, out); break;
+        case GGML_TYPE_Q8_0: dot_blocks_ref<Q8_0Kind, NC>((const BlockQ8_0*)row, xqs, cols / QK, out); break;
+        case GGML_TYPE_Q4_0: dot_blocks_ref<Q4_0Kind, NC>((const BlockQ4_0*)row, xqs, cols / QK, out); break;
+        case GGML_TYPE_Q4_1: dot_blocks_ref<Q4_1Kind, NC>((const BlockQ4_1*)row, xqs, cols / QK, out); break;
     }
 }
 
