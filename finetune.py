@@ -255,13 +255,17 @@ def run(args) -> str | None:
         **resolved,
     }
     trainer.add_callback(_config_callback(config))
+    lr_watch = _learning_rate_watch()
+    trainer.add_callback(lr_watch)
 
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     if rank == 0:
         from utils import adapter_key_report, save_training_config
 
         trainer.save_model(args.output_path)
-        adapter_key_report(args.output_path, trainer.model)
+        # lora_B starts at zero: still zero after steps at a positive learning rate means a broken
+        # run; after steps at rate 0 only (one step inside the warmup) it is what the user asked for
+        adapter_key_report(args.output_path, trainer.model, updated=lr_watch.max_lr > 0)
         save_training_config(args.output_path, config)
         png = plot_loss(trainer.state.log_history, os.path.join(args.output_path, "loss.png"))
         logger.info("adapter saved to %s%s", args.output_path, f"; loss curve: {png}" if png else "")
@@ -499,6 +503,20 @@ def _config_callback(config: dict):
                     save_training_config(folder, config)
 
     return SaveConfig()
+
+
+def _learning_rate_watch():
+    """The largest learning rate any optimizer step of this process used (`.max_lr`)."""
+    from transformers import TrainerCallback
+
+    class LearningRateWatch(TrainerCallback):
+        max_lr = 0.0
+
+        def on_step_begin(self, args, state, control, lr_scheduler=None, **kwargs):
+            if lr_scheduler is not None:
+                self.max_lr = max(self.max_lr, *lr_scheduler.get_last_lr())
+
+    return LearningRateWatch()
 
 
 def main(argv: list[str] | None = None, defaults: dict | None = None):

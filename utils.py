@@ -392,9 +392,11 @@ def load_adapter(model, lora_path: str, trainable: bool = False):
     return peft_model
 
 
-def adapter_key_report(adapter_dir: str, peft_model) -> None:
+def adapter_key_report(adapter_dir: str, peft_model, updated: bool = True) -> None:
     """Fail loudly when a saved adapter is empty: every LoRA tensor of the model must be in the
-    file, and lora_B must not be all zeros after training (it starts at zero)."""
+    file, and lora_B must not be all zeros after training (it starts at zero). `updated`: some
+    optimizer step ran at a positive learning rate; without one an all-zero lora_B is expected
+    and only warned about."""
     path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
     if not os.path.isfile(path):
         raise RuntimeError(f"{path} was not written")
@@ -404,9 +406,13 @@ def adapter_key_report(adapter_dir: str, peft_model) -> None:
     if missing:
         raise RuntimeError(f"{path} is missing {len(missing)} LoRA tensors, e.g. {missing[0]}; the adapter is incomplete")
     b_norm = sum(float(v.float().abs().sum()) for k, v in saved.items() if ".lora_B." in k)
-    if b_norm == 0.0:
-        raise RuntimeError(f"{path}: every lora_B tensor is zero, so the adapter does nothing; "
-                           "training did not update it (check the learning rate and that steps ran)")
+    if b_norm == 0.0 and not updated:
+        logger.warning("%s: every lora_B tensor is zero, so the adapter does nothing yet: no step of this run "
+                       "had a learning rate above 0 (a single step inside --warmup_steps trains at rate 0; "
+                       "run more steps or pass --warmup_steps 0)", path)
+    elif b_norm == 0.0:
+        raise UserError(f"{path}: every lora_B tensor is zero although training ran at a positive learning "
+                        "rate, so the adapter does nothing; check that the LoRA targets are in the forward pass")
 
 
 # --- training config saved next to every adapter ---------------------------------------------------

@@ -4,7 +4,7 @@
 # starts a fresh schedule. To resume an interrupted run instead (optimizer, scheduler and data
 # position restored), run the original script with --resume_from_checkpoint OUTPUT/checkpoint-N.
 #
-# Hardware and time: as scripts/finetune.sh (about 1.5 hours on a 2-core CPU VM with the embedded
+# Hardware and time: as scripts/finetune.sh (about 15 minutes on a 2-core CPU VM with the embedded
 # model and the instruction sample; a few minutes on one GPU). MODEL_PATH must be the base model
 # the adapter was trained on.
 #

@@ -91,6 +91,33 @@ def test_quantized_training_steps_on_cpu(tmp_path, tiny_model, quant):
     assert sum(float(p.abs().sum()) for n, p in model.named_parameters() if "lora_B" in n) > 0
 
 
+def test_single_step_inside_warmup_saves_and_warns(tmp_path, tiny_model, caplog):
+    """A smoke run of one step with warmup trains at learning rate 0: lora_B stays zero, which is
+    expected then (a warning), not a failed run."""
+    data = write_jsonl(tmp_path / "d.jsonl", INSTRUCT_RECORDS)
+    out = str(tmp_path / "out")
+    with caplog.at_level("WARNING", logger="vicuna"):
+        finetune.main(train_args(data, out, tiny_model, "--max_steps", "1", "--warmup_steps", "10"))
+    assert os.path.isfile(os.path.join(out, "training_config.json"))
+    assert "no step of this run had a learning rate above 0" in caplog.text
+
+
+def test_zero_adapter_after_real_steps_is_a_one_line_error(tmp_path, tiny_model, monkeypatch, capsys):
+    """lora_B still zero although steps ran at a positive rate: the adapter is useless, say so."""
+    import utils
+
+    real = utils.load_adapter_state_dict
+    monkeypatch.setattr(utils, "load_adapter_state_dict",  # as if the optimizer had never touched lora_B
+                        lambda path: {k: (v * 0 if ".lora_B." in k else v) for k, v in real(path).items()})
+    data = write_jsonl(tmp_path / "d.jsonl", INSTRUCT_RECORDS)
+    with pytest.raises(SystemExit) as exc:
+        finetune.main(train_args(data, str(tmp_path / "out"), tiny_model, "--max_steps", "1"))
+    assert exc.value.code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "every lora_B tensor is zero although training ran at a positive learning rate" in err[-1]
+    assert "Traceback" not in "\n".join(err)
+
+
 def _hash_tree(path):
     digest = {}
     for folder, _, files in os.walk(path):
