@@ -118,6 +118,36 @@ def test_zero_adapter_after_real_steps_is_a_one_line_error(tmp_path, tiny_model,
     assert "Traceback" not in "\n".join(err)
 
 
+@pytest.mark.gpu
+def test_qlora_on_a_gpu_keeps_bf16_weights_and_pages_the_optimizer(tmp_path, tiny_model):
+    """--quant 4bit on a GPU: NF4 linear layers, every other weight still bf16 after peft's k-bit
+    preparation (which upcasts them to float32: about 2 GB more on a 7B model), paged 8-bit AdamW,
+    and two steps that update the adapter."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+    from peft import PeftModel
+
+    import finetune_4bit
+    from utils import load_tokenizer
+
+    data = write_jsonl(tmp_path / "d.jsonl", INSTRUCT_RECORDS)
+    argv = train_args(data, str(tmp_path / "out"), tiny_model, "--bf16", "--max_steps", "2")
+    args = finetune.build_parser({**finetune.DEFAULTS, **finetune_4bit.DEFAULTS}).parse_args(argv)
+    model, resolved = finetune.load_trainable_model(args, tiny_model, ddp=False, gradient_checkpointing=True)
+    assert resolved["dtype"] == "bfloat16"
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    for name, p in model.named_parameters():
+        if "lora_" not in name and p.dtype.is_floating_point:
+            assert p.dtype == torch.bfloat16, name
+    trainer = finetune.make_trainer(args, model, load_tokenizer(tiny_model), [], [], 1, True, True, False)
+    assert str(getattr(trainer.args.optim, "value", trainer.args.optim)) == "paged_adamw_8bit"
+    del trainer, model
+
+    finetune_4bit.main(argv)
+    adapter = PeftModel.from_pretrained(base(tiny_model), str(tmp_path / "out"))
+    assert sum(float(p.abs().sum()) for n, p in adapter.named_parameters() if "lora_B" in n) > 0
+
+
 def _hash_tree(path):
     digest = {}
     for folder, _, files in os.walk(path):
