@@ -75,6 +75,9 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
     a("--packing", action=argparse.BooleanOptionalAction, default=True,
       help="pack each micro-batch into one row without padding (positions restart per example, "
            "attention never crosses examples); --no-packing pads each batch to its longest example")
+    a("--group_by_length", action=argparse.BooleanOptionalAction, default=True,
+      help="with --no-packing: batches of examples of similar length, so little padding is computed "
+           "(transformers' LengthGroupedSampler; packed rows have no padding to save)")
     a("--test_size", type=int, default=d["test_size"], help="records held out for evaluation (0: none)")
     a("--eval_steps", type=int, default=d["eval_steps"])
     a("--save_steps", type=int, default=d["save_steps"])
@@ -369,6 +372,7 @@ def make_trainer(args, model, tokenizer, train_examples, test_examples, grad_acc
         ddp_find_unused_parameters=False if ddp else None,
         ddp_backend=None if on_gpu or not ddp else "gloo",
         use_cpu=not on_gpu,
+        train_sampling_strategy="group_by_length" if (args.group_by_length and not args.packing) else "random",
         dataloader_num_workers=0,
         deepspeed=args.deepspeed,
     )

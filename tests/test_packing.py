@@ -94,3 +94,37 @@ def test_gpu_check_dry_run(tmp_path):
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
     assert out.stdout.count(" steps ") == 6 and "ours 8bit / recipe 8bit:" in out.stdout
+
+
+def test_no_packing_groups_batches_by_length(tiny_models, tmp_path):
+    """--no-packing pads each batch to its longest example; length grouping (the default there)
+    puts similar lengths together, so the padded batches carry little padding."""
+    import random
+
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    import finetune
+    from utils import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_models["sp"])
+    tokenizer.padding_side = "right"
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["sp"], dtype=torch.float32)
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 200) for _ in range(400)]
+    exs = [{"input_ids": [7] * n, "labels": [IGNORE_INDEX] * (n // 2) + [7] * (n - n // 2)} for n in lengths]
+
+    def computed_tokens(*flags):
+        args = finetune.build_parser(finetune.DEFAULTS).parse_args(
+            ["--output_path", str(tmp_path / "out"), "--micro_batch_size", "4", "--batch_size", "4", "--no-packing",
+             *flags])
+        trainer = finetune.make_trainer(args, model, tokenizer, exs, [], 1, False, False, False)
+        batches = list(trainer.get_train_dataloader())
+        assert sorted(n for b in batches for n in (b["labels"][:, 1:] != IGNORE_INDEX).sum(1).tolist()) == \
+            sorted(n - n // 2 for n in lengths)  # every example once, labels intact
+        return trainer, sum(b["input_ids"].numel() for b in batches)
+
+    trainer, grouped = computed_tokens()
+    assert isinstance(trainer._get_train_sampler(), LengthGroupedSampler)
+    _, shuffled = computed_tokens("--no-group_by_length")
+    real = sum(lengths)
+    assert grouped - real < 0.25 * (shuffled - real), (real, grouped, shuffled)

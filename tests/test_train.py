@@ -91,6 +91,19 @@ def test_quantized_training_steps_on_cpu(tmp_path, tiny_model, quant):
     assert sum(float(p.abs().sum()) for n, p in model.named_parameters() if "lora_B" in n) > 0
 
 
+def test_padded_length_grouped_path_trains(tmp_path, tiny_model):
+    """--no-packing (padded, length-grouped batches) runs end to end and updates the adapter."""
+    from peft import PeftModel
+
+    data = write_jsonl(tmp_path / "d.jsonl", INSTRUCT_RECORDS)
+    out = str(tmp_path / "out")
+    finetune.main(train_args(data, out, tiny_model, "--no-packing", "--max_steps", "2"))
+    config = json.load(open(os.path.join(out, "training_config.json")))
+    assert config["args"]["packing"] is False and config["args"]["group_by_length"] is True
+    model = PeftModel.from_pretrained(base(tiny_model), out)
+    assert sum(float(p.abs().sum()) for n, p in model.named_parameters() if "lora_B" in n) > 0
+
+
 def test_single_step_inside_warmup_saves_and_warns(tmp_path, tiny_model, caplog):
     """A smoke run of one step with warmup trains at learning rate 0: lora_B stays zero, which is
     expected then (a warning), not a failed run."""
