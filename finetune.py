@@ -382,8 +382,14 @@ def make_trainer(args, model, tokenizer, train_examples, test_examples, grad_acc
         # The sequence boundaries (cu_seq_lens_*) ride along for flash-attention and PACKED_ATTENTION.
         collator = DataCollatorWithFlattening(return_position_ids=True, return_flash_attn_kwargs=True,
                                               separator_id=IGNORE_INDEX)
-        if not on_gpu:  # measured on the CPU (docs/performance.md); GPUs keep SDPA's masked kernels
-            use_packed_attention(model.get_base_model() if hasattr(model, "get_base_model") else model)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if not on_gpu:  # measured on the CPU (docs/performance.md)
+            use_packed_attention(base)
+        elif dtype != torch.float32 and _flash_attention_available():
+            # varlen flash-attention over the packed row, bounded by cu_seq_lens: no [T x T] mask
+            base.set_attn_implementation("flash_attention_2")
+            logger.info("attention: flash_attention_2 over packed rows")
+        # otherwise (a GPU without flash-attn): SDPA with the block-diagonal mask
     else:
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX,
                                           pad_to_multiple_of=8, return_tensors="pt")
@@ -393,6 +399,12 @@ def make_trainer(args, model, tokenizer, train_examples, test_examples, grad_acc
 
 
 PACKED_ATTENTION = "sdpa_packed"
+
+
+def _flash_attention_available() -> bool:
+    from transformers.utils import is_flash_attn_2_available
+
+    return is_flash_attn_2_available()
 
 
 def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0,

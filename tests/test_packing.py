@@ -128,3 +128,30 @@ def test_no_packing_groups_batches_by_length(tiny_models, tmp_path):
     _, shuffled = computed_tokens("--no-group_by_length")
     real = sum(lengths)
     assert grouped - real < 0.25 * (shuffled - real), (real, grouped, shuffled)
+
+
+@pytest.mark.gpu
+def test_packed_flash_attention_loss_equals_one_by_one(tiny_models):
+    """On a GPU with flash-attn, finetune.py trains packed rows with varlen flash-attention: the
+    loss must still be the examples' own loss, run one by one (bf16 tolerance)."""
+    from transformers.utils import is_flash_attn_2_available
+
+    from utils import load_tokenizer
+
+    if not is_flash_attn_2_available():
+        pytest.skip("flash-attn is not installed")
+    tokenizer = load_tokenizer(tiny_models["bpe"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["bpe"], dtype=torch.bfloat16,
+                                                 attn_implementation="flash_attention_2").cuda().eval()
+    exs = examples(tokenizer)
+    with torch.no_grad():
+        reference_sum, reference_count = 0.0, 0
+        for ex in exs:
+            ids, labels = torch.tensor([ex["input_ids"]]).cuda(), torch.tensor([ex["labels"]]).cuda()
+            n = int((labels[:, 1:] != IGNORE_INDEX).sum())
+            reference_sum += float(model(input_ids=ids, labels=labels).loss) * n
+            reference_count += n
+        packed = {k: v.cuda() if torch.is_tensor(v) else v for k, v in flatten(exs).items()}
+        total, count = supervised_token_loss(model, packed)
+    assert count == reference_count
+    torch.testing.assert_close(float(total), reference_sum, rtol=2e-2, atol=1e-2)
