@@ -19,6 +19,14 @@ MODEL_PATH="${MODEL_PATH:-}"
 PYTHON="${PYTHON:-python}"
 TORCHRUN="${TORCHRUN:-torchrun}"
 
+# The instruction-tuning recipe (Chinese-Vicuna's schedule on the shipped sample) that
+# finetune.sh, finetune_4bit.sh, finetune_deepspeed.sh and finetune_continue.sh share; each adds its
+# own flags, and flags given after these win. Change the recipe here, once.
+INSTRUCT_SCHEDULE=(--prompt_type instruct --cutoff_len 256 --micro_batch_size 4 --batch_size 32 --num_epochs 3
+                   --learning_rate 3e-4 --warmup_steps 10 --test_size 16 --eval_steps 10 --save_steps 10
+                   --save_total_limit 2)
+INSTRUCT_LORA=(--lora_r 8 --lora_alpha 16 --lora_dropout 0.05 --lora_target_modules q_proj,v_proj)  # new adapters
+
 # launch ENTRY [ARGS...]: run ENTRY with plain python (0 or 1 GPU) or torchrun (2+ GPUs).
 # --model_path goes first, so a --model_path among ARGS (or the caller's "$@") still wins.
 launch() {

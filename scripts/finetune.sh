@@ -12,6 +12,8 @@
 # Override from the environment:  TOT_CUDA=0,1 PORT=12345 DATA_PATH=... OUTPUT_PATH=... MODEL_PATH=...
 # and any finetune.py flag by appending it (later flags win):  scripts/finetune.sh --num_epochs 1
 # For a full data set raise --batch_size 128 --eval_steps 200 --save_steps 200 --test_size 200.
+# The schedule and LoRA shape are INSTRUCT_SCHEDULE / INSTRUCT_LORA in scripts/common.sh (shared with
+# finetune_4bit.sh, finetune_deepspeed.sh and finetune_continue.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
@@ -22,19 +24,6 @@ OUTPUT_PATH="${OUTPUT_PATH:-lora-Vicuna}"
 launch finetune.py \
   --data_path "$DATA_PATH" \
   --output_path "$OUTPUT_PATH" \
-  --prompt_type instruct \
-  --cutoff_len 256 \
-  --micro_batch_size 4 \
-  --batch_size 32 \
-  --num_epochs 3 \
-  --learning_rate 3e-4 \
-  --warmup_steps 10 \
-  --lora_r 8 \
-  --lora_alpha 16 \
-  --lora_dropout 0.05 \
-  --lora_target_modules q_proj,v_proj \
-  --test_size 16 \
-  --eval_steps 10 \
-  --save_steps 10 \
-  --save_total_limit 2 \
+  "${INSTRUCT_SCHEDULE[@]}" \
+  "${INSTRUCT_LORA[@]}" \
   "$@"

@@ -19,20 +19,7 @@ OUTPUT_PATH="${OUTPUT_PATH:-lora-Vicuna-4bit}"
 launch finetune_4bit.py \
   --data_path "$DATA_PATH" \
   --output_path "$OUTPUT_PATH" \
-  --prompt_type instruct \
+  "${INSTRUCT_SCHEDULE[@]}" \
+  "${INSTRUCT_LORA[@]}" \
   --quant 4bit \
-  --cutoff_len 256 \
-  --micro_batch_size 4 \
-  --batch_size 32 \
-  --num_epochs 3 \
-  --learning_rate 3e-4 \
-  --warmup_steps 10 \
-  --lora_r 8 \
-  --lora_alpha 16 \
-  --lora_dropout 0.05 \
-  --lora_target_modules q_proj,v_proj \
-  --test_size 16 \
-  --eval_steps 10 \
-  --save_steps 10 \
-  --save_total_limit 2 \
   "$@"

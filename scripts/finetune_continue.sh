@@ -27,15 +27,5 @@ launch finetune.py \
   --lora_path "$LORA_PATH" \
   --data_path "$DATA_PATH" \
   --output_path "$OUTPUT_PATH" \
-  --prompt_type instruct \
-  --cutoff_len 256 \
-  --micro_batch_size 4 \
-  --batch_size 32 \
-  --num_epochs 3 \
-  --learning_rate 3e-4 \
-  --warmup_steps 10 \
-  --test_size 16 \
-  --eval_steps 10 \
-  --save_steps 10 \
-  --save_total_limit 2 \
+  "${INSTRUCT_SCHEDULE[@]}" \
   "$@"

@@ -178,6 +178,18 @@ def test_every_flag_in_the_script_is_emitted(script, run_script):
     assert written - TORCHRUN_FLAGS <= set(result.script_args)
 
 
+def test_instruction_scripts_share_one_recipe(run_script):
+    """finetune.sh, its 4-bit, DeepSpeed and continue variants train on one schedule (common.sh)."""
+    keys = ["--prompt_type", "--cutoff_len", "--micro_batch_size", "--batch_size", "--num_epochs", "--learning_rate",
+            "--warmup_steps", "--test_size", "--eval_steps", "--save_steps", "--save_total_limit"]
+    scripts = ["finetune.sh", "finetune_4bit.sh", "finetune_deepspeed.sh", "finetune_continue.sh"]
+    recipes = {s: tuple(run_script(s).value(k) for k in keys) for s in scripts}
+    assert len(set(recipes.values())) == 1 and None not in recipes["finetune.sh"], recipes
+    lora = ["--lora_r", "--lora_alpha", "--lora_dropout", "--lora_target_modules"]
+    assert {tuple(run_script(s).value(k) for k in lora) for s in scripts[:3]} == {("8", "16", "0.05", "q_proj,v_proj")}
+    assert run_script("finetune_continue.sh").value("--lora_r") is None  # the continued adapter keeps its shape
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_path_variables_override(script, run_script):
     env = dict(DATA_PATH="/data dir/new data.jsonl", OUTPUT_PATH="/out dir/lora", MODEL_PATH="/models/llama 7b")
