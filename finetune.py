@@ -329,6 +329,7 @@ def make_trainer(args, model, tokenizer, train_examples, test_examples, grad_acc
     import torch
     from datasets import Dataset
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, TrainingArguments
+    from transformers.utils import is_flash_attn_2_available
 
     from utils import pick_dtype
 
@@ -385,7 +386,7 @@ def make_trainer(args, model, tokenizer, train_examples, test_examples, grad_acc
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         if not on_gpu:  # measured on the CPU (docs/performance.md)
             use_packed_attention(base)
-        elif dtype != torch.float32 and _flash_attention_available():
+        elif dtype != torch.float32 and is_flash_attn_2_available():
             # varlen flash-attention over the packed row, bounded by cu_seq_lens: no [T x T] mask
             base.set_attn_implementation("flash_attention_2")
             logger.info("attention: flash_attention_2 over packed rows")
@@ -399,12 +400,6 @@ def make_trainer(args, model, tokenizer, train_examples, test_examples, grad_acc
 
 
 PACKED_ATTENTION = "sdpa_packed"
-
-
-def _flash_attention_available() -> bool:
-    from transformers.utils import is_flash_attn_2_available
-
-    return is_flash_attn_2_available()
 
 
 def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -423,11 +418,9 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     bounds = kwargs.pop("cu_seq_lens_q", None)
     for name in ("cu_seq_lens_k", "max_length_q", "max_length_k"):
         kwargs.pop(name, None)
-    if bounds is None or query.shape[0] != 1 or key.shape[2] != query.shape[2]:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
-    bounds = bounds.tolist()
-    if bounds[0] != 0 or bounds[-1] != query.shape[2]:  # not a whole packed row: keep the mask
+    bounds = bounds.tolist() if bounds is not None and query.shape[0] == 1 else None
+    if bounds is None or bounds[0] != 0 or bounds[-1] != query.shape[2] or key.shape[2] != query.shape[2]:
+        # not one whole packed row (a padded batch, generation with a cache): keep the mask
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     sizes = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
