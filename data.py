@@ -17,10 +17,11 @@ import json
 import os
 import random
 
+from errors import UserError
 from prompt import Conversation
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad user data: the message is one line, ready to print."""
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from errors import UserError
+
 IGNORE_INDEX = -100  # the label torch.nn.CrossEntropyLoss skips
 
 PROMPT_TYPES = ("instruct", "chat", "chat_template")
@@ -83,7 +85,7 @@ class Pieces:
         return "".join(out)
 
 
-class TemplateError(ValueError):
+class TemplateError(UserError):
     """A conversation that the chosen template cannot express."""
 
 

@@ -17,6 +17,8 @@ import sys
 import tempfile
 from dataclasses import fields
 
+from errors import UserError, cli_errors, one_line  # noqa: F401  (re-exported for entry scripts)
+
 logger = logging.getLogger("vicuna")
 
 # --- names shared by training, generation and tools -----------------------------------------------
@@ -28,30 +30,6 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 LEGACY_ADAPTER_WEIGHTS = ("adapter_model.bin", "pytorch_model.bin")  # Chinese-Vicuna / old peft
 TRAINING_CONFIG = "training_config.json"  # template name + resolved hyperparameters
 QUANT_CHOICES = ("none", "8bit", "4bit")
-
-
-class UserError(Exception):
-    """A problem with the user's input: printed as one line, exit status 2, no traceback."""
-
-
-def cli_errors(fn):
-    """Run `fn` and turn known user errors into `error: ...` on stderr and exit status 2."""
-    from data import DataError
-    from prompt import TemplateError
-
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (UserError, DataError, TemplateError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            raise SystemExit(130) from None
-
-    wrapper.__name__ = getattr(fn, "__name__", "main")
-    wrapper.__doc__ = fn.__doc__
-    return wrapper
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -193,15 +171,10 @@ def load_tokenizer(model_path: str, trust_remote_code: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a tokenizer from {model_path}: {_first_line(e)}") from None
+        raise UserError(f"cannot load a tokenizer from {model_path}: {one_line(e)}") from None
     ensure_pad_token(tokenizer)
     tokenizer.padding_side = "left"  # generation pads on the left; the training collator pads itself
     return tokenizer
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 # --- base model ------------------------------------------------------------------------------------
@@ -257,7 +230,7 @@ def load_model(model_path: str, quant: str = "none", dtype=None, device_map=None
             device_map=device_map if device_map is not None else device_map_for(quant),
             trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a model from {model_path}: {_first_line(e)}") from None
+        raise UserError(f"cannot load a model from {model_path}: {one_line(e)}") from None
     return model
 
 
@@ -297,7 +270,7 @@ def load_adapter_state_dict(weights_path: str) -> dict:
         try:
             raw = torch.load(weights_path, map_location="cpu", weights_only=True)
         except Exception as e:  # pickles with code objects, corrupt files
-            raise UserError(f"{weights_path}: cannot be read as a tensor file ({_first_line(e)})") from None
+            raise UserError(f"{weights_path}: cannot be read as a tensor file ({one_line(e)})") from None
     state = {}
     for key, value in raw.items():
         if "lora_" not in key:
@@ -367,7 +340,7 @@ def load_adapter(model, lora_path: str, trainable: bool = False):
     try:
         peft_model = get_peft_model(model, config)
     except ValueError as e:
-        raise UserError(f"adapter {lora_path} does not fit base model {_base_name(model)}: {_first_line(e)}") from None
+        raise UserError(f"adapter {lora_path} does not fit base model {_base_name(model)}: {one_line(e)}") from None
     expected = {strip_adapter_name(k): v for k, v in peft_model.state_dict().items() if "lora_" in k}
     for key, value in state.items():
         if key not in expected:
