@@ -13,12 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import importlib.util
+import math
 import os
+import re
 import sys
 
-from prompt import IGNORE_INDEX, PROMPT_TYPES, build_example
-from utils import (ADAPTER_CONFIG, EMBEDDED_MODEL, QUANT_CHOICES, UserError, cli_errors, logger,
-                   setup_logging)
+from prompt import IGNORE_INDEX, PROMPT_TYPES, encode_example
+from utils import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, EMBEDDED_MODEL, QUANT_CHOICES, TRAINING_CONFIG, UserError,
+                   cli_errors, logger, one_line, setup_logging)
 
 # Defaults in one visible place (Chinese-Vicuna's where it had them). Variants override a few.
 DEFAULTS = dict(
@@ -39,7 +42,7 @@ DEFAULTS = dict(
     lora_dropout=0.05,
     lora_target_modules="q_proj,v_proj",
     train_on="all",
-    test_size=200,
+    test_size=None,  # 200 records, or a tenth of the data when that is fewer
     eval_steps=200,
     save_steps=200,
     save_total_limit=3,
@@ -78,7 +81,8 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
     a("--group_by_length", action=argparse.BooleanOptionalAction, default=True,
       help="with --no-packing: batches of examples of similar length, so little padding is computed "
            "(transformers' LengthGroupedSampler; packed rows have no padding to save)")
-    a("--test_size", type=int, default=d["test_size"], help="records held out for evaluation (0: none)")
+    a("--test_size", type=int, default=d["test_size"],
+      help="records held out for evaluation (0: none; default: 200, or a tenth of the data when fewer)")
     a("--eval_steps", type=int, default=d["eval_steps"])
     a("--save_steps", type=int, default=d["save_steps"])
     a("--save_total_limit", type=int, default=d["save_total_limit"], help="checkpoints kept (0: all)")
@@ -94,7 +98,9 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
            "--no-gradient_checkpointing trains 1.6-2.2x faster (docs/performance.md)")
     a("--bf16", action="store_true", help="train in bfloat16 (default: auto, bf16/fp16 on GPU, fp32 on CPU)")
     a("--fp16", action="store_true", help="train in float16")
-    a("--overwrite_output_dir", action="store_true", help="write into an output folder that holds an adapter")
+    a("--overwrite_output_dir", action="store_true",
+      help="write into a non-empty output folder: replaces only the adapter files (adapter_config.json, "
+           "adapter_model.safetensors, training_config.json, loss.png) and never deletes a file")
     a("--deepspeed", metavar="JSON", default=None,
       help="DeepSpeed config for HF Trainer, e.g. config-sample/zero2.json (pip install deepspeed)")
     a("--inspect_data", metavar="FILE", default=None,
@@ -108,6 +114,16 @@ def validate_args(args) -> None:
                  "eval_steps", "save_steps", "logging_steps"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name} must be > 0, got {getattr(args, name)}")
+    for name in ("warmup_steps", "save_total_limit"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.test_size is not None and args.test_size < 0:
+        raise UserError(f"--test_size must be >= 0, got {args.test_size}")
+    if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
+        raise UserError(f"--learning_rate must be a finite number > 0, got {args.learning_rate}; "
+                        "the recipes use 3e-4 (LoRA) to 2e-4 (QLoRA)")
+    if not math.isfinite(args.num_epochs):
+        raise UserError(f"--num_epochs must be a finite number, got {args.num_epochs}")
     if args.batch_size % args.micro_batch_size:
         raise UserError(f"--batch_size {args.batch_size} is not a multiple of --micro_batch_size "
                         f"{args.micro_batch_size}")
@@ -115,15 +131,17 @@ def validate_args(args) -> None:
         raise UserError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
     if args.bf16 and args.fp16:
         raise UserError("--bf16 and --fp16 exclude each other; pass one")
-    if args.resume_from_checkpoint and not os.path.isdir(args.resume_from_checkpoint):
-        raise UserError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such directory")
     if args.resume_from_checkpoint and args.lora_path:
         raise UserError("--resume_from_checkpoint continues a run, --lora_path starts a new one from an "
                         "adapter; pass one of them")
     if args.deepspeed and not os.path.isfile(args.deepspeed):
         raise UserError(f"--deepspeed {args.deepspeed}: no such file; see config-sample/zero2.json")
+    if args.deepspeed and importlib.util.find_spec("deepspeed") is None:
+        raise UserError(f"--deepspeed {args.deepspeed} needs the deepspeed package: pip install deepspeed")
     if args.max_steps <= 0 and args.num_epochs <= 0:
         raise UserError("--num_epochs must be > 0 (or pass --max_steps)")
+    if args.resume_from_checkpoint:
+        check_checkpoint(args.resume_from_checkpoint, args)
 
 
 def target_modules(spec: str):
@@ -135,26 +153,117 @@ def target_modules(spec: str):
     return names
 
 
-def build_examples(convs, args, tokenizer) -> tuple[list[dict], int]:
-    """Tokenized, masked, truncated examples; returns (examples, dropped_count)."""
-    examples, dropped = [], 0
+def build_examples(convs, args, tokenizer, counts: dict | None = None) -> tuple[list[dict], int]:
+    """Tokenized, masked, truncated examples; returns (examples, dropped_count). `counts`, when
+    given, gets "truncated": how many kept examples lost tokens at --cutoff_len."""
+    examples, dropped, truncated = [], 0, 0
     for conv in convs:
-        ex = build_example(args.prompt_type, conv, tokenizer, args.cutoff_len, args.train_on)
+        ex, cut = encode_example(args.prompt_type, conv, tokenizer, args.cutoff_len, args.train_on)
         if ex is None:
             dropped += 1
         else:
             examples.append(ex)
+            truncated += cut
+    if counts is not None:
+        counts["truncated"] = counts.get("truncated", 0) + truncated
     return examples, dropped
 
 
+# The files a finished run puts at the top of --output_path; --overwrite_output_dir replaces these
+# and nothing else (a user's README.md stays).
+ADAPTER_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, TRAINING_CONFIG, "loss.png")
+CHECKPOINT_DIR = re.compile(r"checkpoint-(\d+)")
+
+
+def _checkpoints_in(folder: str) -> list[str]:
+    found = [n for n in os.listdir(folder) if CHECKPOINT_DIR.fullmatch(n) and os.path.isdir(os.path.join(folder, n))]
+    return sorted(found, key=lambda n: int(n.split("-")[1]))
+
+
+def _listing(names: list[str], most: int = 4) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 def check_output_dir(args) -> None:
+    """Refuse any --output_path that holds something, unless the run continues a checkpoint in it
+    or --overwrite_output_dir is given (and even then never over another run's checkpoints)."""
     out = args.output_path
+    if not out or not out.strip():
+        raise UserError("--output_path is empty; pass a folder name, e.g. --output_path lora-Vicuna")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--output_path {out} is a file; pass a folder")
-    has_adapter = os.path.isfile(os.path.join(out, ADAPTER_CONFIG))
-    if has_adapter and not (args.overwrite_output_dir or args.resume_from_checkpoint):
-        raise UserError(f"--output_path {out} already holds an adapter; pass another folder or "
-                        "--overwrite_output_dir to write over it")
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"--output_path {out}: {existing} is a file, so no folder can be made there; pass another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--output_path {out}: {existing} is not writable; pass a folder you can write to")
+    if not os.path.isdir(out) or not os.listdir(out):
+        return
+    entries = sorted(os.listdir(out))
+    checkpoints = _checkpoints_in(out)
+    if args.resume_from_checkpoint:
+        parent = os.path.dirname(os.path.abspath(args.resume_from_checkpoint))
+        if os.path.realpath(parent) == os.path.realpath(out):
+            return  # continuing the run this folder holds
+        raise UserError(f"--output_path {out} is not empty ({_listing(entries)}) and "
+                        f"--resume_from_checkpoint {args.resume_from_checkpoint} belongs to another folder; "
+                        f"pass --output_path {parent} to continue that run there, or a new folder")
+    if checkpoints:
+        what = "already holds an adapter and the" if ADAPTER_CONFIG in entries else "holds"
+        raise UserError(f"--output_path {out} {what} checkpoints of an earlier run ({_listing(checkpoints)}); pass "
+                        f"--resume_from_checkpoint {os.path.join(out, checkpoints[-1])} to continue it, or a new "
+                        "--output_path (--overwrite_output_dir never writes over another run's checkpoints)")
+    if args.overwrite_output_dir:
+        return
+    what = "already holds an adapter" if ADAPTER_CONFIG in entries else "is not empty"
+    raise UserError(f"--output_path {out} {what} ({_listing(entries)}); pass a new or empty folder, or "
+                    "--overwrite_output_dir to replace only the adapter files in it (nothing is deleted)")
+
+
+CHECKPOINT_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, "trainer_state.json", "optimizer.pt", "scheduler.pt")
+
+
+def check_checkpoint(path: str, args) -> None:
+    """A --resume_from_checkpoint folder that the Trainer can continue, checked before any model
+    loads: every file present and readable, and the LoRA shape the flags ask for."""
+    import torch
+
+    from utils import check_adapter_file, read_json_file
+
+    flag = f"--resume_from_checkpoint {path}"
+    if not os.path.isdir(path):
+        raise UserError(f"{flag}: no such directory; pass a checkpoint-N folder inside an earlier --output_path")
+    missing = [n for n in CHECKPOINT_FILES if not os.path.isfile(os.path.join(path, n))]
+    if missing:
+        parent = os.path.dirname(os.path.abspath(path))
+        complete = [c for c in _checkpoints_in(parent)
+                    if all(os.path.isfile(os.path.join(parent, c, n)) for n in CHECKPOINT_FILES)]
+        hint = (f"the latest complete one is {os.path.join(os.path.dirname(path), complete[-1])}" if complete
+                else "pass a checkpoint-N folder finetune.py wrote")
+        raise UserError(f"{flag}: not a complete checkpoint (no {', '.join(missing)}); {hint}")
+    state = read_json_file(os.path.join(path, "trainer_state.json"), dict)
+    if not isinstance(state.get("global_step"), int):
+        raise UserError(f"{os.path.join(path, 'trainer_state.json')}: no integer global_step; the checkpoint is damaged")
+    config = read_json_file(os.path.join(path, ADAPTER_CONFIG), dict)
+    check_adapter_file(os.path.join(path, ADAPTER_WEIGHTS))
+    for name in ("optimizer.pt", "scheduler.pt"):
+        try:
+            torch.load(os.path.join(path, name), map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated zip, not a torch file
+            raise UserError(f"{os.path.join(path, name)}: cannot be read ({one_line(e)}); the checkpoint is "
+                            "damaged: resume from an earlier checkpoint-N") from None
+    if args.lora_r != config.get("r") or (args.lora_alpha != config.get("lora_alpha")):
+        raise UserError(f"{flag}: the checkpoint is a LoRA of r={config.get('r')}, lora_alpha={config.get('lora_alpha')} "
+                        f"but the flags ask for --lora_r {args.lora_r} --lora_alpha {args.lora_alpha}; "
+                        "pass the flags of the run that wrote it")
+    wanted = target_modules(args.lora_target_modules)
+    saved = config.get("target_modules")
+    if wanted != "all-linear" and sorted(wanted) != sorted(saved if isinstance(saved, list) else [saved]):
+        raise UserError(f"{flag}: the checkpoint's LoRA targets {saved} but --lora_target_modules is "
+                        f"{args.lora_target_modules}; pass the flags of the run that wrote it")
 
 
 def plot_loss(log_history: list[dict], path: str) -> str | None:
@@ -204,28 +313,26 @@ def run(args) -> str | None:
     # Data first: a bad record must stop the run before any weights load or files are written.
     data_format, convs = load_conversations(args.data_path)
     if not args.inspect_data:
-        train_convs, test_convs = train_test_split(convs, args.test_size, args.seed, args.data_path)
+        test_size = args.test_size if args.test_size is not None else min(200, len(convs) // 10)
+        train_convs, test_convs = train_test_split(convs, test_size, args.seed, args.data_path)
     model_path = resolve_model_path(args.model_path)
     tokenizer = load_tokenizer(model_path, args.trust_remote_code)
     tokenizer.padding_side = "right"
+    counts: dict = {}
     if args.inspect_data:
-        examples, dropped = build_examples(convs, args, tokenizer)
+        examples, dropped = build_examples(convs, args, tokenizer, counts)
         write_inspect_file(args.inspect_data, examples)
-        logger.info("wrote %d examples to %s (%d dropped: no supervised token within --cutoff_len %d)",
-                    len(examples), args.inspect_data, dropped, args.cutoff_len)
+        logger.info("wrote %d examples to %s (%d cut at --cutoff_len %d; %d dropped: no supervised token "
+                    "within it)", len(examples), args.inspect_data, counts["truncated"], args.cutoff_len, dropped)
         return None
-    train_examples, dropped_train = build_examples(train_convs, args, tokenizer)
-    test_examples, dropped_test = build_examples(test_convs, args, tokenizer)
+    train_examples, dropped_train = build_examples(train_convs, args, tokenizer, counts)
+    test_examples, dropped_test = build_examples(test_convs, args, tokenizer, counts)
     if dropped_train + dropped_test:
         logger.warning("dropped %d of %d records whose response lies beyond --cutoff_len %d",
                        dropped_train + dropped_test, len(convs), args.cutoff_len)
     if not train_examples:
         raise UserError(f"{args.data_path}: no training example keeps a supervised token within "
                         f"--cutoff_len {args.cutoff_len}; raise --cutoff_len")
-    n_tokens = sum(len(e["input_ids"]) for e in train_examples)
-    n_sup = sum(sum(1 for t in e["labels"] if t != IGNORE_INDEX) for e in train_examples)
-    logger.info("%s: %s format, %d train / %d eval examples, %d tokens (%d supervised)",
-                args.data_path, data_format, len(train_examples), len(test_examples), n_tokens, n_sup)
 
     grad_accum = args.batch_size // args.micro_batch_size
     if ddp:
@@ -233,6 +340,8 @@ def run(args) -> str | None:
             raise UserError(f"--batch_size {args.batch_size} / --micro_batch_size {args.micro_batch_size} "
                             f"= {grad_accum} is not divisible by the {world_size} processes")
         grad_accum //= world_size
+    total_steps = planned_steps(args, len(train_examples), world_size, grad_accum)
+    log_summary(args, data_format, len(convs), train_examples, test_examples, counts["truncated"], total_steps)
     import torch
 
     on_gpu = torch.cuda.is_available()
@@ -261,18 +370,62 @@ def run(args) -> str | None:
     lr_watch = _learning_rate_watch()
     trainer.add_callback(lr_watch)
 
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    if rank == 0:
-        from utils import adapter_key_report, save_training_config
-
-        trainer.save_model(args.output_path)
-        # lora_B starts at zero: still zero after steps at a positive learning rate means a broken
-        # run; after steps at rate 0 only (one step inside the warmup) it is what the user asked for
-        adapter_key_report(args.output_path, trainer.model, updated=lr_watch.max_lr > 0)
-        save_training_config(args.output_path, config)
-        png = plot_loss(trainer.state.log_history, os.path.join(args.output_path, "loss.png"))
-        logger.info("adapter saved to %s%s", args.output_path, f"; loss curve: {png}" if png else "")
+    trainer.add_callback(_finite_gradients_watch(args))
+    try:
+        trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+        if rank == 0:
+            # lora_B starts at zero: still zero after steps at a positive learning rate means a broken
+            # run; after steps at rate 0 only (one step inside the warmup) it is what the user asked for
+            save_final_adapter(trainer, args.output_path, config, updated=lr_watch.max_lr > 0)
+    except OSError as e:  # a full disk, a quota, a folder removed under the run
+        where = e.filename or args.output_path
+        raise UserError(f"writing {where} failed: {e.strerror or one_line(e)}; free space or pass another "
+                        "--output_path (the checkpoints already complete are kept)") from None
     return args.output_path
+
+
+def planned_steps(args, n_train: int, world_size: int, grad_accum: int) -> int:
+    """The optimizer steps this run will take (as the Trainer counts them)."""
+    if args.max_steps > 0:
+        return args.max_steps
+    batches = math.ceil(n_train / (args.micro_batch_size * world_size))
+    return max(1, math.ceil(args.num_epochs * max(1, batches // grad_accum)))
+
+
+def log_summary(args, data_format: str, n_records: int, train: list[dict], test: list[dict], truncated: int,
+                total_steps: int) -> None:
+    """What the run will do, and each thing that would surprise a user, before any weight loads."""
+    n_tokens = sum(len(e["input_ids"]) for e in train)
+    n_sup = sum(sum(1 for t in e["labels"] if t != IGNORE_INDEX) for e in train)
+    logger.info("%s: %s format, %d train / %d eval examples, %d tokens (%d supervised), %d optimizer steps",
+                args.data_path, data_format, len(train), len(test), n_tokens, n_sup, total_steps)
+    if truncated:
+        logger.warning("%d of %d examples were cut at --cutoff_len %d (their ends are not trained on); "
+                       "raise --cutoff_len to keep them whole", truncated, len(train) + len(test), args.cutoff_len)
+    if args.test_size is None and test:
+        logger.info("held out %d of %d records for evaluation (--test_size default: 200 or a tenth of the "
+                    "data; pass --test_size N to choose, 0 for none)", len(test), n_records)
+    if args.warmup_steps >= total_steps:
+        logger.warning("--warmup_steps %d is not below this run's %d optimizer steps: the learning rate never "
+                       "reaches --learning_rate %g; pass a smaller --warmup_steps (e.g. %d)", args.warmup_steps,
+                       total_steps, args.learning_rate, max(0, total_steps // 10))
+
+
+def save_final_adapter(trainer, out: str, config: dict, updated: bool) -> None:
+    """Write the adapter into `out` so that, killed at any moment, `out` has either no
+    adapter_config.json or a complete adapter: everything is written and checked in a hidden
+    staging folder inside `out`, then renamed into place with adapter_config.json last."""
+    from checkpoints import publish_files, staging_folder
+    from utils import adapter_key_report, save_training_config
+
+    with staging_folder(os.path.join(out, "adapter")) as staged:
+        trainer.save_model(staged)
+        adapter_key_report(staged, trainer.model, updated=updated, shown_as=out)
+        save_training_config(staged, config)
+        png = plot_loss(trainer.state.log_history, os.path.join(staged, "loss.png"))
+        keep = tuple(n for n in os.listdir(staged) if n not in ADAPTER_FILES)  # e.g. peft's README.md
+        publish_files(staged, out, last=ADAPTER_CONFIG, keep_existing=keep)
+    logger.info("adapter saved to %s%s", out, f"; loss curve: {os.path.join(out, 'loss.png')}" if png else "")
 
 
 def load_trainable_model(args, model_path: str, ddp: bool, gradient_checkpointing: bool):
@@ -485,6 +638,10 @@ def _trainer_class():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             total, count = supervised_token_loss(model, inputs)
+            if not bool(total.isfinite()):
+                raise UserError(f"step {self.state.global_step + 1}: the loss is {float(total)}: training diverged; "
+                                f"lower --learning_rate (now {self.args.learning_rate:g}) or check the data "
+                                "(checkpoints written so far are kept)")
             if num_items_in_batch is None:  # evaluation, or a collator the Trainer cannot count
                 self.loss_is_scaled_for_ga = False
                 loss = total / max(count, 1)
@@ -512,6 +669,25 @@ def _config_callback(config: dict):
                     save_training_config(folder, config)
 
     return SaveConfig()
+
+
+def _finite_gradients_watch(args):
+    """Stop with a one-line error before an optimizer step would write NaN or inf into the adapter.
+    (fp16 mixed precision is left to its loss scaler, which skips such steps on purpose.)"""
+    import torch
+    from transformers import TrainerCallback
+
+    class FiniteGradients(TrainerCallback):
+        def on_pre_optimizer_step(self, targs, state, control, model=None, **kwargs):
+            if targs.fp16 or model is None:
+                return
+            grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+            if grads and not bool(torch.stack([g.detach().float().norm() for g in grads]).isfinite().all()):
+                raise UserError(f"step {state.global_step + 1}: the gradients hold NaN or infinite values: training "
+                                f"diverged; lower --learning_rate (now {args.learning_rate:g}) or check the data "
+                                "(checkpoints written so far are kept)")
+
+    return FiniteGradients()
 
 
 def _learning_rate_watch():

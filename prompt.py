@@ -190,12 +190,35 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def tokenize_pieces(pieces: Pieces, tokenizer, train_on: str = "all") -> tuple[list[int], list[int]]:
+def _encode_capped(tokenizer, text: str, limit: int | None) -> list[int]:
+    """`_encode(text)`, or, when `limit` is set, its first `limit` ids at least without encoding
+    all of a huge text: a prefix of the text gives the same leading ids as the whole text, except
+    the last few before the cut, so the prefix is taken with a margin and doubled until it yields
+    more than `limit + MARGIN` ids (or is the whole text)."""
+    if limit is None or len(text) <= 64 * (limit + _CAP_MARGIN):
+        return _encode(tokenizer, text)
+    chars = 8 * (limit + _CAP_MARGIN)  # most vocabularies average 3-5 characters a token
+    while True:
+        if chars >= len(text):
+            return _encode(tokenizer, text)
+        ids = _encode(tokenizer, text[:chars])
+        if len(ids) > limit + _CAP_MARGIN:
+            return ids
+        chars *= 4
+
+
+_CAP_MARGIN = 64  # ids kept beyond a cut prefix's end, so the ids before the cut are final
+
+
+def tokenize_pieces(pieces: Pieces, tokenizer, train_on: str = "all",
+                    max_len: int | None = None) -> tuple[list[int], list[int]]:
     """Token ids and labels for rendered pieces.
 
     train_on: "all" supervises every response, "last" only the final one (Chinese-Vicuna's chat
     recipe). Every response is followed by EOS unless the template already ends its turns with
-    its own end-of-turn token.
+    its own end-of-turn token. With `max_len`, encoding stops once more than `max_len` ids exist
+    (the result is longer than `max_len` exactly when the whole text is): a 50 MB record costs
+    what its first `max_len` tokens cost.
     """
     if train_on not in ("all", "last"):
         raise ValueError(f"train_on must be 'all' or 'last', not {train_on!r}")
@@ -206,27 +229,43 @@ def tokenize_pieces(pieces: Pieces, tokenizer, train_on: str = "all") -> tuple[l
     input_ids = leading_special_ids(tokenizer)
     labels = [IGNORE_INDEX] * len(input_ids)
     n = len(pieces.responses)
+
+    def room() -> int | None:
+        return None if max_len is None else max_len + 1 - len(input_ids)
+
     for i, prompt in enumerate(pieces.prompts):
-        ids = _encode(tokenizer, prompt)
+        if room() is not None and room() <= 0:
+            break
+        ids = _encode_capped(tokenizer, prompt, room())
         input_ids += ids
         labels += [IGNORE_INDEX] * len(ids)
         if i < n:
-            ids = _encode(tokenizer, pieces.responses[i]) + ([eos] if add_eos else [])
+            if room() is not None and room() <= 0:
+                break
+            ids = _encode_capped(tokenizer, pieces.responses[i], room()) + ([eos] if add_eos else [])
             supervised = train_on == "all" or i == n - 1
             input_ids += ids
             labels += ids if supervised else [IGNORE_INDEX] * len(ids)
     return input_ids, labels
 
 
+def encode_example(prompt_type: str, conv: Conversation, tokenizer, cutoff_len: int,
+                   train_on: str = "all") -> tuple[dict | None, bool]:
+    """(example, truncated): the example cut to cutoff_len (None when no supervised token
+    survives the cut) and whether the cut removed any token."""
+    pieces = render(prompt_type, conv, tokenizer)
+    input_ids, labels = tokenize_pieces(pieces, tokenizer, train_on, max_len=cutoff_len)
+    truncated = len(input_ids) > cutoff_len
+    input_ids, labels = input_ids[:cutoff_len], labels[:cutoff_len]
+    if all(label == IGNORE_INDEX for label in labels):
+        return None, truncated
+    return {"input_ids": input_ids, "labels": labels}, truncated
+
+
 def build_example(prompt_type: str, conv: Conversation, tokenizer, cutoff_len: int,
                   train_on: str = "all") -> dict | None:
     """One training example, truncated to cutoff_len; None when no supervised token survives."""
-    pieces = render(prompt_type, conv, tokenizer)
-    input_ids, labels = tokenize_pieces(pieces, tokenizer, train_on)
-    input_ids, labels = input_ids[:cutoff_len], labels[:cutoff_len]
-    if all(label == IGNORE_INDEX for label in labels):
-        return None
-    return {"input_ids": input_ids, "labels": labels}
+    return encode_example(prompt_type, conv, tokenizer, cutoff_len, train_on)[0]
 
 
 def build_prompt_ids(prompt_type: str, conv: Conversation, tokenizer) -> list[int]:

@@ -254,23 +254,58 @@ def strip_adapter_name(key: str) -> str:
     return key[:-len(".default")] if key.endswith(".default") else key
 
 
+def read_json_file(path: str, kind: type = dict):
+    """A JSON file that must hold a `kind` (dict or list); one-line errors naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); the file is damaged") from None
+    except (UnicodeDecodeError, RecursionError, ValueError) as e:
+        raise UserError(f"{path}: cannot be read as JSON ({one_line(e)}); the file is damaged") from None
+    if not isinstance(value, kind):
+        raise UserError(f"{path}: expected a JSON {'object' if kind is dict else kind.__name__}, got "
+                        f"{type(value).__name__}; the file is damaged")
+    return value
+
+
+def read_tensor_file(path: str) -> dict:
+    """All tensors of a safetensors or (weights-only) torch file, or a one-line error."""
+    import torch
+
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or corrupt files, pickles with code objects
+        raise UserError(f"{path}: cannot be read as a tensor file ({one_line(e)}); it is truncated or "
+                        "damaged") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: holds a {type(raw).__name__}, not a dict of tensors")
+    return raw
+
+
+DIVERGED = "the run that wrote it diverged: retrain with a lower --learning_rate"
+
+
+def check_adapter_file(weights_path: str) -> dict:
+    """The LoRA tensors of an adapter file, refused when unreadable or not finite."""
+    from checkpoints import check_finite
+
+    state = load_adapter_state_dict(weights_path)
+    check_finite(state, weights_path, DIVERGED)
+    return state
+
+
 def load_adapter_state_dict(weights_path: str) -> dict:
     """LoRA tensors keyed as current peft saves them: `base_model.model.<module>.lora_A.weight`.
 
     Legacy Chinese-Vicuna checkpoints store the same tensors in `pytorch_model.bin`, sometimes
     with the adapter name (`.default`) still in the key or the whole model's weights around them.
     """
-    import torch
-
-    if weights_path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        raw = load_file(weights_path)
-    else:
-        try:
-            raw = torch.load(weights_path, map_location="cpu", weights_only=True)
-        except Exception as e:  # pickles with code objects, corrupt files
-            raise UserError(f"{weights_path}: cannot be read as a tensor file ({one_line(e)})") from None
+    raw = read_tensor_file(weights_path)
     state = {}
     for key, value in raw.items():
         if "lora_" not in key:
@@ -284,23 +319,39 @@ def load_adapter_state_dict(weights_path: str) -> dict:
     return state
 
 
-def read_adapter_config(lora_path: str, state: dict) -> dict:
+def read_adapter_config(lora_path: str, state: dict, weights_path: str = "") -> dict:
     """adapter_config.json from the folder, its parent (Trainer checkpoint-N dirs of old runs
-    have none) or, failing both, inferred from the weights."""
+    have none) or, for legacy `.bin` checkpoints only, inferred from the weights. Safetensors
+    weights without a config are an interrupted save: refused."""
     for folder in (lora_path, os.path.dirname(os.path.abspath(lora_path))):
         path = os.path.join(folder, ADAPTER_CONFIG)
         if os.path.isfile(path):
-            try:
-                with open(path, encoding="utf-8") as f:
-                    return json.load(f)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+            return check_adapter_config(read_json_file(path, dict), path)
+    if weights_path.endswith(".safetensors"):
+        raise UserError(f"--lora_path {lora_path}: {ADAPTER_WEIGHTS} has no {ADAPTER_CONFIG} beside it (a save "
+                        "that was interrupted?); pass a complete adapter folder or one of its checkpoint-N folders")
     targets = sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in state})
-    r = next(v.shape[0] for k, v in state.items() if ".lora_A." in k)
+    ranks = [v.shape[0] for k, v in state.items() if ".lora_A." in k and v.dim() == 2]
+    if not ranks:
+        raise UserError(f"--lora_path {lora_path}: no lora_A weights and no {ADAPTER_CONFIG}; the adapter is incomplete")
+    r = ranks[0]
     logger.warning("%s has no %s; inferred r=%d, target_modules=%s, lora_alpha=%d (2*r)",
                    lora_path, ADAPTER_CONFIG, r, targets, 2 * r)
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r,
             "target_modules": targets, "lora_dropout": 0.0, "bias": "none"}
+
+
+def check_adapter_config(config: dict, path: str) -> dict:
+    """The fields every LoRA config needs, with the types peft expects; one-line errors."""
+    r, alpha, targets = config.get("r"), config.get("lora_alpha", 8), config.get("target_modules")
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise UserError(f"{path}: \"r\" must be a positive integer, got {json.dumps(r)}; the file is damaged")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha == alpha:
+        raise UserError(f"{path}: \"lora_alpha\" must be a number, got {json.dumps(alpha)}; the file is damaged")
+    if targets is not None and not isinstance(targets, str) and not (
+            isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise UserError(f"{path}: \"target_modules\" must be a list of module names, got {json.dumps(targets)}")
+    return config
 
 
 def lora_config_from_dict(config: dict, lora_path: str):
@@ -315,7 +366,11 @@ def lora_config_from_dict(config: dict, lora_path: str):
     dropped = sorted(set(config) - known - {"peft_type"})
     if dropped:
         logger.info("adapter config: ignoring keys of an older peft release: %s", ", ".join(dropped))
-    return LoraConfig(**kwargs)
+    try:
+        return LoraConfig(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"--lora_path {lora_path}: its {ADAPTER_CONFIG} is not a valid LoRA config "
+                        f"({one_line(e)})") from None
 
 
 def _base_name(model) -> str:
@@ -334,8 +389,8 @@ def load_adapter(model, lora_path: str, trainable: bool = False):
     if not os.path.isdir(lora_path):
         raise UserError(f"--lora_path {lora_path}: no such directory")
     weights = find_adapter_weights(lora_path)
-    state = load_adapter_state_dict(weights)
-    config = lora_config_from_dict(read_adapter_config(lora_path, state), lora_path)
+    state = check_adapter_file(weights)
+    config = lora_config_from_dict(read_adapter_config(lora_path, state, weights), lora_path)
     config.inference_mode = not trainable
     try:
         peft_model = get_peft_model(model, config)
@@ -365,15 +420,19 @@ def load_adapter(model, lora_path: str, trainable: bool = False):
     return peft_model
 
 
-def adapter_key_report(adapter_dir: str, peft_model, updated: bool = True) -> None:
+def adapter_key_report(adapter_dir: str, peft_model, updated: bool = True, shown_as: str | None = None) -> None:
     """Fail loudly when a saved adapter is empty: every LoRA tensor of the model must be in the
     file, and lora_B must not be all zeros after training (it starts at zero). `updated`: some
     optimizer step ran at a positive learning rate; without one an all-zero lora_B is expected
-    and only warned about."""
+    and only warned about. `shown_as`: the folder named in messages (when writing to a staging one)."""
+    from checkpoints import check_finite
+
     path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
     if not os.path.isfile(path):
         raise RuntimeError(f"{path} was not written")
     saved = load_adapter_state_dict(path)
+    path = os.path.join(shown_as, ADAPTER_WEIGHTS) if shown_as else path
+    check_finite(saved, path, "training diverged; nothing was saved: retrain with a lower --learning_rate")
     expected = {strip_adapter_name(k) for k in peft_model.state_dict() if "lora_" in k}
     missing = sorted(expected - set(saved))
     if missing:
@@ -405,8 +464,7 @@ def load_training_config(lora_path: str | None) -> dict:
     for folder in (lora_path, os.path.dirname(os.path.abspath(lora_path))):
         path = os.path.join(folder, TRAINING_CONFIG)
         if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                return json.load(f)
+            return read_json_file(path, dict)
     return {}
 
 

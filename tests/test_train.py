@@ -70,11 +70,14 @@ def test_adapter_loads_in_plain_peft_with_identical_logits(trained, tiny_model, 
 def test_refuses_to_overwrite_adapter(trained, tiny_model, tmp_path, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", INSTRUCT_RECORDS)
     before = open(os.path.join(trained, "adapter_model.safetensors"), "rb").read()
-    with pytest.raises(SystemExit) as e:
-        finetune.main(train_args(data, trained, tiny_model))
-    assert e.value.code == 2
-    assert "already holds an adapter" in capsys.readouterr().err
-    assert open(os.path.join(trained, "adapter_model.safetensors"), "rb").read() == before
+    for extra in ([], ["--overwrite_output_dir"]):  # never over another run's checkpoints either
+        with pytest.raises(SystemExit) as e:
+            finetune.main(train_args(data, trained, tiny_model, *extra))
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "already holds an adapter and the checkpoints of an earlier run (checkpoint-2, checkpoint-4)" in err
+        assert f"--resume_from_checkpoint {os.path.join(trained, 'checkpoint-4')}" in err
+        assert open(os.path.join(trained, "adapter_model.safetensors"), "rb").read() == before
 
 
 @pytest.mark.parametrize("quant", ["8bit", "4bit"])
