@@ -7,8 +7,12 @@ Formats, detected per file from the first record:
   openai       {"messages": [{"role": "user"|"assistant"|"system", "content": str}, ...]}
 
 A file is a JSON list (`.json`) or one JSON object per line (`.jsonl`, also accepted for `.json`
-files that are not a list). Every record is validated before anything is trained; the first bad
-one raises `DataError` naming the file, the line (JSONL) or record index (JSON list) and the fix.
+files that are not a list); lines are split on "\n" only, CRLF and a UTF-8 BOM are accepted, and a
+file whose first record spans several lines is read as pretty-printed objects one after another.
+Every record is validated before anything is trained; the first bad one raises `DataError` naming
+the file, the line (JSONL) or record index (JSON list) and the fix. Hostile input (deep nesting,
+huge numbers, unpaired surrogate escapes, NUL bytes, invalid UTF-8, wrong types) is a `DataError`
+too, never a traceback.
 """
 
 from __future__ import annotations
@@ -16,8 +20,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import stat
+import sys
 
-from errors import UserError
+from errors import UserError, one_line
 from prompt import Conversation
 
 
@@ -32,39 +39,201 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 OPENAI_ROLES = {"user": "user", "assistant": "assistant", "system": "system"}
 
 
-def read_records(path: str) -> list[tuple[str, dict]]:
-    """[(where, record)] where `where` is "file:line N" or "file:record N" for error messages."""
+_WS = re.compile(r"[ \t\n\r]*")  # JSON whitespace
+_DECODER = json.JSONDecoder()
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_JSONL_HINT = "; write one JSON object per line"
+
+
+def _name(path: str) -> str:
+    """The path as printed in messages: repr'd when it holds a newline or other unprintable character."""
+    return path if path.isprintable() else repr(path)
+
+
+def _short(value, limit: int = 40) -> str:
+    """A short repr for messages: long strings are cut, other values shown by type."""
+    if isinstance(value, str):
+        return repr(value[:limit]) + ("..." if len(value) > limit else "")
+    if value is None or isinstance(value, (bool, int, float)):
+        return json.dumps(value) if not isinstance(value, int) or abs(value) < 10**40 else "a huge number"
+    return f"a {_type(value)}"
+
+
+def _type(value) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _read_text(path: str) -> str:
+    name = _name(path)
     if not os.path.exists(path):
-        raise DataError(f"{path}: no such file; pass an existing JSON or JSONL file to --data_path")
+        raise DataError(f"{name}: no such file; pass an existing JSON or JSONL file to --data_path")
     if os.path.isdir(path):
-        raise DataError(f"{path}: is a directory; pass a JSON or JSONL file to --data_path")
+        raise DataError(f"{name}: is a directory; pass a JSON or JSONL file to --data_path")
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        mode = os.stat(path).st_mode
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISSOCK(mode):
+            raise DataError(f"{name}: not a regular file; pass a JSON or JSONL file to --data_path")
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise DataError(f"{name}: cannot read it ({e.strerror or e}); pass a readable JSON or JSONL file") from None
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{name}: UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8")
+    if raw.startswith(b"\x1f\x8b"):
+        raise DataError(f"{name}: gzip-compressed; decompress it first (gunzip) and pass the JSON or JSONL file")
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
-    stripped = text.lstrip("\ufeff \t\r\n")
-    if stripped.startswith("["):
-        try:
-            items = json.loads(stripped)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-        return [(f"{path}: record {i}", item) for i, item in enumerate(items)]
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{name}:{line}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+    if text.startswith("\ufeff"):  # a UTF-8 byte-order mark; a space keeps error columns right
+        text = " " + text[1:]
+    nul = text.find("\x00")
+    if nul >= 0:
+        line = text.count("\n", 0, nul) + 1
+        raise DataError(f"{name}:{line}: NUL byte at column {nul - (text.rfind(chr(10), 0, nul) + 1) + 1}; "
+                        "the file is binary or UTF-16, not UTF-8 JSON; save it as UTF-8 JSON or JSONL")
+    return text
+
+
+def _decode(doc: str, pos: int, name: str, line: int, first_line: int = 1, hint: str = "") -> tuple[object, int]:
+    """Decode the JSON value at doc[pos] -> (value, end). `line` is the file line where the value
+    starts and `first_line` the file line of doc's first line: every failure is a one-line DataError."""
+    try:
+        return _DECODER.raw_decode(doc, pos)
+    except json.JSONDecodeError as e:
+        raise _json_error(name, e, line, first_line, hint) from None
+    except RecursionError:
+        raise DataError(f"{name}:{line}: JSON nested too deeply (the parser stops near "
+                        f"{sys.getrecursionlimit()} levels); records are objects of strings and lists of "
+                        "messages, so flatten it") from None
+    except ValueError as e:  # Python's limit on int digits ("Exceeds the limit (4300 digits) ...")
+        if "integer string conversion" in str(e):
+            raise DataError(f"{name}:{line}: a number with more than {sys.get_int_max_str_digits()} digits; "
+                            "write it as a string or remove it") from None
+        raise DataError(f"{name}:{line}: invalid JSON ({one_line(e)}){hint}") from None
+
+
+def _json_error(name: str, e: json.JSONDecodeError, line: int, first_line: int = 1, hint: str = "") -> DataError:
+    at = first_line + e.lineno - 1
+    if e.msg.startswith("Invalid control character") and e.pos < len(e.doc):
+        code = ord(e.doc[e.pos])
+        message = (f"{name}:{at}: invalid JSON (raw control character U+{code:04X} inside a string at "
+                   f"column {e.colno}; write it as \\u{code:04x})")
+    else:
+        message = f"{name}:{at}: invalid JSON ({e.msg} at column {e.colno})"
+    if at != line:
+        message += f" in the record that starts on line {line}"
+    return DataError(message + hint)
+
+
+class _Lines:
+    """Line numbers of positions in `text`, for positions visited in increasing order."""
+
+    def __init__(self, text: str):
+        self.text, self.pos, self.line = text, 0, 1
+
+    def at(self, pos: int) -> int:
+        self.line += self.text.count("\n", self.pos, pos)
+        self.pos = pos
+        return self.line
+
+
+def _read_list(text: str, start: int, name: str) -> list[tuple[str, object]]:
+    """A file holding one JSON list: each item is a record, named 'file: record N'."""
+    try:  # the fast path; on any failure the loop below finds the line and reports it
+        items = _DECODER.decode(text)
+        if items:
+            return [(f"{name}: record {i}", item) for i, item in enumerate(items)]
+    except (ValueError, RecursionError):
+        pass
+    lines = _Lines(text)
     records = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append((f"{path}:{lineno}", json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); "
-                            "write one JSON object per line") from None
+    pos = _WS.match(text, start + 1).end()
+    if text.startswith("]", pos):
+        pos += 1
+    else:
+        while True:
+            value, pos = _decode(text, pos, name, lines.at(pos))
+            records.append((f"{name}: record {len(records)}", value))
+            pos = _WS.match(text, pos).end()
+            if text.startswith(",", pos):
+                pos = _WS.match(text, pos + 1).end()
+                continue
+            if text.startswith("]", pos):
+                pos += 1
+                break
+            raise _json_error(name, json.JSONDecodeError("Expecting ',' delimiter", text, pos), lines.at(pos))
+    end_line = lines.at(pos)
+    pos = _WS.match(text, pos).end()
+    if pos < len(text):
+        raise _json_error(name, json.JSONDecodeError("Extra data", text, pos), lines.at(pos),
+                          hint=f"; the JSON list ends on line {end_line}, put every record inside it")
+    if not records:
+        raise DataError(f"{name}: no records; the JSON list is empty")
     return records
+
+
+def _read_objects(text: str, start: int, name: str) -> list[tuple[str, object]]:
+    """JSON values one after another, any spread over several lines (pretty-printed objects):
+    each is a record, named 'file:line N' by the line it starts on."""
+    lines = _Lines(text)
+    records = []
+    pos = start
+    while pos < len(text):
+        line = lines.at(pos)
+        value, pos = _decode(text, pos, name, line,
+                             hint="; write one JSON object per line, or one JSON list of objects")
+        records.append((f"{name}:{line}", value))
+        pos = _WS.match(text, pos).end()
+    return records
+
+
+def _decode_line(line: str, name: str, lineno: int) -> object:
+    """One JSONL line -> its value; anything but whitespace after it is an error."""
+    value, end = _decode(line, _WS.match(line).end(), name, lineno, lineno, _JSONL_HINT)
+    end = _WS.match(line, end).end()
+    if end < len(line):
+        raise _json_error(name, json.JSONDecodeError("Extra data", line, end), lineno, lineno, _JSONL_HINT)
+    return value
+
+
+def read_records(path: str) -> list[tuple[str, object]]:
+    """[(where, record)] where `where` is "file:line N" or "file: record N" for error messages.
+
+    A file that starts with `[` is one JSON list. Otherwise it is JSONL: one value per line, split
+    on "\n" only (U+2028 and friends are allowed raw inside JSON strings), CRLF and a UTF-8 BOM
+    accepted. When its first line is not a whole JSON value, the file is read as pretty-printed
+    objects one after another (a `.json` file holding one object is one record).
+    """
+    name = _name(path)
+    text = _read_text(path)
+    start = _WS.match(text).end()
+    if start == len(text):
+        return []
+    if text[start] == "[":
+        return _read_list(text, start, name)
+    lines = [(lineno, line.lstrip("\ufeff"))  # a BOM left inside by concatenating files
+             for lineno, line in enumerate(text.split("\n"), start=1)]
+    lines = [(lineno, line) for lineno, line in lines if line.strip()]
+    if not lines:
+        return []
+    try:
+        _decode_line(lines[0][1], name, lines[0][0])
+    except DataError:
+        return _read_objects(text, start, name)
+    return [(f"{name}:{lineno}", _decode_line(line, name, lineno)) for lineno, line in lines]
+
+
+def _keys(record: dict) -> str:
+    keys = sorted(record)
+    shown = ", ".join(_short(k, 30) for k in keys[:6])
+    return f"[{shown}{f', ... ({len(keys) - 6} more)' if len(keys) > 6 else ''}]"
 
 
 def detect_format(record: dict, where: str) -> str:
     if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        raise DataError(f"{where}: expected a JSON object, got {_type(record)}")
     if "conversations" in record:
         return "sharegpt"
     if "messages" in record:
@@ -74,9 +243,19 @@ def detect_format(record: dict, where: str) -> str:
     if isinstance(record.get("input"), list) or isinstance(record.get("output"), list):
         return "vicuna_chat"
     raise DataError(
-        f"{where}: unknown record format with keys {sorted(record)}; expected instruction/input/output, "
+        f"{where}: unknown record format with keys {_keys(record)}; expected instruction/input/output, "
         "input/output lists, conversations (ShareGPT) or messages (OpenAI)"
     )
+
+
+def _text(value: str, where: str, field: str) -> str:
+    """A string that will be tokenized and written: no unpaired UTF-16 surrogate (a lone "\\ud800"
+    escape parses as JSON but cannot be encoded as UTF-8 later)."""
+    bad = None if value.isascii() else _SURROGATE.search(value)
+    if bad:
+        raise DataError(f"{where}: {field} holds an unpaired surrogate escape \\u{ord(bad.group()):04x} at "
+                        f"character {bad.start()}; remove it or write the whole pair (e.g. \\ud83d\\ude00)")
+    return value
 
 
 def _string(record: dict, key: str, where: str, optional: bool = False) -> str:
@@ -86,8 +265,8 @@ def _string(record: dict, key: str, where: str, optional: bool = False) -> str:
         raise DataError(f"{where}: missing field {key!r}")
     value = record[key]
     if not isinstance(value, str):
-        raise DataError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
-    return value
+        raise DataError(f"{where}: field {key!r} must be a string, got {_type(value)}")
+    return _text(value, where, f"field {key!r}")
 
 
 def _pair_turns(messages: list[tuple[str, str]], where: str) -> Conversation:
@@ -125,17 +304,18 @@ def parse_record(record: dict, fmt: str, where: str) -> Conversation:
         inputs, outputs = record.get("input"), record.get("output")
         for key, value in (("input", inputs), ("output", outputs)):
             if not isinstance(value, list):
-                raise DataError(f"{where}: field {key!r} must be a list of strings for chat data")
-            if not all(isinstance(v, str) for v in value):
-                raise DataError(f"{where}: field {key!r} must hold only strings")
+                raise DataError(f"{where}: field {key!r} must be a list of strings for chat data, "
+                                f"got {_type(value)}")
+            for i, v in enumerate(value):
+                if not isinstance(v, str):
+                    raise DataError(f"{where}: field {key!r} must hold only strings; {key}[{i}] is {_type(v)}")
+                _text(v, where, f"{key}[{i}]")
         if not inputs:
             raise DataError(f"{where}: empty conversation")
         if len(inputs) != len(outputs):
             raise DataError(f"{where}: {len(inputs)} user turns but {len(outputs)} assistant turns; "
                             "'input' and 'output' must have the same length")
-        system = record.get("instruction")
-        if system is not None and not isinstance(system, str):
-            raise DataError(f"{where}: field 'instruction' must be a string")
+        system = _string(record, "instruction", where, optional=True)
         return Conversation(turns=list(zip(inputs, outputs)), system=system or None)
     if fmt == "sharegpt":
         return _pair_turns(_messages(record, where, "conversations", "from", "value", SHAREGPT_ROLES), where)
@@ -147,18 +327,18 @@ def parse_record(record: dict, fmt: str, where: str) -> Conversation:
 def _messages(record, where, key, role_key, text_key, roles) -> list[tuple[str, str]]:
     items = record.get(key)
     if not isinstance(items, list):
-        raise DataError(f"{where}: field {key!r} must be a list")
+        raise DataError(f"{where}: field {key!r} must be a list, got {_type(items)}")
     out = []
     for i, item in enumerate(items):
         if not isinstance(item, dict):
-            raise DataError(f"{where}: {key}[{i}] must be an object")
+            raise DataError(f"{where}: {key}[{i}] must be an object, got {_type(item)}")
         role = item.get(role_key)
-        if role not in roles:
-            raise DataError(f"{where}: {key}[{i}] has {role_key}={role!r}; expected one of {sorted(roles)}")
+        if not isinstance(role, str) or role not in roles:
+            raise DataError(f"{where}: {key}[{i}] has {role_key}={_short(role)}; expected one of {sorted(roles)}")
         text = item.get(text_key)
         if not isinstance(text, str):
-            raise DataError(f"{where}: {key}[{i}] field {text_key!r} must be a string")
-        out.append((roles[role], text))
+            raise DataError(f"{where}: {key}[{i}] field {text_key!r} must be a string, got {_type(text)}")
+        out.append((roles[role], _text(text, where, f"{key}[{i}] field {text_key!r}")))
     return out
 
 
@@ -166,7 +346,7 @@ def load_conversations(path: str) -> tuple[str, list[Conversation]]:
     """Read, detect and validate a whole file. Returns (format, conversations)."""
     records = read_records(path)
     if not records:
-        raise DataError(f"{path}: no records; the file is empty")
+        raise DataError(f"{_name(path)}: no records; the file is empty")
     fmt = detect_format(records[0][1], records[0][0])
     convs = []
     for where, record in records:
