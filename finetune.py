@@ -119,8 +119,8 @@ def validate_args(args) -> None:
             raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.test_size is not None and args.test_size < 0:
         raise UserError(f"--test_size must be >= 0, got {args.test_size}")
-    if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
-        raise UserError(f"--learning_rate must be a finite number > 0, got {args.learning_rate}; "
+    if not 0 < args.learning_rate <= 1:  # also false for nan; AdamW overflows on lr/(1-beta1) past 3e37
+        raise UserError(f"--learning_rate must be > 0 and at most 1, got {args.learning_rate}; "
                         "the recipes use 3e-4 (LoRA) to 2e-4 (QLoRA)")
     if not math.isfinite(args.num_epochs):
         raise UserError(f"--num_epochs must be a finite number, got {args.num_epochs}")
@@ -377,11 +377,34 @@ def run(args) -> str | None:
             # lora_B starts at zero: still zero after steps at a positive learning rate means a broken
             # run; after steps at rate 0 only (one step inside the warmup) it is what the user asked for
             save_final_adapter(trainer, args.output_path, config, updated=lr_watch.max_lr > 0)
-    except OSError as e:  # a full disk, a quota, a folder removed under the run
-        where = e.filename or args.output_path
-        raise UserError(f"writing {where} failed: {e.strerror or one_line(e)}; free space or pass another "
-                        "--output_path (the checkpoints already complete are kept)") from None
+    except Exception as e:
+        close_progress_bars(trainer)  # so the error starts a line of its own
+        if not is_write_failure(e):
+            raise
+        where = getattr(e, "filename", None) or args.output_path
+        raise UserError(f"writing {where} failed ({getattr(e, 'strerror', None) or one_line(e)}); free disk space "
+                        "or pass another --output_path (checkpoints written completely before are kept)") from None
     return args.output_path
+
+
+def close_progress_bars(trainer) -> None:
+    for callback in trainer.callback_handler.callbacks:
+        for name in ("training_bar", "prediction_bar"):
+            bar = getattr(callback, name, None)
+            if bar is not None:
+                bar.close()
+                setattr(callback, name, None)
+
+
+def is_write_failure(e: BaseException) -> bool:
+    """A full disk, a quota or a file-size limit, as the libraries that write checkpoints report it:
+    OSError (Python), SafetensorError "I/O error" (safetensors), "unexpected pos" / "file write
+    failed" (torch.save's zip writer)."""
+    if isinstance(e, OSError):
+        return True
+    text = str(e)
+    return (type(e).__name__ == "SafetensorError" and "I/O error" in text) or (
+        isinstance(e, RuntimeError) and ("PytorchStreamWriter" in text or "inline_container" in text))
 
 
 def planned_steps(args, n_train: int, world_size: int, grad_accum: int) -> int:
