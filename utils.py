@@ -32,6 +32,18 @@ TRAINING_CONFIG = "training_config.json"  # template name + resolved hyperparame
 QUANT_CHOICES = ("none", "8bit", "4bit")
 
 
+def quiet_libraries() -> None:
+    """Keep the console to our lines: library notices that every command would print and no user
+    can act on are dropped (warnings that matter still show)."""
+    import warnings
+
+    # bitsandbytes on the CPU: an optional faster kernel package is missing; the built-in one runs
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # transformers 5 deprecates a name that peft and the Trainer still call
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+    logging.getLogger("transformers").setLevel(logging.WARNING)
+
+
 def setup_logging(verbose: bool = False) -> None:
     level = logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(stream=sys.stderr, level=level, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")

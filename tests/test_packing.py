@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
 from conftest import INSTRUCT_RECORDS
-from finetune import PACKED_ATTENTION, supervised_token_loss, use_packed_attention
+from train import PACKED_ATTENTION, supervised_token_loss, use_packed_attention
 from prompt import IGNORE_INDEX, Conversation, build_example
 
 
@@ -104,6 +104,7 @@ def test_no_packing_groups_batches_by_length(tiny_models, tmp_path):
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
     import finetune
+    import train
     from utils import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_models["sp"])
@@ -117,7 +118,7 @@ def test_no_packing_groups_batches_by_length(tiny_models, tmp_path):
         args = finetune.build_parser(finetune.DEFAULTS).parse_args(
             ["--output_path", str(tmp_path / "out"), "--micro_batch_size", "4", "--batch_size", "4", "--no-packing",
              *flags])
-        trainer = finetune.make_trainer(args, model, tokenizer, exs, [], 1, False, False, False)
+        trainer = train.make_trainer(args, train.Plan.from_args(args), model, tokenizer, exs, [])
         batches = list(trainer.get_train_dataloader())
         assert sorted(n for b in batches for n in (b["labels"][:, 1:] != IGNORE_INDEX).sum(1).tolist()) == \
             sorted(n - n // 2 for n in lengths)  # every example once, labels intact

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import finetune
+import train
 from conftest import INSTRUCT_RECORDS, ROOT, run_script, train_args, write_jsonl
 
 
@@ -149,13 +150,15 @@ def test_qlora_on_a_gpu_keeps_bf16_weights_and_pages_the_optimizer(tmp_path, tin
     data = write_jsonl(tmp_path / "d.jsonl", INSTRUCT_RECORDS)
     argv = train_args(data, str(tmp_path / "out"), tiny_model, "--bf16", "--max_steps", "2")
     args = finetune.build_parser({**finetune.DEFAULTS, **finetune_4bit.DEFAULTS}).parse_args(argv)
-    model, resolved = finetune.load_trainable_model(args, tiny_model, ddp=False, gradient_checkpointing=True)
+    plan = train.Plan.from_args(args)
+    assert plan.gradient_checkpointing  # on by default with a GPU
+    model, resolved = train.load_trainable_model(args, tiny_model, plan)
     assert resolved["dtype"] == "bfloat16"
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     for name, p in model.named_parameters():
         if "lora_" not in name and p.dtype.is_floating_point:
             assert p.dtype == torch.bfloat16, name
-    trainer = finetune.make_trainer(args, model, load_tokenizer(tiny_model), [], [], 1, True, True, False)
+    trainer = train.make_trainer(args, plan, model, load_tokenizer(tiny_model), [], [])
     assert str(getattr(trainer.args.optim, "value", trainer.args.optim)) == "paged_adamw_8bit"
     del trainer, model
 

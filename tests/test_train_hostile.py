@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import finetune
+import train
 from conftest import INSTRUCT_RECORDS, ROOT, train_args, write_jsonl
 
 
@@ -69,7 +70,7 @@ def test_killed_run_folder_is_not_reused(finished_run, tiny_models, data, tmp_pa
     replace checkpoint-2, delete checkpoint-3 and mix two runs. Now it is refused, both ways out named."""
     out = str(tmp_path / "killed")
     shutil.copytree(finished_run, out)
-    for name in finetune.ADAPTER_FILES:
+    for name in train.ADAPTER_FILES:
         os.remove(os.path.join(out, name))
     before = tree(out)
     err = refused(train_args(data, out, tiny_models["sp"], "--max_steps", "2", "--save_steps", "1"), capsys)
@@ -298,17 +299,17 @@ def test_non_finite_run_stops_with_one_line_error(what, tiny_models, data, tmp_p
     at the end are not saved. (Divergence is forced: valid flags cannot reach it on a tiny model.)"""
     import utils
 
-    real_loss, real_read = finetune.supervised_token_loss, utils.load_adapter_state_dict
+    real_loss, real_read = train.supervised_token_loss, utils.load_adapter_state_dict
     if what == "loss":
         def loss(model, inputs, **kw):
             total, count = real_loss(model, inputs, **kw)
             return total * float("nan"), count
-        monkeypatch.setattr(finetune, "supervised_token_loss", loss)
+        monkeypatch.setattr(train, "supervised_token_loss", loss)
     elif what == "gradients":
         def loss(model, inputs, **kw):
             total, count = real_loss(model, inputs, **kw)
             return _NanGradient.apply(total), count
-        monkeypatch.setattr(finetune, "supervised_token_loss", loss)
+        monkeypatch.setattr(train, "supervised_token_loss", loss)
     else:
         monkeypatch.setattr(utils, "load_adapter_state_dict",
                             lambda path: {k: v * float("inf") for k, v in real_read(path).items()})

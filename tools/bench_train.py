@@ -78,6 +78,7 @@ def run_variant(variant: str, opts) -> dict:
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
     import finetune
+    import train
     from prompt import IGNORE_INDEX
     from utils import load_tokenizer, resolve_model_path
 
@@ -102,14 +103,14 @@ def run_variant(variant: str, opts) -> dict:
         + ([] if variant == "ours" else ["--no-packing"]))  # trl: its own collator
     tokenizer = load_tokenizer(model_path)
     tokenizer.padding_side = "right"
-    examples, dropped = finetune.build_examples(convs, args, tokenizer)
+    examples, dropped = train.build_examples(convs, args, tokenizer)
     real_tokens = sum(len(e["input_ids"]) for e in examples)
-    checkpointing = bool(args.gradient_checkpointing)
-    model, _ = finetune.load_trainable_model(args, model_path, ddp=False, gradient_checkpointing=checkpointing)
+    plan = train.Plan.from_args(args)
+    model, _ = train.load_trainable_model(args, model_path, plan)
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     if variant == "ours":
-        trainer = finetune.make_trainer(args, model, tokenizer, examples, [], 1, checkpointing, on_gpu, False)
+        trainer = train.make_trainer(args, plan, model, tokenizer, examples, [])
         trainer.args.save_strategy = "no"
         computed_tokens = real_tokens
     elif variant == "trl":

@@ -1,0 +1,641 @@
+"""The one LoRA training core behind finetune.py, finetune_4bit.py and finetune_chat.py.
+
+`run(args)` takes finetune.py's parsed flags: it checks every flag and the output folder, reads
+and validates the data, tokenizes and masks it (prompt.py), loads the base model (models.py) with
+a new or continued LoRA adapter, trains with the HF Trainer on packed rows, and saves the adapter
+atomically (checkpoints.py). `Plan` holds what is resolved once from the flags and the machine
+(processes, gradient accumulation, device, dtype, checkpointing).
+
+Imported by the entry scripts after argument parsing, so `--help` and flag errors stay fast.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from torch.utils.checkpoint import checkpoint
+from transformers import (AttentionInterface, DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer,
+                          TrainerCallback, TrainingArguments, set_seed)
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.utils import is_flash_attn_2_available
+
+from checkpoints import publish_files, staging_folder
+from data import load_conversations, train_test_split
+from errors import UserError, one_line
+from prompt import IGNORE_INDEX, encode_example
+from utils import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAINING_CONFIG, adapter_key_report, check_adapter_file,
+                   device_map_for, load_adapter, load_model, load_tokenizer, logger, pick_dtype, read_json_file,
+                   resolve_model_path, save_training_config)
+
+
+def check_args(args) -> None:
+    """Every flag in range and every combination possible, before anything loads or is written."""
+    for name in ("cutoff_len", "micro_batch_size", "batch_size", "lora_r", "lora_alpha",
+                 "eval_steps", "save_steps", "logging_steps"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name} must be > 0, got {getattr(args, name)}")
+    for name in ("warmup_steps", "save_total_limit"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.test_size is not None and args.test_size < 0:
+        raise UserError(f"--test_size must be >= 0, got {args.test_size}")
+    if not 0 < args.learning_rate <= 1:  # also false for nan; AdamW overflows on lr/(1-beta1) past 3e37
+        raise UserError(f"--learning_rate must be > 0 and at most 1, got {args.learning_rate}; "
+                        "the recipes use 3e-4 (LoRA) to 2e-4 (QLoRA)")
+    if not math.isfinite(args.num_epochs):
+        raise UserError(f"--num_epochs must be a finite number, got {args.num_epochs}")
+    if args.batch_size % args.micro_batch_size:
+        raise UserError(f"--batch_size {args.batch_size} is not a multiple of --micro_batch_size "
+                        f"{args.micro_batch_size}")
+    if not 0 <= args.lora_dropout < 1:
+        raise UserError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+    if args.bf16 and args.fp16:
+        raise UserError("--bf16 and --fp16 exclude each other; pass one")
+    if args.resume_from_checkpoint and args.lora_path:
+        raise UserError("--resume_from_checkpoint continues a run, --lora_path starts a new one from an "
+                        "adapter; pass one of them")
+    if args.deepspeed and not os.path.isfile(args.deepspeed):
+        raise UserError(f"--deepspeed {args.deepspeed}: no such file; see config-sample/zero2.json")
+    if args.deepspeed and importlib.util.find_spec("deepspeed") is None:
+        raise UserError(f"--deepspeed {args.deepspeed} needs the deepspeed package: pip install deepspeed")
+    if args.max_steps <= 0 and args.num_epochs <= 0:
+        raise UserError("--num_epochs must be > 0 (or pass --max_steps)")
+    if args.resume_from_checkpoint:
+        check_checkpoint(args.resume_from_checkpoint, args)
+
+
+def target_modules(spec: str):
+    if spec.strip() == "all-linear":
+        return "all-linear"
+    names = [m.strip() for m in spec.split(",") if m.strip()]
+    if not names:
+        raise UserError("--lora_target_modules is empty; pass e.g. q_proj,v_proj or all-linear")
+    return names
+
+
+def build_examples(convs, args, tokenizer, counts: dict | None = None) -> tuple[list[dict], int]:
+    """Tokenized, masked, truncated examples; returns (examples, dropped_count). `counts`, when
+    given, gets "truncated": how many kept examples lost tokens at --cutoff_len."""
+    examples, dropped, truncated = [], 0, 0
+    for conv in convs:
+        ex, cut = encode_example(args.prompt_type, conv, tokenizer, args.cutoff_len, args.train_on)
+        if ex is None:
+            dropped += 1
+        else:
+            examples.append(ex)
+            truncated += cut
+    if counts is not None:
+        counts["truncated"] = counts.get("truncated", 0) + truncated
+    return examples, dropped
+
+
+# The files a finished run puts at the top of --output_path; --overwrite_output_dir replaces these
+# and nothing else (a user's README.md stays).
+ADAPTER_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, TRAINING_CONFIG, "loss.png")
+CHECKPOINT_DIR = re.compile(r"checkpoint-(\d+)")
+
+
+def _checkpoints_in(folder: str) -> list[str]:
+    found = [n for n in os.listdir(folder) if CHECKPOINT_DIR.fullmatch(n) and os.path.isdir(os.path.join(folder, n))]
+    return sorted(found, key=lambda n: int(n.split("-")[1]))
+
+
+def _listing(names: list[str], most: int = 4) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def check_output_dir(args) -> None:
+    """Refuse any --output_path that holds something, unless the run continues a checkpoint in it
+    or --overwrite_output_dir is given (and even then never over another run's checkpoints)."""
+    out = args.output_path
+    if not out or not out.strip():
+        raise UserError("--output_path is empty; pass a folder name, e.g. --output_path lora-Vicuna")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--output_path {out} is a file; pass a folder")
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"--output_path {out}: {existing} is a file, so no folder can be made there; pass another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--output_path {out}: {existing} is not writable; pass a folder you can write to")
+    if not os.path.isdir(out) or not os.listdir(out):
+        return
+    entries = sorted(os.listdir(out))
+    checkpoints = _checkpoints_in(out)
+    if args.resume_from_checkpoint:
+        parent = os.path.dirname(os.path.abspath(args.resume_from_checkpoint))
+        if os.path.realpath(parent) == os.path.realpath(out):
+            return  # continuing the run this folder holds
+        raise UserError(f"--output_path {out} is not empty ({_listing(entries)}) and "
+                        f"--resume_from_checkpoint {args.resume_from_checkpoint} belongs to another folder; "
+                        f"pass --output_path {parent} to continue that run there, or a new folder")
+    if checkpoints:
+        what = "already holds an adapter and the" if ADAPTER_CONFIG in entries else "holds"
+        raise UserError(f"--output_path {out} {what} checkpoints of an earlier run ({_listing(checkpoints)}); pass "
+                        f"--resume_from_checkpoint {os.path.join(out, checkpoints[-1])} to continue it, or a new "
+                        "--output_path (--overwrite_output_dir never writes over another run's checkpoints)")
+    if args.overwrite_output_dir:
+        return
+    what = "already holds an adapter" if ADAPTER_CONFIG in entries else "is not empty"
+    raise UserError(f"--output_path {out} {what} ({_listing(entries)}); pass a new or empty folder, or "
+                    "--overwrite_output_dir to replace only the adapter files in it (nothing is deleted)")
+
+
+CHECKPOINT_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, "trainer_state.json", "optimizer.pt", "scheduler.pt")
+
+
+def check_checkpoint(path: str, args) -> None:
+    """A --resume_from_checkpoint folder that the Trainer can continue, checked before any model
+    loads: every file present and readable, and the LoRA shape the flags ask for."""
+    flag = f"--resume_from_checkpoint {path}"
+    if not os.path.isdir(path):
+        raise UserError(f"{flag}: no such directory; pass a checkpoint-N folder inside an earlier --output_path")
+    missing = [n for n in CHECKPOINT_FILES if not os.path.isfile(os.path.join(path, n))]
+    if missing:
+        parent = os.path.dirname(os.path.abspath(path))
+        complete = [c for c in _checkpoints_in(parent)
+                    if all(os.path.isfile(os.path.join(parent, c, n)) for n in CHECKPOINT_FILES)]
+        hint = (f"the latest complete one is {os.path.join(os.path.dirname(path), complete[-1])}" if complete
+                else "pass a checkpoint-N folder finetune.py wrote")
+        raise UserError(f"{flag}: not a complete checkpoint (no {', '.join(missing)}); {hint}")
+    state = read_json_file(os.path.join(path, "trainer_state.json"), dict)
+    if not isinstance(state.get("global_step"), int):
+        raise UserError(f"{os.path.join(path, 'trainer_state.json')}: no integer global_step; the checkpoint is damaged")
+    config = read_json_file(os.path.join(path, ADAPTER_CONFIG), dict)
+    check_adapter_file(os.path.join(path, ADAPTER_WEIGHTS))
+    for name in ("optimizer.pt", "scheduler.pt"):
+        try:
+            torch.load(os.path.join(path, name), map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated zip, not a torch file
+            raise UserError(f"{os.path.join(path, name)}: cannot be read ({one_line(e)}); the checkpoint is "
+                            "damaged: resume from an earlier checkpoint-N") from None
+    if args.lora_r != config.get("r") or (args.lora_alpha != config.get("lora_alpha")):
+        raise UserError(f"{flag}: the checkpoint is a LoRA of r={config.get('r')}, lora_alpha={config.get('lora_alpha')} "
+                        f"but the flags ask for --lora_r {args.lora_r} --lora_alpha {args.lora_alpha}; "
+                        "pass the flags of the run that wrote it")
+    wanted = target_modules(args.lora_target_modules)
+    saved = config.get("target_modules")
+    if wanted != "all-linear" and sorted(wanted) != sorted(saved if isinstance(saved, list) else [saved]):
+        raise UserError(f"{flag}: the checkpoint's LoRA targets {saved} but --lora_target_modules is "
+                        f"{args.lora_target_modules}; pass the flags of the run that wrote it")
+
+
+def plot_loss(log_history: list[dict], path: str) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
+
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
+    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
+    if not train and not evals:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), marker="o", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How this process trains, resolved once from the flags and the machine."""
+
+    world_size: int  # processes (torchrun); 1 without DDP
+    rank: int
+    grad_accum: int  # micro-batches per optimizer step in each process
+    on_gpu: bool
+    gradient_checkpointing: bool
+    dtype: torch.dtype  # load dtype; mixed precision on a GPU follows it
+
+    @property
+    def ddp(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def from_args(cls, args) -> "Plan":
+        world_size = int(os.environ.get("WORLD_SIZE", 1))
+        grad_accum = args.batch_size // args.micro_batch_size
+        if grad_accum % world_size:
+            raise UserError(f"--batch_size {args.batch_size} / --micro_batch_size {args.micro_batch_size} "
+                            f"= {grad_accum} is not divisible by the {world_size} processes")
+        on_gpu = torch.cuda.is_available()
+        return cls(world_size=world_size, rank=int(os.environ.get("RANK", 0)), grad_accum=grad_accum // world_size,
+                   on_gpu=on_gpu, gradient_checkpointing=on_gpu if args.gradient_checkpointing is None
+                   else args.gradient_checkpointing, dtype=pick_dtype(args.bf16, args.fp16))
+
+    def total_steps(self, args, n_train: int) -> int:
+        """The optimizer steps the run will take (as the Trainer counts them)."""
+        if args.max_steps > 0:
+            return args.max_steps
+        batches = math.ceil(n_train / (args.micro_batch_size * self.world_size))
+        return max(1, math.ceil(args.num_epochs * max(1, batches // self.grad_accum)))
+
+
+def run(args) -> str | None:
+    """The whole run for parsed finetune.py flags: checks, data, model, training, final save."""
+    check_args(args)
+    if args.inspect_data:
+        return inspect_data(args)
+    check_output_dir(args)
+    # Data first: a bad record must stop the run before any weights load or files are written.
+    data_format, convs = load_conversations(args.data_path)
+    test_size = args.test_size if args.test_size is not None else min(200, len(convs) // 10)
+    train_convs, test_convs = train_test_split(convs, test_size, args.seed, args.data_path)
+    model_path = resolve_model_path(args.model_path)
+    tokenizer = load_tokenizer(model_path, args.trust_remote_code)
+    tokenizer.padding_side = "right"
+    counts: dict = {}
+    train_examples, dropped_train = build_examples(train_convs, args, tokenizer, counts)
+    test_examples, dropped_test = build_examples(test_convs, args, tokenizer, counts)
+    if dropped_train + dropped_test:
+        logger.warning("dropped %d of %d records whose response lies beyond --cutoff_len %d",
+                       dropped_train + dropped_test, len(convs), args.cutoff_len)
+    if not train_examples:
+        raise UserError(f"{args.data_path}: no training example keeps a supervised token within "
+                        f"--cutoff_len {args.cutoff_len}; raise --cutoff_len")
+    plan = Plan.from_args(args)
+    log_summary(args, data_format, len(convs), train_examples, test_examples, counts["truncated"],
+                plan.total_steps(args, len(train_examples)))
+
+    model, resolved = load_trainable_model(args, model_path, plan)
+    trainer = make_trainer(args, plan, model, tokenizer, train_examples, test_examples)
+    config = {
+        "base_model": args.model_path,
+        "base_model_resolved": model_path,
+        "prompt_type": args.prompt_type,
+        "data_format": data_format,
+        "num_train_examples": len(train_examples),
+        "num_eval_examples": len(test_examples),
+        "dropped_examples": dropped_train + dropped_test,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "world_size": plan.world_size,
+        "gradient_checkpointing": plan.gradient_checkpointing,
+        "eos_token": tokenizer.eos_token,
+        "pad_token": tokenizer.pad_token,
+        "args": vars(args),
+        **resolved,
+    }
+    lr_watch = LearningRateWatch()
+    for callback in (SaveConfig(config), lr_watch, FiniteGradients(args.learning_rate)):
+        trainer.add_callback(callback)
+    try:
+        trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+        if plan.rank == 0:
+            # lora_B starts at zero: still zero after steps at a positive learning rate means a broken
+            # run; after steps at rate 0 only (one step inside the warmup) it is what the user asked for
+            save_final_adapter(trainer, args.output_path, config, updated=lr_watch.max_lr > 0)
+    except Exception as e:
+        close_progress_bars(trainer)  # so the error starts a line of its own
+        if not is_write_failure(e):
+            raise
+        where = getattr(e, "filename", None) or args.output_path
+        raise UserError(f"writing {where} failed ({getattr(e, 'strerror', None) or one_line(e)}); free disk space "
+                        "or pass another --output_path (checkpoints written completely before are kept)") from None
+    return args.output_path
+
+
+def inspect_data(args) -> None:
+    """--inspect_data FILE: every example of the data file as {input_ids, labels} JSON lines."""
+    if os.path.exists(args.inspect_data):
+        raise UserError(f"--inspect_data {args.inspect_data} exists; pass a new file name")
+    _, convs = load_conversations(args.data_path)
+    tokenizer = load_tokenizer(resolve_model_path(args.model_path), args.trust_remote_code)
+    counts: dict = {}
+    examples, dropped = build_examples(convs, args, tokenizer, counts)
+    with open(args.inspect_data, "w", encoding="utf-8") as f:
+        for ex in examples:
+            f.write(json.dumps({"input_ids": ex["input_ids"], "labels": ex["labels"]}) + "\n")
+    logger.info("wrote %d examples to %s (%d cut at --cutoff_len %d; %d dropped: no supervised token "
+                "within it)", len(examples), args.inspect_data, counts["truncated"], args.cutoff_len, dropped)
+
+
+def close_progress_bars(trainer) -> None:
+    for callback in trainer.callback_handler.callbacks:
+        for name in ("training_bar", "prediction_bar"):
+            bar = getattr(callback, name, None)
+            if bar is not None:
+                bar.close()
+                setattr(callback, name, None)
+
+
+def is_write_failure(e: BaseException) -> bool:
+    """A full disk, a quota or a file-size limit, as the libraries that write checkpoints report it:
+    OSError (Python), SafetensorError "I/O error" (safetensors), "unexpected pos" / "file write
+    failed" (torch.save's zip writer)."""
+    if isinstance(e, OSError):
+        return True
+    text = str(e)
+    return (type(e).__name__ == "SafetensorError" and "I/O error" in text) or (
+        isinstance(e, RuntimeError) and ("PytorchStreamWriter" in text or "inline_container" in text))
+
+
+def log_summary(args, data_format: str, n_records: int, train: list[dict], test: list[dict], truncated: int,
+                total_steps: int) -> None:
+    """What the run will do, and each thing that would surprise a user, before any weight loads."""
+    n_tokens = sum(len(e["input_ids"]) for e in train)
+    n_sup = sum(sum(1 for t in e["labels"] if t != IGNORE_INDEX) for e in train)
+    logger.info("%s: %s format, %d train / %d eval examples, %d tokens (%d supervised), %d optimizer steps",
+                args.data_path, data_format, len(train), len(test), n_tokens, n_sup, total_steps)
+    if truncated:
+        logger.warning("%d of %d examples were cut at --cutoff_len %d (their ends are not trained on); "
+                       "raise --cutoff_len to keep them whole", truncated, len(train) + len(test), args.cutoff_len)
+    if args.test_size is None and test:
+        logger.info("held out %d of %d records for evaluation (--test_size default: 200 or a tenth of the "
+                    "data; pass --test_size N to choose, 0 for none)", len(test), n_records)
+    if args.warmup_steps >= total_steps:
+        logger.warning("--warmup_steps %d is not below this run's %d optimizer steps: the learning rate never "
+                       "reaches --learning_rate %g; pass a smaller --warmup_steps (e.g. %d)", args.warmup_steps,
+                       total_steps, args.learning_rate, max(0, total_steps // 10))
+
+
+def save_final_adapter(trainer, out: str, config: dict, updated: bool) -> None:
+    """Write the adapter into `out` so that, killed at any moment, `out` has either no
+    adapter_config.json or a complete adapter: everything is written and checked in a hidden
+    staging folder inside `out`, then renamed into place with adapter_config.json last."""
+    with staging_folder(os.path.join(out, "adapter")) as staged:
+        trainer.save_model(staged)
+        adapter_key_report(staged, trainer.model, updated=updated, shown_as=out)
+        save_training_config(staged, config)
+        png = plot_loss(trainer.state.log_history, os.path.join(staged, "loss.png"))
+        keep = tuple(n for n in os.listdir(staged) if n not in ADAPTER_FILES)  # e.g. peft's README.md
+        publish_files(staged, out, last=ADAPTER_CONFIG, keep_existing=keep)
+    logger.info("adapter saved to %s%s", out, f"; loss curve: {os.path.join(out, 'loss.png')}" if png else "")
+
+
+def load_trainable_model(args, model_path: str, plan: Plan):
+    """Base model (optionally 8/4-bit) wrapped with a fresh or continued LoRA adapter."""
+    set_seed(args.seed)  # LoRA's lora_A init draws from the global RNG: same seed, same adapter
+    dtype, gradient_checkpointing = plan.dtype, plan.gradient_checkpointing
+    model = load_model(model_path, quant=args.quant, dtype=dtype, device_map=device_map_for(args.quant, plan.ddp),
+                       trust_remote_code=args.trust_remote_code)
+    if args.quant != "none":
+        loaded = {name: p.dtype for name, p in model.named_parameters()}
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+        if dtype == torch.bfloat16:
+            # peft upcasts every non-quantized weight to float32, which fp16 training needs; bf16 does
+            # not (RMSNorm already reduces in float32), and on a 7B model the upcast embedding, head
+            # and float32 residual stream cost about 2 GB of a QLoRA run's memory. Put them back.
+            for name, p in model.named_parameters():
+                if loaded.get(name) == torch.bfloat16 and p.dtype == torch.float32:
+                    p.data = p.data.to(torch.bfloat16)
+    elif gradient_checkpointing:
+        model.enable_input_require_grads()
+    if args.lora_path:
+        model = load_adapter(model, args.lora_path, trainable=True)
+        lora = model.peft_config["default"]
+        logger.info("continuing adapter %s (r=%d, targets %s) with a fresh schedule",
+                    args.lora_path, lora.r, sorted(lora.target_modules))
+    else:
+        lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                          target_modules=target_modules(args.lora_target_modules), bias="none",
+                          task_type="CAUSAL_LM")
+        try:
+            model = get_peft_model(model, lora)
+        except ValueError as e:
+            raise UserError(f"--lora_target_modules {args.lora_target_modules}: {str(e).splitlines()[0]}") from None
+    trainable, total = model.get_nb_trainable_parameters()
+    logger.info("trainable parameters: %s of %s (%.3f%%), dtype %s, quant %s",
+                f"{trainable:,}", f"{total:,}", 100 * trainable / total, dtype, args.quant)
+    resolved = {"dtype": str(dtype).removeprefix("torch."), "lora_r": lora.r, "lora_alpha": lora.lora_alpha,
+                "lora_target_modules": sorted(lora.target_modules) if not isinstance(lora.target_modules, str)
+                else lora.target_modules}
+    return model, resolved
+
+
+def make_trainer(args, plan: Plan, model, tokenizer, train_examples: list[dict],
+                 test_examples: list[dict]) -> "SupervisedLossTrainer":
+    """The HF Trainer for a plan: packed (or length-grouped padded) batches, our loss."""
+    on_gpu, ddp, dtype, gradient_checkpointing = plan.on_gpu, plan.ddp, plan.dtype, plan.gradient_checkpointing
+    report_to = ["tensorboard"]
+    if args.wandb:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise UserError("--wandb needs the wandb package: pip install wandb") from None
+        report_to.append("wandb")
+    has_eval = bool(test_examples)
+    training_args = TrainingArguments(
+        output_dir=args.output_path,
+        per_device_train_batch_size=args.micro_batch_size,
+        per_device_eval_batch_size=args.micro_batch_size,
+        gradient_accumulation_steps=plan.grad_accum,
+        num_train_epochs=args.num_epochs,
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        warmup_steps=args.warmup_steps,
+        lr_scheduler_type="linear",
+        logging_steps=args.logging_steps,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=args.eval_steps if has_eval else None,
+        save_strategy="steps",
+        save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit or None,
+        bf16=on_gpu and dtype == torch.bfloat16,
+        fp16=on_gpu and dtype == torch.float16,
+        optim="paged_adamw_8bit" if (on_gpu and args.quant == "4bit") else "adamw_torch",
+        activation_checkpointing=gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
+        report_to=report_to,
+        seed=args.seed,
+        data_seed=args.seed,
+        remove_unused_columns=False,
+        prediction_loss_only=True,
+        ddp_find_unused_parameters=False if ddp else None,
+        ddp_backend=None if on_gpu or not ddp else "gloo",
+        use_cpu=not on_gpu,
+        train_sampling_strategy="group_by_length" if (args.group_by_length and not args.packing) else "random",
+        dataloader_num_workers=0,
+        deepspeed=args.deepspeed,
+    )
+    if args.packing:
+        # One [1, sum of lengths] row per micro-batch; no attention_mask, so transformers derives the
+        # block-diagonal causal mask from the restarting position_ids (SDPA, eager and flash-attention).
+        # The sequence boundaries (cu_seq_lens_*) ride along for flash-attention and PACKED_ATTENTION.
+        collator = DataCollatorWithFlattening(return_position_ids=True, return_flash_attn_kwargs=True,
+                                              separator_id=IGNORE_INDEX)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if not on_gpu:  # measured on the CPU (docs/performance.md)
+            use_packed_attention(base)
+        elif dtype != torch.float32 and is_flash_attn_2_available():
+            # varlen flash-attention over the packed row, bounded by cu_seq_lens: no [T x T] mask
+            base.set_attn_implementation("flash_attention_2")
+            logger.info("attention: flash_attention_2 over packed rows")
+        # otherwise (a GPU without flash-attn): SDPA with the block-diagonal mask
+    else:
+        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX,
+                                          pad_to_multiple_of=8, return_tensors="pt")
+    trainer = SupervisedLossTrainer(model=model, args=training_args, data_collator=collator,
+                                    train_dataset=Dataset.from_list(train_examples),
+                                    eval_dataset=Dataset.from_list(test_examples) if has_eval else None)
+    for printer in (ProgressCallback, PrinterCallback):  # logs as numbers, not strings
+        if trainer.pop_callback(printer) is not None:
+            trainer.add_callback(NumericProgress())
+    return trainer
+
+
+PACKED_ATTENTION = "sdpa_packed"
+
+
+def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                          scaling: float | None = None, **kwargs):
+    """SDPA that runs a padding-free packed row one example at a time.
+
+    With a packed row, plain SDPA gets a [T x T] block-diagonal mask and computes every block, masked
+    or not (on the CPU it also loses the causal kernel's skipping); here each example between two
+    `cu_seq_lens_q` boundaries gets its own causal SDPA call, so the work is sum(len^2) / 2 instead
+    of T^2. Anything else (padded batches, generation with a cache) goes to transformers' SDPA with
+    the mask it built.
+    """
+    bounds = kwargs.pop("cu_seq_lens_q", None)
+    for name in ("cu_seq_lens_k", "max_length_q", "max_length_k"):
+        kwargs.pop(name, None)
+    bounds = bounds.tolist() if bounds is not None and query.shape[0] == 1 else None
+    if bounds is None or bounds[0] != 0 or bounds[-1] != query.shape[2] or key.shape[2] != query.shape[2]:
+        # not one whole packed row (a padded batch, generation with a cache): keep the mask
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    sizes = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+    # split, not slicing: the backward of a slice allocates and zero-fills a full-size gradient per
+    # example, the backward of split concatenates the pieces once
+    outputs = [sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling, is_causal=True,
+                                      **kwargs)[0]
+               for q, k, v in zip(query.split(sizes, dim=2), key.split(sizes, dim=2), value.split(sizes, dim=2))]
+    return torch.cat(outputs, dim=1), None
+
+
+def use_packed_attention(model) -> None:
+    """Switch an SDPA model to packed_sdpa_attention (registered with transformers once)."""
+    if PACKED_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
+        AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)  # padded batches keep their mask
+    if model.config._attn_implementation == "sdpa":
+        model.set_attn_implementation(PACKED_ATTENTION)
+
+
+def supervised_token_loss(model, inputs: dict, chunk_size: int = 2048):
+    """(sum of token losses, number of tokens) computing logits only where a label is supervised.
+
+    The prompt is about 40 % of an instruction example: its positions never reach the vocabulary
+    projection. `logits_to_keep` (a boolean [batch, seq] mask) makes the model return logits for
+    the kept positions only, flattened to [n_supervised, vocab]; cross-entropy then runs in float32
+    chunk by chunk under activation checkpointing, so no [tokens x vocab] float32 tensor is ever
+    alive for backward.
+    """
+    labels = inputs["labels"]
+    inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    target = labels[:, 1:]  # position t predicts token t + 1
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = target != IGNORE_INDEX
+    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits  # [n, vocab]
+    logits = logits.reshape(-1, logits.shape[-1])
+    wanted = target[keep[:, :-1]]
+    total = logits.new_zeros((), dtype=torch.float32)
+    for start in range(0, wanted.numel(), chunk_size):
+        total = total + checkpoint(_cross_entropy_sum, logits[start:start + chunk_size],
+                                   wanted[start:start + chunk_size], use_reentrant=False)
+    return total, wanted.numel()
+
+
+def _cross_entropy_sum(logits, target):
+    return F.cross_entropy(logits.float(), target, reduction="sum")
+
+
+class SupervisedLossTrainer(Trainer):
+    """HF Trainer whose loss skips unsupervised positions (see supervised_token_loss)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        total, count = supervised_token_loss(model, inputs)
+        if not bool(total.isfinite()):
+            raise UserError(f"step {self.state.global_step + 1}: the loss is {float(total)}: training diverged; "
+                            f"lower --learning_rate (now {self.args.learning_rate:g}) or check the data "
+                            "(checkpoints written so far are kept)")
+        if num_items_in_batch is None:  # evaluation, or a collator the Trainer cannot count
+            self.loss_is_scaled_for_ga = False
+            loss = total / max(count, 1)
+        else:  # normalized over every token of the accumulated (and all-process) batch
+            self.loss_is_scaled_for_ga = True
+            loss = total / num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes  # DDP averages the gradients back
+        return (loss, {}) if return_outputs else loss  # no logits to hand back: prediction_loss_only
+
+
+class SaveConfig(TrainerCallback):
+    """Write the training config into every checkpoint folder (on the main process)."""
+
+    def __init__(self, config: dict):
+        self.config = config
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            if os.path.isdir(folder):
+                save_training_config(folder, self.config)
+
+
+class FiniteGradients(TrainerCallback):
+    """Stop with a one-line error before an optimizer step would write NaN or inf into the adapter.
+    (fp16 mixed precision is left to its loss scaler, which skips such steps on purpose.)"""
+
+    def __init__(self, learning_rate: float):
+        self.learning_rate = learning_rate
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if args.fp16 or model is None:
+            return
+        grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+        if grads and not bool(torch.stack([g.detach().float().norm() for g in grads]).isfinite().all()):
+            raise UserError(f"step {state.global_step + 1}: the gradients hold NaN or infinite values: training "
+                            f"diverged; lower --learning_rate (now {self.learning_rate:g}) or check the data "
+                            "(checkpoints written so far are kept)")
+
+
+class LearningRateWatch(TrainerCallback):
+    """The largest learning rate any optimizer step of this process used (`.max_lr`)."""
+
+    def __init__(self):
+        self.max_lr = 0.0
+
+    def on_step_begin(self, args, state, control, lr_scheduler=None, **kwargs):
+        if lr_scheduler is not None:
+            self.max_lr = max(self.max_lr, *lr_scheduler.get_last_lr())
+
+
+class NumericProgress(ProgressCallback):
+    """The Trainer's progress bar, with each log as one line of numbers (`step 10: loss 2.028, ...`)
+    instead of a dict of strings."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        line = f"step {state.global_step}: " + ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in logs.items() if k != "total_flos")
+        if self.training_bar is not None:
+            self.training_bar.write(line)
+        else:
+            logger.info("%s", line)
+
