@@ -274,7 +274,7 @@ def test_merge_refuses_bad_input_and_writes_nothing(work, capsys, tiny_models, a
     line = cli_error(capsys, merge_lora.main, ["--model_path", tiny_models["sp"], "--lora_path", str(odd),
                                                "--output_path", str(out)])
     assert "model.layers.1.mlp.upper_proj.weight" in line and not out.exists()
-    assert not [p for p in os.listdir(work) if p.startswith(".merging-")]  # no temporary left behind
+    assert not [p for p in os.listdir(work) if ".partial-" in p]  # no staging folder left behind
 
 
 def test_merge_cli_error_is_one_line_exit_2(work, adapter_all):

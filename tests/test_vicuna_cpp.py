@@ -542,6 +542,7 @@ def corrupt_files(tiny_sp_gguf: str, tiny_sp_dir: str, root) -> dict[str, str]:
     off_pos = info + 8 + len(name) + 4 + 8 * len(t_last.shape) + 4
     cases["tensor_offset_huge"] = _patch(data, off_pos, (2**50).to_bytes(8, "little"))
     cases["tensor_offset_misaligned"] = _patch(data, off_pos, (int(t_last.data_offset - data_start) + 4).to_bytes(8, "little"))
+    cases["tensor_overlap"] = _patch(data, off_pos, int(r.tensors[-2].data_offset - data_start).to_bytes(8, "little"))
     cases["tensor_ndims_9"] = _patch(data, info + 8 + len(name), (9).to_bytes(4, "little"))
     cases["tensor_type_77"] = _patch(data, off_pos - 4, (77).to_bytes(4, "little"))
     paths = {k: str(root / f"{k}.gguf") for k in cases}
@@ -623,6 +624,80 @@ def test_fuzz_gguf_reader_and_tokenizer(vicuna_asan, tiny_ggufs, tmp_path):
         assert proc.returncode == 0, out[-4000:]
         m = re.search(r"fuzz: (\d+) mutated files", out)
         assert m and int(m.group(1)) >= 300, out
+
+
+def _tensor_offset_pos(data: bytes, tensor) -> int:
+    """Where a tensor info's u64 data offset sits in the file."""
+    name = tensor.name.encode()
+    info = data.index(len(name).to_bytes(8, "little") + name)
+    return info + 8 + len(name) + 4 + 8 * len(tensor.shape) + 4
+
+
+def test_overlapping_tensors_are_refused_naming_both(vicuna, tiny_ggufs, tmp_path):
+    """Two tensor infos whose data ranges intersect (the same bytes, or one running into the next)
+    used to load and give garbage; the loader names both tensors."""
+    import gguf
+
+    path = tiny_ggufs["sp"][1]
+    data = open(path, "rb").read()
+    r = gguf.GGUFReader(path)
+    start = r.data_offset
+    by_offset = sorted(r.tensors, key=lambda t: t.data_offset)
+    big = max(by_offset[:-1], key=lambda t: t.n_bytes)  # its successor may start inside it
+    nxt = by_offset[by_offset.index(big) + 1]
+    cases = {
+        "same-bytes": (by_offset[-1], by_offset[0].data_offset - start, {by_offset[0].name, by_offset[-1].name}),
+        "inside": (nxt, big.data_offset - start + 32, {big.name, nxt.name}),
+    }
+    for case, (tensor, new_offset, names) in cases.items():
+        bad = tmp_path / f"{case}.gguf"
+        bad.write_bytes(_patch(data, _tensor_offset_pos(data, tensor), int(new_offset).to_bytes(8, "little")))
+        for cmd in (["run", "-m", bad, "-p", "hi", "-n", "2"], ["tokenize", "-m", bad, "-p", "hi"]):
+            proc = run([vicuna, *cmd], check=False, timeout=60)
+            err = proc.stderr.decode(errors="replace").strip()
+            assert proc.returncode == 1 and len(err.splitlines()) == 1, (case, err)
+            assert "overlap" in err and all(f"'{n}'" in err for n in names), (case, err)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "/dev/zero", "/dev/null"])
+def test_model_that_is_not_a_regular_file_fails_at_once(vicuna, tmp_path, kind):
+    """`-m FIFO` used to block in open() forever; a directory or a device is refused as well."""
+    if kind == "fifo":
+        path, what = tmp_path / "model.gguf", "named pipe"
+        os.mkfifo(path)
+    elif kind == "directory":
+        path, what = tmp_path, "directory"
+    else:
+        path, what = kind, "character device"
+    for cmd in (["run", "-m", path, "-p", "hi"], ["tokenize", "-m", path, "-p", "hi"], ["quantize", path,
+                                                                                         tmp_path / "q.gguf", "q8_0"]):
+        try:
+            proc = run([vicuna, *cmd], check=False, timeout=20)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"vicuna {cmd[0]} on a {what} did not return")
+        err = proc.stderr.decode(errors="replace").strip()
+        assert proc.returncode == 1 and len(err.splitlines()) == 1, err
+        assert f"'{path}' is a {what}" in err and "not a GGUF file" in err, err
+    assert not (tmp_path / "q.gguf").exists()
+
+
+def test_quantize_never_overwrites_without_overwrite(vicuna, tiny_ggufs, tmp_path):
+    """An existing OUT is kept unless --overwrite; the file is written under a fresh temporary name
+    (a user's OUT.tmp is not touched) and renamed into place."""
+    src = tiny_ggufs["sp"][1]
+    out = tmp_path / "q.gguf"
+    out.write_bytes(b"mine")
+    (tmp_path / "q.gguf.tmp").write_bytes(b"also mine")
+    proc = run([vicuna, "quantize", src, out, "q8_0"], check=False)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and "exists; pass --overwrite" in err and len(err.strip().splitlines()) == 1, err
+    assert out.read_bytes() == b"mine"
+    proc = run([vicuna, "quantize", src, tmp_path, "q8_0", "--overwrite"], check=False)
+    assert proc.returncode == 1 and "is a directory" in proc.stderr.decode()
+    run([vicuna, "quantize", src, out, "q8_0", "--overwrite"])
+    assert out.read_bytes()[:4] == b"GGUF" and (tmp_path / "q.gguf.tmp").read_bytes() == b"also mine"
+    assert sorted(os.listdir(tmp_path)) == ["q.gguf", "q.gguf.tmp"]  # no temporary left behind
+    run([vicuna, "run", "-m", out, "-p", "hello", "-n", "2", "--temp", "0"])
 
 
 def gguf_spec_tokenizer_only(model_dir: str) -> list[tuple]:

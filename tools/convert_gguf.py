@@ -23,7 +23,14 @@ way the embedded SmolLM2 Q4_1 file ships it.
 model and through the written GGUF -- with tools/vicuna.cpp/build/vicuna when it has been built
 (`make cpp`), otherwise with transformers' own GGUF loader -- and prints top-1 agreement and the
 largest logit difference. An f32 export that disagrees (top-1 mismatch or max relative difference
-over 1e-3) exits with status 1. `--modelfile` writes an ollama Modelfile beside the GGUF.
+over 1e-3), or any export whose logits are NaN or infinite, exits with status 1. `--modelfile`
+writes an ollama Modelfile beside the GGUF.
+
+Nothing is overwritten without --overwrite (the GGUF and the Modelfile alike), and both are written
+under a temporary name and renamed into place, so an interrupted export never leaves a half file
+under the final name. Source tensors holding NaN or infinity are refused (naming the tensor), as
+are damaged inputs: truncated or empty safetensors, a config.json that is not a JSON object or
+has impossible sizes, missing tokenizer files, an adapter folder passed as --model_path.
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ for _p in (ROOT, TOOLS):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+from checkpoints import all_close  # noqa: E402
+from errors import one_line  # noqa: E402
 from utils import UserError, cli_errors, logger, setup_logging  # noqa: E402
 
 OUTTYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")
@@ -78,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modelfile", action="store_true", help="also write an ollama Modelfile beside the GGUF")
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
                    help="compare logits of the export with the HF model (default: on under 1B parameters)")
-    p.add_argument("--overwrite", action="store_true", help="replace --outfile if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --outfile (and, with --modelfile, the Modelfile beside it) if they exist")
     return p
 
 
@@ -105,13 +115,18 @@ class HParams:
     def from_config(cls, config: dict, model_dir: str) -> "HParams":
         model_type = config.get("model_type")
         if model_type not in ARCHITECTURES:
-            raise UserError(f"--model_path {model_dir}: model_type {model_type!r} is not a LLaMA-architecture "
-                            f"model ({', '.join(ARCHITECTURES)}); this converter writes general.architecture=llama")
+            raise UserError(f"--model_path {model_dir}: model_type {repr(model_type)[:80]} is not a "
+                            f"LLaMA-architecture model ({', '.join(ARCHITECTURES)}); this converter writes "
+                            "general.architecture=llama")
+        check_config_values(config, os.path.join(model_dir, "config.json"))
         if config.get("sliding_window") and model_type == "mistral":
             logger.warning("sliding_window=%s is not stored; llama.cpp attends to the whole context",
                            config["sliding_window"])
         rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
         theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 0:
+            raise UserError(f"{os.path.join(model_dir, 'config.json')}: rope_theta must be a positive number, got "
+                            f"{json.dumps(theta)[:80]}; the file is damaged")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "linear", "llama3"):
             raise UserError(f"--model_path {model_dir}: rope scaling {rope_type!r} is not supported "
@@ -130,6 +145,41 @@ class HParams:
                 name=os.path.basename(os.path.normpath(model_dir)))
         except KeyError as e:
             raise UserError(f"--model_path {model_dir}: config.json lacks {e.args[0]!r}") from None
+
+
+# config.json keys that must be positive integers (required ones first) or positive finite numbers
+CONFIG_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads")
+CONFIG_OPTIONAL_INTS = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+CONFIG_FLOATS = ("rope_theta", "rms_norm_eps")
+
+
+def check_config_values(config: dict, path: str) -> None:
+    """Sizes are positive integers, rope theta and epsilon positive finite numbers, and the head
+    layout divides evenly; one line naming config.json otherwise (instead of a traceback later)."""
+    def bad(key, want):
+        raise UserError(f"{path}: \"{key}\" must be {want}, got {json.dumps(config[key])[:80]}; the file is damaged")
+
+    for key in CONFIG_INTS + CONFIG_OPTIONAL_INTS:
+        value = config.get(key)
+        if value is None and key in CONFIG_OPTIONAL_INTS:
+            continue
+        if key not in config:
+            raise UserError(f"--model_path {os.path.dirname(path)}: config.json lacks {key!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            bad(key, "a positive integer")
+    for key in CONFIG_FLOATS:
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value <= 0):
+            bad(key, "a positive number")
+    for key in ("rope_parameters", "rope_scaling"):
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            bad(key, "an object (or null)")
+    heads, kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    if heads % kv or head_dim % 2 or (not config.get("head_dim") and config["hidden_size"] % heads):
+        raise UserError(f"{path}: hidden_size {config['hidden_size']}, num_attention_heads {heads}, "
+                        f"num_key_value_heads {kv} and head_dim {head_dim} do not divide evenly; the file is damaged")
 
 
 def write_hparams(writer, hp: HParams) -> None:
@@ -260,10 +310,19 @@ def tensor_data(plan: TensorPlan, base, hp: HParams):
         data = llama3_rope_factors(hp)
     else:
         data = base.tensor(plan.hf_name).float().numpy()
+        if not np.isfinite(data).all():
+            raise UserError(f"{os.path.join(base.folder, base.files[plan.hf_name])}: {plan.hf_name} holds NaN or "
+                            "infinite values; refusing to export a broken model (was it merged from an adapter "
+                            "whose training diverged?)")
     if plan.permute_heads:
         data = permute_qk(data, plan.permute_heads)
     data = np.ascontiguousarray(data, dtype=np.float32)
-    return gguf.quants.quantize(data, plan.qtype)
+    with np.errstate(over="ignore"):  # an F16 overflow is reported below, as one line
+        out = gguf.quants.quantize(data, plan.qtype)
+    if plan.qtype == gguf.GGMLQuantizationType.F16 and not np.isfinite(out).all():
+        raise UserError(f"{plan.hf_name} has values beyond float16's range (65504); export with --outtype f32 or "
+                        "q8_0")
+    return out
 
 
 def nbytes_of(plan: TensorPlan) -> tuple[tuple[int, ...], int]:
@@ -283,10 +342,15 @@ def nbytes_of(plan: TensorPlan) -> tuple[tuple[int, ...], int]:
 def load_hf_tokenizer(model_dir: str):
     from transformers import AutoTokenizer
 
+    names = ("tokenizer.json", "tokenizer.model", "vocab.json")
+    if not any(os.path.isfile(os.path.join(model_dir, n)) for n in names):
+        raise UserError(f"--model_path {model_dir}: no tokenizer files ({', '.join(names)}); copy them from the "
+                        "base model's folder")
     try:
         return AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a tokenizer from {model_dir}: {str(e).strip().splitlines()[0]}") from None
+    except Exception as e:  # OSError, ValueError, JSON and type errors from damaged tokenizer files
+        raise UserError(f"cannot load a tokenizer from {model_dir}: {one_line(e)}; its tokenizer files (or "
+                        "config.json) are damaged: copy them from the base model's folder") from None
 
 
 def _merge_strings(merges) -> list[str]:
@@ -403,7 +467,11 @@ def _sentencepiece_scores(model_dir: str) -> list[float] | None:
         return None
     import sentencepiece as spm
 
-    sp = spm.SentencePieceProcessor(model_file=path)
+    try:
+        sp = spm.SentencePieceProcessor(model_file=path)
+    except Exception as e:  # RuntimeError / OSError from a damaged model file
+        raise UserError(f"{path}: not a SentencePiece model ({one_line(e)}); the file is damaged (copy it from "
+                        "the base model's folder)") from None
     return [sp.GetScore(i) for i in range(sp.vocab_size())]
 
 
@@ -553,18 +621,23 @@ def convert(model_path: str, outfile: str, outtype: str = "f16", prompt_type: st
     import gguf
     import numpy as np
 
-    from merge_lora import BaseCheckpoint, resolve_base
+    from merge_lora import BaseCheckpoint, read_model_config, resolve_base
 
-    if os.path.exists(outfile) and not overwrite:
-        raise UserError(f"--outfile {outfile} exists; pass --overwrite to replace it")
     if not outfile.endswith(".gguf"):
         raise UserError(f"--outfile {outfile}: name the file *.gguf")
+    if os.path.isdir(outfile):
+        raise UserError(f"--outfile {outfile} is a directory; name a .gguf file")
+    if os.path.lexists(outfile) and not overwrite:
+        raise UserError(f"--outfile {outfile} exists; pass --overwrite to replace it")
+    out_dir = os.path.dirname(os.path.abspath(outfile))
+    modelfile_path = os.path.join(out_dir, "Modelfile")
+    if modelfile and os.path.lexists(modelfile_path) and not overwrite:
+        raise UserError(f"--modelfile: {modelfile_path} exists; pass --overwrite to replace it (or write the GGUF "
+                        "to another folder)")
+    if modelfile and os.path.isdir(modelfile_path):
+        raise UserError(f"--modelfile: {modelfile_path} is a directory; write the GGUF to another folder")
     model_dir = resolve_base(model_path)
-    config_path = os.path.join(model_dir, "config.json")
-    if not os.path.isfile(config_path):
-        raise UserError(f"--model_path {model_path}: no config.json")
-    with open(config_path, encoding="utf-8") as f:
-        config = json.load(f)
+    config = read_model_config(model_dir, "--model_path")
     hp = HParams.from_config(config, model_dir)
     prompt_type = resolve_prompt_type(prompt_type, model_dir)
     tokenizer = load_hf_tokenizer(model_dir)
@@ -577,9 +650,11 @@ def convert(model_path: str, outfile: str, outtype: str = "f16", prompt_type: st
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
                  "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}[outtype]
-    out_dir = os.path.dirname(os.path.abspath(outfile))
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".converting-", suffix=".gguf", dir=out_dir)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".converting-", suffix=".gguf", dir=out_dir)
+    except OSError as e:
+        raise UserError(f"--outfile {outfile}: cannot create a file in {out_dir} ({one_line(e)})") from None
     os.close(fd)
     writer = gguf.GGUFWriter(tmp, "llama")
     try:
@@ -604,24 +679,45 @@ def convert(model_path: str, outfile: str, outtype: str = "f16", prompt_type: st
         for p in plans:
             writer.write_tensor_data(tensor_data(p, base, hp))
         writer.close()
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; give it the mode a plain open() would
-        os.replace(tmp, outfile)
-    except BaseException:
+        publish_file(tmp, outfile)
+    except BaseException as e:
         writer.close()
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):  # disk full, permissions
+            raise UserError(f"--outfile {outfile}: writing failed ({one_line(e)}); nothing was written there") from None
         raise
     n_params = sum(math.prod(p.shape) for p in plans)
     logger.info("wrote %s: %d tensors, %.1fM parameters, %s, prompt type %s", outfile, len(plans),
                 n_params / 1e6, outtype, prompt_type)
     if modelfile_text is not None:
-        path = os.path.join(out_dir, "Modelfile")
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(modelfile_text)
-        logger.info("wrote %s", path)
+        try:
+            write_text_atomically(modelfile_path, modelfile_text)
+        except OSError as e:
+            raise UserError(f"--modelfile: cannot write {modelfile_path} ({one_line(e)}); {outfile} is complete") from None
+        logger.info("wrote %s", modelfile_path)
     return {"model_dir": model_dir, "prompt_type": prompt_type, "n_params": n_params, "outfile": outfile}
+
+
+def publish_file(tmp: str, path: str) -> None:
+    """Give a finished mkstemp file the mode a plain open() would, and rename it to `path`."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private
+    os.replace(tmp, path)
+
+
+def write_text_atomically(path: str, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, then rename it over `path`."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.partial-", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        publish_file(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 # --- verification ----------------------------------------------------------------------------------
@@ -753,11 +849,16 @@ def main(argv=None) -> int:
           f"max logit diff {report['max_abs_diff']:.3g} (relative {report['max_rel_diff']:.3g}); "
           f"tokenizer: {report['tokens_agree']}/{report['n_texts']} texts give the same ids")
     failed = False
+    if not math.isfinite(report["max_abs_diff"]):
+        print(f"error: the GGUF's logits differ from the Hugging Face model's by {report['max_abs_diff']} (NaN or "
+              "infinite logits): the export is broken", file=sys.stderr)
+        failed = True
     if report["first_token_mismatch"] is not None:
         print(f"error: the GGUF's tokenizer splits {report['first_token_mismatch']!r} differently from the "
               "Hugging Face tokenizer", file=sys.stderr)
         failed = True
-    if args.outtype == "f32" and (report["top1_agree"] < report["n"] or report["max_rel_diff"] > F32_MAX_REL_DIFF):
+    if args.outtype == "f32" and (report["top1_agree"] < report["n"]
+                                  or not all_close(report["max_rel_diff"], F32_MAX_REL_DIFF)):
         print(f"error: the f32 export disagrees with the Hugging Face model (limit: same top-1, relative "
               f"difference <= {F32_MAX_REL_DIFF})", file=sys.stderr)
         failed = True

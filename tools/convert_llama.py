@@ -21,6 +21,11 @@ longer does, so this is a small faithful re-implementation of its LLaMA-1/2 path
 
 LLaMA-3's tiktoken tokenizer.model is not a SentencePiece model and is refused.
 Shards are written as they fill (--max_shard_size), so memory stays near one input shard.
+
+Damaged inputs (a truncated consolidated.*.pth, a params.json that is not an object of positive
+sizes, shards that do not fit together, weights holding NaN or infinity) stop the conversion with
+one line naming the file. The folder is written under a temporary name beside --output_dir and
+renamed into place at the end; an existing non-empty --output_dir is refused.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import re
 import shutil
@@ -40,7 +46,9 @@ for _p in (ROOT, TOOLS):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from utils import UserError, cli_errors, logger, setup_logging  # noqa: E402
+from checkpoints import staging_folder  # noqa: E402
+from errors import one_line  # noqa: E402
+from utils import UserError, cli_errors, logger, read_json_file, setup_logging  # noqa: E402
 
 # Meta's published sizes -> number of model-parallel shards (as in the old transformers converter).
 NUM_SHARDS = {"7B": 1, "7Bf": 1, "13B": 2, "13Bf": 2, "30B": 4, "34B": 4, "65B": 8, "70B": 8, "70Bf": 8}
@@ -104,15 +112,26 @@ def find_inputs(input_dir: str, model_size: str | None) -> tuple[str, list[str],
 
 
 def read_params(weights_dir: str) -> dict:
+    """params.json: an object with positive integer sizes and positive finite norm_eps / rope_theta."""
     path = os.path.join(weights_dir, "params.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            params = json.load(f)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    params = read_json_file(path, dict)
     for key in ("dim", "n_layers", "n_heads"):
         if key not in params:
             raise UserError(f"{path}: lacks {key!r}; is this Meta's params.json?")
+    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of"):
+        value = params.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise UserError(f"{path}: \"{key}\" must be a positive integer, got {json.dumps(value)[:80]}; "
+                            "the file is damaged")
+    for key in ("norm_eps", "rope_theta", "ffn_dim_multiplier"):
+        value = params.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value <= 0):
+            raise UserError(f"{path}: \"{key}\" must be a positive number, got {json.dumps(value)[:80]}; "
+                            "the file is damaged")
+    vocab = params.get("vocab_size", -1)
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or (vocab <= 0 and vocab != -1):
+        raise UserError(f"{path}: \"vocab_size\" must be a positive integer or -1, got {json.dumps(vocab)[:80]}")
     return params
 
 
@@ -123,9 +142,9 @@ def convert_tokenizer(tokenizer_model: str, out_dir: str):
 
     try:
         spm.SentencePieceProcessor(model_file=tokenizer_model)
-    except (RuntimeError, OSError):
-        raise UserError(f"{tokenizer_model} is not a SentencePiece model (LLaMA-3's tiktoken tokenizer is not "
-                        "supported by this converter)") from None
+    except Exception:  # RuntimeError, OSError: damaged files, tiktoken models
+        raise UserError(f"{tokenizer_model} is not a SentencePiece model (damaged, or LLaMA-3's tiktoken tokenizer, "
+                        "which this converter does not support)") from None
     with tempfile.TemporaryDirectory() as raw:
         shutil.copyfile(tokenizer_model, os.path.join(raw, "tokenizer.model"))
         with open(os.path.join(raw, "tokenizer_config.json"), "w") as f:
@@ -181,32 +200,61 @@ def convert(input_dir: str, output_dir: str, model_size: str | None = None, llam
             max_position_embeddings: int | None = None, dtype: str | None = None,
             max_shard_size: str = "2GB") -> str:
     import torch
-    from transformers import GenerationConfig, LlamaConfig
 
-    from merge_lora import parse_size
+    from merge_lora import check_new_folder, parse_size
 
     max_bytes = parse_size(max_shard_size)
-    if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
-        raise UserError(f"--output_dir {output_dir} already exists and is not empty; pass a new folder")
+    check_new_folder(output_dir, "--output_dir")
     weights_dir, shard_paths, tokenizer_model = find_inputs(input_dir, model_size)
     params = read_params(weights_dir)
     dim, n_layers, n_heads = params["dim"], params["n_layers"], params["n_heads"]
     n_kv = params.get("n_kv_heads") or n_heads
-    if dim % n_heads or n_heads % n_kv:
-        raise UserError(f"params.json: dim {dim}, n_heads {n_heads}, n_kv_heads {n_kv} do not divide evenly")
-    head_dim = dim // n_heads
+    if dim % n_heads or n_heads % n_kv or (dim // n_heads) % 2:
+        raise UserError(f"{os.path.join(weights_dir, 'params.json')}: dim {dim}, n_heads {n_heads}, n_kv_heads {n_kv} "
+                        "do not divide evenly (into heads of an even size)")
 
     loaded = []
     for path in shard_paths:
         try:
-            loaded.append(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+            shard = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # not a zip/pickle, truncated file
-            raise UserError(f"{path}: cannot be read as a PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+            raise UserError(f"{path}: cannot be read as a PyTorch checkpoint ({one_line(e)}); it is truncated "
+                            "or damaged") from None
+        if not isinstance(shard, dict) or not all(isinstance(v, torch.Tensor) for v in shard.values()):
+            raise UserError(f"{path}: holds a {type(shard).__name__}, not a dict of tensors; is this Meta's "
+                            "LLaMA checkpoint?")
+        loaded.append(shard)
     first = loaded[0]
     for key in ("tok_embeddings.weight", "norm.weight", "output.weight", "layers.0.feed_forward.w1.weight"):
         if key not in first:
             raise UserError(f"{shard_paths[0]}: no {key}; is this Meta's LLaMA checkpoint?")
+    # Every shard has every tensor that params.json's n_layers implies (finiteness is checked as
+    # each output tensor is made, so the weights are read once).
+    wanted = [k for k in first if not k.startswith("layers.")] + [
+        f"layers.{i}.{k.split('.', 2)[2]}" for i in range(n_layers) for k in first if k.startswith("layers.0.")]
+    for path, shard in zip(shard_paths, loaded):
+        missing = [k for k in wanted if k not in shard]
+        if missing:
+            raise UserError(f"{path}: no {missing[0]} ({len(missing)} tensors missing); the checkpoint is incomplete "
+                            f"or params.json's n_layers ({n_layers}) does not match it")
+        odd = next((k for k in wanted if not shard[k].is_floating_point()), None)
+        if odd:
+            raise UserError(f"{path}: {odd} is {shard[odd].dtype}, not a float tensor; the checkpoint is damaged")
     n_shards = len(loaded)
+    # params.json must describe these weights: a wrong head count would permute the rotary pairs
+    # of wq/wk wrongly and give a model that loads but is garbage.
+    head_dim = dim // n_heads
+    for key, rows, what in (("layers.0.attention.wq.weight", n_heads * head_dim, "n_heads x head size"),
+                            ("layers.0.attention.wk.weight", n_kv * head_dim, "n_kv_heads x head size")):
+        have = first[key].shape[0] * n_shards
+        if first[key].dim() != 2 or have != rows:
+            raise UserError(f"{os.path.join(weights_dir, 'params.json')}: dim {dim}, n_heads {n_heads} and n_kv_heads "
+                            f"{n_kv} give {key} {rows} rows ({what}), but the checkpoint's has {have}; params.json "
+                            "does not match the weights")
+    if first["tok_embeddings.weight"].dim() != 2 or first["tok_embeddings.weight"].shape[1] * n_shards != dim:
+        raise UserError(f"{os.path.join(weights_dir, 'params.json')}: dim {dim} does not match tok_embeddings "
+                        f"{tuple(first['tok_embeddings.weight'].shape)} x {n_shards} shard(s); params.json does not "
+                        "match the weights")
     n_ff = first["layers.0.feed_forward.w1.weight"].shape[0] * n_shards
     if "multiple_of" in params:
         formula = ffn_size(dim, params["multiple_of"], params.get("ffn_dim_multiplier"))
@@ -217,10 +265,33 @@ def convert(input_dir: str, output_dir: str, model_size: str | None = None, llam
     src_dtype = first["tok_embeddings.weight"].dtype
     out_dtype = getattr(torch, dtype) if dtype else src_dtype
 
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".converting-", dir=parent)
     try:
+        write_hf_folder(output_dir, weights_dir, loaded, first, params, tokenizer_model, max_bytes, out_dtype,
+                        n_ff, llama_version, max_position_embeddings)
+    except OSError as e:  # disk full, permissions: the staging folder is gone, --output_dir untouched
+        raise UserError(f"--output_dir {output_dir}: writing failed ({one_line(e)}); nothing was written there") from None
+    except RuntimeError as e:  # torch.cat / view: shard or head shapes that do not fit params.json
+        raise UserError(f"{weights_dir}: the checkpoint's tensors do not fit together or do not match params.json "
+                        f"({one_line(e)})") from None
+    logger.info("converted %d shard(s) of %s: %d layers, hidden %d, %d heads (%d KV) -> %s",
+                n_shards, weights_dir, n_layers, dim, n_heads, n_kv, output_dir)
+    return output_dir
+
+
+def write_hf_folder(output_dir: str, weights_dir: str, loaded: list[dict], first: dict, params: dict,
+                    tokenizer_model: str, max_bytes: int, out_dtype, n_ff: int, llama_version: int,
+                    max_position_embeddings: int | None) -> None:
+    """Tokenizer, shards, config and generation config, staged beside output_dir and renamed into place."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig
+
+    from merge_lora import is_finite, move_folder_into_place
+
+    dim, n_layers, n_heads = params["dim"], params["n_layers"], params["n_heads"]
+    n_kv = params.get("n_kv_heads") or n_heads
+    head_dim = dim // n_heads
+    n_shards = len(loaded)
+    with staging_folder(output_dir) as tmp:
         tokenizer = convert_tokenizer(tokenizer_model, tmp)
         vocab_size = first["tok_embeddings.weight"].shape[0]
         if params.get("vocab_size", -1) not in (-1, vocab_size):
@@ -233,7 +304,15 @@ def convert(input_dir: str, output_dir: str, model_size: str | None = None, llam
             return parts[0] if n_shards == 1 or parts[0].dim() == 1 else torch.cat(parts, dim=dim_)
 
         def put(name: str, tensor) -> None:
-            out.add(name, tensor.to(out_dtype))
+            """Add one output tensor; NaN or infinity in it (from the checkpoint or a float16 overflow) is refused."""
+            converted = tensor.to(out_dtype)
+            if not is_finite(converted):
+                cause = ("holds NaN or infinite values in the checkpoint; the checkpoint is damaged"
+                         if not is_finite(tensor) else
+                         f"has values beyond {str(out_dtype).removeprefix('torch.')}'s range; pass --dtype float32 "
+                         "or bfloat16")
+                raise UserError(f"{weights_dir}: {name} {cause}")
+            out.add(name, converted)
 
         out = ShardWriter(tmp, max_bytes)
         put("model.embed_tokens.weight", cat("tok_embeddings.weight", 1))
@@ -263,15 +342,7 @@ def convert(input_dir: str, output_dir: str, model_size: str | None = None, llam
         config.dtype = str(out_dtype).removeprefix("torch.")
         config.save_pretrained(tmp)
         GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id).save_pretrained(tmp)
-        if os.path.isdir(output_dir):
-            os.rmdir(output_dir)
-        os.replace(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    logger.info("converted %d shard(s) of %s: %d layers, hidden %d, %d heads (%d KV) -> %s",
-                n_shards, weights_dir, n_layers, dim, n_heads, n_kv, output_dir)
-    return output_dir
+        move_folder_into_place(tmp, output_dir, "--output_dir")
 
 
 @cli_errors

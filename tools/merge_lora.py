@@ -15,8 +15,13 @@ The merge streams: the base is read one tensor at a time from its safetensors sh
 `pytorch_model*.bin`, memory-mapped), and output shards are written as soon as they are full, so
 peak memory is about one output shard plus the adapter, not the whole model (figures in
 docs/performance.md). Everything is checked before anything is written: each adapter tensor must
-find its base weight with matching shapes. The output goes to a temporary folder beside
---output_path and is renamed into place at the end; an existing non-empty --output_path is refused.
+find its base weight with matching shapes, and the adapter must hold only finite values. Every
+output tensor is checked for NaN and infinity as it is written (an adapter from a diverged run, or
+a float16 overflow, stops the merge with an error naming the tensor). The output goes to a
+temporary folder beside --output_path and is renamed into place at the end, so an interrupted
+merge never leaves a half-written model under that name; an existing non-empty --output_path is
+refused. Damaged inputs (truncated or empty safetensors, config or index files that are not the
+JSON they should be) are one-line errors naming the file.
 
 The output folder holds the shards (+ model.safetensors.index.json when there are several),
 config.json, generation_config.json, the base's tokenizer files and the adapter's
@@ -29,16 +34,18 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import sys
-import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from utils import (EMBEDDED_MODEL, TRAINING_CONFIG, UserError, cli_errors, logger,  # noqa: E402
-                   setup_logging)
+from checkpoints import staging_folder  # noqa: E402
+from errors import one_line  # noqa: E402
+from utils import (ADAPTER_CONFIG, EMBEDDED_MODEL, TRAINING_CONFIG, UserError, cli_errors, logger,  # noqa: E402
+                   read_json_file, setup_logging)
 
 DTYPES = ("float16", "bfloat16", "float32")
 # Files copied verbatim from the base folder (whichever exist).
@@ -62,19 +69,41 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_size(text: str) -> int:
-    """'2GB' -> 2_000_000_000, '500MiB' -> 524_288_000, '1000' -> 1000 (bytes)."""
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    s = text.strip().upper()
-    num = s.rstrip("KMGIB")
-    unit = s[len(num):]
-    try:
-        value = float(num)
-    except ValueError:
-        value = -1
-    if unit not in units or value <= 0:
-        raise UserError(f"--max_shard_size {text!r}: expected a size such as 2GB, 500MB or 1000000")
-    return int(value * units[unit])
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str, flag: str = "--max_shard_size") -> int:
+    """'2GB' -> 2_000_000_000, '500MiB' -> 524_288_000, '1000' -> 1000 (bytes); at least one byte.
+
+    Only plain decimal numbers: nan, inf, negative numbers, 0 and unknown units are one-line errors.
+    """
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:E([+-]?[0-9]{1,3}))?\s*([A-Z]*)\s*", str(text).upper())
+    nbytes = float("nan")
+    if m and m.group(3) in SIZE_UNITS:
+        nbytes = float(f"{m.group(1)}e{m.group(2) or 0}") * SIZE_UNITS[m.group(3)]  # 1e400 -> inf
+    if not (math.isfinite(nbytes) and nbytes >= 1):
+        raise UserError(f"{flag} {text!r}: expected a positive size such as 2GB, 500MB, 1GiB or 1000000 (bytes)")
+    return int(nbytes)
+
+
+def read_model_config(folder: str, flag: str = "--model_path") -> dict:
+    """config.json of a model folder: a JSON object, or a one-line error naming the file."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} {folder}: no config.json; pass a Hugging Face model folder")
+    return read_json_file(path, dict)
+
+
+def is_finite(t) -> bool:
+    """No NaN or infinity in a tensor; checked in slices so a large tensor costs little extra memory."""
+    import torch
+
+    if not t.is_floating_point():
+        return True
+    flat = t.reshape(-1)
+    step = 1 << 24
+    return all(bool(torch.isfinite(flat[i:i + step]).all()) for i in range(0, flat.numel(), step))
 
 
 # --- the base checkpoint -------------------------------------------------------------------------
@@ -85,6 +114,11 @@ def resolve_base(model_path: str) -> str:
     a hub id downloaded with huggingface_hub (weights, config and tokenizer files only)."""
     from utils import resolve_model_path
 
+    if (os.path.isdir(model_path) and os.path.isfile(os.path.join(model_path, ADAPTER_CONFIG))
+            and not os.path.isfile(os.path.join(model_path, "config.json"))):
+        raise UserError(f"--model_path {model_path} is a LoRA adapter folder ({ADAPTER_CONFIG}), not a model; "
+                        f"pass a full model folder (merge the adapter into its base first: tools/merge_lora.py "
+                        f"--lora_path {model_path} --output_path MERGED)")
     path = resolve_model_path(model_path)
     if os.path.isdir(path):
         return path
@@ -115,12 +149,19 @@ class BaseCheckpoint:
                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
             index_path = os.path.join(folder, index)
             if os.path.isfile(index_path):
-                with open(index_path, encoding="utf-8") as f:
-                    self.files = dict(json.load(f)["weight_map"])
+                weight_map = read_json_file(index_path, dict).get("weight_map")
+                if not (isinstance(weight_map, dict) and weight_map and all(
+                        isinstance(k, str) and isinstance(v, str) and v == os.path.basename(v) and v
+                        for k, v in weight_map.items())):
+                    raise UserError(f"{index_path}: no \"weight_map\" object naming each tensor's shard file; "
+                                    "the index is damaged")
+                self.files = dict(weight_map)
                 break
             if os.path.isfile(os.path.join(folder, single)):
-                for name in self._handle(single).keys():
-                    self.files[name] = single
+                names = list(self._handle(single).keys())
+                if not names:
+                    raise UserError(f"{os.path.join(folder, single)}: holds no tensors; the file is empty or damaged")
+                self.files = {name: single for name in names}
                 break
         if not self.files:
             raise UserError(f"--model_path {folder}: no model.safetensors, pytorch_model.bin or index file found")
@@ -134,27 +175,47 @@ class BaseCheckpoint:
             path = os.path.join(self.folder, shard)
             if not os.path.isfile(path):
                 raise UserError(f"--model_path {self.folder}: the index names {shard}, which is missing")
-            if shard.endswith(".safetensors"):
-                from safetensors import safe_open
+            try:
+                if shard.endswith(".safetensors"):
+                    from safetensors import safe_open
 
-                self._open[shard] = safe_open(path, framework="pt")
-            else:
-                import torch
+                    handle = safe_open(path, framework="pt")
+                else:
+                    import torch
 
-                self._open[shard] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                    handle = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # SafetensorError, zip/pickle errors: truncated or damaged files
+                raise UserError(f"{path}: cannot be read as a {'safetensors' if shard.endswith('.safetensors') else 'PyTorch'} "
+                                f"file ({one_line(e)}); it is truncated or damaged") from None
+            if not hasattr(handle, "keys"):
+                raise UserError(f"{path}: holds a {type(handle).__name__}, not a dict of tensors")
+            self._open[shard] = handle
         return self._open[shard]
 
-    def shape(self, name: str) -> tuple[int, ...]:
+    def _entry(self, name: str):
+        """The header slice (safetensors) or tensor (.bin) of `name`; one line when the shard lacks it."""
         shard = self.files[name]
-        if shard.endswith(".safetensors"):
-            return tuple(self._handle(shard).get_slice(name).get_shape())
-        return tuple(self._handle(shard)[name].shape)
+        handle = self._handle(shard)
+        try:
+            return handle.get_slice(name) if shard.endswith(".safetensors") else handle[name]
+        except Exception:  # SafetensorError / KeyError: the index promises a tensor the shard lacks
+            raise UserError(f"{os.path.join(self.folder, shard)}: has no tensor {name}, which "
+                            f"{'the index maps to it' if len(self.shards()) > 1 else 'was listed'}; the checkpoint "
+                            "is damaged") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if self.files[name].endswith(".safetensors"):
+            return tuple(self._entry(name).get_shape())
+        return tuple(self._entry(name).shape)
 
     def dtype(self, name: str):
-        shard = self.files[name]
-        if shard.endswith(".safetensors"):
-            return _safetensors_dtypes()[self._handle(shard).get_slice(name).get_dtype()]
-        return self._handle(shard)[name].dtype
+        if not self.files[name].endswith(".safetensors"):
+            return self._entry(name).dtype
+        kind = self._entry(name).get_dtype()
+        if kind not in _safetensors_dtypes():
+            raise UserError(f"{os.path.join(self.folder, self.files[name])}: {name} has dtype {kind}, which this tool "
+                            f"does not read ({', '.join(_safetensors_dtypes())})")
+        return _safetensors_dtypes()[kind]
 
     def tensor(self, name: str):
         shard = self.files[name]
@@ -258,18 +319,33 @@ class LoraDelta:
         return d * self.scale
 
 
+def adapter_config_path(lora_path: str) -> str:
+    """Where read_adapter_config found the config (the folder's, else its parent's), for messages."""
+    for folder in (lora_path, os.path.dirname(os.path.abspath(lora_path))):
+        if os.path.isfile(os.path.join(folder, ADAPTER_CONFIG)):
+            return os.path.join(folder, ADAPTER_CONFIG)
+    return os.path.join(lora_path, ADAPTER_CONFIG) + " (inferred)"
+
+
 def read_adapter(lora_path: str) -> tuple[list[LoraDelta], dict]:
-    """The LoRA modules of an adapter folder, with their per-module scale, and its config dict."""
-    from utils import find_adapter_weights, load_adapter_state_dict, lora_config_from_dict, read_adapter_config
+    """The LoRA modules of an adapter folder, with their per-module scale, and its config dict.
+
+    The adapter file must be readable and hold only finite values (utils.check_adapter_file), the
+    config a LoRA config whose scales are finite numbers."""
+    from utils import check_adapter_file, find_adapter_weights, lora_config_from_dict, read_adapter_config
 
     if not os.path.isdir(lora_path):
         raise UserError(f"--lora_path {lora_path}: no such directory")
     weights = find_adapter_weights(lora_path)
     from peft.utils.other import get_pattern_key  # after the cheap checks: peft takes seconds to import
 
-    state = load_adapter_state_dict(weights)
-    config_dict = read_adapter_config(lora_path, state)
+    state = check_adapter_file(weights)
+    config_dict = read_adapter_config(lora_path, state, weights)
     config = lora_config_from_dict(config_dict, lora_path)
+    config_path = adapter_config_path(lora_path)
+    for key in ("alpha_pattern", "rank_pattern"):
+        if not isinstance(getattr(config, key, None) or {}, dict):
+            raise UserError(f"{config_path}: \"{key}\" must be an object of module patterns; the file is damaged")
     if getattr(config, "use_dora", False):
         raise UserError(f"--lora_path {lora_path}: DoRA adapters (use_dora) are not supported by this merge; "
                         "merge with peft's merge_and_unload instead")
@@ -298,11 +374,15 @@ def read_adapter(lora_path: str) -> tuple[list[LoraDelta], dict]:
             raise UserError(f"--lora_path {lora_path}: {module} has lora_{'B' if 'A' in ab else 'A'} but no "
                             f"lora_{'A' if 'A' in ab else 'B'}; the adapter file is incomplete")
         a, b = ab["A"], ab["B"]
-        r = a.shape[0]
-        if a.dim() != 2 or b.dim() != 2 or b.shape[1] != r:
+        if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0] or a.shape[0] == 0:
             raise UserError(f"--lora_path {lora_path}: {module}: lora_A {tuple(a.shape)} and lora_B "
                             f"{tuple(b.shape)} do not form a rank-r pair")
-        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha)
+        r = a.shape[0]
+        alpha = (config.alpha_pattern or {}).get(get_pattern_key((config.alpha_pattern or {}).keys(), module),
+                                                 config.lora_alpha)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise UserError(f"{config_path}: lora_alpha for {module} is {json.dumps(alpha)}; expected a finite "
+                            "number")
         scale = alpha / math.sqrt(r) if config.use_rslora else alpha / r
         deltas.append(LoraDelta(module, a, b, scale, bool(config.fan_in_fan_out), ab["embedding"]))
     return deltas, config_dict
@@ -355,12 +435,11 @@ def merge(model_path: str, lora_path: str, output_path: str, dtype: str | None =
     import torch
 
     max_bytes = parse_size(max_shard_size)
-    if os.path.exists(output_path) and (not os.path.isdir(output_path) or os.listdir(output_path)):
-        raise UserError(f"--output_path {output_path} already exists and is not empty; pass a new folder")
+    check_new_folder(output_path, "--output_path")
     deltas, adapter_config = read_adapter(lora_path)
+    training = training_config_of(lora_path, model_path, adapter_config)
     base_dir = resolve_base(model_path)
-    with open(os.path.join(base_dir, "config.json"), encoding="utf-8") as f:
-        config = json.load(f)
+    config = read_model_config(base_dir)
     base = BaseCheckpoint(base_dir)
     check_fits(deltas, base, lora_path, model_path, tied=bool(config.get("tie_word_embeddings")))
     by_weight = {d.weight_name: d for d in deltas}
@@ -380,24 +459,49 @@ def merge(model_path: str, lora_path: str, output_path: str, dtype: str | None =
     merged = []
 
     def produce(name: str):
-        """One output tensor: the base weight, plus B @ A * scale where the adapter has a module."""
+        """One output tensor: the base weight, plus B @ A * scale where the adapter has a module;
+        refused when it holds NaN or infinity (a damaged base, an exploding delta, a dtype overflow)."""
         t = base.tensor(name)
+        full = None
         if name in by_weight:
             merged.append(name)
-            return (t.float() + by_weight[name].delta()).to(out_dtype)
-        return t.to(dtypes[name])
+            full = t.float() + by_weight[name].delta()
+            out = full.to(out_dtype)
+        else:
+            out = t.to(dtypes[name])
+        if is_finite(out):  # one check per tensor; the others only find out why
+            return out
+        if not is_finite(t):
+            raise UserError(f"base model {model_path}: {name} in {base.files[name]} holds NaN or infinite values; "
+                            "the base checkpoint is damaged")
+        if full is not None and not is_finite(full):
+            raise UserError(f"merging {lora_path} makes {name} NaN or infinite (its LoRA delta overflows "
+                            "float32); the adapter is broken: retrain it with a lower --learning_rate")
+        raise UserError(f"{name} does not fit --dtype {out_dtype_name} after the merge (values beyond its "
+                        "range become infinite); pass --dtype float32 or bfloat16")
 
-    parent = os.path.dirname(os.path.abspath(output_path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".merging-", dir=parent)
     try:
+        write_merged(output_path, plan, shapes, dtypes, produce, config, out_dtype_name, base_dir, training)
+    except OSError as e:  # disk full, permissions: the staging folder is gone, --output_path untouched
+        raise UserError(f"--output_path {output_path}: writing the merged model failed ({one_line(e)}); "
+                        "nothing was written there") from None
+    assert len(merged) == len(deltas), (len(merged), len(deltas))
+    logger.info("merged %d LoRA modules; saved %s", len(deltas), output_path)
+    return output_path
+
+
+def write_merged(output_path: str, plan: list[list[str]], shapes: dict, dtypes: dict, produce, config: dict,
+                 out_dtype_name: str, base_dir: str, training: dict) -> None:
+    """Shards, index, config, tokenizer files and training_config.json, staged beside output_path
+    and moved into place in one rename."""
+    n_out = len(plan)
+    with staging_folder(output_path) as tmp:
         weight_map, total = {}, 0
         for i, group in enumerate(plan):
             fname = "model.safetensors" if n_out == 1 else f"model-{i + 1:05d}-of-{n_out:05d}.safetensors"
             total += write_safetensors(os.path.join(tmp, fname), [(n, shapes[n], dtypes[n]) for n in group], produce)
             weight_map.update({n: fname for n in group})
             logger.info("wrote %s (%d tensors)", fname, len(group))
-        assert len(merged) == len(deltas), (len(merged), len(deltas))
         if n_out > 1:
             with open(os.path.join(tmp, INDEX_NAME), "w", encoding="utf-8") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
@@ -413,28 +517,39 @@ def merge(model_path: str, lora_path: str, output_path: str, dtype: str | None =
             src = os.path.join(base_dir, name)
             if os.path.isfile(src):
                 shutil.copyfile(src, os.path.join(tmp, name))
-        write_training_config(tmp, lora_path, model_path, adapter_config)
-        if os.path.isdir(output_path):
-            os.rmdir(output_path)  # empty (checked above)
-        os.replace(tmp, output_path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    logger.info("merged %d LoRA modules; saved %s", len(deltas), output_path)
-    return output_path
+        with open(os.path.join(tmp, TRAINING_CONFIG), "w", encoding="utf-8") as f:
+            json.dump(training, f, indent=2, ensure_ascii=False, sort_keys=True, default=list)
+            f.write("\n")
+        move_folder_into_place(tmp, output_path, "--output_path")
 
 
-def write_training_config(folder: str, lora_path: str, model_path: str, adapter_config: dict) -> None:
-    """The adapter's training_config.json (template name, hyperparameters), plus where it came from."""
+def check_new_folder(path: str, flag: str) -> None:
+    """`path` may be created (or is an empty folder): nothing the user has is ever replaced."""
+    if os.path.lexists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise UserError(f"{flag} {path} already exists and is not empty; pass a new folder (nothing is overwritten)")
+
+
+def move_folder_into_place(staged: str, path: str, flag: str) -> None:
+    """Rename the finished `staged` folder to `path` (an empty folder there is replaced): one atomic
+    rename, so `path` is either absent or complete. Something created at `path` meanwhile is kept:
+    rename() replaces only an empty folder."""
+    try:
+        os.rename(staged, path)
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot move the finished output into place ({e.strerror}); "
+                        "something else created it meanwhile? nothing was overwritten") from None
+
+
+def training_config_of(lora_path: str, model_path: str, adapter_config: dict) -> dict:
+    """The adapter's training_config.json (template name, hyperparameters), plus where it came from;
+    read before anything is written, so a damaged one stops the merge at once."""
     from utils import load_training_config
 
     training = dict(load_training_config(lora_path))
     training["merged_from"] = {"base_model": model_path, "lora_path": os.path.abspath(lora_path),
                                "r": adapter_config.get("r"), "lora_alpha": adapter_config.get("lora_alpha"),
                                "target_modules": adapter_config.get("target_modules")}
-    with open(os.path.join(folder, TRAINING_CONFIG), "w", encoding="utf-8") as f:
-        json.dump(training, f, indent=2, ensure_ascii=False, sort_keys=True, default=list)
-        f.write("\n")
+    return training
 
 
 @cli_errors

@@ -19,6 +19,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cinttypes>
 #include <unordered_map>
@@ -265,8 +266,31 @@ static void gguf_read_value(GGUFReader* r, uint32_t type, GGUFValue* v, uint32_t
     }
 }
 
+// Two tensors whose data ranges intersect would silently share (and garble) weights: a writer
+// never produces that, so it is a corrupt or hand-edited file. Sorted by offset, each tensor must
+// end at or before the next one starts.
+static void gguf_check_overlaps(const GGUFFile* f) {
+    std::vector<const GGUFTensor*> by_offset;
+    by_offset.reserve(f->tensors.size());
+    for (const GGUFTensor& t : f->tensors) by_offset.push_back(&t);
+    std::sort(by_offset.begin(), by_offset.end(), [](const GGUFTensor* a, const GGUFTensor* b) {
+        return a->offset != b->offset ? a->offset < b->offset : a->n_bytes < b->n_bytes;
+    });
+    for (size_t k = 1; k < by_offset.size(); k++) {
+        const GGUFTensor* a = by_offset[k - 1];
+        const GGUFTensor* b = by_offset[k];
+        if (a->offset + a->n_bytes > b->offset) {  // both ranges are inside the file: no overflow
+            FAIL("'%s' is corrupt: the data of tensors '%s' (bytes [%" PRIu64 ", %" PRIu64 ")) and '%s' "
+                 "(bytes [%" PRIu64 ", %" PRIu64 ")) overlap; re-export the model with tools/convert_gguf.py",
+                 printable(f->path).c_str(), printable(a->name).c_str(), f->data_offset + a->offset,
+                 f->data_offset + a->offset + a->n_bytes, printable(b->name).c_str(), f->data_offset + b->offset,
+                 f->data_offset + b->offset + b->n_bytes);
+        }
+    }
+}
+
 // Parses the header, metadata and tensor table of f->data[0..f->size) and checks that every
-// tensor lies inside the file.
+// tensor lies inside the file, aligned, and that no two tensors share bytes.
 static void gguf_parse(GGUFFile* f) {
     GGUFReader r;
     r.file = f;
@@ -401,6 +425,7 @@ static void gguf_parse(GGUFFile* f) {
         }
         t.data = f->data + f->data_offset + t.offset;
     }
+    gguf_check_overlaps(f);
 }
 
 static void gguf_free(GGUFFile* f) {
@@ -417,16 +442,35 @@ static void gguf_free(GGUFFile* f) {
     gguf_parse(f);
 }
 
-// Maps a GGUF file read-only and parses it.
+// What a path that is not a regular file is, for messages.
+static const char* file_kind(mode_t mode) {
+    if (S_ISDIR(mode)) return "a directory";
+    if (S_ISFIFO(mode)) return "a named pipe (FIFO)";
+    if (S_ISCHR(mode)) return "a character device";
+    if (S_ISBLK(mode)) return "a block device";
+    if (S_ISSOCK(mode)) return "a socket";
+    return "not a regular file";
+}
+
+// Maps a GGUF file read-only and parses it. Only regular files: a named pipe would block open()
+// until a writer appears (forever, from the user's point of view), /dev/zero never ends, and a
+// directory or device cannot be mapped. The type is checked before open() and again on the
+// opened descriptor (O_NONBLOCK: should the path turn into a FIFO in between, open() still returns).
 static void gguf_init_from_file(GGUFFile* f, const char* path) {
     gguf_free(f);
     f->path = path;
-    int fd = open(path, O_RDONLY);
-    if (fd < 0) FAIL("cannot open '%s': %s", printable(path).c_str(), strerror(errno));
     struct stat st;
+    if (stat(path, &st) != 0) FAIL("cannot open '%s': %s", printable(path).c_str(), strerror(errno));
+    if (!S_ISREG(st.st_mode)) {
+        FAIL("'%s' is %s, not a GGUF file; pass the path of a .gguf model file", printable(path).c_str(),
+             file_kind(st.st_mode));
+    }
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) FAIL("cannot open '%s': %s", printable(path).c_str(), strerror(errno));
     if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
         close(fd);
-        FAIL("'%s' is not a regular file", printable(path).c_str());
+        FAIL("'%s' is %s, not a GGUF file; pass the path of a .gguf model file", printable(path).c_str(),
+             file_kind(st.st_mode));
     }
     if (st.st_size == 0) {
         close(fd);
@@ -549,11 +593,31 @@ struct GGUFWriter {
     uint64_t off = 0;
 };
 
+// Opens a fresh temporary file beside `path` (".NAME.partial-XXXXXX" in the same folder, so the
+// final rename is atomic and never touches another file): an interrupted write leaves no half
+// file under the final name, and no user file is clobbered on the way.
 static void gguf_writer_open(GGUFWriter* w, const char* path) {
     w->path = path;
-    w->tmp_path = std::string(path) + ".tmp";
-    w->fp = fopen(w->tmp_path.c_str(), "wb");
-    if (!w->fp) FAIL("cannot create '%s': %s", printable(w->tmp_path).c_str(), strerror(errno));
+    std::string p = path;
+    size_t slash = p.rfind('/');
+    std::string dir = slash == std::string::npos ? "" : p.substr(0, slash + 1);
+    std::string base = slash == std::string::npos ? p : p.substr(slash + 1);
+    w->tmp_path = dir + "." + base + ".partial-XXXXXX";
+    std::vector<char> name(w->tmp_path.begin(), w->tmp_path.end());
+    name.push_back('\0');
+    int fd = mkstemp(name.data());
+    if (fd < 0) FAIL("cannot create a temporary file beside '%s': %s", printable(path).c_str(), strerror(errno));
+    w->tmp_path = name.data();
+    mode_t mask = umask(0);
+    umask(mask);
+    fchmod(fd, 0666 & ~mask);  // mkstemp makes it private; give it the mode a plain fopen() would
+    w->fp = fdopen(fd, "wb");
+    if (!w->fp) {
+        int err = errno;
+        close(fd);
+        remove(w->tmp_path.c_str());
+        FAIL("cannot create '%s': %s", printable(w->tmp_path).c_str(), strerror(err));
+    }
     w->off = 0;
 }
 

@@ -54,6 +54,12 @@ static std::vector<float> randn(size_t n, uint64_t seed) {
     return v;
 }
 
+// The larger error, NaN as soon as either is NaN: std::max(w, NaN) returns w (NaN compares
+// false), so a kernel returning NaN would pass every `worst <= budget` check.
+static double worst_of(double worst, double err) {
+    return std::isnan(worst) || std::isnan(err) ? NAN : std::max(worst, err);
+}
+
 static size_t row_size(uint32_t type, int64_t n) {
     TypeInfo ti = ggml_type_info(type);
     return (size_t)(n / ti.block * ti.block_size);
@@ -177,8 +183,8 @@ static void test_kernels() {
                                         dot_exact(&x[(size_t)b * cols], &x[(size_t)b * cols], cols));
                 double exact_same = dot_exact(&wdq[(size_t)r * cols], xs, cols);
                 double exact_orig = dot_exact(&w[(size_t)r * cols], &x[(size_t)b * cols], cols);
-                worst_kernel = std::max(worst_kernel, std::fabs(o1 - exact_same) / norm);
-                worst_quant = std::max(worst_quant, std::fabs(o1 - exact_orig) / norm);
+                worst_kernel = worst_of(worst_kernel, std::fabs(o1 - exact_same) / norm);
+                worst_quant = worst_of(worst_quant, std::fabs(o1 - exact_orig) / norm);
             }
         }
         printf("kernel %-5s vs exact: %.2e (budget %.0e), vs unquantized: %.5f (budget %.4f)\n",
@@ -298,7 +304,111 @@ static void test_pool() {
     pool_free(&pool);
 }
 
+static void test_worst_of() {
+    CHECK(worst_of(0.5, 0.25) == 0.5 && worst_of(0.25, 0.5) == 0.5, "worst_of is not the max");
+    CHECK(std::isnan(worst_of(0.0, NAN)) && std::isnan(worst_of(NAN, 1.0)), "worst_of drops a NaN");
+    CHECK(!(worst_of(worst_of(0.0, NAN), 0.0) <= MAX_KERNEL_ERR), "a NaN error passes a budget check");
+}
+
+// A GGUF v3 file in memory: no metadata, F32 tensors of `n` elements at the given offsets.
+static std::vector<uint8_t> tiny_gguf(const std::vector<std::pair<std::string, uint64_t>>& tensors, uint64_t n,
+                                      size_t data_bytes) {
+    std::vector<uint8_t> b;
+    auto put = [&](const void* p, size_t k) { b.insert(b.end(), (const uint8_t*)p, (const uint8_t*)p + k); };
+    auto u32 = [&](uint32_t v) { put(&v, 4); };
+    auto u64 = [&](uint64_t v) { put(&v, 8); };
+    u32(GGUF_MAGIC);
+    u32(3);
+    u64(tensors.size());
+    u64(0);
+    for (const auto& [name, offset] : tensors) {
+        u64(name.size());
+        put(name.data(), name.size());
+        u32(1);
+        u64(n);
+        u32(GGML_TYPE_F32);
+        u64(offset);
+    }
+    b.resize((b.size() + 31) / 32 * 32 + data_bytes, 0);
+    return b;
+}
+
+// The message of the Error `fn` throws, or "" when it returns.
+template <class F>
+static std::string error_of(F fn) {
+    try {
+        fn();
+    } catch (const Error& e) {
+        return e.what();
+    }
+    return "";
+}
+
+static void test_gguf_layout_checks() {
+    GGUFFile f;
+    auto parse = [&](const std::vector<uint8_t>& buf) {
+        return error_of([&] { gguf_init_from_buffer(&f, buf.data(), buf.size(), "t.gguf"); });
+    };
+    // back to back (32 bytes each), and with a gap: fine
+    CHECK(parse(tiny_gguf({{"a.weight", 0}, {"b.weight", 32}}, 8, 64)).empty(), "adjacent tensors refused");
+    CHECK(parse(tiny_gguf({{"b.weight", 64}, {"a.weight", 0}}, 8, 96)).empty(), "a gap between tensors refused");
+    // the same bytes twice, one inside the other, a partial overlap (listed in any order)
+    struct {
+        std::vector<std::pair<std::string, uint64_t>> t;
+        uint64_t n;
+    } overlapping[] = {{{{"a.weight", 0}, {"b.weight", 0}}, 8},
+                       {{{"big.weight", 0}, {"small.weight", 32}}, 16},
+                       {{{"b.weight", 32}, {"a.weight", 0}}, 16},
+                       {{{"x.weight", 0}, {"y.weight", 64}, {"z.weight", 32}}, 16}};
+    for (auto& c : overlapping) {
+        std::string msg = parse(tiny_gguf(c.t, c.n, 256));
+        CHECK(msg.find("overlap") != std::string::npos, "overlapping tensors not detected: '%s'", msg.c_str());
+        int named = 0;
+        for (auto& [name, off] : c.t) named += msg.find("'" + name + "'") != std::string::npos;
+        CHECK(named == 2, "the message does not name the two tensors: '%s'", msg.c_str());
+        CHECK(msg.find('\n') == std::string::npos && msg.find(": error: ") != std::string::npos, "not one line: '%s'",
+              msg.c_str());
+    }
+    std::string msg = parse(tiny_gguf({{"a.weight", 0}, {"b.weight", 16}}, 4, 64));
+    CHECK(msg.find("not a multiple of the alignment") != std::string::npos && msg.find("'b.weight'") != std::string::npos,
+          "a misaligned offset: '%s'", msg.c_str());
+    msg = parse(tiny_gguf({{"a.weight", 0}, {"b.weight", 32}}, 8, 48));
+    CHECK(msg.find("truncated") != std::string::npos && msg.find("'b.weight'") != std::string::npos,
+          "a tensor past the end of the file: '%s'", msg.c_str());
+    gguf_free(&f);
+}
+
+// Paths that are not regular files fail at once, naming what they are (a FIFO used to block
+// open() forever).
+static void test_gguf_not_a_regular_file() {
+    char dir[] = "/tmp/vicuna-test-XXXXXX";
+    if (!mkdtemp(dir)) {
+        CHECK(false, "mkdtemp: %s", strerror(errno));
+        return;
+    }
+    std::string fifo = std::string(dir) + "/model.gguf";
+    CHECK(mkfifo(fifo.c_str(), 0600) == 0, "mkfifo: %s", strerror(errno));
+    struct {
+        std::string path;
+        const char* kind;
+    } cases[] = {{fifo, "named pipe"}, {dir, "directory"}, {"/dev/zero", "character device"},
+                 {"/dev/null", "character device"}};
+    for (auto& c : cases) {
+        GGUFFile f;
+        double t0 = time_s();
+        std::string msg = error_of([&] { gguf_init_from_file(&f, c.path.c_str()); });
+        CHECK(msg.find(c.kind) != std::string::npos && msg.find(printable(c.path)) != std::string::npos,
+              "%s: '%s'", c.path.c_str(), msg.c_str());
+        CHECK(time_s() - t0 < 5.0, "%s: took %.1f s", c.path.c_str(), time_s() - t0);
+    }
+    unlink(fifo.c_str());
+    rmdir(dir);
+}
+
 static int run_unit() {
+    test_worst_of();
+    test_gguf_layout_checks();
+    test_gguf_not_a_regular_file();
     test_fp16();
     test_quant_roundtrip();
     test_kernels();

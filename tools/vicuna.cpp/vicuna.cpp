@@ -1026,9 +1026,10 @@ static const char* const USAGE =
     "             (-v adds wall and CPU seconds per phase on stderr)\n"
     "  perplexity -m F.gguf -f TEXT.txt [-c CTX] [--chunks N]\n"
     "             perplexity over a text (the first N chunks of CTX tokens), as llama.cpp computes it\n"
-    "  quantize   IN.gguf OUT.gguf TYPE [--pure] [--allow-requantize]\n"
+    "  quantize   IN.gguf OUT.gguf TYPE [--pure] [--allow-requantize] [--overwrite]\n"
     "             f32/f16 tensors -> q8_0, q4_0, q4_1 (or f16); for 4-bit types the classifier stays\n"
-    "             q8_0 unless --pure; --allow-requantize also converts already quantized tensors\n";
+    "             q8_0 unless --pure; --allow-requantize also converts already quantized tensors;\n"
+    "             an existing OUT is replaced only with --overwrite\n";
 
 struct Options {
     std::string command;
@@ -1041,7 +1042,8 @@ struct Options {
     float temp = 0.7f, top_p = 0.9f, repeat_penalty = 1.1f;
     int top_k = 40;
     int64_t seed = -1;
-    bool print_ids = false, ignore_eos = false, no_bos = false, lines = false, pure = false, verbose = false, requantize = false;
+    bool print_ids = false, ignore_eos = false, no_bos = false, lines = false, pure = false, verbose = false, requantize = false,
+         overwrite = false;
 };
 
 static long parse_int(const std::string& flag, const char* v, long lo, long hi) {
@@ -1088,7 +1090,7 @@ static Options parse_args(int argc, char** argv) {
         {"eval", " -m -p --ids --dump-logits -t "},
         {"bench", " -m -p -n -t -v "},
         {"perplexity", " -m -f -c -t --chunks "},
-        {"quantize", " --pure --allow-requantize "},
+        {"quantize", " --pure --allow-requantize --overwrite "},
     };
     auto cmd = allowed.find(o.command);
     if (cmd == allowed.end()) FAIL("unknown command '%s'; run 'vicuna --help'", printable(o.command).c_str());
@@ -1107,6 +1109,7 @@ static Options parse_args(int argc, char** argv) {
         if (a == "--lines") { o.lines = true; continue; }
         if (a == "--pure") { o.pure = true; continue; }
         if (a == "--allow-requantize") { o.requantize = true; continue; }
+        if (a == "--overwrite") { o.overwrite = true; continue; }
         if (a == "-v") { o.verbose = true; continue; }
         if (i + 1 >= argc) FAIL("%s needs a value", a.c_str());
         const char* v = argv[++i];
@@ -1420,6 +1423,12 @@ static int cmd_quantize(const Options& o) {
                   : t == "f16" ? GGML_TYPE_F16 : 0xffffffffu;
     if (type == 0xffffffffu) FAIL("unknown quantization type '%s' (q8_0, q4_0, q4_1, f16)", printable(t).c_str());
     if (o.positional[0] == o.positional[1]) FAIL("the output must not overwrite the input '%s'", printable(o.positional[0]).c_str());
+    struct stat st;
+    const char* out = o.positional[1].c_str();
+    if (lstat(out, &st) == 0) {
+        if (S_ISDIR(st.st_mode)) FAIL("the output '%s' is a directory; name a .gguf file", printable(out).c_str());
+        if (!o.overwrite) FAIL("the output '%s' exists; pass --overwrite to replace it", printable(out).c_str());
+    }
     quantize_file(o.positional[0].c_str(), o.positional[1].c_str(), type, o.pure, o.requantize);
     return 0;
 }
