@@ -8,13 +8,13 @@ Same flags as finetune.py; only the defaults below differ. On a GPU the optimize
 
 import sys
 
-import finetune
+import train_args
 
 DEFAULTS = dict(quant="4bit", output_path="lora-Vicuna-4bit")
 
 
 def main(argv=None):
-    return finetune.main(argv, defaults=DEFAULTS)
+    return train_args.main(argv, defaults=DEFAULTS, description=__doc__)
 
 
 if __name__ == "__main__":

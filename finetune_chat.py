@@ -9,7 +9,7 @@ messages format is detected automatically. Same flags as finetune.py.
 
 import sys
 
-import finetune
+import train_args
 
 DEFAULTS = dict(
     data_path="sample/chat/data_sample.jsonl",
@@ -21,7 +21,7 @@ DEFAULTS = dict(
 
 
 def main(argv=None):
-    return finetune.main(argv, defaults=DEFAULTS)
+    return train_args.main(argv, defaults=DEFAULTS, description=__doc__)
 
 
 if __name__ == "__main__":

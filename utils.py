@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -358,11 +359,17 @@ def check_adapter_config(config: dict, path: str) -> dict:
     r, alpha, targets = config.get("r"), config.get("lora_alpha", 8), config.get("target_modules")
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         raise UserError(f"{path}: \"r\" must be a positive integer, got {json.dumps(r)}; the file is damaged")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha == alpha:
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
         raise UserError(f"{path}: \"lora_alpha\" must be a number, got {json.dumps(alpha)}; the file is damaged")
     if targets is not None and not isinstance(targets, str) and not (
             isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
         raise UserError(f"{path}: \"target_modules\" must be a list of module names, got {json.dumps(targets)}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                for v in pattern.values()):
+            raise UserError(f"{path}: \"{key}\" must map module names to positive numbers; the file is damaged")
     return config
 
 

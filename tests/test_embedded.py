@@ -44,14 +44,26 @@ def test_train_then_generate_on_embedded_model(tmp_path):
     assert result.stdout.strip()
 
 
-def test_variants_only_change_defaults():
+def test_variants_only_change_defaults(monkeypatch, tmp_path):
+    """Each variant trains with exactly train_args.DEFAULTS changed by its own DEFAULTS: the args
+    that reach train.run differ from finetune.py's in those keys alone."""
+    import train
+
     assert finetune_4bit.DEFAULTS == {"quant": "4bit", "output_path": "lora-Vicuna-4bit"}
-    assert finetune_chat.DEFAULTS["prompt_type"] == "chat" and finetune_chat.DEFAULTS["cutoff_len"] == 2048
-    assert finetune_chat.DEFAULTS["lora_target_modules"] == "all-linear"
+    assert finetune_chat.DEFAULTS == {"data_path": "sample/chat/data_sample.jsonl", "output_path": "lora-Vicuna-chat",
+                                      "prompt_type": "chat", "cutoff_len": 2048, "lora_target_modules": "all-linear"}
+    seen = {}
+    monkeypatch.setattr(train, "run", lambda args: seen.setdefault("args", vars(args)))
+    parsed = {}
+    for variant in (finetune, finetune_4bit, finetune_chat):
+        seen.clear()
+        variant.main(["--seed", "3"])
+        parsed[variant] = seen["args"]
     for variant in (finetune_4bit, finetune_chat):
-        assert variant.main.__code__.co_names == ("finetune", "main", "DEFAULTS")
-        parser = finetune.build_parser({**finetune.DEFAULTS, **variant.DEFAULTS})
-        assert {a.dest for a in parser._actions} == {a.dest for a in finetune.build_parser(finetune.DEFAULTS)._actions}
+        changed = {k for k in parsed[finetune] if parsed[finetune][k] != parsed[variant][k]}
+        assert changed == set(variant.DEFAULTS), variant.__name__
+        assert all(parsed[variant][k] == v for k, v in variant.DEFAULTS.items())
+        assert parsed[variant]["seed"] == 3
 
 
 class FakeToken:

@@ -104,6 +104,8 @@ def test_no_packing_groups_batches_by_length(tiny_models, tmp_path):
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
     import finetune
+
+    import train_args
     import train
     from utils import load_tokenizer
 
@@ -115,7 +117,7 @@ def test_no_packing_groups_batches_by_length(tiny_models, tmp_path):
     exs = [{"input_ids": [7] * n, "labels": [IGNORE_INDEX] * (n // 2) + [7] * (n - n // 2)} for n in lengths]
 
     def computed_tokens(*flags):
-        args = finetune.build_parser(finetune.DEFAULTS).parse_args(
+        args = train_args.build_parser(train_args.DEFAULTS).parse_args(
             ["--output_path", str(tmp_path / "out"), "--micro_batch_size", "4", "--batch_size", "4", "--no-packing",
              *flags])
         trainer = train.make_trainer(args, train.Plan.from_args(args), model, tokenizer, exs, [])

@@ -115,11 +115,11 @@ def run_script(stubs):
 
 def parser_for(entry: str):
     """The argparse parser of finetune.py / finetune_4bit.py / finetune_chat.py with its defaults."""
-    import finetune
+    import train_args
 
     module = importlib.import_module(Path(entry).stem)
-    defaults = {**finetune.DEFAULTS, **(getattr(module, "DEFAULTS", {}) if module is not finetune else {})}
-    return finetune.build_parser(defaults)
+    defaults = {**train_args.DEFAULTS, **module.DEFAULTS}
+    return train_args.build_parser(defaults)
 
 
 def shell_code(path: Path) -> str:
@@ -136,25 +136,30 @@ def test_bash_syntax(script):
     assert proc.returncode == 0, proc.stderr
 
 
+FAILING_STUB = """#!/usr/bin/env bash
+echo "launched $*" >> "{log}"
+exit 7
+"""
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_header_and_strict_mode(script):
-    text = (SCRIPTS_DIR / script).read_text()
-    lines = text.splitlines()
-    assert lines[0] == "#!/usr/bin/env bash"
-    header = []
-    for line in lines[1:]:
-        if not line.startswith("#"):
-            break
-        header.append(line)
-    header_text = "\n".join(header)
-    assert len(header) >= 3, f"{script}: needs a header comment (what it runs, hardware, expected time)"
-    assert re.search(r"hardware", header_text, re.I), f"{script}: header does not name the hardware"
-    assert re.search(r"\b(minutes?|hours?|seconds?)\b", header_text), f"{script}: header gives no expected time"
-    code = shell_code(SCRIPTS_DIR / script)
-    assert "set -euo pipefail" in code
-    assert 'cd "$(dirname "$0")/.."' in code
-    assert "source scripts/common.sh" in code
-    assert "CUDA_VISIBLE_DEVICES=" not in code, "GPU ids belong in TOT_CUDA (common.sh), not hard-coded"
+def test_a_failing_step_stops_the_script_with_its_status(script, tmp_path):
+    """Strict mode, by its effects: the launcher's failure is the script's exit status; a script
+    run from another folder still finds the repository; a missing tool stops it before anything
+    runs, with bash's error rather than a half-done run."""
+    log = tmp_path / "launched.log"
+    stub = tmp_path / "fail"
+    stub.write_text(FAILING_STUB.format(log=log))
+    stub.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
+    env.update(PYTHON=str(stub), TORCHRUN=str(stub), **EXTRA_ENV.get(script, {}))
+    proc = subprocess.run(["bash", str(SCRIPTS_DIR / script)], cwd=tmp_path, env=env, capture_output=True, timeout=30)
+    assert proc.returncode == 7, proc.stderr.decode()
+    launched = log.read_text().splitlines()
+    assert len(launched) == 1 and ".py" in launched[0]  # launched once, and nothing after it
+    env.update(PYTHON=str(tmp_path / "no-such-python"), TORCHRUN=str(tmp_path / "no-such-torchrun"))
+    proc = subprocess.run(["bash", str(SCRIPTS_DIR / script)], cwd=tmp_path, env=env, capture_output=True, timeout=30)
+    assert proc.returncode == 127 and b"no-such-" in proc.stderr
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -13,6 +13,8 @@ import pytest
 import torch
 
 import finetune
+
+import train_args
 import train
 from conftest import INSTRUCT_RECORDS, ROOT, run_script, train_args, write_jsonl
 
@@ -149,7 +151,7 @@ def test_qlora_on_a_gpu_keeps_bf16_weights_and_pages_the_optimizer(tmp_path, tin
 
     data = write_jsonl(tmp_path / "d.jsonl", INSTRUCT_RECORDS)
     argv = train_args(data, str(tmp_path / "out"), tiny_model, "--bf16", "--max_steps", "2")
-    args = finetune.build_parser({**finetune.DEFAULTS, **finetune_4bit.DEFAULTS}).parse_args(argv)
+    args = train_args.build_parser({**train_args.DEFAULTS, **finetune_4bit.DEFAULTS}).parse_args(argv)
     plan = train.Plan.from_args(args)
     assert plan.gradient_checkpointing  # on by default with a GPU
     model, resolved = train.load_trainable_model(args, tiny_model, plan)

@@ -78,6 +78,8 @@ def run_variant(variant: str, opts) -> dict:
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
     import finetune
+
+    import train_args
     import train
     from prompt import IGNORE_INDEX
     from utils import load_tokenizer, resolve_model_path
@@ -88,7 +90,7 @@ def run_variant(variant: str, opts) -> dict:
                           [os.path.join(ROOT, "sample/instruct/data_sample.jsonl")])
     convs = pick_examples(paths, opts.num_examples, opts.seed)
     model_path = resolve_model_path(opts.model_path)
-    args = finetune.build_parser(finetune.DEFAULTS).parse_args([
+    args = train_args.build_parser(train_args.DEFAULTS).parse_args([
         "--model_path", opts.model_path, "--output_path", os.path.join(opts.workdir, variant),
         "--cutoff_len", str(opts.cutoff_len), "--micro_batch_size", "4", "--batch_size", "4",
         "--num_epochs", "1", "--learning_rate", "3e-4", "--warmup_steps", "0", "--test_size", "0",
