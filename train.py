@@ -142,16 +142,51 @@ def check_output_dir(args) -> None:
         raise UserError(f"--output_path {out} is not empty ({_listing(entries)}) and "
                         f"--resume_from_checkpoint {args.resume_from_checkpoint} belongs to another folder; "
                         f"pass --output_path {parent} to continue that run there, or a new folder")
+    if args.overwrite_output_dir:
+        for name in checkpoints:  # only checkpoints an earlier run of ours wrote may be replaced
+            stray = _not_ours(os.path.join(out, name))
+            if stray:
+                raise UserError(f"--output_path {out}: {name} was not written by finetune.py ({stray}); "
+                                "--overwrite_output_dir replaces only an earlier run's own files: move it "
+                                "away or pass a new --output_path")
+        return
     if checkpoints:
         what = "already holds an adapter and the" if ADAPTER_CONFIG in entries else "holds"
         raise UserError(f"--output_path {out} {what} checkpoints of an earlier run ({_listing(checkpoints)}); pass "
-                        f"--resume_from_checkpoint {os.path.join(out, checkpoints[-1])} to continue it, or a new "
-                        "--output_path (--overwrite_output_dir never writes over another run's checkpoints)")
-    if args.overwrite_output_dir:
-        return
+                        f"--resume_from_checkpoint {os.path.join(out, checkpoints[-1])} to continue it, a new "
+                        "--output_path, or --overwrite_output_dir to replace that run's checkpoints and adapter")
     what = "already holds an adapter" if ADAPTER_CONFIG in entries else "is not empty"
     raise UserError(f"--output_path {out} {what} ({_listing(entries)}); pass a new or empty folder, or "
-                    "--overwrite_output_dir to replace only the adapter files in it (nothing is deleted)")
+                    "--overwrite_output_dir to replace only the adapter files in it (nothing else is touched)")
+
+
+# Every file a checkpoint-N folder of ours holds (the Trainer's and our training_config.json).
+OUR_CHECKPOINT_FILE = re.compile(r"adapter_model\.safetensors|adapter_config\.json|README\.md|training_args\.bin|"
+                                 r"optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth|"
+                                 r"trainer_state\.json|training_config\.json")
+
+
+def _not_ours(checkpoint: str) -> str | None:
+    """Why a checkpoint-N folder is not one finetune.py wrote (None when it is)."""
+    names = os.listdir(checkpoint)
+    if TRAINING_CONFIG not in names or "trainer_state.json" not in names:
+        return f"it has no {TRAINING_CONFIG} and trainer_state.json"
+    stray = [n for n in names if not OUR_CHECKPOINT_FILE.fullmatch(n) or not os.path.isfile(os.path.join(checkpoint, n))]
+    return f"it holds {_listing(sorted(stray))}" if stray else None
+
+
+def remove_earlier_checkpoints(out: str) -> None:
+    """--overwrite_output_dir: an earlier run's checkpoints go before this run writes its own, so the
+    two runs never mix (the Trainer's rotation and resume would take one for the other). Only files
+    of the checked checkpoint layout are removed."""
+    for name in _checkpoints_in(out):
+        folder = os.path.join(out, name)
+        if _not_ours(folder):
+            continue
+        for file in os.listdir(folder):
+            os.remove(os.path.join(folder, file))
+        os.rmdir(folder)
+        logger.info("--overwrite_output_dir: removed %s of the earlier run", folder)
 
 
 CHECKPOINT_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, "trainer_state.json", "optimizer.pt", "scheduler.pt")
@@ -297,6 +332,8 @@ def run(args) -> str | None:
         "args": vars(args),
         **resolved,
     }
+    if args.overwrite_output_dir and plan.rank == 0 and os.path.isdir(args.output_path):
+        remove_earlier_checkpoints(args.output_path)
     lr_watch = LearningRateWatch()
     for callback in (SaveConfig(config), lr_watch, FiniteGradients(args.learning_rate)):
         trainer.add_callback(callback)

@@ -73,14 +73,30 @@ def test_adapter_loads_in_plain_peft_with_identical_logits(trained, tiny_model, 
 def test_refuses_to_overwrite_adapter(trained, tiny_model, tmp_path, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", INSTRUCT_RECORDS)
     before = open(os.path.join(trained, "adapter_model.safetensors"), "rb").read()
-    for extra in ([], ["--overwrite_output_dir"]):  # never over another run's checkpoints either
-        with pytest.raises(SystemExit) as e:
-            finetune.main(train_args(data, trained, tiny_model, *extra))
-        assert e.value.code == 2
-        err = capsys.readouterr().err
-        assert "already holds an adapter and the checkpoints of an earlier run (checkpoint-2, checkpoint-4)" in err
-        assert f"--resume_from_checkpoint {os.path.join(trained, 'checkpoint-4')}" in err
-        assert open(os.path.join(trained, "adapter_model.safetensors"), "rb").read() == before
+    with pytest.raises(SystemExit) as e:
+        finetune.main(train_args(data, trained, tiny_model))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "already holds an adapter and the checkpoints of an earlier run (checkpoint-2, checkpoint-4)" in err
+    assert f"--resume_from_checkpoint {os.path.join(trained, 'checkpoint-4')}" in err
+    assert open(os.path.join(trained, "adapter_model.safetensors"), "rb").read() == before
+
+
+def test_overwrite_replaces_an_earlier_run_whole(trained, tiny_model, tmp_path):
+    """--overwrite_output_dir over a finished run: its checkpoints are replaced, not mixed with the
+    new run's (a 3-step run leaves checkpoint-2 and checkpoint-3, not the old checkpoint-4), and a
+    file of the user's stays."""
+    out = str(tmp_path / "again")
+    shutil.copytree(trained, out)
+    with open(os.path.join(out, "NOTES.txt"), "w") as f:
+        f.write("mine\n")
+    data = write_jsonl(tmp_path / "d.jsonl", INSTRUCT_RECORDS)
+    finetune.main(train_args(data, out, tiny_model, "--max_steps", "3", "--overwrite_output_dir", "--seed", "5"))
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-2", "checkpoint-3"]
+    state = json.load(open(os.path.join(out, "checkpoint-3", "trainer_state.json")))
+    assert state["global_step"] == 3
+    assert json.load(open(os.path.join(out, "training_config.json")))["args"]["seed"] == 5
+    assert open(os.path.join(out, "NOTES.txt")).read() == "mine\n"
 
 
 @pytest.mark.parametrize("quant", ["8bit", "4bit"])

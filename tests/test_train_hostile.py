@@ -88,10 +88,13 @@ def test_user_files_and_foreign_checkpoints_survive(tiny_models, data, tmp_path,
         (out / name / "notes.txt").write_text(f"my {name}\n")
     (out / "README.md").write_text("# my experiment notes\n")
     before = tree(out)
-    for extra in ([], ["--overwrite_output_dir"]):
-        err = refused(train_args(data, str(out), tiny_models["sp"], "--save_total_limit", "1", *extra), capsys)
-        assert "checkpoints of an earlier run (checkpoint-1, checkpoint-9)" in err
-        assert tree(out) == before
+    err = refused(train_args(data, str(out), tiny_models["sp"], "--save_total_limit", "1"), capsys)
+    assert "checkpoints of an earlier run (checkpoint-1, checkpoint-9)" in err
+    assert tree(out) == before
+    err = refused(train_args(data, str(out), tiny_models["sp"], "--save_total_limit", "1", "--overwrite_output_dir"),
+                  capsys)
+    assert "checkpoint-1 was not written by finetune.py (it has no training_config.json and trainer_state.json)" in err
+    assert tree(out) == before
 
 
 def test_non_empty_folder_needs_overwrite_which_replaces_only_adapter_files(tiny_models, data, tmp_path, capsys):
