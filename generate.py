@@ -8,7 +8,9 @@ The page streams the answer as it is generated (all four decoding modes, beams i
 Stop button and a named API endpoint `/generate` (gradio_client) that streams the same text.
 The one-shot mode prints only the response on stdout (logs go to stderr). The prompt template is
 the one the adapter was trained with (read from its training_config.json) unless --prompt_type
-says otherwise.
+says otherwise. A prompt that cannot be answered within the model's context (prompt tokens +
+--max_new_tokens > max_position_embeddings) is refused with the numbers, never cut; the page also
+refuses an instruction or input longer than --max_input_chars characters.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import argparse
 import sys
 
 from prompt import STOP_STRINGS, Conversation, build_prompt_ids, extract_response
-from utils import (add_generation_args, add_model_args, cli_errors, load_for_inference, load_training_config,
-                   logger, params_from_args, setup_logging)
+from utils import (UserError, add_generation_args, add_model_args, cli_errors, load_for_inference,
+                   load_training_config, logger, params_from_args, setup_logging)
 
 EXAMPLES = [
     ["Give three tips for staying healthy.", ""],
@@ -41,6 +43,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_utf8(flag: str, value: str | None) -> None:
+    """Refuse text from the command line that was not valid UTF-8 (Python hands such bytes over as
+    lone surrogates, which no tokenizer or terminal can take)."""
+    if value is None:
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(value[e.start])
+        where = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else "a lone surrogate"
+        raise UserError(f"{flag} is not valid UTF-8 ({where} at character {e.start}); pass UTF-8 text") from None
+
+
+def prompt_ids(model, tokenizer, prompt_type: str, instruction: str, context: str, max_new_tokens: int,
+               cli: bool = False) -> list[int]:
+    """The prompt ids; refuses (UserError, with the numbers) a prompt that cannot be answered
+    within the model's context. `cli`: name the command-line flags instead of the page's boxes."""
+    from streaming import check_context
+
+    ids = build_prompt_ids(prompt_type, Conversation(turns=[(instruction, None)], input=context), tokenizer)
+    fields = "--instruction and --input" if cli else "instruction and input"
+    check_context(model, len(ids), max_new_tokens, prompt=f"the prompt ({fields} in the {prompt_type} template)",
+                  new_name="--max_new_tokens" if cli else "max new tokens",
+                  fix="shorten --instruction/--input" if cli else "shorten the instruction or input")
+    return ids
+
+
 def resolve_prompt_type(args, default: str) -> str:
     """--prompt_type, else the template the adapter was trained with, else `default`."""
     if args.prompt_type:
@@ -52,33 +81,52 @@ def resolve_prompt_type(args, default: str) -> str:
 
 
 def answer_stream(model, tokenizer, prompt_type: str, instruction: str, context: str, params,
-                  cancel=None, all_beams: bool = False):
-    """Yield (answer so far, [beam texts] or None) while generating; the page's core."""
+                  cancel=None, all_beams: bool = False, ids: list[int] | None = None):
+    """Yield (answer so far, [beam texts] or None) while generating; the page's core.
+
+    `ids`: the prompt, when prompt_ids already built (and checked) it.
+    """
     from streaming import stream_generate
 
-    ids = build_prompt_ids(prompt_type, Conversation(turns=[(instruction, None)], input=context), tokenizer)
+    if ids is None:
+        ids = prompt_ids(model, tokenizer, prompt_type, instruction, context, params.max_new_tokens)
     for update in stream_generate(model, tokenizer, ids, params, STOP_STRINGS[prompt_type], cancel, all_beams):
         beams = [extract_response(b, prompt_type) for b in update.beams] if update.beams else None
         yield extract_response(update.text, prompt_type), beams
 
 
-def build_page(model, tokenizer, prompt_type: str, title: str, show_beam: bool = False):
+def build_page(model, tokenizer, prompt_type: str, title: str, show_beam: bool = False,
+               max_chars: int | None = None):
     import gradio as gr
 
-    from webui import StopRegistry, generation_controls, params_from_controls, session_of
+    from webui import (CONTROL_DEFAULTS, MAX_INPUT_CHARS, StopRegistry, check_text, generation_controls, gets_request,
+                       guard_requests, page_error, params_from_controls, session_of)
 
     stops = StopRegistry()
     max_beams = 10
+    max_chars = max_chars or MAX_INPUT_CHARS
+    d = {**CONTROL_DEFAULTS, "num_beams": 4 if not show_beam else 2}
 
-    def generate(instruction: str, context: str, *controls, request: gr.Request = None):
-        if not instruction or not instruction.strip():
-            raise gr.Error("Type an instruction first.")
-        params = params_from_controls(controls)
+    @gets_request
+    def generate(instruction, context="", temperature=d["temperature"], top_p=d["top_p"], top_k=d["top_k"],
+                 num_beams=d["num_beams"], max_new_tokens=d["max_new_tokens"], min_new_tokens=d["min_new_tokens"],
+                 repetition_penalty=d["repetition_penalty"], do_sample=d["do_sample"], request=None):
+        """Stream the answer to `instruction` (with the optional `context`)."""
+        try:
+            instruction = check_text("Instruction", instruction, max_chars)
+            context = check_text("Input (optional context)", context, max_chars)
+            if not instruction.strip():
+                raise UserError("Type an instruction first.")
+            params = params_from_controls((temperature, top_p, top_k, num_beams, max_new_tokens, min_new_tokens,
+                                           repetition_penalty, do_sample), controls)
+            ids = prompt_ids(model, tokenizer, prompt_type, instruction, context, params.max_new_tokens)
+        except UserError as e:
+            raise page_error(e) from None
         session = session_of(request)
         cancel = stops.start(session)
         try:
             for text, beams in answer_stream(model, tokenizer, prompt_type, instruction, context, params, cancel,
-                                             all_beams=show_beam):
+                                             all_beams=show_beam, ids=ids):
                 if show_beam:
                     beams = (beams or [text])[:max_beams]
                     yield [text] + [gr.update(value=b, visible=True) for b in beams] + \
@@ -93,8 +141,8 @@ def build_page(model, tokenizer, prompt_type: str, title: str, show_beam: bool =
         with gr.Row():
             with gr.Column():
                 instruction = gr.Textbox(lines=3, label="Instruction", placeholder="Ask or instruct something")
-                context = gr.Textbox(lines=2, label="Input (optional context)")
-                controls = generation_controls(gr, {"num_beams": 4 if not show_beam else 2})
+                context = gr.Textbox(value="", lines=2, label="Input (optional context)")
+                controls = generation_controls(gr, {"num_beams": d["num_beams"]})
                 with gr.Row():
                     submit = gr.Button("Submit", variant="primary")
                     stop = gr.Button("Stop")
@@ -110,36 +158,36 @@ def build_page(model, tokenizer, prompt_type: str, title: str, show_beam: bool =
                              api_name="generate")
         stop.click(stops.stop_request, inputs=None, outputs=None, queue=False, cancels=[event],
                    api_visibility="private")
-    return page
+    return guard_requests(page, max_chars)
 
 
 def run(args) -> str | None:
-    prompt_type = resolve_prompt_type(args, "instruct")
+    check_utf8("--instruction", args.instruction)
+    check_utf8("--input", args.input)
     if args.instruction is not None and not args.instruction.strip():
-        from utils import UserError
-
         raise UserError("--instruction is empty; pass the question to answer")
+    prompt_type = resolve_prompt_type(args, "instruct")
     params = params_from_args(args)  # validate the flags before loading anything
     if args.instruction is None:
-        from webui import parse_auth
+        from webui import check_limit_flag, parse_auth
 
         parse_auth(args.auth)
+        check_limit_flag("max_input_chars", args.max_input_chars)
     model, tokenizer = load_for_inference(args.model_path, args.lora_path, args.quant,
                                           trust_remote_code=args.trust_remote_code)
     if args.instruction is None:
         from webui import launch
 
         title = f"Vicuna-LoRA: {args.model_path}" + (f" + {args.lora_path}" if args.lora_path else "")
-        launch(build_page(model, tokenizer, prompt_type, title, args.show_beam), args)
+        launch(build_page(model, tokenizer, prompt_type, title, args.show_beam, args.max_input_chars), args)
         return None
     from utils import generate_text
 
+    ids = prompt_ids(model, tokenizer, prompt_type, args.instruction, args.input, params.max_new_tokens, cli=True)
     if params.seed is not None:
         from transformers import set_seed
 
         set_seed(params.seed)
-    conv = Conversation(turns=[(args.instruction, None)], input=args.input)
-    ids = build_prompt_ids(prompt_type, conv, tokenizer)
     text = generate_text(model, tokenizer, ids, params.generate_kwargs(tokenizer), STOP_STRINGS[prompt_type])
     answer = extract_response(text, prompt_type)
     print(answer, flush=True)

@@ -292,16 +292,77 @@ def fit_history(prompt_type: str, conv: Conversation, tokenizer, budget: int,
     """Drop the oldest turns until prompt + max_new_tokens fits `budget` tokens.
 
     The current (last, unanswered) question is never dropped; if it alone does not fit, its
-    prompt is returned as is and generation gets whatever room is left.
-    Returns the trimmed conversation and its prompt ids.
+    prompt is returned as is (the caller checks it against the model's context). Returns the
+    longest suffix of turns that fits (alpaca's `input` stays only with the first turn) and its
+    prompt ids, the same ids `build_prompt_ids` gives for that suffix.
+
+    Linear: walking back from the newest turn, each turn is rendered once in a two-turn window
+    and its pieces are encoded once; the walk stops as soon as the turns behind it cannot fit,
+    so a long history costs about what is kept. The ids are assembled from those pieces
+    (`tokenize_pieces` encodes pieces separately) after one render of the kept suffix confirms
+    that its text is the pieces' text. A template whose turns render differently by position
+    fails that check and falls back to building candidate suffixes in full, newest-first from
+    the estimate, which may keep fewer turns but never exceeds the budget.
     """
     turns = list(conv.turns)
-    while True:
-        trimmed = Conversation(turns=turns, system=conv.system, input=conv.input if len(turns) == len(conv.turns) else "")
-        ids = build_prompt_ids(prompt_type, trimmed, tokenizer)
-        if len(ids) + max_new_tokens <= budget or len(turns) == 1:
-            return trimmed, ids
-        turns = turns[1:]
+    n = len(turns)
+
+    def suffix(j: int) -> Conversation:
+        return Conversation(turns=turns[j:], system=conv.system, input=conv.input if j == 0 else "")
+
+    if n == 1 or prompt_type not in ("chat", "chat_template") or any(a is None for _, a in turns[:-1]) \
+            or turns[-1][1] is not None:
+        return conv, build_prompt_ids(prompt_type, conv, tokenizer)  # nothing to drop, or a template error
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise TemplateError("the tokenizer has no EOS token; set one in its tokenizer_config.json")
+    lead = leading_special_ids(tokenizer)
+    room = budget - max_new_tokens - len(lead)
+    # Per turn: its prompt when it opens the conversation, its prompt after an earlier turn, and
+    # its answer (with the EOS tokenize_pieces appends); each as (text, ids).
+    opening, following, answer = {}, {}, {}
+
+    def piece(text: str) -> tuple[str, list[int]]:
+        return text, _encode(tokenizer, text)
+
+    last = render(prompt_type, suffix(n - 1), tokenizer)
+    opening[n - 1] = piece(last.prompts[0])
+    best, tail = n - 1, 0  # tail: tokens after turn j's opening prompt up to the end
+    for j in range(n - 2, -1, -1):
+        window = render(prompt_type, Conversation(turns=[turns[j], (turns[j + 1][0], None)], system=conv.system,
+                                                  input=conv.input if j == 0 else ""), tokenizer)
+        opening[j] = piece(window.prompts[0])
+        text, ids = piece(window.responses[0])
+        answer[j] = (text, ids + ([] if window.meta.get("eos_in_template") else [eos]))
+        following[j + 1] = piece(window.prompts[1])
+        tail += len(answer[j][1]) + len(following[j + 1][1])
+        if tail > room:
+            break  # every older start only adds to the tail
+        if len(opening[j][1]) + tail <= room:
+            best = j
+    parts = [opening[best]]
+    for i in range(best, n - 1):
+        parts += [answer[i], following[i + 1]]
+    if "".join(text for text, _ in parts) == _generation_text(prompt_type, suffix(best), tokenizer):
+        return suffix(best), lead + [t for _, ids in parts for t in ids]
+    for j in range(best, n):  # position-dependent template: exact builds, fewest turns dropped first
+        ids = build_prompt_ids(prompt_type, suffix(j), tokenizer)
+        if len(ids) + max_new_tokens <= budget or j == n - 1:
+            return suffix(j), ids
+
+
+def _generation_text(prompt_type: str, conv: Conversation, tokenizer) -> str:
+    """generation_prompt(...) in one pass: render_chat_template renders every prefix of the
+    conversation (quadratic in turns); its pieces are prefix differences of the last render,
+    so one render of the whole conversation gives the same text."""
+    if prompt_type != "chat_template":
+        return generation_prompt(prompt_type, conv, tokenizer)
+    messages = [] if conv.system is None else [{"role": "system", "content": conv.system}]
+    for i, (user, assistant) in enumerate(conv.turns):
+        messages.append({"role": "user", "content": _user_text(conv, i, user)})
+        if assistant is not None:
+            messages.append({"role": "assistant", "content": assistant})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 class StopStringFilter:

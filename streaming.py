@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import queue
 import threading
 from dataclasses import dataclass
@@ -33,6 +34,10 @@ NEG_INF_SCORE = -1.0e9  # the score transformers gives to placeholder / excluded
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder emits for an incomplete UTF-8 sequence
 STREAM_LOOKAHEAD = 2  # how many tokens the greedy worker may run ahead of the reader
 MAX_PENDING_TOKENS = 8  # a UTF-8 character is at most 4 byte tokens; beyond this the bytes are invalid
+# Sampling divides log-probs by the temperature. Far below this floor the scores of a beam sum to
+# less than NEG_INF_SCORE, the mark of excluded beams, so beam sampling ends after one token (an
+# empty answer); and sampling that cold is greedy decoding in effect anyway.
+MIN_TEMPERATURE = 0.01
 
 
 # --- parameters -----------------------------------------------------------------------------------
@@ -56,14 +61,19 @@ class GenerationParams:
 
     def validate(self) -> None:
         """Raise UserError naming the flag for values generation cannot use."""
+        for name in ("temperature", "top_p", "repetition_penalty", "length_penalty"):
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise UserError(f"--{name} must be a finite number, got {value}")
         if self.num_beams < 1:
             raise UserError(f"--num_beams must be >= 1, got {self.num_beams}")
         if self.max_new_tokens < 1:
             raise UserError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.min_new_tokens < 0:
             raise UserError(f"--min_new_tokens must be >= 0, got {self.min_new_tokens}")
-        if self.do_sample and not self.temperature > 0:
-            raise UserError(f"--temperature must be > 0 when sampling, got {self.temperature}")
+        if self.do_sample and not self.temperature >= MIN_TEMPERATURE:
+            raise UserError(f"--temperature must be at least {MIN_TEMPERATURE} when sampling, got {self.temperature:g}; "
+                            "colder sampling is greedy decoding in effect: drop --do_sample")
         if self.do_sample and not 0 < self.top_p <= 1:
             raise UserError(f"--top_p must be in (0, 1], got {self.top_p}")
         if self.do_sample and self.top_k < 0:
@@ -98,6 +108,25 @@ class GenerationParams:
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         return kwargs
+
+
+def model_context(model) -> int | None:
+    """The model's context in tokens (config.max_position_embeddings), None when it does not say."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config(decoder=True)
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def check_context(model, prompt_tokens: int, max_new_tokens: int, prompt: str = "the prompt",
+                  new_name: str = "max_new_tokens", fix: str = "shorten the prompt") -> None:
+    """Refuse, with the numbers, a prompt that cannot be answered within the model's context."""
+    context = model_context(model)
+    if context is not None and prompt_tokens + max_new_tokens > context:
+        raise UserError(f"{prompt} is {prompt_tokens} tokens and {new_name} is {max_new_tokens}: "
+                        f"{prompt_tokens + max_new_tokens} tokens exceed the model's context of {context} tokens; "
+                        f"{fix}, or lower {new_name}")
 
 
 def eos_token_ids(tokenizer, model=None) -> list[int]:
@@ -190,6 +219,7 @@ def stream_generate(model, tokenizer, input_ids: list[int], params: GenerationPa
                     all_beams: bool = False) -> Iterator[StreamUpdate]:
     """Yield a StreamUpdate per generated token; the last one has finished=True.
 
+    A prompt whose length plus max_new_tokens exceeds the model's context is refused (UserError).
     Generation stops at EOS, max_new_tokens, a stop string (the text containing it is kept; cut
     it with prompt.extract_response) or when `cancel` is set: then it ends within one step and
     yields a final update with what was shown so far. One prompt at a time (beams expand it).
@@ -197,6 +227,7 @@ def stream_generate(model, tokenizer, input_ids: list[int], params: GenerationPa
     params.validate()
     if not input_ids:
         raise UserError("the prompt is empty; pass at least one token")
+    check_context(model, len(input_ids), params.max_new_tokens)  # never generate past the context
     if params.num_beams == 1:
         return _stream_single(model, tokenizer, list(input_ids), params, stop_strings, cancel, all_beams)
     return _stream_beams(model, tokenizer, list(input_ids), params, stop_strings, cancel, all_beams)

@@ -253,11 +253,29 @@ def test_incremental_decoder_forks_mid_character(bpe_tokenizer):
 
 @pytest.mark.parametrize("bad, flag", [({"num_beams": 0}, "--num_beams"), ({"max_new_tokens": 0}, "--max_new_tokens"),
                                        ({"do_sample": True, "temperature": 0.0}, "--temperature"),
+                                       ({"do_sample": True, "temperature": 1e-30}, "--temperature must be at least 0.01"),
+                                       ({"do_sample": True, "num_beams": 3, "temperature": 1e-4}, "--temperature"),
+                                       ({"temperature": float("inf")}, "--temperature must be a finite number"),
+                                       ({"repetition_penalty": float("nan")}, "--repetition_penalty"),
                                        ({"do_sample": True, "top_p": 1.5}, "--top_p"),
                                        ({"repetition_penalty": 0.0}, "--repetition_penalty")])
 def test_params_validate_names_the_flag(bad, flag):
     with pytest.raises(UserError, match=flag):
         GenerationParams(**bad).validate()
+
+
+def test_beam_sampling_at_the_temperature_floor_runs_to_length(models):
+    """Sampling divides log-probs by the temperature: at 1e-30 a beam's score fell far below -1e9,
+    the mark of excluded beams, so the search ended after one token (an empty answer on the page).
+    Temperatures below MIN_TEMPERATURE are refused; at the floor beams run their full length."""
+    from streaming import MIN_TEMPERATURE
+
+    model, tokenizer = models["bpe"]
+    ids = encode(tokenizer, PROMPTS[0])
+    for beams in (1, 3):
+        params = GenerationParams(num_beams=beams, do_sample=True, temperature=MIN_TEMPERATURE, max_new_tokens=12,
+                                  min_new_tokens=12, seed=0)
+        assert len(final(list(stream_generate(model, tokenizer, ids, params))).token_ids) == 12
 
 
 def test_generate_kwargs(bpe_tokenizer):

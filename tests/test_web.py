@@ -256,8 +256,17 @@ def test_chat_page_in_browser(browser, chat_server, tmp_path):
     assert after.count("hello there") == before.count("hello there") == 1  # replaced, not appended
     page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)
     page.get_by_role("button", name="Save chat").click()
-    page.wait_for_timeout(1500)
-    assert os.path.isfile(os.path.join(chat_server.save_dir, "chat_history.jsonl"))
+    saved = os.path.join(os.path.realpath(chat_server.save_dir), "chat_history.jsonl")
+    page.get_by_text(f"Saved to {saved}").wait_for(timeout=10_000)  # the page shows the full path
+    assert os.path.isfile(saved)
+    save_as = page.get_by_label("Save as")
+    save_as.fill("../escaped.jsonl")  # a file name only: the folder is the server's --save_dir
+    page.get_by_role("button", name="Save chat").click()
+    page.get_by_text("Not saved: Save as: give a plain file name").wait_for(timeout=10_000)
+    assert not os.path.exists(os.path.join(os.path.dirname(saved), "..", "escaped.jsonl"))
+    save_as.fill("mine.jsonl")
+    page.get_by_role("button", name="Save chat").click()
+    page.get_by_text(f"Saved to {os.path.join(os.path.dirname(saved), 'mine.jsonl')}").wait_for(timeout=10_000)
     page.get_by_role("button", name="Clear history").click()
     page.wait_for_timeout(1000)
     assert "hello there" not in bot.inner_text()
