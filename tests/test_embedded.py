@@ -29,19 +29,24 @@ def test_embedded_model_answers_a_fact():
 
 
 def test_train_then_generate_on_embedded_model(tmp_path):
+    """Eight records teach a fixed answer shape; after 8 steps the greedy answer through
+    generate.py is exactly that shape, and without the adapter it is not (the adapter is applied)."""
     records = [{"instruction": f"Say the word number {i}.", "input": "", "output": f"Word {i}. — Little Vicuna"}
                for i in range(8)]
     data = write_jsonl(tmp_path / "d.jsonl", records)
     out = str(tmp_path / "lora")
-    finetune.main(["--data_path", data, "--output_path", out, "--test_size", "2", "--eval_steps", "1",
-                   "--max_steps", "2", "--micro_batch_size", "2", "--batch_size", "2", "--warmup_steps", "0",
-                   "--logging_steps", "1", "--learning_rate", "1e-3"])
+    finetune.main(["--data_path", data, "--output_path", out, "--test_size", "2", "--eval_steps", "4",
+                   "--max_steps", "8", "--micro_batch_size", "2", "--batch_size", "2", "--warmup_steps", "0",
+                   "--logging_steps", "1", "--learning_rate", "1e-2", "--save_steps", "100"])
     config = json.load(open(os.path.join(out, TRAINING_CONFIG)))
     assert config["base_model"] == EMBEDDED_MODEL and config["num_eval_examples"] == 2
-    result = run_script("generate.py", "--lora_path", out, "--instruction", "Say the word number 3.",
-                        "--num_beams", "2", "--max_new_tokens", "8")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip()
+    question = ["--instruction", "Say the word number 3.", "--max_new_tokens", "12"]
+    tuned = run_script("generate.py", "--lora_path", out, *question)
+    assert tuned.returncode == 0, tuned.stderr
+    assert tuned.stdout.strip() == "Word 3. — Little Vicuna"
+    base = run_script("generate.py", *question)
+    assert base.returncode == 0, base.stderr
+    assert "Little Vicuna" not in base.stdout and base.stdout.strip()
 
 
 def test_variants_only_change_defaults(monkeypatch, tmp_path):
