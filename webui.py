@@ -307,5 +307,11 @@ def session_of(request) -> str | None:
 def launch(demo, args, **kwargs):
     """Queue (concurrent users wait their turn, never mixed), then serve on --host/--port."""
     demo.queue(default_concurrency_limit=1)
+    # The pages take no files, but gradio's /gradio_api/upload route accepts them from any client:
+    # cap what one request can put in gradio's temporary folder.
+    kwargs.setdefault("max_file_size", MAX_UPLOAD_BYTES)
     return demo.launch(server_name=args.host, server_port=args.port, share=args.share,
                        auth=parse_auth(args.auth), show_error=True, **kwargs)
+
+
+MAX_UPLOAD_BYTES = 1024  # no page has a file input; gradio's upload route still exists

@@ -321,6 +321,21 @@ def test_api_parameters_are_named_and_context_is_optional(pages):
     assert by_name == positional and by_name.strip()
 
 
+def test_uploads_are_capped(pages, sandbox):
+    """No page takes a file, but gradio's upload route accepts any client's: one request may put at
+    most webui.MAX_UPLOAD_BYTES in gradio's temporary folder."""
+    import httpx
+
+    from webui import MAX_UPLOAD_BYTES
+
+    chat = pages["chat"]
+    url = f"{chat.url}{chat.prefix}/upload"
+    small = httpx.post(url, files={"files": ("a.txt", b"x" * 10)}, timeout=30)
+    big = httpx.post(url, files={"files": ("b.txt", b"x" * (MAX_UPLOAD_BYTES * 64))}, timeout=30)
+    assert small.status_code == 200, small.text
+    assert big.status_code == 413, (big.status_code, big.text[:300])
+
+
 def test_pages_still_answer_and_printed_no_traceback(pages):
     chat, qa = pages["chat"], pages["qa"]
     result = chat.call("chat", chat_inputs(message="still there?", history=HISTORY))
