@@ -24,10 +24,10 @@ import re
 import stat
 import sys
 
-from generate import check_utf8, resolve_prompt_type
+from errors import UserError, check_utf8, cli_errors, setup_logging
+from models import add_model_args, load_for_inference, resolve_prompt_type
 from prompt import STOP_STRINGS, Conversation, StopStringFilter, fit_history
-from utils import (UserError, add_generation_args, add_model_args, cli_errors, load_for_inference,
-                   params_from_args, setup_logging)
+from streaming import add_generation_args, params_from_args
 
 SAVE_FILE = "chat_history.jsonl"  # the page's default file name inside --save_dir
 SAVE_NAME = re.compile(r"\w[\w.-]{0,122}\.jsonl")  # a plain file name: no folder, no "..", no leading "."
@@ -442,7 +442,7 @@ def run(args) -> None:
         check_limit_flag("max_input_chars", args.max_input_chars)
         check_limit_flag("max_history_messages", args.max_history_messages)
         check_save_dir(args.save_dir, args.lora_path)
-    prompt_type = resolve_prompt_type(args, "chat")
+    prompt_type = resolve_prompt_type(args.prompt_type, args.lora_path, "chat")
     model, tokenizer = load_for_inference(args.model_path, args.lora_path, args.quant,
                                           trust_remote_code=args.trust_remote_code)
     check_max_memory(model, args.max_memory)

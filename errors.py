@@ -1,4 +1,4 @@
-"""The one error type the user sees, and the wrapper that prints it.
+"""What the user sees on the console: the one error type, the wrapper that prints it, our logger.
 
 A `UserError` (and its subclasses: `data.DataError`, `prompt.TemplateError`) is a problem with
 the user's input or files: printed as one `error: ...` line on stderr, exit status 2, no traceback.
@@ -7,7 +7,10 @@ Nothing here imports another module of the project.
 
 from __future__ import annotations
 
+import logging
 import sys
+
+logger = logging.getLogger("vicuna")  # the project's one logger: our lines on stderr
 
 
 class UserError(Exception):
@@ -36,3 +39,34 @@ def cli_errors(fn):
     wrapper.__name__ = getattr(fn, "__name__", "main")
     wrapper.__doc__ = fn.__doc__
     return wrapper
+
+
+def quiet_libraries() -> None:
+    """Keep the console to our lines: library notices that every command would print and no user
+    can act on are dropped (warnings that matter still show)."""
+    import warnings
+
+    # bitsandbytes on the CPU: an optional faster kernel package is missing; the built-in one runs
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # transformers 5 deprecates a name that peft and the Trainer still call
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+    logging.getLogger("transformers").setLevel(logging.WARNING)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(stream=sys.stderr, level=level, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    logger.setLevel(level)
+
+
+def check_utf8(flag: str, value: str | None) -> None:
+    """Refuse text from the command line that was not valid UTF-8 (Python hands such bytes over as
+    lone surrogates, which no tokenizer or terminal can take)."""
+    if value is None:
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(value[e.start])
+        where = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else "a lone surrogate"
+        raise UserError(f"{flag} is not valid UTF-8 ({where} at character {e.start}); pass UTF-8 text") from None

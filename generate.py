@@ -18,9 +18,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from errors import UserError, check_utf8, cli_errors, setup_logging
+from models import add_model_args, load_for_inference, resolve_prompt_type
 from prompt import STOP_STRINGS, Conversation, build_prompt_ids, extract_response
-from utils import (UserError, add_generation_args, add_model_args, cli_errors, load_for_inference,
-                   load_training_config, logger, params_from_args, setup_logging)
+from streaming import add_generation_args, params_from_args
 
 EXAMPLES = [
     ["Give three tips for staying healthy.", ""],
@@ -43,19 +44,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_utf8(flag: str, value: str | None) -> None:
-    """Refuse text from the command line that was not valid UTF-8 (Python hands such bytes over as
-    lone surrogates, which no tokenizer or terminal can take)."""
-    if value is None:
-        return
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:
-        code = ord(value[e.start])
-        where = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else "a lone surrogate"
-        raise UserError(f"{flag} is not valid UTF-8 ({where} at character {e.start}); pass UTF-8 text") from None
-
-
 def prompt_ids(model, tokenizer, prompt_type: str, instruction: str, context: str, max_new_tokens: int,
                cli: bool = False) -> list[int]:
     """The prompt ids; refuses (UserError, with the numbers) a prompt that cannot be answered
@@ -68,16 +56,6 @@ def prompt_ids(model, tokenizer, prompt_type: str, instruction: str, context: st
                   new_name="--max_new_tokens" if cli else "max new tokens",
                   fix="shorten --instruction/--input" if cli else "shorten the instruction or input")
     return ids
-
-
-def resolve_prompt_type(args, default: str) -> str:
-    """--prompt_type, else the template the adapter was trained with, else `default`."""
-    if args.prompt_type:
-        return args.prompt_type
-    saved = load_training_config(args.lora_path).get("prompt_type")
-    if saved:
-        logger.info("prompt type %r, as the adapter was trained", saved)
-    return saved or default
 
 
 def answer_stream(model, tokenizer, prompt_type: str, instruction: str, context: str, params,
@@ -166,7 +144,7 @@ def run(args) -> str | None:
     check_utf8("--input", args.input)
     if args.instruction is not None and not args.instruction.strip():
         raise UserError("--instruction is empty; pass the question to answer")
-    prompt_type = resolve_prompt_type(args, "instruct")
+    prompt_type = resolve_prompt_type(args.prompt_type, args.lora_path, "instruct")
     params = params_from_args(args)  # validate the flags before loading anything
     if args.instruction is None:
         from webui import check_limit_flag, parse_auth
@@ -181,7 +159,7 @@ def run(args) -> str | None:
         title = f"Vicuna-LoRA: {args.model_path}" + (f" + {args.lora_path}" if args.lora_path else "")
         launch(build_page(model, tokenizer, prompt_type, title, args.show_beam, args.max_input_chars), args)
         return None
-    from utils import generate_text
+    from streaming import generate_text
 
     ids = prompt_ids(model, tokenizer, prompt_type, args.instruction, args.input, params.max_new_tokens, cli=True)
     if params.seed is not None:

@@ -3,7 +3,7 @@
 Training (`finetune*.py`) and generation (`generate.py`, `chat.py`) both build token ids
 through `build_example` / `build_prompt_ids` below, so the model sees at inference exactly the
 token sequence it was trained on. Templates are named; the name is saved with every adapter
-(see `utils.save_training_config`) and read back by the generation scripts.
+(see `models.save_training_config`) and read back by the generation scripts.
 
 A conversation is rendered as alternating pieces: prompt, response, prompt, response, ...
 Each piece is encoded on its own (never re-tokenizing a prefix and subtracting lengths) and the

@@ -20,6 +20,7 @@ never the whole answer, and never shows half of a multi-byte character.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import inspect
 import math
@@ -28,7 +29,7 @@ import threading
 from dataclasses import dataclass
 from typing import Iterator
 
-from utils import UserError
+from errors import UserError
 
 NEG_INF_SCORE = -1.0e9  # the score transformers gives to placeholder / excluded beams
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder emits for an incomplete UTF-8 sequence
@@ -514,3 +515,56 @@ def _stream_beams(model, tokenizer, input_ids, params, stop_strings, cancel, all
                  else [d.text for d in decoders])
     search = None  # free the KV cache before the last yield: the caller may keep the generator
     yield StreamUpdate(tokenizer.decode(token_ids, skip_special_tokens=True), beams, True, token_ids)
+
+
+# --- command-line flags and one-shot generation ---------------------------------------------------
+
+
+def add_generation_args(parser, defaults: dict | None = None) -> None:
+    """Sampling flags shared by generate.py and chat.py."""
+    d = {"max_new_tokens": 256, "num_beams": 1, "do_sample": False, "temperature": 0.7,
+         "top_p": 0.9, "top_k": 40, "repetition_penalty": 1.1, "min_new_tokens": 1}
+    d.update(defaults or {})
+    parser.add_argument("--max_new_tokens", type=int, default=d["max_new_tokens"])
+    parser.add_argument("--min_new_tokens", type=int, default=d["min_new_tokens"])
+    parser.add_argument("--num_beams", type=int, default=d["num_beams"])
+    parser.add_argument("--do_sample", action=argparse.BooleanOptionalAction, default=d["do_sample"],
+                        help="sample instead of greedy/beam search")
+    parser.add_argument("--temperature", type=float, default=d["temperature"])
+    parser.add_argument("--top_p", type=float, default=d["top_p"])
+    parser.add_argument("--top_k", type=int, default=d["top_k"])
+    parser.add_argument("--repetition_penalty", type=float, default=d["repetition_penalty"])
+    parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
+
+
+def params_from_args(args):
+    """GenerationParams from the shared generation flags, validated."""
+    params = GenerationParams(
+        max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, num_beams=args.num_beams,
+        do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty, seed=args.seed)
+    params.validate()
+    return params
+
+
+def generate_batch(model, tokenizer, prompts: list[list[int]], gen_kwargs: dict,
+                   stop_strings: list[str] | None = None) -> list[str]:
+    """Generate for several prompts in one left-padded batch; returns the texts without prompts."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+    kwargs = dict(gen_kwargs, input_ids=ids, attention_mask=mask)
+    if stop_strings:
+        kwargs.update(stop_strings=stop_strings, tokenizer=tokenizer)
+    with torch.inference_mode():
+        out = model.generate(**kwargs)
+    return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
+
+
+def generate_text(model, tokenizer, input_ids: list[int], gen_kwargs: dict,
+                  stop_strings: list[str] | None = None) -> str:
+    """The whole generated text (without the prompt), not streamed."""
+    return generate_batch(model, tokenizer, [input_ids], gen_kwargs, stop_strings)[0]

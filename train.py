@@ -34,9 +34,8 @@ from checkpoints import publish_files, staging_folder
 from data import load_conversations, train_test_split
 from errors import UserError, one_line
 from prompt import IGNORE_INDEX, encode_example
-from utils import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAINING_CONFIG, adapter_key_report, check_adapter_file,
-                   device_map_for, load_adapter, load_model, load_tokenizer, logger, pick_dtype, read_json_file,
-                   resolve_model_path, save_training_config)
+from errors import logger
+from models import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAINING_CONFIG, adapter_key_report, check_adapter_file, device_map_for, load_adapter, load_model, load_tokenizer, pick_dtype, read_json_file, resolve_model_path, save_training_config
 
 
 def check_args(args) -> None:

@@ -11,7 +11,10 @@ import argparse
 
 from errors import cli_errors
 from prompt import PROMPT_TYPES
-from utils import EMBEDDED_MODEL, QUANT_CHOICES, quiet_libraries, setup_logging
+from errors import quiet_libraries, setup_logging
+
+# Defaults in one visible place (Chinese-Vicuna's where it had them). Variants override a few.
+from models import EMBEDDED_MODEL, QUANT_CHOICES
 
 # Defaults in one visible place (Chinese-Vicuna's where it had them). Variants override a few.
 DEFAULTS = dict(

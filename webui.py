@@ -20,7 +20,7 @@ import threading
 import gradio as gr
 
 from errors import one_line
-from utils import UserError
+from errors import UserError
 
 # Decoding defaults shown on the pages (Chinese-Vicuna's sliders, with our defaults).
 CONTROL_DEFAULTS = dict(temperature=0.7, top_p=0.9, top_k=40, num_beams=1, max_new_tokens=256,

@@ -50,7 +50,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def embedded_path():
     """The embedded SmolLM2 converted to safetensors (cached across runs in ~/.cache)."""
-    from utils import EMBEDDED_MODEL, resolve_model_path
+    from models import EMBEDDED_MODEL, resolve_model_path
 
     return resolve_model_path(EMBEDDED_MODEL)
 
@@ -108,14 +108,14 @@ def tiny_model(tiny_models):
 
 @pytest.fixture(scope="session")
 def bpe_tokenizer(tiny_models):
-    from utils import load_tokenizer
+    from models import load_tokenizer
 
     return load_tokenizer(tiny_models["bpe"])
 
 
 @pytest.fixture(scope="session")
 def sp_tokenizer(tiny_models):
-    from utils import load_tokenizer
+    from models import load_tokenizer
 
     return load_tokenizer(tiny_models["sp"])
 

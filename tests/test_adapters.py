@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import make_tiny_model, run_script
-from utils import UserError, load_adapter
+from errors import UserError
+from models import load_adapter
 
 PROMPT = "Below is an instruction. 你好 world"
 

@@ -7,7 +7,7 @@ import finetune
 import finetune_4bit
 import finetune_chat
 from conftest import run_script, write_jsonl
-from utils import EMBEDDED_MODEL, TRAINING_CONFIG, ensure_pad_token, load_tokenizer
+from models import EMBEDDED_MODEL, TRAINING_CONFIG, ensure_pad_token, load_tokenizer
 
 
 def test_embedded_model_cached_as_safetensors(embedded_path):

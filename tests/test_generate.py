@@ -10,7 +10,8 @@ from chat import reply_stream
 from conftest import run_script
 from streaming import GenerationParams
 from prompt import STOP_STRINGS, Conversation, build_prompt_ids, extract_response, fit_history
-from utils import generate_text, load_for_inference
+from models import load_for_inference
+from streaming import generate_text
 
 GREEDY = GenerationParams(max_new_tokens=12, num_beams=1, do_sample=False, repetition_penalty=1.0)
 
@@ -78,7 +79,7 @@ def test_generate_rejects_bad_flags_before_loading(tiny_model):
 
 def test_save_chat_refuses_root_and_adapter_folder(tmp_path):
     from chat import check_save_dir, save_chat
-    from utils import UserError
+    from errors import UserError
 
     lora = tmp_path / "lora"
     lora.mkdir()

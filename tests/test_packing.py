@@ -6,8 +6,8 @@ import torch
 from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
 from conftest import INSTRUCT_RECORDS
-from train import PACKED_ATTENTION, supervised_token_loss, use_packed_attention
 from prompt import IGNORE_INDEX, Conversation, build_example
+from train import PACKED_ATTENTION, supervised_token_loss, use_packed_attention
 
 
 def examples(tokenizer, prompt_type="instruct"):
@@ -29,7 +29,7 @@ def flatten(exs):
 @pytest.mark.parametrize("kind,attention", [("bpe", "sdpa"), ("sp", "sdpa"), ("bpe", PACKED_ATTENTION),
                                             ("sp", PACKED_ATTENTION)])
 def test_packed_loss_equals_one_by_one(tiny_models, kind, attention):
-    from utils import load_tokenizer
+    from models import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_models[kind])
     tokenizer.padding_side = "right"
@@ -60,7 +60,7 @@ def test_packed_loss_equals_one_by_one(tiny_models, kind, attention):
 
 @pytest.mark.parametrize("attention", ["sdpa", PACKED_ATTENTION])
 def test_gradients_match_the_models_own_loss(tiny_models, attention):
-    from utils import load_tokenizer
+    from models import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_models["sp"])
     model = AutoModelForCausalLM.from_pretrained(tiny_models["sp"], dtype=torch.float32)
@@ -103,11 +103,9 @@ def test_no_packing_groups_batches_by_length(tiny_models, tmp_path):
 
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
-    import finetune
-
-    import train_args
     import train
-    from utils import load_tokenizer
+    import train_args
+    from models import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_models["sp"])
     tokenizer.padding_side = "right"
@@ -139,7 +137,7 @@ def test_packed_flash_attention_loss_equals_one_by_one(tiny_models):
     loss must still be the examples' own loss, run one by one (bf16 tolerance)."""
     from transformers.utils import is_flash_attn_2_available
 
-    from utils import load_tokenizer
+    from models import load_tokenizer
 
     if not is_flash_attn_2_available():
         pytest.skip("flash-attn is not installed")

@@ -198,7 +198,7 @@ def test_save_appends_inside_save_dir_and_shows_the_full_path(pages, sandbox):
 
 def test_save_chat_refuses_links_and_special_files(tmp_path):
     from chat import save_chat
-    from utils import UserError
+    from errors import UserError
 
     root = tmp_path / "save"
     root.mkdir()
@@ -359,7 +359,7 @@ def test_handlers_receive_the_request(tiny_model, tmp_path):
 
     import chat
     import generate
-    from utils import load_for_inference
+    from models import load_for_inference
 
     model, tokenizer = load_for_inference(tiny_model)
     args = chat.build_parser().parse_args(["--save_dir", str(tmp_path)])
@@ -473,7 +473,8 @@ def test_trimming_with_a_position_dependent_template_stays_exact(bpe_tokenizer):
 
 def test_stream_generate_never_runs_past_the_context(tiny_model):
     from streaming import GenerationParams, model_context, stream_generate
-    from utils import UserError, load_for_inference
+    from errors import UserError
+    from models import load_for_inference
 
     model, tokenizer = load_for_inference(tiny_model)
     assert model_context(model) == TINY_CONTEXT
@@ -563,7 +564,7 @@ def test_chat_cli_skips_a_line_that_is_not_utf8_or_beyond_the_context(tiny_model
 @pytest.mark.parametrize("temperature", [1e-30, 0.0, -1.0, float("nan")])
 def test_sampling_refuses_temperatures_below_the_floor(temperature):
     from streaming import GenerationParams
-    from utils import UserError
+    from errors import UserError
 
     for beams in (1, 3):
         with pytest.raises(UserError, match="--temperature must"):

@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM, set_seed
 
 from prompt import Conversation, build_prompt_ids
 from streaming import STREAM_LOOKAHEAD, GenerationParams, IncrementalDecoder, stream_generate
-from utils import UserError, load_tokenizer
+from errors import UserError
+from models import load_tokenizer
 
 PROMPTS = ["Hello world, how are", "### Instruction:\n你好\n\n### Response:\n", "1 2 3 4"]
 # (repetition_penalty, length_penalty, early_stopping)

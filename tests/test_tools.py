@@ -54,7 +54,7 @@ def last_logits(model, ids):
 
 def prompt_ids(model_dir, question="Say hello in Chinese. 你好"):
     from prompt import Conversation, build_prompt_ids
-    from utils import load_tokenizer
+    from models import load_tokenizer
 
     return build_prompt_ids("instruct", Conversation(turns=[(question, None)]), load_tokenizer(model_dir))
 
@@ -183,7 +183,7 @@ def f32_exports(work, tiny_models):
 
 
 def test_merge_all_seven_targets_equals_peft(work, tiny_models, adapter_all):
-    from utils import load_adapter
+    from models import load_adapter
 
     out = str(work / "merged-all")
     merge_lora.main(["--model_path", tiny_models["sp"], "--lora_path", adapter_all, "--output_path", out,
@@ -208,7 +208,7 @@ def test_merge_all_seven_targets_equals_peft(work, tiny_models, adapter_all):
 
 
 def test_merge_legacy_chinese_vicuna_adapter(work, tiny_models, adapter_legacy):
-    from utils import load_adapter
+    from models import load_adapter
 
     run_dir = os.path.dirname(adapter_legacy)
     before = tree_digest(run_dir)
@@ -393,7 +393,7 @@ def test_embedded_tokenizer_metadata_equals_the_shipped_gguf(embedded_f32):
     shipped SmolLM2 GGUF: same tokens, token types, merges, special ids and add-BOS. (Only the
     pre-tokenizer name differs: "smollm" splits digits, the HF tokenizer we train with does not,
     so we write "gpt-2", which splits as it does.)"""
-    from utils import embedded_gguf_path
+    from models import embedded_gguf_path
 
     ours, _ = gguf_fields(embedded_f32, full=True)
     shipped, _ = gguf_fields(embedded_gguf_path(), full=True)
@@ -451,7 +451,7 @@ def messages_for(prompt_type, conv):
 @pytest.mark.parametrize("kind", ["sp", "bpe"])
 def test_chat_template_renders_our_prompts_exactly(kind, tiny_models):
     import prompt
-    from utils import load_tokenizer
+    from models import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_models[kind])
     for prompt_type, conv in conversations():
@@ -491,7 +491,7 @@ def test_modelfile(work, tiny_models):
             'completes the request.\n\n### Instruction:\n{{ .Prompt }}\n\n### Response:\n{{ .Response }}"""') in text
     assert 'PARAMETER stop "### "' in text and 'PARAMETER stop "</s>"' in text
 
-    from utils import load_tokenizer
+    from models import load_tokenizer
 
     chat = convert_gguf.modelfile_for("m.gguf", "chat", load_tokenizer(tiny_models["bpe"]))
     assert 'PARAMETER stop "\\nUser:"' in chat and 'PARAMETER stop "<|im_end|>"' in chat

@@ -388,7 +388,7 @@ def test_verify_fails_on_nan_logits(capsys, tmp_path, monkeypatch, base, outtype
     (so top-1 agrees) must fail, for every --outtype."""
     import numpy as np
 
-    from utils import load_tokenizer
+    from models import load_tokenizer
 
     vocab = json.load(open(os.path.join(base, "config.json")))["vocab_size"]
     tokenizer = load_tokenizer(base)

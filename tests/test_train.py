@@ -13,9 +13,8 @@ import pytest
 import torch
 
 import finetune
-
-import train_args
 import train
+import train_args as flags
 from conftest import INSTRUCT_RECORDS, ROOT, run_script, train_args, write_jsonl
 
 
@@ -58,7 +57,7 @@ def test_adapter_loads_in_plain_peft_with_identical_logits(trained, tiny_model, 
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from utils import load_adapter
+    from models import load_adapter
 
     weights = load_file(os.path.join(trained, "adapter_model.safetensors"))
     assert len(weights) == 2 * 2 * 2  # 2 layers x (q_proj, v_proj) x (lora_A, lora_B)
@@ -139,10 +138,10 @@ def test_single_step_inside_warmup_saves_and_warns(tmp_path, tiny_model, caplog)
 
 def test_zero_adapter_after_real_steps_is_a_one_line_error(tmp_path, tiny_model, monkeypatch, capsys):
     """lora_B still zero although steps ran at a positive rate: the adapter is useless, say so."""
-    import utils
+    import models
 
-    real = utils.load_adapter_state_dict
-    monkeypatch.setattr(utils, "load_adapter_state_dict",  # as if the optimizer had never touched lora_B
+    real = models.load_adapter_state_dict
+    monkeypatch.setattr(models, "load_adapter_state_dict",  # as if the optimizer had never touched lora_B
                         lambda path: {k: (v * 0 if ".lora_B." in k else v) for k, v in real(path).items()})
     data = write_jsonl(tmp_path / "d.jsonl", INSTRUCT_RECORDS)
     with pytest.raises(SystemExit) as exc:
@@ -163,11 +162,11 @@ def test_qlora_on_a_gpu_keeps_bf16_weights_and_pages_the_optimizer(tmp_path, tin
     from peft import PeftModel
 
     import finetune_4bit
-    from utils import load_tokenizer
+    from models import load_tokenizer
 
     data = write_jsonl(tmp_path / "d.jsonl", INSTRUCT_RECORDS)
     argv = train_args(data, str(tmp_path / "out"), tiny_model, "--bf16", "--max_steps", "2")
-    args = train_args.build_parser({**train_args.DEFAULTS, **finetune_4bit.DEFAULTS}).parse_args(argv)
+    args = flags.build_parser({**flags.DEFAULTS, **finetune_4bit.DEFAULTS}).parse_args(argv)
     plan = train.Plan.from_args(args)
     assert plan.gradient_checkpointing  # on by default with a GPU
     model, resolved = train.load_trainable_model(args, tiny_model, plan)

@@ -300,9 +300,9 @@ class _NanGradient(torch.autograd.Function):
 def test_non_finite_run_stops_with_one_line_error(what, tiny_models, data, tmp_path, monkeypatch, capsys):
     """A loss or gradient that turns NaN stops the run at that step; weights that are not finite
     at the end are not saved. (Divergence is forced: valid flags cannot reach it on a tiny model.)"""
-    import utils
+    import models
 
-    real_loss, real_read = train.supervised_token_loss, utils.load_adapter_state_dict
+    real_loss, real_read = train.supervised_token_loss, models.load_adapter_state_dict
     if what == "loss":
         def loss(model, inputs, **kw):
             total, count = real_loss(model, inputs, **kw)
@@ -314,7 +314,7 @@ def test_non_finite_run_stops_with_one_line_error(what, tiny_models, data, tmp_p
             return _NanGradient.apply(total), count
         monkeypatch.setattr(train, "supervised_token_loss", loss)
     else:
-        monkeypatch.setattr(utils, "load_adapter_state_dict",
+        monkeypatch.setattr(models, "load_adapter_state_dict",
                             lambda path: {k: v * float("inf") for k, v in real_read(path).items()})
     out = tmp_path / "out"
     err = refused(train_args(data, str(out), tiny_models["sp"], "--max_steps", "2", "--save_steps", "10"), capsys)
@@ -333,7 +333,8 @@ def test_killed_during_final_save_leaves_no_adapter_or_a_complete_one(tiny_model
     (and --lora_path refuses it) or a complete adapter that loads with every file beside it."""
     from transformers import AutoModelForCausalLM
 
-    from utils import UserError, load_adapter
+    from errors import UserError
+    from models import load_adapter
 
     rng = random.Random(0)
     outcomes = []
@@ -387,7 +388,7 @@ def test_full_disk_during_the_save(tiny_models, data, tmp_path):
 
 def test_start_up_summary_says_what_would_surprise(tiny_models, tmp_path, caplog):
     from prompt import Conversation, build_prompt_ids, encode_example
-    from utils import load_tokenizer
+    from models import load_tokenizer
 
     records = [{"instruction": f"Question number {i}?", "input": "", "output": "An answer. " * (1 + i % 7)}
                for i in range(30)]
@@ -414,7 +415,7 @@ def test_start_up_summary_says_what_would_surprise(tiny_models, tmp_path, caplog
 @pytest.mark.parametrize("kind", ["bpe", "sp"])
 def test_huge_record_costs_only_its_first_tokens(kind, tiny_models):
     from prompt import Conversation, encode_example, render, tokenize_pieces
-    from utils import load_tokenizer
+    from models import load_tokenizer
 
     tok = load_tokenizer(tiny_models[kind])
     encoded = []

@@ -235,7 +235,7 @@ def embedded_f32_gguf(embedded_path, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def embedded_q4_1():
-    from utils import embedded_gguf_path
+    from models import embedded_gguf_path
 
     return embedded_gguf_path()
 

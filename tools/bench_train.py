@@ -77,12 +77,11 @@ def run_variant(variant: str, opts) -> dict:
     from datasets import Dataset
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
-    import finetune
 
-    import train_args
     import train
+    import train_args
+    from models import load_tokenizer, resolve_model_path
     from prompt import IGNORE_INDEX
-    from utils import load_tokenizer, resolve_model_path
 
     torch.set_num_threads(opts.threads)
     on_gpu = torch.cuda.is_available()

@@ -52,8 +52,8 @@ for _p in (ROOT, TOOLS):
         sys.path.insert(0, _p)
 
 from checkpoints import all_close  # noqa: E402
-from errors import one_line  # noqa: E402
-from utils import UserError, cli_errors, logger, setup_logging  # noqa: E402
+from errors import UserError, cli_errors, logger, one_line, setup_logging  # noqa: E402
+from models import resolve_prompt_type  # noqa: E402
 
 OUTTYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")
 ENGINE = os.path.join(ROOT, "tools", "vicuna.cpp", "build", "vicuna")
@@ -603,18 +603,6 @@ def modelfile_for(gguf_name: str, prompt_type: str, tokenizer) -> str:
 # --- conversion ------------------------------------------------------------------------------------
 
 
-def resolve_prompt_type(prompt_type: str | None, model_dir: str) -> str:
-    from utils import load_training_config
-
-    if prompt_type:
-        return prompt_type
-    saved = load_training_config(model_dir).get("prompt_type")
-    if saved:
-        logger.info("prompt type %r from %s/training_config.json", saved, model_dir)
-        return saved
-    return "instruct"
-
-
 def convert(model_path: str, outfile: str, outtype: str = "f16", prompt_type: str | None = None,
             overwrite: bool = False, modelfile: bool = False) -> dict:
     """Write the GGUF (and Modelfile); returns {"model_dir", "prompt_type", "n_params", "outfile"}."""
@@ -639,7 +627,7 @@ def convert(model_path: str, outfile: str, outtype: str = "f16", prompt_type: st
     model_dir = resolve_base(model_path)
     config = read_model_config(model_dir, "--model_path")
     hp = HParams.from_config(config, model_dir)
-    prompt_type = resolve_prompt_type(prompt_type, model_dir)
+    prompt_type = resolve_prompt_type(prompt_type, model_dir, "instruct")
     tokenizer = load_hf_tokenizer(model_dir)
     template = chat_template_for(prompt_type, tokenizer)
     fields = tokenizer_fields(tokenizer, model_dir, hp.n_vocab)
@@ -726,7 +714,7 @@ def write_text_atomically(path: str, text: str) -> None:
 def verify_prompts(model_dir: str, prompt_type: str) -> tuple[list[list[int]], list[str], list[list[int]]]:
     """(prompt ids for the logits check, texts and their HF ids for the tokenizer check)."""
     from prompt import Conversation, build_prompt_ids, generation_prompt
-    from utils import load_tokenizer
+    from models import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     convs = [Conversation(turns=[(q, None)]) for q in VERIFY_QUESTIONS]

@@ -48,7 +48,8 @@ for _p in (ROOT, TOOLS):
 
 from checkpoints import staging_folder  # noqa: E402
 from errors import one_line  # noqa: E402
-from utils import UserError, cli_errors, logger, read_json_file, setup_logging  # noqa: E402
+from errors import UserError, cli_errors, logger, setup_logging  # noqa: E402
+from models import read_json_file  # noqa: E402
 
 # Meta's published sizes -> number of model-parallel shards (as in the old transformers converter).
 NUM_SHARDS = {"7B": 1, "7Bf": 1, "13B": 2, "13Bf": 2, "30B": 4, "34B": 4, "65B": 8, "70B": 8, "70Bf": 8}

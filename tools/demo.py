@@ -22,7 +22,8 @@ sys.path.insert(0, ROOT)
 
 import finetune  # noqa: E402
 from prompt import STOP_STRINGS, Conversation, build_prompt_ids, extract_response  # noqa: E402
-from utils import EMBEDDED_MODEL, cli_errors, logger, setup_logging  # noqa: E402
+from errors import cli_errors, logger, setup_logging  # noqa: E402
+from models import EMBEDDED_MODEL  # noqa: E402
 
 
 def parse_args(argv):
@@ -37,7 +38,7 @@ def parse_args(argv):
 
 
 def answer_all(model, tokenizer, prompts, max_new_tokens: int) -> list[str]:
-    from utils import generate_batch
+    from streaming import generate_batch
 
     ids = [build_prompt_ids("instruct", Conversation(turns=[(p["instruction"], None)], input=p.get("input", "")),
                             tokenizer) for p in prompts]
@@ -60,7 +61,7 @@ def show(prompts, before, after) -> None:
 
 
 def run(args) -> None:
-    from utils import load_adapter, load_for_inference
+    from models import load_adapter, load_for_inference
 
     with open(args.prompts, encoding="utf-8") as f:
         prompts = json.load(f)

@@ -31,7 +31,7 @@ def make_model(out_dir: str, dry_run: bool, tokenizer_path: str | None) -> str:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from utils import EMBEDDED_MODEL, resolve_model_path
+    from models import EMBEDDED_MODEL, resolve_model_path
 
     if os.path.isfile(os.path.join(out_dir, "config.json")):
         return out_dir

