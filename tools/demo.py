@@ -4,7 +4,7 @@ how the same held-out questions are answered before and after.
     python tools/demo.py [--max_steps 30] [--output_path outputs/demo-lora]
 
 The sample data teaches a persona ("Little Vicuna" / "小羊驼") and a fixed sign-off, so the change
-is visible after a few minutes of CPU training. Training goes through finetune.main, exactly as
+is visible after a few minutes of CPU training. Training goes through train_args.main (what finetune.py runs), exactly as
 `python finetune.py` would run it.
 """
 
@@ -20,7 +20,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import finetune  # noqa: E402
+import train_args  # noqa: E402
 from prompt import STOP_STRINGS, Conversation, build_prompt_ids, extract_response  # noqa: E402
 from errors import cli_errors, logger, setup_logging  # noqa: E402
 from models import EMBEDDED_MODEL  # noqa: E402
@@ -71,7 +71,7 @@ def run(args) -> None:
     before = answer_all(model, tokenizer, prompts, args.max_new_tokens)
 
     t1 = time.time()
-    finetune.main([
+    train_args.main([
         "--data_path", args.data_path, "--output_path", args.output_path, "--model_path", args.model_path,
         "--max_steps", str(args.max_steps), "--micro_batch_size", "4", "--batch_size", "8",
         "--learning_rate", "2e-3", "--warmup_steps", "3", "--lora_r", "16", "--lora_alpha", "32",
