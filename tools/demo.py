@@ -4,8 +4,8 @@ how the same held-out questions are answered before and after.
     python tools/demo.py [--max_steps 30] [--output_path outputs/demo-lora]
 
 The sample data teaches a persona ("Little Vicuna" / "小羊驼") and a fixed sign-off, so the change
-is visible after a few minutes of CPU training. Training goes through train_args.main (what finetune.py runs), exactly as
-`python finetune.py` would run it.
+is visible after a few minutes of CPU training. Training goes through train_args.main, exactly as
+`python finetune.py` runs it.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import train_args  # noqa: E402
-from prompt import STOP_STRINGS, Conversation, build_prompt_ids, extract_response  # noqa: E402
 from errors import cli_errors, logger, setup_logging  # noqa: E402
 from models import EMBEDDED_MODEL  # noqa: E402
+from prompt import STOP_STRINGS, Conversation, build_prompt_ids, extract_response  # noqa: E402
 
 
 def parse_args(argv):
