@@ -708,14 +708,58 @@ def gguf_spec_tokenizer_only(model_dir: str) -> list[tuple]:
 # the CLI: run, chat, bench
 
 
-def test_run_prompt_types_and_sampling(vicuna, tiny_ggufs):
+def run_ids(vicuna, path, *flags) -> tuple[list[int], list[int]]:
+    """(the prompt ids `vicuna run -v` says it fed the model, the ids it generated)."""
+    proc = run([vicuna, "run", "-m", path, "-v", "--print-ids", "--ignore-eos", *flags])
+    fed = re.search(r"^prompt ids:((?: \d+)*)$", proc.stderr.decode(), re.M)
+    assert fed, proc.stderr.decode()
+    return [int(x) for x in fed.group(1).split()], [int(x) for x in proc.stdout.split()]
+
+
+@pytest.mark.parametrize("kind", ["bpe", "sp"])
+def test_run_wraps_the_prompt_as_prompt_py(vicuna, tiny_ggufs, kind):
+    """`run --prompt-type T` feeds the model exactly prompt.build_prompt_ids' ids (instruct, chat),
+    or the tokenizer's own encoding of the bare text (none: BOS where the tokenizer adds one)."""
+    from prompt import Conversation, build_prompt_ids
+    from transformers import AutoTokenizer
+
+    hf_dir, path = tiny_ggufs[kind]
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    text = "你好 hello\n  two  spaces"
+    fed = {pt: run_ids(vicuna, path, "-p", text, "-n", "1", "--prompt-type", pt)[0]
+           for pt in ("none", "instruct", "chat")}
+    assert fed["none"] == tok(text)["input_ids"]
+    for pt in ("instruct", "chat"):
+        assert fed[pt] == build_prompt_ids(pt, Conversation(turns=[(text, None)]), tok), pt
+    assert fed["instruct"] != fed["chat"] and len(fed["chat"]) > len(fed["none"])
+
+
+def test_run_sampling_flags_change_the_output(vicuna, tiny_ggufs):
+    """Each sampling flag has its effect on the generated ids: sampling leaves the greedy path, the
+    same seed reproduces a run and another seed does not, top-k 1 and top-p 0 leave only the argmax
+    (greedy again), and a strong repetition penalty keeps every token of the context out."""
     _, path = tiny_ggufs["sp"]
-    for pt in ("none", "instruct", "chat"):
-        run([vicuna, "run", "-m", path, "-p", "你好 hello", "-n", "8", "--prompt-type", pt, "--temp", "0.8",
-             "--top-k", "20", "--top-p", "0.9", "--repeat-penalty", "1.1", "--seed", "3"])
-    a = run([vicuna, "run", "-m", path, "-p", "hi", "-n", "12", "--seed", "5", "--print-ids", "--ignore-eos"]).stdout
-    b = run([vicuna, "run", "-m", path, "-p", "hi", "-n", "12", "--seed", "5", "--print-ids", "--ignore-eos"]).stdout
-    assert a == b and len(a.split()) == 12
+    flags = ["-p", "hi", "-n", "16", "--repeat-penalty", "1"]
+
+    def generate(*more):
+        return run_ids(vicuna, path, *flags, *more)[1]
+
+    greedy = generate("--temp", "0")
+    assert len(greedy) == 16
+    sampled = generate("--temp", "0.8", "--top-k", "20", "--top-p", "0.9", "--seed", "3")
+    assert len(sampled) == 16 and sampled != greedy
+    assert generate("--temp", "0.8", "--top-k", "20", "--top-p", "0.9", "--seed", "3") == sampled
+    assert generate("--temp", "0.8", "--top-k", "20", "--top-p", "0.9", "--seed", "4") != sampled
+    assert generate("--temp", "0.8", "--top-k", "1", "--top-p", "1", "--seed", "3") == greedy
+    assert generate("--temp", "0.8", "--top-k", "0", "--top-p", "0", "--seed", "3") == greedy
+
+    prompt, penalized = run_ids(vicuna, path, "-p", "hi", "-n", "16", "--temp", "0", "--repeat-penalty", "100")
+    assert len(set(greedy)) < len(greedy)  # the unpenalized greedy run repeats itself
+    seen = list(prompt)
+    for tok in penalized:
+        assert tok not in seen, (prompt, penalized)
+        seen.append(tok)
+
     proc = run([vicuna, "run", "-m", path, "-p", "hi", "--temp", "-1"], check=False)
     assert proc.returncode == 1 and b"--temp" in proc.stderr
 

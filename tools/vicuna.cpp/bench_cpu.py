@@ -70,7 +70,7 @@ def transformers_bench(threads: int, n_prompt: int, n_gen: int) -> tuple[float, 
     from transformers import AutoModelForCausalLM
 
     sys.path.insert(0, ROOT)
-    from utils import EMBEDDED_MODEL, resolve_model_path
+    from models import EMBEDDED_MODEL, resolve_model_path
 
     torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(EMBEDDED_MODEL), dtype=torch.float32).eval()
@@ -88,7 +88,7 @@ def transformers_bench(threads: int, n_prompt: int, n_gen: int) -> tuple[float, 
 
 def default_models() -> list[str]:
     sys.path.insert(0, ROOT)
-    from utils import embedded_gguf_path
+    from models import embedded_gguf_path
 
     q4_1 = embedded_gguf_path()
     q8_0 = os.path.join(HERE, "build", "SmolLM2-135M-Instruct.Q8_0.gguf")

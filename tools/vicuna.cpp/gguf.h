@@ -152,11 +152,41 @@ struct GGUFTensor {
     const uint8_t* data = nullptr;
 };
 
+// A read-only mapping of a whole file, unmapped when its owner goes away. Move-only: one owner,
+// so a GGUFFile can be handed on (to a Model) without the mapping being released twice.
+struct FileMapping {
+    const uint8_t* data = nullptr;
+    size_t size = 0;
+
+    FileMapping() = default;
+    FileMapping(const uint8_t* d, size_t n) : data(d), size(n) {}
+    FileMapping(FileMapping&& o) noexcept : data(o.data), size(o.size) { o.data = nullptr, o.size = 0; }
+    FileMapping& operator=(FileMapping&& o) noexcept {
+        if (this != &o) {
+            unmap();
+            data = o.data, size = o.size;
+            o.data = nullptr, o.size = 0;
+        }
+        return *this;
+    }
+    FileMapping(const FileMapping&) = delete;
+    FileMapping& operator=(const FileMapping&) = delete;
+    ~FileMapping() { unmap(); }
+
+    void unmap() {
+        if (data) munmap((void*)data, size);
+        data = nullptr, size = 0;
+    }
+};
+
+// A parsed GGUF file. Names, strings and tensor data are views into `data`, so they live as long
+// as the GGUFFile (moving it keeps them valid: the mapping itself does not move). Move-only; the
+// mapping is released by the destructor, also when parsing fails half-way.
 struct GGUFFile {
     std::string path;
-    const uint8_t* data = nullptr;  // the whole file (mmap'ed, or a caller's buffer)
+    const uint8_t* data = nullptr;  // the whole file: mapping.data, or a caller's buffer
     size_t size = 0;
-    bool mapped = false;
+    FileMapping mapping;            // owns data when the file was mapped (empty for a caller's buffer)
     uint32_t version = 0;
     uint64_t alignment = GGUF_DEFAULT_ALIGNMENT;
     uint64_t data_offset = 0;
@@ -428,14 +458,9 @@ static void gguf_parse(GGUFFile* f) {
     gguf_check_overlaps(f);
 }
 
-static void gguf_free(GGUFFile* f) {
-    if (f->mapped && f->data) munmap((void*)f->data, f->size);
-    *f = GGUFFile();
-}
-
 // Parses a GGUF file held in memory (the caller keeps the buffer alive).
 [[maybe_unused]] static void gguf_init_from_buffer(GGUFFile* f, const uint8_t* data, size_t size, const char* name) {
-    gguf_free(f);
+    *f = GGUFFile();
     f->path = name;
     f->data = data;
     f->size = size;
@@ -457,7 +482,7 @@ static const char* file_kind(mode_t mode) {
 // directory or device cannot be mapped. The type is checked before open() and again on the
 // opened descriptor (O_NONBLOCK: should the path turn into a FIFO in between, open() still returns).
 static void gguf_init_from_file(GGUFFile* f, const char* path) {
-    gguf_free(f);
+    *f = GGUFFile();
     f->path = path;
     struct stat st;
     if (stat(path, &st) != 0) FAIL("cannot open '%s': %s", printable(path).c_str(), strerror(errno));
@@ -480,15 +505,10 @@ static void gguf_init_from_file(GGUFFile* f, const char* path) {
     int err = errno;
     close(fd);
     if (p == MAP_FAILED) FAIL("cannot map '%s': %s", printable(path).c_str(), strerror(err));
-    f->data = (const uint8_t*)p;
-    f->size = (size_t)st.st_size;
-    f->mapped = true;
-    try {
-        gguf_parse(f);
-    } catch (...) {
-        gguf_free(f);
-        throw;
-    }
+    f->mapping = FileMapping((const uint8_t*)p, (size_t)st.st_size);
+    f->data = f->mapping.data;
+    f->size = f->mapping.size;
+    gguf_parse(f);  // on error, f's destructor unmaps the file
 }
 
 // ----------------------------------------------------------------------------
@@ -587,10 +607,21 @@ static T gguf_arr_at(const GGUFValue* v, uint64_t i) {
 // ----------------------------------------------------------------------------
 // writing
 
+struct GGUFWriter;
+static void gguf_writer_close(GGUFWriter* w, bool ok);
+
+// A GGUF file being written to tmp_path beside path; gguf_writer_close(w, true) renames it to
+// path. Not copyable (one writer, one file). A writer destroyed unfinished (an error thrown
+// half-way) removes its temporary file, so no half-written file is left behind.
 struct GGUFWriter {
     FILE* fp = nullptr;
     std::string path, tmp_path;  // written to tmp_path, renamed to path on success
     uint64_t off = 0;
+
+    GGUFWriter() = default;
+    GGUFWriter(const GGUFWriter&) = delete;
+    GGUFWriter& operator=(const GGUFWriter&) = delete;
+    ~GGUFWriter() { gguf_writer_close(this, false); }
 };
 
 // Opens a fresh temporary file beside `path` (".NAME.partial-XXXXXX" in the same folder, so the

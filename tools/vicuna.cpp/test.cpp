@@ -1,5 +1,5 @@
-// test.cpp: the engine's own tests. It includes vicuna.cpp (built with -DTESTING, so without
-// its main) and tests the pieces directly; tests/test_vicuna_cpp.py builds it with ASan/UBSan
+// test.cpp: the engine's own tests. It includes cli.h (and through it every header of the
+// engine) and tests the pieces directly; tests/test_vicuna_cpp.py builds it with ASan/UBSan
 // and runs:
 //
 //   vicuna-test unit                       fp16, quantizer error budgets, kernels vs scalar
@@ -10,7 +10,7 @@
 //
 // Golden values from Python (gguf-py's quantizers, HF tokenizer ids, transformers logits) are
 // checked in tests/test_vicuna_cpp.py through the CLI.
-#include "vicuna.cpp"
+#include "cli.h"
 
 #include <random>
 
@@ -375,7 +375,6 @@ static void test_gguf_layout_checks() {
     msg = parse(tiny_gguf({{"a.weight", 0}, {"b.weight", 32}}, 8, 48));
     CHECK(msg.find("truncated") != std::string::npos && msg.find("'b.weight'") != std::string::npos,
           "a tensor past the end of the file: '%s'", msg.c_str());
-    gguf_free(&f);
 }
 
 // Paths that are not regular files fail at once, naming what they are (a FIFO used to block

@@ -1,0 +1,454 @@
+// cli.h: the vicuna command line: argument parsing and the subcommands run, chat, tokenize,
+// eval, bench, perplexity and quantize, each a cmd_* function over the engine's parts.
+// vicuna_main is the whole program (main.cpp calls it; test.cpp runs it under the sanitizers).
+// Errors anywhere below are one line on stderr and exit status 1.
+#pragma once
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "common.h"
+#include "engine.h"
+#include "gguf.h"
+#include "perplexity.h"
+#include "prompt.h"
+#include "quantize.h"
+#include "sampler.h"
+#include "stream.h"
+#include "tokenizer.h"
+
+static const char* const USAGE =
+    "usage: vicuna COMMAND [options]\n"
+    "\n"
+    "commands:\n"
+    "  run        -m F.gguf -p TEXT [-n N] [-t THREADS] [-c CTX] [--temp T] [--top-k K] [--top-p P]\n"
+    "             [--repeat-penalty R] [--seed S] [--prompt-type none|instruct|chat] [--ids 1,2,3]\n"
+    "             [--print-ids] [--ignore-eos] [-v]\n"
+    "             print a completion, streaming (--temp 0: greedy); -v prints the prompt's token\n"
+    "             ids on stderr first (what the model is fed, template and BOS included)\n"
+    "  chat       -m F.gguf [--prompt-type chat|instruct] [-n N] [-c CTX] [sampling options]\n"
+    "             interactive chat on stdin (/clear forgets the history, /exit quits)\n"
+    "  tokenize   -m F.gguf (-p TEXT | -f FILE [--lines]) [--prompt-type T] [--no-bos]\n"
+    "             print token ids; --lines: one text per line, \\n \\t \\r \\\\ escapes, one line of ids each\n"
+    "  eval       -m F.gguf (-p TEXT | --ids 1,2,3) --dump-logits OUT.bin\n"
+    "             write the last position's logits (vocab float32, little-endian)\n"
+    "  bench      -m F.gguf [-t THREADS] [-p 512] [-n 128] [-v]\n"
+    "             time a prompt and a generation: prints 'prefill: X tok/s' and 'decode: Y tok/s'\n"
+    "             (-v adds wall and CPU seconds per phase on stderr)\n"
+    "  perplexity -m F.gguf -f TEXT.txt [-c CTX] [--chunks N]\n"
+    "             perplexity over a text (the first N chunks of CTX tokens), as llama.cpp computes it\n"
+    "  quantize   IN.gguf OUT.gguf TYPE [--pure] [--allow-requantize] [--overwrite]\n"
+    "             f32/f16 tensors -> q8_0, q4_0, q4_1 (or f16); for 4-bit types the classifier stays\n"
+    "             q8_0 unless --pure; --allow-requantize also converts already quantized tensors;\n"
+    "             an existing OUT is replaced only with --overwrite\n";
+
+struct Options {
+    std::string command;
+    std::vector<std::string> positional;
+    std::string model, prompt, file, ids, dump_logits;
+    PromptType prompt_type = PROMPT_NONE;
+    bool prompt_type_set = false;
+    int n_predict = 256, n_prompt = 512, threads = 0, ctx = 0, chunks = 0;
+    bool n_predict_set = false, prompt_set = false;
+    float temp = 0.7f, top_p = 0.9f, repeat_penalty = 1.1f;
+    int top_k = 40;
+    int64_t seed = -1;
+    bool print_ids = false, ignore_eos = false, no_bos = false, lines = false, pure = false, verbose = false, requantize = false,
+         overwrite = false;
+};
+
+static long parse_int(const std::string& flag, const char* v, long lo, long hi) {
+    char* end;
+    errno = 0;
+    long x = strtol(v, &end, 10);
+    if (errno || *end || end == v || x < lo || x > hi) {
+        FAIL("%s expects an integer in [%ld, %ld], got '%s'", flag.c_str(), lo, hi, printable(v).c_str());
+    }
+    return x;
+}
+
+static float parse_float(const std::string& flag, const char* v, float lo, float hi) {
+    char* end;
+    errno = 0;
+    float x = strtof(v, &end);
+    if (errno || *end || end == v || !(x >= lo && x <= hi)) {
+        FAIL("%s expects a number in [%g, %g], got '%s'", flag.c_str(), lo, hi, printable(v).c_str());
+    }
+    return x;
+}
+
+static std::vector<int> parse_ids(const std::string& s) {
+    std::vector<int> ids;
+    size_t i = 0;
+    while (i < s.size()) {
+        size_t j = s.find_first_of(", ", i);
+        if (j == std::string::npos) j = s.size();
+        if (j > i) ids.push_back((int)parse_int("--ids", s.substr(i, j - i).c_str(), 0, INT32_MAX));
+        i = j + 1;
+    }
+    if (ids.empty()) FAIL("--ids expects comma-separated token ids, got '%s'", printable(s).c_str());
+    return ids;
+}
+
+static Options parse_args(int argc, char** argv) {
+    Options o;
+    o.command = argv[1];
+    // which flags each command takes
+    static const std::unordered_map<std::string, std::string> allowed = {
+        {"run", " -m -p -n -t -c --temp --top-k --top-p --repeat-penalty --seed --prompt-type --ids --print-ids --ignore-eos -v "},
+        {"chat", " -m -n -t -c --temp --top-k --top-p --repeat-penalty --seed --prompt-type "},
+        {"tokenize", " -m -p -f --lines --prompt-type --no-bos "},
+        {"eval", " -m -p --ids --dump-logits -t "},
+        {"bench", " -m -p -n -t -v "},
+        {"perplexity", " -m -f -c -t --chunks "},
+        {"quantize", " --pure --allow-requantize --overwrite "},
+    };
+    auto cmd = allowed.find(o.command);
+    if (cmd == allowed.end()) FAIL("unknown command '%s'; run 'vicuna --help'", printable(o.command).c_str());
+    for (int i = 2; i < argc; i++) {
+        std::string a = argv[i];
+        if (a.size() < 2 || a[0] != '-') {
+            o.positional.push_back(a);
+            continue;
+        }
+        if (cmd->second.find(" " + a + " ") == std::string::npos) {
+            FAIL("'%s' does not take %s; run 'vicuna --help'", o.command.c_str(), printable(a).c_str());
+        }
+        if (a == "--print-ids") { o.print_ids = true; continue; }
+        if (a == "--ignore-eos") { o.ignore_eos = true; continue; }
+        if (a == "--no-bos") { o.no_bos = true; continue; }
+        if (a == "--lines") { o.lines = true; continue; }
+        if (a == "--pure") { o.pure = true; continue; }
+        if (a == "--allow-requantize") { o.requantize = true; continue; }
+        if (a == "--overwrite") { o.overwrite = true; continue; }
+        if (a == "-v") { o.verbose = true; continue; }
+        if (i + 1 >= argc) FAIL("%s needs a value", a.c_str());
+        const char* v = argv[++i];
+        if (a == "-m") o.model = v;
+        else if (a == "-p" && o.command == "bench") o.n_prompt = (int)parse_int(a, v, 1, 1 << 20);
+        else if (a == "-p") { o.prompt = v; o.prompt_set = true; }
+        else if (a == "-f") o.file = v;
+        else if (a == "-n") { o.n_predict = (int)parse_int(a, v, 0, 1 << 20); o.n_predict_set = true; }
+        else if (a == "-t") o.threads = (int)parse_int(a, v, 1, 256);
+        else if (a == "-c") o.ctx = (int)parse_int(a, v, 1, 1 << 24);
+        else if (a == "--chunks") o.chunks = (int)parse_int(a, v, 1, 1 << 24);
+        else if (a == "--temp") o.temp = parse_float(a, v, 0.0f, 100.0f);
+        else if (a == "--top-k") o.top_k = (int)parse_int(a, v, 0, 1 << 24);
+        else if (a == "--top-p") o.top_p = parse_float(a, v, 0.0f, 1.0f);
+        else if (a == "--repeat-penalty") o.repeat_penalty = parse_float(a, v, 0.01f, 100.0f);
+        else if (a == "--seed") o.seed = parse_int(a, v, -1, INT32_MAX);
+        else if (a == "--ids") o.ids = v;
+        else if (a == "--dump-logits") o.dump_logits = v;
+        else if (a == "--prompt-type") {
+            std::string t = v;
+            o.prompt_type_set = true;
+            if (t == "none") o.prompt_type = PROMPT_NONE;
+            else if (t == "instruct") o.prompt_type = PROMPT_INSTRUCT;
+            else if (t == "chat") o.prompt_type = PROMPT_CHAT;
+            else FAIL("--prompt-type must be none, instruct or chat, got '%s'", printable(t).c_str());
+        }
+    }
+    if (o.command != "quantize") {
+        if (!o.positional.empty()) FAIL("unexpected argument '%s'", printable(o.positional[0]).c_str());
+        if (o.model.empty()) FAIL("'%s' needs a model: -m F.gguf", o.command.c_str());
+    }
+    return o;
+}
+
+static Sampler make_sampler(const Options& o) {
+    Sampler s;
+    s.temp = o.temp;
+    s.top_k = o.top_k;
+    s.top_p = o.top_p;
+    s.repeat_penalty = o.repeat_penalty;
+    sampler_seed(&s, o.seed >= 0 ? (uint64_t)o.seed : (uint64_t)std::chrono::steady_clock::now().time_since_epoch().count());
+    return s;
+}
+
+static std::string read_file(const std::string& path) {
+    FILE* fp = fopen(path.c_str(), "rb");
+    if (!fp) FAIL("cannot open '%s': %s", printable(path).c_str(), strerror(errno));
+    std::string s;
+    char buf[1 << 16];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof buf, fp)) > 0) s.append(buf, n);
+    bool err = ferror(fp);
+    fclose(fp);
+    if (err) FAIL("cannot read '%s'", printable(path).c_str());
+    return s;
+}
+
+static int cmd_run(const Options& o) {
+    if (o.ids.empty() && !o.prompt_set) FAIL("run needs a prompt: -p TEXT (or --ids 1,2,3)");
+    Engine e;
+    engine_init(&e, o.model.c_str(), o.ctx, o.threads);
+    std::vector<int> ids = o.ids.empty() ? build_prompt_ids(&e.tok, o.prompt_type, {}, o.prompt) : parse_ids(o.ids);
+    if (o.verbose) {
+        std::string line = "prompt ids:";
+        for (int id : ids) line += " " + std::to_string(id);
+        fprintf(stderr, "%s\n", line.c_str());
+    }
+    if ((int)ids.size() >= e.kv.n_ctx) {
+        FAIL("the prompt is %zu tokens and the context %d; raise -c (the model allows %d)", ids.size(), e.kv.n_ctx,
+             e.model.cfg.ctx_train);
+    }
+    Sampler s = make_sampler(o);
+    StreamPrinter pr;
+    pr.stops = stop_strings(o.prompt_type);
+    pr.out = o.print_ids ? nullptr : stdout;
+    int n_new = std::min(o.n_predict, e.kv.n_ctx - (int)ids.size());
+    std::vector<int> gen = n_new > 0 ? generate(&e, ids, n_new, &s, &pr, o.ignore_eos) : std::vector<int>();
+    if (o.print_ids) {
+        for (size_t i = 0; i < gen.size(); i++) printf(i ? " %d" : "%d", gen[i]);
+    } else {
+        printer_finish(&pr);
+    }
+    printf("\n");
+    return 0;
+}
+
+static int cmd_chat(const Options& o) {
+    Engine e;
+    engine_init(&e, o.model.c_str(), o.ctx, o.threads);
+    PromptType type = o.prompt_type_set ? o.prompt_type : PROMPT_CHAT;
+    if (e.kv.n_ctx < 16) FAIL("chat needs a context of at least 16 tokens, got -c %d", e.kv.n_ctx);
+    if (type == PROMPT_NONE) FAIL("chat needs a template: --prompt-type chat or instruct");
+    Sampler s = make_sampler(o);
+    const int n_ctx = e.kv.n_ctx;
+    // room for the answer: -n, but never more than half the context
+    const int max_new = std::max(1, std::min(o.n_predict_set ? o.n_predict : 256, n_ctx / 2));
+    bool tty = isatty(0);
+    std::vector<Turn> history;
+    std::string line;
+    for (;;) {
+        if (tty) {
+            fputs("> ", stdout);
+            fflush(stdout);
+        }
+        if (!std::getline(std::cin, line)) break;
+        if (!line.empty() && line.back() == '\r') line.pop_back();
+        if (strip(line).empty()) continue;
+        if (line == "/exit" || line == "/quit") break;
+        if (line == "/clear") {
+            history.clear();
+            continue;
+        }
+        // prompt.py's fit_history: drop the oldest turns until the prompt and the answer fit
+        std::vector<Turn> turns = type == PROMPT_CHAT ? history : std::vector<Turn>();
+        std::vector<int> ids = build_prompt_ids(&e.tok, type, turns, line);
+        while ((int)ids.size() + max_new > n_ctx && !turns.empty()) {
+            turns.erase(turns.begin());
+            ids = build_prompt_ids(&e.tok, type, turns, line);
+        }
+        if ((int)ids.size() + max_new > n_ctx) {
+            // the question alone is too long: keep its end (which holds the "Assistant:" cue)
+            size_t lead = e.tok.add_bos ? 1 : 0, keep = (size_t)(n_ctx - max_new) - lead;
+            fprintf(stderr, "chat: note: your message is %zu tokens; kept its last %zu to fit the context of %d (-c)\n",
+                    ids.size(), keep, n_ctx);
+            ids.erase(ids.begin() + lead, ids.end() - keep);
+        }
+        StreamPrinter pr;
+        pr.stops = stop_strings(type);
+        pr.out = stdout;
+        generate(&e, ids, std::min(max_new, n_ctx - (int)ids.size()), &s, &pr, false);
+        printer_finish(&pr);
+        printf("\n");
+        fflush(stdout);
+        history = turns;
+        history.push_back({line, strip(std::string_view(pr.text).substr(0, std::min(pr.cut, pr.text.size())))});
+    }
+    return 0;
+}
+
+// "a\nb" written as a\\nb on one line
+static std::string unescape(std::string_view s) {
+    std::string out;
+    for (size_t i = 0; i < s.size(); i++) {
+        if (s[i] == '\\' && i + 1 < s.size()) {
+            char c = s[i + 1];
+            if (c == 'n' || c == 't' || c == 'r' || c == '\\') {
+                out += c == 'n' ? '\n' : c == 't' ? '\t' : c == 'r' ? '\r' : '\\';
+                i++;
+                continue;
+            }
+        }
+        out += s[i];
+    }
+    return out;
+}
+
+static void print_ids(const std::vector<int>& ids) {
+    std::string line;
+    for (size_t i = 0; i < ids.size(); i++) {
+        if (i) line += ' ';
+        line += std::to_string(ids[i]);
+    }
+    line += '\n';
+    fwrite(line.data(), 1, line.size(), stdout);
+}
+
+// The tokenizer alone: no weights are touched, so this is also what the fuzz test drives.
+static int cmd_tokenize(const Options& o) {
+    if (o.prompt_set == !o.file.empty()) FAIL("tokenize needs exactly one of -p TEXT or -f FILE");
+    GGUFFile f;
+    gguf_init_from_file(&f, o.model.c_str());
+    Tokenizer t;
+    tokenizer_init(&t, &f);
+    auto encode = [&](const std::string& text) {
+        if (o.prompt_type != PROMPT_NONE) return build_prompt_ids(&t, o.prompt_type, {}, text);
+        return tokenizer_encode(&t, text, !o.no_bos);
+    };
+    if (o.prompt_set) {
+        print_ids(encode(o.prompt));
+    } else if (!o.lines) {
+        print_ids(encode(read_file(o.file)));
+    } else {
+        std::string all = read_file(o.file);
+        size_t i = 0;
+        while (i < all.size()) {
+            size_t j = all.find('\n', i);
+            if (j == std::string::npos) j = all.size();
+            print_ids(encode(unescape(std::string_view(all).substr(i, j - i))));
+            i = j + 1;
+        }
+    }
+    return 0;
+}
+
+static int cmd_eval(const Options& o) {
+    if (o.dump_logits.empty()) FAIL("eval needs --dump-logits OUT.bin");
+    if (o.ids.empty() == !o.prompt_set) FAIL("eval needs exactly one of -p TEXT or --ids 1,2,3");
+    GGUFFile f;
+    gguf_init_from_file(&f, o.model.c_str());
+    std::vector<int> ids;
+    if (o.prompt_set) {
+        Tokenizer t;
+        tokenizer_init(&t, &f);
+        ids = tokenizer_encode(&t, o.prompt, true);
+    } else {
+        ids = parse_ids(o.ids);
+    }
+    if (ids.empty()) FAIL("the prompt has no tokens");
+    Engine e;
+    engine_init_gguf(&e, &f, (int)ids.size(), o.threads);  // a context just the prompt's size
+    const float* logits = engine_eval(&e, ids);
+    FILE* fp = fopen(o.dump_logits.c_str(), "wb");
+    if (!fp) FAIL("cannot create '%s': %s", printable(o.dump_logits).c_str(), strerror(errno));
+    size_t n = (size_t)e.model.cfg.vocab_size;
+    bool ok = fwrite(logits, sizeof(float), n, fp) == n;  // x86 and ARM are little-endian
+    ok = (fclose(fp) == 0) && ok;
+    if (!ok) FAIL("cannot write '%s': %s", printable(o.dump_logits).c_str(), strerror(errno));
+    return 0;
+}
+
+static int cmd_bench(const Options& o) {
+    int n_prompt = o.n_prompt, n_gen = o.n_predict_set ? o.n_predict : 128;
+    if (n_gen < 1) FAIL("bench needs -n >= 1");
+    GGUFFile f;  // the context must hold the prompt and the generation
+    gguf_init_from_file(&f, o.model.c_str());
+    int ctx_train = (int)gguf_get_int(&f, "llama.context_length", 2048, false, 1, 1 << 24);
+    if (n_prompt + n_gen > ctx_train) {
+        FAIL("-p %d plus -n %d exceed the model's context of %d", n_prompt, n_gen, ctx_train);
+    }
+    Engine e;
+    engine_init_gguf(&e, &f, n_prompt + n_gen, o.threads);
+    int V = e.model.cfg.vocab_size;
+    std::vector<int> prompt(n_prompt);
+    for (int i = 0; i < n_prompt; i++) prompt[i] = (int)((i * 7919u + 13u) % (unsigned)V);
+    float* logits = e.logits.data();
+    engine_forward(&e, prompt.data(), std::min(n_prompt, 16), 0, logits, false);  // warm-up: page in weights
+    engine_forward(&e, prompt.data(), 1, 16, logits, false);
+
+    double t0 = time_s(), c0 = cpu_time_s();
+    engine_forward(&e, prompt.data(), n_prompt, 0, logits, false);
+    double t1 = time_s(), c1 = cpu_time_s();
+    for (int i = 0; i < n_gen; i++) {
+        int tok = (int)(std::max_element(logits, logits + V) - logits);
+        engine_forward(&e, &tok, 1, n_prompt + i, logits, false);
+    }
+    double t2 = time_s(), c2 = cpu_time_s();
+    printf("prefill: %.2f tok/s\n", n_prompt / (t1 - t0));
+    printf("decode: %.2f tok/s\n", n_gen / (t2 - t1));
+    if (o.verbose) {  // CPU seconds tell how much work a phase was when other jobs share the cores
+        fprintf(stderr, "bench: prefill %.3f s wall %.3f s cpu, decode %.3f s wall %.3f s cpu, %d threads\n",
+                t1 - t0, c1 - c0, t2 - t1, c2 - c1, e.pool.n_threads);
+    }
+    return 0;
+}
+
+static int cmd_perplexity(const Options& o) {
+    if (o.file.empty()) FAIL("perplexity needs a text file: -f TEXT.txt");
+    std::string text = read_file(o.file);
+    Engine e;
+    engine_init(&e, o.model.c_str(), o.ctx > 0 ? o.ctx : 512, o.threads);
+    int n_ctx = e.kv.n_ctx;
+    std::vector<int> tokens = tokenizer_encode(&e.tok, text, true);
+    int n_chunks = (int)(tokens.size() / (size_t)n_ctx);
+    if (o.chunks > 0) n_chunks = std::min(n_chunks, o.chunks);
+    if (n_chunks == 0 || n_ctx < 4) {
+        FAIL("'%s' is %zu tokens, less than one context of %d; use a longer text or a smaller -c",
+             printable(o.file).c_str(), tokens.size(), n_ctx);
+    }
+    Perplexity r = perplexity(&e, tokens, n_chunks, stdout);
+    printf("\nFinal estimate: PPL = %.4f +/- %.5f\n", r.ppl, r.err);
+    return 0;
+}
+
+static int cmd_quantize(const Options& o) {
+    if (o.positional.size() != 3) FAIL("usage: vicuna quantize IN.gguf OUT.gguf TYPE (TYPE: q8_0, q4_0, q4_1, f16)");
+    const std::string& t = o.positional[2];
+    uint32_t type = t == "q8_0" ? GGML_TYPE_Q8_0 : t == "q4_0" ? GGML_TYPE_Q4_0 : t == "q4_1" ? GGML_TYPE_Q4_1
+                  : t == "f16" ? GGML_TYPE_F16 : 0xffffffffu;
+    if (type == 0xffffffffu) FAIL("unknown quantization type '%s' (q8_0, q4_0, q4_1, f16)", printable(t).c_str());
+    if (o.positional[0] == o.positional[1]) FAIL("the output must not overwrite the input '%s'", printable(o.positional[0]).c_str());
+    struct stat st;
+    const char* out = o.positional[1].c_str();
+    if (lstat(out, &st) == 0) {
+        if (S_ISDIR(st.st_mode)) FAIL("the output '%s' is a directory; name a .gguf file", printable(out).c_str());
+        if (!o.overwrite) FAIL("the output '%s' exists; pass --overwrite to replace it", printable(out).c_str());
+    }
+    quantize_file(o.positional[0].c_str(), o.positional[1].c_str(), type, o.pure, o.requantize);
+    return 0;
+}
+
+// The CLI, callable from test.cpp: returns the exit status, prints errors as one line.
+static int vicuna_main(int argc, char** argv) {
+    if (argc < 2 || !strcmp(argv[1], "-h") || !strcmp(argv[1], "--help") || !strcmp(argv[1], "help")) {
+        fputs(USAGE, argc < 2 ? stderr : stdout);
+        return argc < 2 ? 1 : 0;
+    }
+    for (int i = 2; i < argc; i++) {
+        if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) {
+            fputs(USAGE, stdout);
+            return 0;
+        }
+    }
+    try {
+        Options o = parse_args(argc, argv);
+        if (o.command == "run") return cmd_run(o);
+        if (o.command == "chat") return cmd_chat(o);
+        if (o.command == "tokenize") return cmd_tokenize(o);
+        if (o.command == "eval") return cmd_eval(o);
+        if (o.command == "bench") return cmd_bench(o);
+        if (o.command == "perplexity") return cmd_perplexity(o);
+        if (o.command == "quantize") return cmd_quantize(o);
+    } catch (const Error& e) {
+        fflush(stdout);
+        fprintf(stderr, "%s\n", e.what());
+        return 1;
+    } catch (const std::bad_alloc&) {
+        fflush(stdout);
+        fprintf(stderr, "vicuna: error: out of memory; try a smaller context (-c)\n");
+        return 1;
+    }
+    return 1;
+}

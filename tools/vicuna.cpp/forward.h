@@ -1,0 +1,402 @@
+// forward.h: running the model: key/value cache, activations, matmul, attention, forward_batch.
+//
+// One forward_batch runs B tokens through every layer at once (prefill) or one (decode):
+//   x = embed(tokens)
+//   per layer:  x += wo @ attention(rope(wq @ norm(x)), rope(wk @ norm(x)), wv @ norm(x))
+//               x += w_down @ (silu(w_gate @ norm(x)) * (w_up @ norm(x)))
+//   logits = output @ norm(x)
+// The matmuls and the attention are split over the thread pool; quantized weights multiply int8
+// activation blocks (quants.h).
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <initializer_list>
+#include <vector>
+
+#include "common.h"
+#include "model.h"
+#include "quants.h"
+#include "threadpool.h"
+
+// ----------------------------------------------------------------------------
+// key/value cache and scratch buffers
+
+// One kv head's keys (and values) are contiguous, a row per position: attention streams them.
+struct KVCache {
+    int n_ctx = 0;
+    int n_kv_heads = 0, head_dim = 0;
+    std::vector<float> k;  // (n_layers, n_kv_heads, n_ctx, head_dim)
+    std::vector<float> v;  // (n_layers, n_kv_heads, n_ctx, head_dim)
+};
+
+static void kv_cache_init(KVCache* kv, const Config* c, int n_ctx) {
+    kv->n_ctx = n_ctx;
+    kv->n_kv_heads = c->n_kv_heads;
+    kv->head_dim = c->head_dim;
+    kv->k.assign((size_t)c->n_layers * c->n_kv_heads * n_ctx * c->head_dim, 0.0f);
+    kv->v.assign((size_t)c->n_layers * c->n_kv_heads * n_ctx * c->head_dim, 0.0f);
+}
+
+// (n_ctx, head_dim) keys of one layer and kv head
+static float* kv_keys(KVCache* kv, int layer, int head) {
+    return kv->k.data() + ((size_t)layer * kv->n_kv_heads + head) * (size_t)kv->n_ctx * kv->head_dim;
+}
+// (n_ctx, head_dim) values of one layer and kv head
+static float* kv_values(KVCache* kv, int layer, int head) {
+    return kv->v.data() + ((size_t)layer * kv->n_kv_heads + head) * (size_t)kv->n_ctx * kv->head_dim;
+}
+
+static void kv_cache_free(KVCache* kv) { *kv = KVCache(); }
+
+// Activations for a batch of up to max_batch tokens processed together (prefill) or one (decode).
+struct RunState {
+    int max_batch = 0;
+    std::vector<float> x;         // (B, dim) residual stream
+    std::vector<float> xb;        // (B, dim) normed input of a sublayer / its output
+    std::vector<float> xb2;       // (B, n_heads*head_dim) attention output, before wo
+    std::vector<float> q;         // (B, n_heads*head_dim)
+    std::vector<float> k, v;      // (B, n_kv_heads*head_dim)
+    std::vector<float> hb, hb2;   // (B, hidden_dim) SwiGLU gate and up projections
+    std::vector<float> att;       // (n_threads, n_heads, n_ctx) attention weights per thread
+    std::vector<float> rope_cos;  // (B, rope_dim/2)
+    std::vector<float> rope_sin;  // (B, rope_dim/2)
+    std::vector<BlockQ8A> xq;     // (B, max(dim, q_dim, hidden_dim)/32) quantized matmul input
+    std::vector<float> logits;    // (B, vocab)
+};
+
+static void state_init(RunState* s, const Config* c, int max_batch, int n_ctx, int n_threads) {
+    size_t B = (size_t)max_batch;
+    int q_dim = c->n_heads * c->head_dim, kv_dim = c->n_kv_heads * c->head_dim;
+    s->max_batch = max_batch;
+    s->x.assign(B * c->dim, 0.0f);
+    s->xb.assign(B * std::max(c->dim, q_dim), 0.0f);
+    s->xb2.assign(B * q_dim, 0.0f);
+    s->q.assign(B * q_dim, 0.0f);
+    s->k.assign(B * kv_dim, 0.0f);
+    s->v.assign(B * kv_dim, 0.0f);
+    s->hb.assign(B * c->hidden_dim, 0.0f);
+    s->hb2.assign(B * c->hidden_dim, 0.0f);
+    s->att.assign((size_t)n_threads * c->n_heads * n_ctx, 0.0f);
+    s->rope_cos.assign(B * (c->rope_dim / 2), 0.0f);
+    s->rope_sin.assign(B * (c->rope_dim / 2), 0.0f);
+    int max_in = std::max(std::max(c->dim, q_dim), c->hidden_dim);
+    s->xq.resize(B * ((max_in + QK - 1) / QK));
+    s->logits.assign(B * c->vocab_size, 0.0f);
+}
+
+static void state_free(RunState* s) { *s = RunState(); }
+
+// ----------------------------------------------------------------------------
+// matmul: out (B, rows) = x (B, cols) @ W^T, for up to three weights sharing one input
+//
+// The rows of all jobs are cut into chunks that the threads take from an atomic counter, so
+// one dispatch covers q, k and v (or gate and up) and a slow thread does not hold up the rest.
+
+struct MatJob {
+    const Tensor* w;
+    float* out;  // (B, w->rows)
+};
+
+struct MatmulTask {
+    MatJob jobs[3];
+    int n_jobs = 0;
+    int chunk_rows[3];
+    int chunk_end[3];     // cumulative chunk counts
+    const float* x;       // (B, cols)
+    const BlockQ8A* xq;   // (B, cols/32), when a weight is quantized
+    int B, cols;
+    std::atomic<int> next{0};
+};
+
+template <int NC>
+static inline void dot_row(uint32_t type, const uint8_t* row, const float* x, const BlockQ8A* xq, int b, int cols,
+                           float* out) {
+    if (type == GGML_TYPE_F32 || type == GGML_TYPE_F16) {
+        const float* xs[NC];
+        for (int c = 0; c < NC; c++) xs[c] = x + (size_t)(b + c) * cols;
+        if (type == GGML_TYPE_F32) dot_f32<NC>((const float*)row, xs, cols, out);
+        else dot_f16<NC>((const uint16_t*)row, xs, cols, out);
+        return;
+    }
+    int nb = cols / QK;
+    const BlockQ8A* xs[NC];
+    for (int c = 0; c < NC; c++) xs[c] = xq + (size_t)(b + c) * nb;
+    switch (type) {
+        case GGML_TYPE_Q8_0: dot_blocks<Q8_0Kind, NC>((const BlockQ8_0*)row, xs, nb, out); break;
+        case GGML_TYPE_Q4_0: dot_blocks<Q4_0Kind, NC>((const BlockQ4_0*)row, xs, nb, out); break;
+        case GGML_TYPE_Q4_1: dot_blocks<Q4_1Kind, NC>((const BlockQ4_1*)row, xs, nb, out); break;
+    }
+}
+
+// the same with the portable kernels (the unit test's reference)
+template <int NC>
+[[maybe_unused]] static void dot_row_ref(uint32_t type, const uint8_t* row, const float* x, const BlockQ8A* xq, int b,
+                                         int cols, float* out) {
+    const float* xs[NC];
+    const BlockQ8A* xqs[NC];
+    for (int c = 0; c < NC; c++) {
+        xs[c] = x + (size_t)(b + c) * cols;
+        xqs[c] = xq + (size_t)(b + c) * (cols / QK);
+    }
+    switch (type) {
+        case GGML_TYPE_F32: dot_f32_ref<NC>((const float*)row, xs, cols, out); break;
+        case GGML_TYPE_F16: dot_f16_ref<NC>((const uint16_t*)row, xs, cols, out); break;
+        case GGML_TYPE_Q8_0: dot_blocks_ref<Q8_0Kind, NC>((const BlockQ8_0*)row, xqs, cols / QK, out); break;
+        case GGML_TYPE_Q4_0: dot_blocks_ref<Q4_0Kind, NC>((const BlockQ4_0*)row, xqs, cols / QK, out); break;
+        case GGML_TYPE_Q4_1: dot_blocks_ref<Q4_1Kind, NC>((const BlockQ4_1*)row, xqs, cols / QK, out); break;
+    }
+}
+
+static void matmul_worker(void* p, int ith, int nth) {
+    (void)ith;
+    (void)nth;
+    MatmulTask* t = (MatmulTask*)p;
+    const int total = t->chunk_end[t->n_jobs - 1];
+    for (;;) {
+        int c = t->next.fetch_add(1, std::memory_order_relaxed);
+        if (c >= total) break;
+        int j = 0;
+        while (c >= t->chunk_end[j]) j++;
+        int local = c - (j > 0 ? t->chunk_end[j - 1] : 0);
+        const Tensor* w = t->jobs[j].w;
+        float* out = t->jobs[j].out;
+        int64_t r0 = (int64_t)local * t->chunk_rows[j], r1 = std::min(w->rows, r0 + t->chunk_rows[j]);
+        // The chunk's rows (<= ~16 KB) stay in L1 while four tokens at a time stream past them;
+        // each weight block is unpacked once per four tokens (prefill).
+        float o[4];
+        int b = 0;
+        for (; b + 4 <= t->B; b += 4) {
+            for (int64_t r = r0; r < r1; r++) {
+                dot_row<4>(w->type, w->data + (size_t)r * w->row_bytes, t->x, t->xq, b, t->cols, o);
+                for (int k = 0; k < 4; k++) out[(size_t)(b + k) * w->rows + r] = o[k];
+            }
+        }
+        for (; b < t->B; b++) {
+            for (int64_t r = r0; r < r1; r++) {
+                dot_row<1>(w->type, w->data + (size_t)r * w->row_bytes, t->x, t->xq, b, t->cols, o);
+                out[(size_t)b * w->rows + r] = o[0];
+            }
+        }
+    }
+}
+
+static void matmul(ThreadPool* pool, RunState* s, const float* x, int B, std::initializer_list<MatJob> jobs) {
+    MatmulTask t;
+    t.x = x;
+    t.B = B;
+    t.cols = (int)jobs.begin()->w->cols;
+    bool quantized = false;
+    int chunks = 0;
+    for (const MatJob& j : jobs) {
+        quantized |= j.w->type != GGML_TYPE_F32 && j.w->type != GGML_TYPE_F16;
+        // decode: about 8 chunks per thread and job, enough to balance and few enough to be
+        // cheap; prefill: chunks of ~16 KB of weights, which stay in L1 (see matmul_worker)
+        int rows = (int)j.w->rows;
+        int cr = B >= 4 ? std::max(4, (int)(16384 / j.w->row_bytes))
+                        : std::max(4, (rows + pool->n_threads * 8 - 1) / (pool->n_threads * 8));
+        t.jobs[t.n_jobs] = j;
+        t.chunk_rows[t.n_jobs] = cr;
+        chunks += (rows + cr - 1) / cr;
+        t.chunk_end[t.n_jobs] = chunks;
+        t.n_jobs++;
+    }
+    if (quantized) {
+        int nb = t.cols / QK;
+        for (int b = 0; b < B; b++) quantize_act(x + (size_t)b * t.cols, s->xq.data() + (size_t)b * nb, t.cols);
+        t.xq = s->xq.data();
+    } else {
+        t.xq = nullptr;
+    }
+    pool_run(pool, matmul_worker, &t);
+}
+
+// ----------------------------------------------------------------------------
+// attention: softmax(q k^T / sqrt(head_dim)) v over positions 0..pos, causal
+//
+// A work item is one token and one kv head with the query heads that share it (grouped-query
+// attention): every key and value row is loaded once for the whole group. In decode there is
+// one token, so an item is a single head, to give every thread something to do.
+
+struct AttnTask {
+    const Config* c;
+    RunState* s;
+    KVCache* kv;
+    int layer, B, pos0;
+    int heads_per_item;  // query heads per work item: the group size, or 1 in decode
+    std::atomic<int> next{0};
+};
+
+// att[g][pos] = q[g] . k[pos] * scale for pos < n_pos and the NG query heads q[g] that share the
+// (n_pos, hd) keys k. Four positions at a time: each key row is loaded once for all NG heads,
+// and the four dot products are reduced together with horizontal adds.
+template <int NG>
+static void attn_scores(const float* const* q, const float* k, int hd, int n_pos, float scale, float* const* att) {
+    int pos = 0;
+#ifdef VICUNA_AVX2
+    if (hd % 8 == 0) {
+        for (; pos + 4 <= n_pos; pos += 4) {
+            __m256 acc[NG][4];
+            for (int g = 0; g < NG; g++)
+                for (int j = 0; j < 4; j++) acc[g][j] = _mm256_setzero_ps();
+            const float* kr = k + (size_t)pos * hd;
+            for (int d = 0; d < hd; d += 8) {
+                __m256 k0 = _mm256_loadu_ps(kr + d), k1 = _mm256_loadu_ps(kr + hd + d);
+                __m256 k2 = _mm256_loadu_ps(kr + 2 * hd + d), k3 = _mm256_loadu_ps(kr + 3 * hd + d);
+                for (int g = 0; g < NG; g++) {
+                    __m256 qv = _mm256_loadu_ps(q[g] + d);
+                    acc[g][0] = _mm256_fmadd_ps(qv, k0, acc[g][0]);
+                    acc[g][1] = _mm256_fmadd_ps(qv, k1, acc[g][1]);
+                    acc[g][2] = _mm256_fmadd_ps(qv, k2, acc[g][2]);
+                    acc[g][3] = _mm256_fmadd_ps(qv, k3, acc[g][3]);
+                }
+            }
+            for (int g = 0; g < NG; g++) {
+                __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[g][0], acc[g][1]), _mm256_hadd_ps(acc[g][2], acc[g][3]));
+                __m128 r = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+                _mm_storeu_ps(att[g] + pos, _mm_mul_ps(r, _mm_set1_ps(scale)));
+            }
+        }
+    }
+#endif
+    for (; pos < n_pos; pos++) {
+        const float* kr = k + (size_t)pos * hd;
+        for (int g = 0; g < NG; g++) {
+            float d;
+            dot_f32<1>(q[g], &kr, hd, &d);
+            att[g][pos] = d * scale;
+        }
+    }
+}
+
+static void attention_worker(void* p, int ith, int nth) {
+    (void)nth;
+    AttnTask* t = (AttnTask*)p;
+    const Config* c = t->c;
+    const int q_dim = c->n_heads * c->head_dim, hd = c->head_dim, group = c->n_heads / c->n_kv_heads;
+    const int per_item = t->heads_per_item, items_per_token = c->n_heads / per_item;
+    const float scale = 1.0f / std::sqrt((float)hd);
+    float* att_base = t->s->att.data() + (size_t)ith * c->n_heads * t->kv->n_ctx;
+    for (;;) {
+        int item = t->next.fetch_add(1, std::memory_order_relaxed);
+        if (item >= t->B * items_per_token) break;
+        int b = item / items_per_token, h0 = (item % items_per_token) * per_item, kvh = h0 / group;
+        int n_pos = t->pos0 + b + 1;  // this token sees itself and everything before it
+        const float* keys = kv_keys(t->kv, t->layer, kvh);
+        const float* vals = kv_values(t->kv, t->layer, kvh);
+        for (int g0 = 0; g0 < per_item;) {  // query heads in register-sized groups of up to 2
+            int ng = std::min(2, per_item - g0);
+            const float* q[2];
+            float* att[2];
+            for (int g = 0; g < ng; g++) {
+                q[g] = t->s->q.data() + (size_t)b * q_dim + (size_t)(h0 + g0 + g) * hd;
+                att[g] = att_base + (size_t)(g0 + g) * t->kv->n_ctx;
+            }
+            if (ng == 2) attn_scores<2>(q, keys, hd, n_pos, scale, att);
+            else attn_scores<1>(q, keys, hd, n_pos, scale, att);
+            g0 += ng;
+        }
+        for (int g = 0; g < per_item; g++) {
+            float* att = att_base + (size_t)g * t->kv->n_ctx;
+            vec_softmax(att, n_pos);
+            vec_weighted_sum(t->s->xb2.data() + (size_t)b * q_dim + (size_t)(h0 + g) * hd, att, vals, n_pos, hd);
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// forward pass
+
+static void rmsnorm(float* out, const float* x, const float* w, int n, float eps) {
+    double ss = 0.0;
+    for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    float scale = 1.0f / std::sqrt((float)(ss / n) + eps);
+    for (int i = 0; i < n; i++) out[i] = w[i] * (x[i] * scale);
+}
+
+// RoPE on one token's heads, rotating adjacent pairs (x[2i], x[2i+1]) by pos * theta^(-2i/d).
+// HF's LLaMA rotates the two halves of each head instead (rotate_half); the GGUF converters
+// permute the rows of wq and wk so that this interleaved form gives the same result, which is
+// why test files written in tests/test_vicuna_cpp.py permute q/k exactly as convert_hf_to_gguf.
+static void rope(float* x, int n_heads, int head_dim, int rope_dim, const float* cos_t, const float* sin_t) {
+    for (int h = 0; h < n_heads; h++) {
+        float* v = x + (size_t)h * head_dim;
+        for (int i = 0; i < rope_dim / 2; i++) {
+            float a = v[2 * i], b = v[2 * i + 1];
+            v[2 * i] = a * cos_t[i] - b * sin_t[i];
+            v[2 * i + 1] = a * sin_t[i] + b * cos_t[i];
+        }
+    }
+}
+
+// Runs B <= max_batch tokens at positions pos0.. through the model, appending their keys and
+// values to the cache. logits: (B, vocab) when all_logits, else (1, vocab) for the last token.
+static void forward_batch(const Model* m, RunState* s, KVCache* kv, ThreadPool* pool, const int* tokens, int B,
+                          int pos0, float* logits, bool all_logits) {
+    const Config* c = &m->cfg;
+    const int dim = c->dim, q_dim = c->n_heads * c->head_dim, kv_dim = c->n_kv_heads * c->head_dim;
+    const int hid = c->hidden_dim, hd = c->head_dim, half = c->rope_dim / 2;
+
+    for (int b = 0; b < B; b++) {
+        if (tokens[b] < 0 || tokens[b] >= c->vocab_size) {
+            FAIL("token id %d is outside the vocabulary [0, %d)", tokens[b], c->vocab_size);
+        }
+        const uint8_t* row = m->token_embd.data + (size_t)tokens[b] * m->token_embd.row_bytes;
+        dequantize_row(m->token_embd.type, row, s->x.data() + (size_t)b * dim, dim);
+        for (int i = 0; i < half; i++) {
+            float angle = (float)(pos0 + b) * m->rope_inv_freq[i];
+            s->rope_cos[(size_t)b * half + i] = std::cos(angle);
+            s->rope_sin[(size_t)b * half + i] = std::sin(angle);
+        }
+    }
+
+    for (int l = 0; l < c->n_layers; l++) {
+        const LayerWeights* w = &m->layers[l];
+
+        // attention
+        for (int b = 0; b < B; b++) {
+            rmsnorm(&s->xb[(size_t)b * dim], &s->x[(size_t)b * dim], w->attn_norm.data(), dim, c->norm_eps);
+        }
+        matmul(pool, s, s->xb.data(), B, {{&w->wq, s->q.data()}, {&w->wk, s->k.data()}, {&w->wv, s->v.data()}});
+        for (int b = 0; b < B; b++) {
+            const float* ct = &s->rope_cos[(size_t)b * half];
+            const float* st = &s->rope_sin[(size_t)b * half];
+            rope(&s->q[(size_t)b * q_dim], c->n_heads, hd, c->rope_dim, ct, st);
+            rope(&s->k[(size_t)b * kv_dim], c->n_kv_heads, hd, c->rope_dim, ct, st);
+            for (int h = 0; h < c->n_kv_heads; h++) {
+                memcpy(kv_keys(kv, l, h) + (size_t)(pos0 + b) * hd, &s->k[(size_t)b * kv_dim + h * hd],
+                       sizeof(float) * hd);
+                memcpy(kv_values(kv, l, h) + (size_t)(pos0 + b) * hd, &s->v[(size_t)b * kv_dim + h * hd],
+                       sizeof(float) * hd);
+            }
+        }
+        AttnTask at;
+        at.c = c;
+        at.s = s;
+        at.kv = kv;
+        at.layer = l;
+        at.B = B;
+        at.pos0 = pos0;
+        at.heads_per_item = B >= 4 ? c->n_heads / c->n_kv_heads : 1;
+        pool_run(pool, attention_worker, &at);
+        matmul(pool, s, s->xb2.data(), B, {{&w->wo, s->xb.data()}});
+        for (size_t i = 0; i < (size_t)B * dim; i++) s->x[i] += s->xb[i];
+
+        // SwiGLU feed-forward
+        for (int b = 0; b < B; b++) {
+            rmsnorm(&s->xb[(size_t)b * dim], &s->x[(size_t)b * dim], w->ffn_norm.data(), dim, c->norm_eps);
+        }
+        matmul(pool, s, s->xb.data(), B, {{&w->w_gate, s->hb.data()}, {&w->w_up, s->hb2.data()}});
+        vec_swiglu(s->hb.data(), s->hb2.data(), B * hid);
+        matmul(pool, s, s->hb.data(), B, {{&w->w_down, s->xb.data()}});
+        for (size_t i = 0; i < (size_t)B * dim; i++) s->x[i] += s->xb[i];
+    }
+
+    // final norm and classifier, for every token or only the last
+    int first = all_logits ? 0 : B - 1, n_out = B - first;
+    for (int b = first; b < B; b++) {
+        rmsnorm(&s->xb[(size_t)(b - first) * dim], &s->x[(size_t)b * dim], m->output_norm.data(), dim, c->norm_eps);
+    }
+    matmul(pool, s, s->xb.data(), n_out, {{&m->output, logits}});
+}

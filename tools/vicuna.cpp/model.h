@@ -1,0 +1,194 @@
+// model.h: the weights of a LLaMA-architecture model, pointed into a parsed GGUF file.
+//
+// model_init reads the llama.* hyperparameters into a Config, checks every tensor's shape against
+// them, and keeps pointers into the mapped file (nothing is copied but the norm vectors, which are
+// converted to f32). The Model owns the GGUFFile, so the weights live exactly as long as it.
+// Running the model is forward.h.
+#pragma once
+
+#include <cinttypes>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "common.h"
+#include "gguf.h"
+
+struct Config {
+    int dim;          // residual stream width (llama.embedding_length)
+    int hidden_dim;   // SwiGLU width (llama.feed_forward_length)
+    int n_layers;     // llama.block_count
+    int n_heads;      // query heads (llama.attention.head_count)
+    int n_kv_heads;   // key/value heads, < n_heads for grouped-query attention
+    int head_dim;     // dim / n_heads unless llama.attention.key_length says otherwise
+    int rope_dim;     // leading dims of each head that RoPE rotates (llama.rope.dimension_count)
+    int vocab_size;   // rows of token_embd
+    int ctx_train;    // llama.context_length
+    float rope_theta; // llama.rope.freq_base
+    float norm_eps;   // llama.attention.layer_norm_rms_epsilon
+};
+
+// A weight matrix of shape (rows, cols), row-major; GGUF calls cols ne[0] and rows ne[1].
+struct Tensor {
+    std::string_view name;
+    uint32_t type = GGML_TYPE_F32;
+    int64_t rows = 0, cols = 0;
+    size_t row_bytes = 0;
+    const uint8_t* data = nullptr;  // points into the mmap'ed file
+};
+
+struct LayerWeights {
+    std::vector<float> attn_norm;  // (dim,)
+    Tensor wq;                     // (n_heads*head_dim, dim)    rows permuted for interleaved RoPE, see rope()
+    Tensor wk;                     // (n_kv_heads*head_dim, dim) likewise
+    Tensor wv;                     // (n_kv_heads*head_dim, dim)
+    Tensor wo;                     // (dim, n_heads*head_dim)
+    std::vector<float> ffn_norm;   // (dim,)
+    Tensor w_gate;                 // (hidden_dim, dim)
+    Tensor w_up;                   // (hidden_dim, dim)
+    Tensor w_down;                 // (dim, hidden_dim)
+};
+
+struct Model {
+    GGUFFile file;                   // owns the mapping every Tensor points into
+    Config cfg;
+    Tensor token_embd;               // (vocab, dim)
+    std::vector<LayerWeights> layers;
+    std::vector<float> output_norm;  // (dim,)
+    Tensor output;                   // (vocab, dim); token_embd when the embeddings are tied
+    std::vector<float> rope_inv_freq;  // (rope_dim/2,) theta^(-2i/rope_dim)
+};
+
+static Tensor model_matrix(const GGUFFile* f, const std::string& name, int64_t rows, int64_t cols) {
+    const GGUFTensor* t = gguf_find_tensor(f, name);
+    if (!t) {
+        FAIL("'%s' lacks the tensor '%s'; is it a LLaMA model exported by tools/convert_gguf.py?",
+             printable(f->path).c_str(), name.c_str());
+    }
+    if (t->n_dims != 2 || (int64_t)t->ne[0] != cols || (int64_t)t->ne[1] != rows) {
+        FAIL("'%s': tensor '%s' has shape [%" PRIu64 ", %" PRIu64 ", %" PRIu64 "] (%u dims), expected [%" PRId64
+             ", %" PRId64 "] from the llama.* metadata", printable(f->path).c_str(), name.c_str(), t->ne[0],
+             t->ne[1], t->ne[2], t->n_dims, cols, rows);
+    }
+    size_t align = t->type == GGML_TYPE_F32 ? 4 : 2;
+    if ((uintptr_t)t->data % align != 0) {
+        FAIL("'%s': tensor '%s' data is not %zu-byte aligned (general.alignment = %" PRIu64 ")",
+             printable(f->path).c_str(), name.c_str(), align, f->alignment);
+    }
+    Tensor m;
+    m.name = t->name;
+    m.type = t->type;
+    m.rows = rows;
+    m.cols = cols;
+    m.row_bytes = (size_t)(t->n_bytes / (uint64_t)rows);
+    m.data = t->data;
+    return m;
+}
+
+static std::vector<float> model_vector(const GGUFFile* f, const std::string& name, int64_t n) {
+    const GGUFTensor* t = gguf_find_tensor(f, name);
+    if (!t) FAIL("'%s' lacks the tensor '%s'", printable(f->path).c_str(), name.c_str());
+    if (t->n_elements != (uint64_t)n || t->ne[0] != (uint64_t)n) {
+        FAIL("'%s': tensor '%s' has %" PRIu64 " elements, expected a vector of %" PRId64,
+             printable(f->path).c_str(), name.c_str(), t->n_elements, n);
+    }
+    if (t->type != GGML_TYPE_F32 && t->type != GGML_TYPE_F16) {
+        FAIL("'%s': norm tensor '%s' has type %s; expected F32 or F16", printable(f->path).c_str(), name.c_str(),
+             ggml_type_info(t->type).name);
+    }
+    std::vector<float> v((size_t)n);
+    if (t->type == GGML_TYPE_F32) {
+        memcpy(v.data(), t->data, (size_t)n * 4);
+    } else {
+        for (int64_t i = 0; i < n; i++) {
+            uint16_t h;
+            memcpy(&h, t->data + 2 * i, 2);
+            v[i] = fp16_to_fp32(h);
+        }
+    }
+    return v;
+}
+
+static int model_int(const GGUFFile* f, const std::string& key, int64_t def, bool required, int64_t lo, int64_t hi) {
+    return (int)gguf_get_int(f, key.c_str(), def, required, lo, hi);
+}
+
+// Reads the llama.* hyperparameters, checks them against the tensor shapes, and points the
+// weights into the already parsed file. Takes ownership of *file (left empty).
+static void model_init(Model* m, GGUFFile* file) {
+    m->file = std::move(*file);
+    *file = GGUFFile();
+    const GGUFFile* f = &m->file;
+    std::string path = printable(f->path);
+    std::string_view arch = gguf_get_str(f, "general.architecture", true);
+    if (arch != "llama") {
+        FAIL("'%s' is a '%s' model; vicuna runs the llama architecture (LLaMA, SmolLM2, Mistral-style)",
+             path.c_str(), printable(arch).c_str());
+    }
+    const std::string a = "llama.";
+    Config& c = m->cfg;
+    c.dim = model_int(f, a + "embedding_length", 0, true, 1, 1 << 16);
+    c.n_layers = model_int(f, a + "block_count", 0, true, 1, 1024);
+    c.n_heads = model_int(f, a + "attention.head_count", 0, true, 1, 1024);
+    c.n_kv_heads = model_int(f, a + "attention.head_count_kv", c.n_heads, false, 1, c.n_heads);
+    if (c.n_heads % c.n_kv_heads != 0) {
+        FAIL("'%s': %d attention heads cannot share %d key/value heads evenly", path.c_str(), c.n_heads,
+             c.n_kv_heads);
+    }
+    int64_t head_dim_def = c.dim % c.n_heads == 0 ? c.dim / c.n_heads : 0;
+    c.head_dim = model_int(f, a + "attention.key_length", head_dim_def, head_dim_def == 0, 2, 1024);
+    if (model_int(f, a + "attention.value_length", c.head_dim, false, 1, 1024) != c.head_dim) {
+        FAIL("'%s': key and value head sizes differ, which vicuna does not support", path.c_str());
+    }
+    if (c.head_dim % 2 != 0) FAIL("'%s': head size %d is odd; RoPE needs pairs", path.c_str(), c.head_dim);
+    c.rope_dim = model_int(f, a + "rope.dimension_count", c.head_dim, false, 2, c.head_dim);
+    c.rope_dim &= ~1;
+    c.ctx_train = model_int(f, a + "context_length", 2048, false, 1, 1 << 24);
+    c.rope_theta = (float)gguf_get_float(f, (a + "rope.freq_base").c_str(), 10000.0);
+    c.norm_eps = (float)gguf_get_float(f, (a + "attention.layer_norm_rms_epsilon").c_str(), 1e-5);
+    if (!(c.rope_theta > 0.0f) || !std::isfinite(c.rope_theta)) {
+        FAIL("'%s': llama.rope.freq_base = %g is not a positive number", path.c_str(), c.rope_theta);
+    }
+    if (!(c.norm_eps > 0.0f) || !(c.norm_eps < 1.0f)) {
+        FAIL("'%s': llama.attention.layer_norm_rms_epsilon = %g is not in (0, 1)", path.c_str(), c.norm_eps);
+    }
+
+    const GGUFTensor* embd = gguf_find_tensor(f, "token_embd.weight");
+    if (!embd) FAIL("'%s' lacks the tensor 'token_embd.weight'", path.c_str());
+    if (embd->ne[1] > (1u << 24)) FAIL("'%s': vocabulary of %" PRIu64 " rows is too large", path.c_str(), embd->ne[1]);
+    c.vocab_size = (int)embd->ne[1];
+    const GGUFTensor* gate = gguf_find_tensor(f, "blk.0.ffn_gate.weight");
+    if (!gate) FAIL("'%s' lacks the tensor 'blk.0.ffn_gate.weight'", path.c_str());
+    if (gate->ne[1] > (1u << 20)) FAIL("'%s': feed-forward width %" PRIu64 " is too large", path.c_str(), gate->ne[1]);
+    c.hidden_dim = model_int(f, a + "feed_forward_length", (int64_t)gate->ne[1], false, 1, 1 << 20);
+
+    int q_dim = c.n_heads * c.head_dim, kv_dim = c.n_kv_heads * c.head_dim;
+    m->token_embd = model_matrix(f, "token_embd.weight", c.vocab_size, c.dim);
+    m->layers.resize(c.n_layers);
+    for (int l = 0; l < c.n_layers; l++) {
+        LayerWeights& w = m->layers[l];
+        std::string p = "blk." + std::to_string(l) + ".";
+        w.attn_norm = model_vector(f, p + "attn_norm.weight", c.dim);
+        w.wq = model_matrix(f, p + "attn_q.weight", q_dim, c.dim);
+        w.wk = model_matrix(f, p + "attn_k.weight", kv_dim, c.dim);
+        w.wv = model_matrix(f, p + "attn_v.weight", kv_dim, c.dim);
+        w.wo = model_matrix(f, p + "attn_output.weight", c.dim, q_dim);
+        w.ffn_norm = model_vector(f, p + "ffn_norm.weight", c.dim);
+        w.w_gate = model_matrix(f, p + "ffn_gate.weight", c.hidden_dim, c.dim);
+        w.w_up = model_matrix(f, p + "ffn_up.weight", c.hidden_dim, c.dim);
+        w.w_down = model_matrix(f, p + "ffn_down.weight", c.dim, c.hidden_dim);
+    }
+    m->output_norm = model_vector(f, "output_norm.weight", c.dim);
+    m->output = gguf_find_tensor(f, "output.weight") ? model_matrix(f, "output.weight", c.vocab_size, c.dim)
+                                                      : m->token_embd;  // tied embeddings
+
+    // HF computes 1 / theta^(2i/d) in float32; so do we, to agree on the angles
+    m->rope_inv_freq.resize(c.rope_dim / 2);
+    for (int i = 0; i < c.rope_dim / 2; i++) {
+        m->rope_inv_freq[i] = 1.0f / std::pow(c.rope_theta, (float)(2 * i) / (float)c.rope_dim);
+    }
+}
+
+static void model_free(Model* m) {  // releases the mapping now rather than at destruction
+    *m = Model();
+}
