@@ -1,31 +1,53 @@
-"""Checkpoint I/O shared by the trainer and tools/: finite-weight checks and atomic publishing.
+"""Writing weights safely, for the trainer and tools/: finite checks, sharded safetensors, atomic publishing.
 
 Two promises every writer in the project keeps:
-- no non-finite weights are saved, loaded, merged or exported (`check_finite`);
-- a folder a user can load is either complete or absent: files are written under a temporary
-  name beside their destination and renamed into place, the file that marks the folder as
-  loadable (e.g. adapter_config.json) last (`publish_files`).
+- no non-finite weights are saved, loaded, merged or exported (`check_finite`, `is_finite`);
+- what a user can load is either complete or absent: it is written under a temporary name beside
+  its destination and renamed into place. A new folder is staged whole and renamed in one step
+  (`staging_folder` + `publish_folder`); files added to an existing folder are moved in one by one,
+  the file that marks the folder as loadable (e.g. adapter_config.json) last (`publish_files`); a
+  single file is staged beside its destination (`staging_file` + `publish_file`).
+
+The one sharded safetensors writer is here too (`write_sharded_safetensors`, Hugging Face's layout:
+`model.safetensors`, or `model-0000N-of-0000M.safetensors` + `model.safetensors.index.json`): it
+streams, one tensor in memory at a time, and reads `--max_shard_size` (`parse_size`).
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import re
 import shutil
+import struct
 import tempfile
 from contextlib import contextmanager
 
-from errors import UserError
+from errors import UserError, logger
+
+DTYPES = ("float16", "bfloat16", "float32")  # what the tools save (--dtype)
+INDEX_NAME = "model.safetensors.index.json"  # which shard holds which tensor, when there are several
+
+# --- finite weights --------------------------------------------------------------------------------
+
+
+def is_finite(t) -> bool:
+    """No NaN or infinity in a tensor; checked in slices so a large tensor costs little extra memory."""
+    import torch
+
+    if not t.is_floating_point():
+        return True
+    flat = t.reshape(-1)
+    step = 1 << 24
+    return all(bool(torch.isfinite(flat[i:i + step]).all()) for i in range(0, flat.numel(), step))
 
 
 def nonfinite_tensors(tensors: dict) -> list[str]:
     """Names of the floating-point tensors holding a NaN or an infinity."""
     import torch
 
-    bad = []
-    for name, value in tensors.items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            bad.append(name)
-    return bad
+    return [name for name, value in tensors.items() if isinstance(value, torch.Tensor) and not is_finite(value)]
 
 
 def check_finite(tensors: dict, source: str, hint: str = "") -> None:
@@ -41,6 +63,150 @@ def all_close(diff: float, tolerance: float) -> bool:
     return diff == diff and diff <= tolerance
 
 
+# --- the safetensors format, one tensor at a time ---------------------------------------------------
+#
+# A file is: u64 header length | JSON header {name: {"dtype", "shape", "data_offsets": [begin, end]},
+# "__metadata__": {...}} | raw little-endian data, offsets counted from the end of the header.
+
+
+def safetensors_dtypes() -> dict:
+    """safetensors' dtype names -> torch dtypes."""
+    import torch
+
+    return {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+            "BOOL": torch.bool}
+
+
+def element_size(dtype) -> int:
+    import torch
+
+    return torch.tensor([], dtype=dtype).element_size()
+
+
+def read_safetensors_tensor(path: str, name: str):
+    """One tensor of a safetensors file, read with plain file reads into a fresh tensor.
+
+    Not get_tensor of a memory-mapped handle: its pages count as resident while the copy is made,
+    so reading a 125 MiB tensor would briefly cost 250 MiB.
+    """
+    import torch
+
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        info = json.loads(f.read(n))[name]
+        begin, end = info["data_offsets"]
+        out = torch.empty(info["shape"], dtype=safetensors_dtypes()[info["dtype"]])
+        f.seek(8 + n + begin)
+        view = out.reshape(-1).view(torch.uint8).numpy()
+        if f.readinto(memoryview(view)) != end - begin:
+            raise UserError(f"{path}: truncated file; {name} is incomplete")
+    return out
+
+
+def write_safetensors(path: str, entries: list[tuple[str, tuple[int, ...], object]], produce) -> int:
+    """Write a safetensors file one tensor at a time; returns its data size in bytes.
+
+    `entries` is [(name, shape, torch dtype)] in file order; `produce(name)` returns each tensor
+    just before it is written. safetensors' own save_file takes a dict of every tensor and copies
+    them into one buffer, which would hold two copies of a shard; the format lets us stream instead.
+    """
+    import torch
+
+    names_of = {v: k for k, v in safetensors_dtypes().items()}
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape, dtype in entries:
+        size = math.prod(shape) * element_size(dtype)
+        header[name] = {"dtype": names_of[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, shape, dtype in entries:
+            t = produce(name)
+            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                raise RuntimeError(f"{name}: produced {tuple(t.shape)} {t.dtype}, planned {tuple(shape)} {dtype}")
+            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            del t  # before the next produce(): never two tensors alive at once
+    return offset
+
+
+# --- sharded checkpoints ---------------------------------------------------------------------------
+
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str, flag: str = "--max_shard_size") -> int:
+    """'2GB' -> 2_000_000_000, '500MiB' -> 524_288_000, '1000' -> 1000 (bytes); at least one byte.
+
+    Only plain decimal numbers: nan, inf, negative numbers, 0 and unknown units are one-line errors.
+    """
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:E([+-]?[0-9]{1,3}))?\s*([A-Z]*)\s*", str(text).upper())
+    nbytes = float("nan")
+    if m and m.group(3) in SIZE_UNITS:
+        nbytes = float(f"{m.group(1)}e{m.group(2) or 0}") * SIZE_UNITS[m.group(3)]  # 1e400 -> inf
+    if not (math.isfinite(nbytes) and nbytes >= 1):
+        raise UserError(f"{flag} {text!r}: expected a positive size such as 2GB, 500MB, 1GiB or 1000000 (bytes)")
+    return int(nbytes)
+
+
+def plan_shards(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
+    """Tensor names grouped into shards, in the given order: a new shard starts when the next
+    tensor would take the current one past max_bytes (a larger tensor gets a shard of its own)."""
+    shards, current, size = [], [], 0
+    for name, nbytes in sizes:
+        if current and size + nbytes > max_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += nbytes
+    if current:
+        shards.append(current)
+    return shards
+
+
+def shard_file_name(i: int, n: int) -> str:
+    """Hugging Face's name of shard i (0-based) of n."""
+    return "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def write_sharded_safetensors(folder: str, entries: list[tuple[str, tuple[int, ...], object]], produce,
+                              max_bytes: int) -> list[str]:
+    """Write the tensors `entries` [(name, shape, torch dtype)] into `folder` as shards of at most
+    max_bytes, plus INDEX_NAME when there are several; returns the file names written.
+
+    `produce(name)` makes each tensor just before it is written, so one tensor is in memory at a
+    time, whatever the model size. `folder` is a staging folder (see `staging_folder`).
+    """
+    shapes = {name: (shape, dtype) for name, shape, dtype in entries}
+    plan = plan_shards([(name, math.prod(shape) * element_size(dtype)) for name, shape, dtype in entries], max_bytes)
+    weight_map, total, files = {}, 0, []
+    for i, group in enumerate(plan):
+        fname = shard_file_name(i, len(plan))
+        total += write_safetensors(os.path.join(folder, fname), [(n, *shapes[n]) for n in group], produce)
+        weight_map.update({n: fname for n in group})
+        files.append(fname)
+        logger.info("wrote %s (%d tensors)", fname, len(group))
+    if len(plan) > 1:
+        with open(os.path.join(folder, INDEX_NAME), "w", encoding="utf-8") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+            f.write("\n")
+        files.append(INDEX_NAME)
+    return files
+
+
+# --- publishing: complete or absent ----------------------------------------------------------------
+
+
+def check_new_folder(path: str, flag: str) -> None:
+    """`path` may be created (or is an empty folder): nothing the user has is ever replaced."""
+    if os.path.lexists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise UserError(f"{flag} {path} already exists and is not empty; pass a new folder (nothing is overwritten)")
+
+
 @contextmanager
 def staging_folder(destination: str):
     """A fresh hidden folder beside `destination` (same file system, so renames are atomic);
@@ -52,6 +218,27 @@ def staging_folder(destination: str):
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish_folder(staged: str, path: str, flag: str, exist_ok: bool = False) -> bool:
+    """Rename the finished `staged` folder to `path` in one step, so `path` is either absent or
+    complete; an empty folder at `path` is replaced. Returns True.
+
+    Something created at `path` meanwhile is kept (rename() replaces only an empty folder): a
+    one-line UserError, or, with `exist_ok` (a cache another process filled first), False.
+    """
+    for name in os.listdir(staged):
+        if os.path.isfile(os.path.join(staged, name)):
+            _fsync(os.path.join(staged, name))
+    try:
+        os.rename(staged, path)
+    except OSError as e:
+        if exist_ok and os.path.isdir(path):
+            return False
+        raise UserError(f"{flag} {path}: cannot move the finished output into place ({e.strerror}); "
+                        "something else created it meanwhile? nothing was overwritten") from None
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    return True
 
 
 def publish_files(staged: str, destination: str, last: str | None = None, keep_existing: tuple[str, ...] = ()) -> list[str]:
@@ -76,6 +263,40 @@ def publish_files(staged: str, destination: str, last: str | None = None, keep_e
         moved.append(name)
     _fsync_dir(destination)
     return moved
+
+
+@contextmanager
+def staging_file(destination: str):
+    """A fresh, empty hidden file beside `destination` (".NAME.partial-XXXXXX"), to be written and
+    then moved into place with `publish_file`; removed on exit if it is still there."""
+    parent = os.path.dirname(os.path.abspath(destination))
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(destination)}.partial-", dir=parent)
+    os.close(fd)
+    try:
+        yield tmp
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+
+
+def publish_file(staged: str, path: str) -> None:
+    """Give a finished staged file the mode a plain open() would (mkstemp makes it private) and
+    rename it over `path` in one step."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staged, 0o666 & ~umask)
+    _fsync(staged)
+    os.replace(staged, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def write_text_atomically(path: str, text: str) -> None:
+    """Write `text` (UTF-8) to `path` through a staged file: the old file or the new one, never half."""
+    with staging_file(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        publish_file(tmp, path)
 
 
 def _fsync(path: str) -> None:

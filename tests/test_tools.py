@@ -545,7 +545,7 @@ def test_convert_gguf_refuses_bad_input_and_writes_nothing(work, capsys, tiny_mo
 
     line = cli_error(capsys, convert_gguf.main, ["--model_path", str(work / "nowhere"), "--outfile", str(out)])
     assert "nowhere" in line and not out.exists()
-    assert not [p for p in os.listdir(work) if p.startswith(".converting-")]
+    assert not [p for p in os.listdir(work) if ".partial-" in p]  # no staged file left behind
 
 
 @pytest.mark.parametrize("kind", ["sp", "bpe"])
@@ -640,7 +640,14 @@ def test_convert_llama_meta_checkpoint_equals_original(work, tiny_models, sp_tok
 
     meta = write_meta_checkpoint(tiny_models["sp"], sp_tokenizer_model, work / "llama")
     out = str(work / "llama-13b-hf")
-    convert_llama.main(["--input_dir", meta, "--model_size", "13B", "--output_dir", out])
+    convert_llama.main(["--input_dir", meta, "--model_size", "13B", "--output_dir", out, "--max_shard_size", "100KB"])
+    shards = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
+    assert len(shards) > 2 and shards == [f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                                          for i in range(1, len(shards) + 1)]
+    index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
+    assert set(index["weight_map"].values()) == set(shards) and len(index["weight_map"]) == 3 + 2 * 9
+    assert index["metadata"]["total_size"] == sum(os.path.getsize(os.path.join(out, f)) for f in shards) - sum(
+        8 + int.from_bytes(open(os.path.join(out, f), "rb").read(8), "little") for f in shards)
     config = json.load(open(os.path.join(out, "config.json")))
     assert (config["num_key_value_heads"], config["intermediate_size"], config["max_position_embeddings"]) == (2, 128, 4096)
     ids = prompt_ids(tiny_models["sp"])

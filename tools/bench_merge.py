@@ -20,7 +20,6 @@ import tempfile
 import time
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(TOOLS)
 
 IMPORTS = "import torch, transformers, peft, safetensors.torch; from transformers import AutoModelForCausalLM"
 NAIVE = """

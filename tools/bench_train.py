@@ -77,7 +77,6 @@ def run_variant(variant: str, opts) -> dict:
     from datasets import Dataset
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
-
     import train
     import train_args
     from models import load_tokenizer, resolve_model_path

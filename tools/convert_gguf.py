@@ -45,14 +45,12 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
-TOOLS = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(TOOLS)
-for _p in (ROOT, TOOLS):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
-from checkpoints import all_close  # noqa: E402
+from checkpoints import all_close, publish_file, staging_file, write_text_atomically  # noqa: E402
 from errors import UserError, cli_errors, logger, one_line, setup_logging  # noqa: E402
+from model_folder import SavedWeights, read_model_config, resolve_model_folder  # noqa: E402
 from models import resolve_prompt_type  # noqa: E402
 
 OUTTYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")
@@ -609,8 +607,6 @@ def convert(model_path: str, outfile: str, outtype: str = "f16", prompt_type: st
     import gguf
     import numpy as np
 
-    from merge_lora import BaseCheckpoint, read_model_config, resolve_base
-
     if not outfile.endswith(".gguf"):
         raise UserError(f"--outfile {outfile}: name the file *.gguf")
     if os.path.isdir(outfile):
@@ -624,7 +620,7 @@ def convert(model_path: str, outfile: str, outtype: str = "f16", prompt_type: st
                         "to another folder)")
     if modelfile and os.path.isdir(modelfile_path):
         raise UserError(f"--modelfile: {modelfile_path} is a directory; write the GGUF to another folder")
-    model_dir = resolve_base(model_path)
+    model_dir = resolve_model_folder(model_path)
     config = read_model_config(model_dir, "--model_path")
     hp = HParams.from_config(config, model_dir)
     prompt_type = resolve_prompt_type(prompt_type, model_dir, "instruct")
@@ -632,49 +628,42 @@ def convert(model_path: str, outfile: str, outtype: str = "f16", prompt_type: st
     template = chat_template_for(prompt_type, tokenizer)
     fields = tokenizer_fields(tokenizer, model_dir, hp.n_vocab)
     modelfile_text = modelfile_for(os.path.basename(outfile), prompt_type, tokenizer) if modelfile else None
-    base = BaseCheckpoint(model_dir)
+    base = SavedWeights(model_dir)
     plans = plan_tensors(base, hp, outtype, model_dir)
 
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
                  "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}[outtype]
     try:
-        os.makedirs(out_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".converting-", suffix=".gguf", dir=out_dir)
-    except OSError as e:
-        raise UserError(f"--outfile {outfile}: cannot create a file in {out_dir} ({one_line(e)})") from None
-    os.close(fd)
-    writer = gguf.GGUFWriter(tmp, "llama")
-    try:
-        writer.add_type("model")
-        write_hparams(writer, hp)
-        writer.add_file_type(int(file_type))
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        write_tokenizer(writer, fields, template)
-        # Our own key (runtimes ignore keys they do not know): which of prompt.py's templates the
-        # model was trained with, so vicuna.cpp can pick it without parsing the Jinja template.
-        writer.add_string(PROMPT_TYPE_KEY, prompt_type)
-        # Two passes: tensor infos first (shapes and byte sizes are known without the data), then
-        # each tensor is read, converted, written and dropped, so memory stays at one tensor.
-        for p in plans:
-            byte_shape, nbytes = nbytes_of(p)
-            dtype = {gguf.GGMLQuantizationType.F32: "float32", gguf.GGMLQuantizationType.F16: "float16"}.get(p.qtype, "uint8")
-            writer.add_tensor_info(p.gguf_name, byte_shape, np.dtype(dtype), nbytes,
-                                   raw_dtype=p.qtype if dtype == "uint8" else None)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for p in plans:
-            writer.write_tensor_data(tensor_data(p, base, hp))
-        writer.close()
-        publish_file(tmp, outfile)
-    except BaseException as e:
-        writer.close()
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError):  # disk full, permissions
-            raise UserError(f"--outfile {outfile}: writing failed ({one_line(e)}); nothing was written there") from None
-        raise
+        with staging_file(outfile) as tmp:  # removed unless published: an error, Ctrl-C
+            writer = gguf.GGUFWriter(tmp, "llama")
+            try:
+                writer.add_type("model")
+                write_hparams(writer, hp)
+                writer.add_file_type(int(file_type))
+                writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+                write_tokenizer(writer, fields, template)
+                # Our own key (runtimes ignore keys they do not know): which of prompt.py's templates the
+                # model was trained with, so vicuna.cpp can pick it without parsing the Jinja template.
+                writer.add_string(PROMPT_TYPE_KEY, prompt_type)
+                # Two passes: tensor infos first (shapes and byte sizes are known without the data), then
+                # each tensor is read, converted, written and dropped, so memory stays at one tensor.
+                for p in plans:
+                    byte_shape, nbytes = nbytes_of(p)
+                    dtype = {gguf.GGMLQuantizationType.F32: "float32",
+                             gguf.GGMLQuantizationType.F16: "float16"}.get(p.qtype, "uint8")
+                    writer.add_tensor_info(p.gguf_name, byte_shape, np.dtype(dtype), nbytes,
+                                           raw_dtype=p.qtype if dtype == "uint8" else None)
+                writer.write_header_to_file()
+                writer.write_kv_data_to_file()
+                writer.write_ti_data_to_file()
+                for p in plans:
+                    writer.write_tensor_data(tensor_data(p, base, hp))
+            finally:
+                writer.close()
+            publish_file(tmp, outfile)
+    except OSError as e:  # disk full, permissions: the staged file is gone, --outfile untouched
+        raise UserError(f"--outfile {outfile}: writing failed ({one_line(e)}); nothing was written there") from None
     n_params = sum(math.prod(p.shape) for p in plans)
     logger.info("wrote %s: %d tensors, %.1fM parameters, %s, prompt type %s", outfile, len(plans),
                 n_params / 1e6, outtype, prompt_type)
@@ -685,27 +674,6 @@ def convert(model_path: str, outfile: str, outtype: str = "f16", prompt_type: st
             raise UserError(f"--modelfile: cannot write {modelfile_path} ({one_line(e)}); {outfile} is complete") from None
         logger.info("wrote %s", modelfile_path)
     return {"model_dir": model_dir, "prompt_type": prompt_type, "n_params": n_params, "outfile": outfile}
-
-
-def publish_file(tmp: str, path: str) -> None:
-    """Give a finished mkstemp file the mode a plain open() would, and rename it to `path`."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private
-    os.replace(tmp, path)
-
-
-def write_text_atomically(path: str, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, then rename it over `path`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.partial-", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        publish_file(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 # --- verification ----------------------------------------------------------------------------------

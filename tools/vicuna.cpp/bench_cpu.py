@@ -27,6 +27,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, ROOT)
 VICUNA = os.path.join(HERE, "build", "vicuna")
 
 
@@ -69,7 +70,6 @@ def transformers_bench(threads: int, n_prompt: int, n_gen: int) -> tuple[float, 
     import torch
     from transformers import AutoModelForCausalLM
 
-    sys.path.insert(0, ROOT)
     from models import EMBEDDED_MODEL, resolve_model_path
 
     torch.set_num_threads(threads)
@@ -87,7 +87,6 @@ def transformers_bench(threads: int, n_prompt: int, n_gen: int) -> tuple[float, 
 
 
 def default_models() -> list[str]:
-    sys.path.insert(0, ROOT)
     from models import embedded_gguf_path
 
     q4_1 = embedded_gguf_path()
