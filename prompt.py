@@ -73,7 +73,8 @@ class Pieces:
 
     prompts: list[str]
     responses: list[str]
-    # Filled in by render; used for golden-string tests and for display.
+    # Set by render: {"eos_in_template": True} when the template ends each response with its own
+    # end-of-turn token (chat_template), so tokenize_pieces adds no EOS after it.
     meta: dict = field(default_factory=dict)
 
     def text(self) -> str:
