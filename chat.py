@@ -10,7 +10,12 @@ dropped; a question that alone cannot be answered within the context is refused 
 numbers. The page has Submit/Stop, Regenerate, Clear, Reset parameters and Save chat (appending
 to a .jsonl file inside --save_dir, never elsewhere), a choice of instruction (system prompt) and
 prompt template, and a named API endpoint `/chat` that streams the reply. The page refuses a
-message longer than --max_input_chars and a history longer than --max_history_messages.
+message longer than --max_input_chars and a history longer than --max_history_messages. The
+generation flags are also the page's starting values (and what Reset parameters restores).
+
+One conversation is a `ChatSession` (respond, regenerate, stop, clear, the history budget, save):
+--cli keeps one for the whole run; the page, whose browser holds the history, makes one per
+request from the history it sends. gradio loads only when the page starts.
 """
 
 from __future__ import annotations
@@ -23,11 +28,14 @@ import os
 import re
 import stat
 import sys
+import threading
+from typing import Iterator
 
 from errors import UserError, check_utf8, cli_errors, setup_logging
+from generation import GenerationParams
 from models import add_model_args, load_for_inference, resolve_prompt_type
 from prompt import STOP_STRINGS, Conversation, StopStringFilter, fit_history
-from streaming import add_generation_args, params_from_args
+from webui import MAX_HISTORY_MESSAGES, HelpFormatter, add_server_args
 
 SAVE_FILE = "chat_history.jsonl"  # the page's default file name inside --save_dir
 SAVE_NAME = re.compile(r"\w[\w.-]{0,122}\.jsonl")  # a plain file name: no folder, no "..", no leading "."
@@ -35,21 +43,19 @@ PROMPT_CHOICES = ["chat", "chat_template", "instruct"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from webui import MAX_HISTORY_MESSAGES, add_server_args
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_model_args(p)
-    add_generation_args(p, {"max_new_tokens": 256, "do_sample": False})
+    GenerationParams.add_args(p)
     p.add_argument("--cli", action="store_true", help="chat in the terminal")
     p.add_argument("--max_memory", type=int, default=1024,
                    help="history budget in tokens, including room for --max_new_tokens (at most the model's context)")
     p.add_argument("--system", default=None, help="instruction / system prompt replacing the default preamble")
     p.add_argument("--save_dir", default="chat_logs",
                    help="the only folder the page's Save chat writes to: it appends to a .jsonl file named on "
-                        f"the page (default {SAVE_FILE})")
+                        f"the page ({SAVE_FILE} unless named)")
     add_server_args(p)
     p.add_argument("--max_history_messages", type=int, default=MAX_HISTORY_MESSAGES,
-                   help=f"the page refuses a longer chat history (default {MAX_HISTORY_MESSAGES} messages)")
+                   help="the page refuses a longer chat history (messages)")
     return p
 
 
@@ -71,7 +77,7 @@ def chat_prompt_ids(model, tokenizer, prompt_type: str, history: list[tuple[str,
 
     The instruct template has no turns, so with it only the current question is sent.
     """
-    from streaming import check_context
+    from generation import check_context
 
     if prompt_type == "instruct":
         history = []
@@ -88,7 +94,7 @@ def reply_stream(model, tokenizer, prompt_type: str, history: list[tuple[str, st
 
     `ids`: the prompt, when chat_prompt_ids already built it.
     """
-    from streaming import stream_generate
+    from generation import stream_generate
 
     if ids is None:
         ids = chat_prompt_ids(model, tokenizer, prompt_type, history, question, params.max_new_tokens, max_memory,
@@ -129,7 +135,7 @@ def pairs(messages: list[dict]) -> list[tuple[str, str]]:
 
 def check_max_memory(model, max_memory: int) -> int:
     """--max_memory within the model's context."""
-    from streaming import model_context
+    from generation import model_context
 
     context = model_context(model)
     if context is not None and max_memory > context:
@@ -209,16 +215,157 @@ def save_chat(save_dir: str, record: dict, lora_path: str | None = None, name: s
     return path
 
 
+def user_message(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def assistant_message(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+class ChatSession:
+    """One conversation and what can be done with it; the page and --cli are wiring over it.
+
+    `messages` is the conversation as shown ([{"role": "user" | "assistant", "content": str}]);
+    the prompt is built from its completed (question, answer) turns within `max_memory` tokens
+    (`prompt_ids`: the oldest turns are dropped first, the current question never). `respond`
+    streams a reply and keeps it in `messages` as it grows; `regenerate` answers the last question
+    again in place of its answer; `stop` ends the reply within one step (the partial answer stays);
+    `clear` ends it too and empties the conversation; `save` appends it to a .jsonl file.
+
+    stop() and clear() may come from another thread while respond() streams (the page's Stop and
+    Clear buttons run outside its queue). A reply that fails (UserError, out of memory) leaves
+    `messages` as they were. `cli`: errors name the command-line flags, not the page's controls.
+    """
+
+    def __init__(self, model, tokenizer, prompt_type: str, max_memory: int, params: GenerationParams | None = None,
+                 system: str | None = None, messages: list[dict] | None = None, cli: bool = False):
+        self.model, self.tokenizer = model, tokenizer
+        self.prompt_type = prompt_type
+        self.max_memory = max_memory
+        self.params = params or GenerationParams()
+        self.system = system
+        self.messages: list[dict] = [dict(m) for m in messages or []]
+        self.cli = cli
+        self.cleared = False  # clear() ended the last reply
+        self._cancel: threading.Event | None = None  # the running reply's
+        self._lock = threading.Lock()
+
+    @property
+    def turns(self) -> list[tuple[str, str]]:
+        """The completed (question, answer) turns."""
+        return pairs(self.messages)
+
+    def prompt_ids(self, question: str) -> list[int]:
+        """The prompt for `question` after the history, within the budget; UserError (with the
+        numbers) for settings that leave no room or a question beyond the model's context."""
+        new_name, memory_name = ("--max_new_tokens", "--max_memory") if self.cli else ("max new tokens", "max memory")
+        if self.max_memory <= self.params.max_new_tokens:
+            raise UserError(f"{memory_name} {self.max_memory} leaves no room beyond {new_name} "
+                            f"{self.params.max_new_tokens}; raise it")
+        return chat_prompt_ids(self.model, self.tokenizer, self.prompt_type, self.turns, question,
+                               self.params.max_new_tokens, self.max_memory, self.system, new_name=new_name)
+
+    def respond(self, question: str, ids: list[int] | None = None) -> Iterator[str]:
+        """Stream the reply to `question` (the growing text, stop markers cut); the question and
+        the reply join `messages` as it grows. A reply still running in this session stops.
+
+        `ids`: the prompt, when prompt_ids already built it. Errors surface on the first next().
+        """
+        cancel = threading.Event()  # made now, so a stop() before the first next() counts
+        with self._lock:
+            previous, self._cancel = self._cancel, cancel
+            self.cleared = False
+        if previous is not None:
+            previous.set()
+        return self._stream(question, ids, cancel)
+
+    def _stream(self, question: str, ids: list[int] | None, cancel: threading.Event) -> Iterator[str]:
+        added = False
+        try:
+            if ids is None:
+                ids = self.prompt_ids(question)
+            replies = reply_stream(self.model, self.tokenizer, self.prompt_type, [], question, self.params,
+                                   self.max_memory, self.system, cancel, ids=ids)
+            with self._lock:
+                if self.cleared:
+                    return
+                self.messages += [user_message(question), assistant_message("")]
+                added = True
+            for text in replies:
+                with self._lock:
+                    if self.cleared:
+                        return  # the conversation is gone: nothing to show or keep
+                    self.messages[-1] = assistant_message(text)
+                yield text
+        except Exception:
+            with self._lock:
+                if added and not self.cleared:
+                    del self.messages[-2:]
+            raise
+        finally:
+            with self._lock:
+                if self._cancel is cancel:
+                    self._cancel = None
+
+    def regenerate(self) -> Iterator[str]:
+        """Answer the last question again: its answer (any trailing assistant messages) and the
+        question leave `messages`, and `respond` streams a new answer. Nothing to regenerate (no
+        question): `messages` ends empty and nothing is streamed."""
+        question = self.pop_last_question()
+        return self.respond(question) if question is not None else iter(())
+
+    def pop_last_question(self) -> str | None:
+        """Remove the trailing answers and the last question from `messages`; the question."""
+        with self._lock:
+            while self.messages and self.messages[-1]["role"] == "assistant":
+                self.messages.pop()
+            return self.messages.pop()["content"] if self.messages else None
+
+    def stop(self) -> bool:
+        """End the running reply within one step (its text so far stays); False when none runs."""
+        with self._lock:
+            cancel = self._cancel
+        if cancel is not None:
+            cancel.set()
+        return cancel is not None
+
+    def clear(self) -> None:
+        """Forget the conversation; a reply still streaming ends and adds nothing."""
+        with self._lock:
+            cancel = self._cancel
+            self.messages = []
+            self.cleared = cancel is not None
+        if cancel is not None:
+            cancel.set()
+
+    def record(self, info: dict | None = None) -> dict:
+        """The conversation as Save chat writes it: time, `info` (model, adapter...), settings."""
+        return {"time": datetime.datetime.now().isoformat(timespec="seconds"), **(info or {}),
+                "prompt_type": self.prompt_type, "system": self.system, "max_memory": self.max_memory,
+                "parameters": {k: getattr(self.params, k) for k in GenerationParams.CONTROLS},
+                "conversation": [dict(m) for m in self.messages]}
+
+    def save(self, save_dir: str, name: str = SAVE_FILE, lora_path: str | None = None,
+             info: dict | None = None) -> str | None:
+        """Append `record(info)` to the file `name` inside `save_dir` (save_chat's rules: never
+        inside `lora_path`); returns its path, or None when there is nothing to save yet."""
+        if not self.messages:
+            return None
+        return save_chat(save_dir, self.record(info), lora_path, name)
+
+
 def build_page(model, tokenizer, args, default_prompt_type: str, title: str):
+    """The chat page: checks the values each request sends, makes a ChatSession of them, shows
+    its messages as they grow. The controls start at the flags' values."""
     import gradio as gr
 
-    from streaming import model_context
-    from webui import (CONTROL_DEFAULTS, CONTROL_ORDER, MAX_HISTORY_MESSAGES, MAX_INPUT_CHARS, StopRegistry,
-                       check_choice, check_history, check_number, check_text, generation_controls, gets_request,
-                       guard_requests, page_error, params_from_controls, session_of)
+    from generation import model_context
+    from webui import (MAX_INPUT_CHARS, StopRegistry, check_choice, check_history, check_number, check_text,
+                       generation_controls, gets_request, guard_requests, page_error, session_of)
 
-    stops = StopRegistry()
-    cleared: set = set()  # sessions that pressed Clear while a reply streamed
+    stops = StopRegistry()  # the running ChatSession of each browser session, for Stop and Clear
+    start = GenerationParams.from_args(args)
     model_info = {"model_path": args.model_path, "lora_path": args.lora_path, "quant": args.quant}
     save_root = check_save_dir(args.save_dir, args.lora_path)
     max_chars = getattr(args, "max_input_chars", MAX_INPUT_CHARS)
@@ -226,12 +373,32 @@ def build_page(model, tokenizer, args, default_prompt_type: str, title: str):
     context = model_context(model)
     memory_range = (min(128, args.max_memory), context or max(8192, args.max_memory))
 
-    def settings(system, prompt_type, max_memory, controls):
-        """The checked settings shared by every handler: (system, prompt_type, max_memory, params)."""
+    def session(messages, system, prompt_type, max_memory, controls) -> ChatSession:
+        """A ChatSession of checked values (UserError names the control)."""
         system = check_text("Instruction text", system, max_chars)
         prompt_type = check_choice("Prompt template", prompt_type, PROMPT_CHOICES)
         max_memory = check_number("Max memory", max_memory, *memory_range, integer=True)
-        return system, prompt_type, max_memory, params_from_controls(controls, control_components)
+        params = GenerationParams.from_controls(controls, control_components, seed=start.seed)
+        return ChatSession(model, tokenizer, prompt_type, max_memory, params, system, messages)
+
+    def stream_reply(chat: ChatSession, question: str, request):
+        """Yield ("", the messages) as the reply grows; an error becomes the reply."""
+        before = list(chat.messages)
+        replies = chat.respond(question)
+        key = session_of(request)
+        stops.start(key, chat)
+        try:
+            for _ in replies:
+                yield "", list(chat.messages)
+            if chat.cleared:  # Clear stopped this reply: its last update must not refill the chat
+                yield "", []
+        except UserError as e:  # settings that cannot work together, a question beyond the context
+            yield "", before + [user_message(question), assistant_message(f"**Error:** {e}")]
+        except Exception as e:  # out of memory: show it in the chat, keep serving
+            _free_memory()
+            yield "", before + [user_message(question), assistant_message(f"**Error:** {type(e).__name__}: {e}")]
+        finally:
+            stops.finish(key, chat)
 
     @gets_request
     def respond(message, history, system, prompt_type, max_memory, temperature, top_p, top_k, num_beams,
@@ -242,53 +409,30 @@ def build_page(model, tokenizer, args, default_prompt_type: str, title: str):
         try:
             history = check_history(history, max_messages, max_chars)
             message = check_text("Message", message, max_chars).strip()
-            system, prompt_type, max_memory, params = settings(system, prompt_type, max_memory, controls)
+            chat = session(history, system, prompt_type, max_memory, controls)
         except UserError as e:
             raise page_error(e) from None
         if not message:
             yield "", history
             return
-        session = session_of(request)
-        cleared.discard(session)
-        cancel = stops.start(session)
-        shown = history + [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
-        try:
-            if max_memory <= params.max_new_tokens:
-                raise UserError(f"max memory {max_memory} leaves no room beyond max new tokens "
-                                f"{params.max_new_tokens}; raise it")
-            for text in reply_stream(model, tokenizer, prompt_type, pairs(history), message, params,
-                                     max_memory, system, cancel):
-                shown[-1] = {"role": "assistant", "content": text}
-                yield "", shown
-            if session in cleared:  # Clear stopped this reply: its last update must not refill the chat
-                yield "", []
-        except UserError as e:  # settings that cannot work together, a question beyond the context
-            shown[-1] = {"role": "assistant", "content": f"**Error:** {e}"}
-            yield "", shown
-        except Exception as e:  # out of memory: show it in the chat, keep serving
-            _free_memory()
-            shown[-1] = {"role": "assistant", "content": f"**Error:** {type(e).__name__}: {e}"}
-            yield "", shown
-        finally:
-            cleared.discard(session)
-            stops.finish(session, cancel)
+        yield from stream_reply(chat, message, request)
 
     @gets_request
     def regenerate(history, system, prompt_type, max_memory, temperature, top_p, top_k, num_beams, max_new_tokens,
                    min_new_tokens, repetition_penalty, do_sample, request=None):
         """Answer the last question again: drops the last reply and streams a new one."""
+        controls = (temperature, top_p, top_k, num_beams, max_new_tokens, min_new_tokens, repetition_penalty,
+                    do_sample)
         try:
             history = check_history(history, max_messages, max_chars)
+            chat = session(history, system, prompt_type, max_memory, controls)
         except UserError as e:
             raise page_error(e) from None
-        while history and history[-1]["role"] == "assistant":
-            history.pop()
-        if not history:
-            yield "", history
+        question = chat.pop_last_question()
+        if question is None or not question.strip():
+            yield "", chat.messages
             return
-        last = history.pop()
-        yield from respond(last["content"], history, system, prompt_type, max_memory, temperature, top_p, top_k,
-                           num_beams, max_new_tokens, min_new_tokens, repetition_penalty, do_sample, request=request)
+        yield from stream_reply(chat, question.strip(), request)
 
     def save(history, file_name, system, prompt_type, max_memory, temperature, top_p, top_k, num_beams,
              max_new_tokens, min_new_tokens, repetition_penalty, do_sample):
@@ -298,23 +442,24 @@ def build_page(model, tokenizer, args, default_prompt_type: str, title: str):
         try:
             history = check_history(history, max_messages, max_chars)
             name = check_save_name(check_text("Save as", file_name, 255))
-            system, prompt_type, max_memory, params = settings(system, prompt_type, max_memory, controls)
-            if not history:
-                return "Nothing to save yet."
-            record = {"time": datetime.datetime.now().isoformat(timespec="seconds"), **model_info,
-                      "prompt_type": prompt_type, "system": system, "max_memory": max_memory,
-                      "parameters": {k: getattr(params, k) for k in CONTROL_ORDER}, "conversation": history}
-            path = save_chat(save_root, record, args.lora_path, name)
+            chat = session(history, system, prompt_type, max_memory, controls)
+            path = chat.save(save_root, name, args.lora_path, model_info)
         except (UserError, OSError) as e:
             return f"Not saved: {e}"  # our words; a file name is \w, '.' and '-' only
-        return f"Saved to `{path}`"
+        return f"Saved to `{path}`" if path else "Nothing to save yet."
 
     def reset():
-        d = CONTROL_DEFAULTS
-        return [d[k] for k in CONTROL_ORDER] + [args.max_memory, "Template default", "", default_prompt_type]
+        return start.control_values() + [args.max_memory, "Template default", "", default_prompt_type]
 
     def choose_preset(name):
         return SYSTEM_PRESETS.get(name, "") if isinstance(name, str) else ""
+
+    @gets_request
+    def clear_history(request=None):
+        running = stops.running(session_of(request))
+        if running is not None:  # a reply still streaming ends with an empty chat, not its own text
+            running.clear()
+        return [], ""
 
     with gr.Blocks(title=title) as page:
         gr.Markdown(f"## {title}")
@@ -341,7 +486,7 @@ def build_page(model, tokenizer, args, default_prompt_type: str, title: str):
                                        label="Prompt template (instruct: single turn, no history)")
                 max_memory = gr.Slider(*memory_range, step=64, value=args.max_memory,
                                        label="Max memory (tokens of history + answer)")
-                controls = generation_controls(gr, {"max_new_tokens": args.max_new_tokens})
+                controls = generation_controls(gr, start)
                 control_components = controls
                 reset_btn = gr.Button("Reset parameters")
         preset.change(choose_preset, inputs=preset, outputs=system, queue=False, api_visibility="private")
@@ -354,16 +499,8 @@ def build_page(model, tokenizer, args, default_prompt_type: str, title: str):
             regen.click(regenerate, inputs=[chatbot, *settings_inputs], outputs=[message, chatbot],
                         api_name="regenerate"),
         ]
-        stop.click(stops.stop_request, inputs=None, outputs=None, queue=False, cancels=events,
+        stop.click(gets_request(stops.stop_request), inputs=None, outputs=None, queue=False, cancels=events,
                    api_visibility="private")
-
-        @gets_request
-        def clear_history(request=None):
-            session = session_of(request)
-            if stops.stop(session):  # a reply still streaming ends with an empty chat, not its own text
-                cleared.add(session)
-            return [], ""
-
         clear.click(clear_history, outputs=[chatbot, status], queue=False, api_visibility="private")
         save_btn.click(save, inputs=[chatbot, save_name, *settings_inputs], outputs=status, api_visibility="private")
         reset_btn.click(reset, outputs=[*controls, max_memory, preset, system, prompt_type], queue=False,
@@ -393,7 +530,7 @@ def _stdin_line_ok(line: str) -> bool:
 def run_cli(args, model, tokenizer, prompt_type: str, params) -> None:
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="surrogateescape")  # a bad line is reported, not fatal
-    history: list[tuple[str, str]] = []
+    chat = ChatSession(model, tokenizer, prompt_type, args.max_memory, params, args.system, cli=True)
     print("Chat with the model. /clear forgets the history, /exit quits.", file=sys.stderr)
     while True:
         try:
@@ -407,35 +544,32 @@ def run_cli(args, model, tokenizer, prompt_type: str, params) -> None:
         if command == "/exit":
             break
         if command == "/clear":
-            history.clear()
+            chat.clear()
             print("(history cleared)", file=sys.stderr)
             continue
         if not command:
             continue
         try:
-            ids = chat_prompt_ids(model, tokenizer, prompt_type, history, question, params.max_new_tokens,
-                                  args.max_memory, args.system, new_name="--max_new_tokens")
+            ids = chat.prompt_ids(question)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             continue
         print("Assistant: ", end="", flush=True)
         shown = ""
-        for shown_now in reply_stream(model, tokenizer, prompt_type, history, question, params,
-                                      args.max_memory, args.system, ids=ids):
+        for shown_now in chat.respond(question, ids=ids):
             if shown_now.startswith(shown):
                 print(shown_now[len(shown):], end="", flush=True)
             shown = shown_now
         print(flush=True)
-        history.append((question, shown.strip()))
 
 
 def run(args) -> None:
-    from webui import check_limit_flag, launch, parse_auth
+    from webui import check_limit_flag, parse_auth
 
     if args.max_memory <= args.max_new_tokens:
         raise UserError(f"--max_memory {args.max_memory} leaves no room for history and question beyond "
                         f"--max_new_tokens {args.max_new_tokens}; raise --max_memory")
-    params = params_from_args(args)  # validate the flags before loading anything
+    params = GenerationParams.from_args(args)  # validate the flags before loading anything
     check_utf8("--system", args.system)
     if not args.cli:
         parse_auth(args.auth)
@@ -448,6 +582,8 @@ def run(args) -> None:
     check_max_memory(model, args.max_memory)
     if args.cli:
         return run_cli(args, model, tokenizer, prompt_type, params)
+    from webui import launch
+
     title = f"Vicuna-LoRA chat: {args.model_path}" + (f" + {args.lora_path}" if args.lora_path else "")
     launch(build_page(model, tokenizer, args, prompt_type, title), args)
 

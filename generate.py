@@ -6,7 +6,10 @@
 
 The page streams the answer as it is generated (all four decoding modes, beams included), has a
 Stop button and a named API endpoint `/generate` (gradio_client) that streams the same text.
-The one-shot mode prints only the response on stdout (logs go to stderr). The prompt template is
+The one-shot mode prints only the response on stdout (logs go to stderr); it generates through
+the page's path, so both give the same answer for the same settings. Decoding is greedy unless
+asked: --do_sample samples, --num_beams 4 is beam search (both: beam sampling); the flags are
+also the page's starting values (with --show_beam, beams start at 2 or more). The prompt template is
 the one the adapter was trained with (read from its training_config.json) unless --prompt_type
 says otherwise. A prompt that cannot be answered within the model's context (prompt tokens +
 --max_new_tokens > max_position_embeddings) is refused with the numbers, never cut; the page also
@@ -16,12 +19,14 @@ refuses an instruction or input longer than --max_input_chars characters.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from errors import UserError, check_utf8, cli_errors, setup_logging
+from generation import GenerationParams
 from models import add_model_args, load_for_inference, resolve_prompt_type
 from prompt import STOP_STRINGS, Conversation, build_prompt_ids, extract_response
-from streaming import add_generation_args, params_from_args
+from webui import HelpFormatter, add_server_args
 
 EXAMPLES = [
     ["Give three tips for staying healthy.", ""],
@@ -32,14 +37,12 @@ EXAMPLES = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_model_args(p)
-    add_generation_args(p, {"num_beams": 4, "max_new_tokens": 256})
+    GenerationParams.add_args(p)
     p.add_argument("--instruction", default=None, help="answer this instruction, print and exit (no page)")
-    p.add_argument("--input", default="", help="optional context for the instruction")
+    p.add_argument("--input", default="", help="optional context for the instruction (default: none)")
     p.add_argument("--show_beam", action="store_true", help="on the page, stream every beam side by side")
-    from webui import add_server_args
-
     add_server_args(p)
     return p
 
@@ -48,7 +51,7 @@ def prompt_ids(model, tokenizer, prompt_type: str, instruction: str, context: st
                cli: bool = False) -> list[int]:
     """The prompt ids; refuses (UserError, with the numbers) a prompt that cannot be answered
     within the model's context. `cli`: name the command-line flags instead of the page's boxes."""
-    from streaming import check_context
+    from generation import check_context
 
     ids = build_prompt_ids(prompt_type, Conversation(turns=[(instruction, None)], input=context), tokenizer)
     fields = "--instruction and --input" if cli else "instruction and input"
@@ -64,7 +67,7 @@ def answer_stream(model, tokenizer, prompt_type: str, instruction: str, context:
 
     `ids`: the prompt, when prompt_ids already built (and checked) it.
     """
-    from streaming import stream_generate
+    from generation import stream_generate
 
     if ids is None:
         ids = prompt_ids(model, tokenizer, prompt_type, instruction, context, params.max_new_tokens)
@@ -74,29 +77,34 @@ def answer_stream(model, tokenizer, prompt_type: str, instruction: str, context:
 
 
 def build_page(model, tokenizer, prompt_type: str, title: str, show_beam: bool = False,
-               max_chars: int | None = None):
+               max_chars: int | None = None, start: GenerationParams | None = None):
+    """The QA page; its controls start at `start` (the flags; GenerationParams() by default)."""
     import gradio as gr
 
-    from webui import (CONTROL_DEFAULTS, MAX_INPUT_CHARS, StopRegistry, check_text, generation_controls, gets_request,
-                       guard_requests, page_error, params_from_controls, session_of)
+    from webui import (MAX_INPUT_CHARS, StopRegistry, check_text, generation_controls, gets_request, guard_requests,
+                       page_error, session_of)
 
     stops = StopRegistry()
     max_beams = 10
     max_chars = max_chars or MAX_INPUT_CHARS
-    d = {**CONTROL_DEFAULTS, "num_beams": 4 if not show_beam else 2}
+    start = start or GenerationParams()
+    if show_beam:  # beams side by side need beams
+        start = dataclasses.replace(start, num_beams=max(2, start.num_beams))
+    d = start  # the API's defaults: the controls' starting values
 
     @gets_request
-    def generate(instruction, context="", temperature=d["temperature"], top_p=d["top_p"], top_k=d["top_k"],
-                 num_beams=d["num_beams"], max_new_tokens=d["max_new_tokens"], min_new_tokens=d["min_new_tokens"],
-                 repetition_penalty=d["repetition_penalty"], do_sample=d["do_sample"], request=None):
+    def generate(instruction, context="", temperature=d.temperature, top_p=d.top_p, top_k=d.top_k,
+                 num_beams=d.num_beams, max_new_tokens=d.max_new_tokens, min_new_tokens=d.min_new_tokens,
+                 repetition_penalty=d.repetition_penalty, do_sample=d.do_sample, request=None):
         """Stream the answer to `instruction` (with the optional `context`)."""
         try:
             instruction = check_text("Instruction", instruction, max_chars)
             context = check_text("Input (optional context)", context, max_chars)
             if not instruction.strip():
                 raise UserError("Type an instruction first.")
-            params = params_from_controls((temperature, top_p, top_k, num_beams, max_new_tokens, min_new_tokens,
-                                           repetition_penalty, do_sample), controls)
+            params = GenerationParams.from_controls((temperature, top_p, top_k, num_beams, max_new_tokens,
+                                                     min_new_tokens, repetition_penalty, do_sample), controls,
+                                                    seed=start.seed)
             ids = prompt_ids(model, tokenizer, prompt_type, instruction, context, params.max_new_tokens)
         except UserError as e:
             raise page_error(e) from None
@@ -120,7 +128,7 @@ def build_page(model, tokenizer, prompt_type: str, title: str, show_beam: bool =
             with gr.Column():
                 instruction = gr.Textbox(lines=3, label="Instruction", placeholder="Ask or instruct something")
                 context = gr.Textbox(value="", lines=2, label="Input (optional context)")
-                controls = generation_controls(gr, {"num_beams": d["num_beams"]})
+                controls = generation_controls(gr, start)
                 with gr.Row():
                     submit = gr.Button("Submit", variant="primary")
                     stop = gr.Button("Stop")
@@ -134,7 +142,7 @@ def build_page(model, tokenizer, prompt_type: str, title: str, show_beam: bool =
         gr.Examples(EXAMPLES, inputs=[instruction, context])
         event = submit.click(generate, inputs=[instruction, context, *controls], outputs=[output, *beam_boxes],
                              api_name="generate")
-        stop.click(stops.stop_request, inputs=None, outputs=None, queue=False, cancels=[event],
+        stop.click(gets_request(stops.stop_request), inputs=None, outputs=None, queue=False, cancels=[event],
                    api_visibility="private")
     return guard_requests(page, max_chars)
 
@@ -145,7 +153,7 @@ def run(args) -> str | None:
     if args.instruction is not None and not args.instruction.strip():
         raise UserError("--instruction is empty; pass the question to answer")
     prompt_type = resolve_prompt_type(args.prompt_type, args.lora_path, "instruct")
-    params = params_from_args(args)  # validate the flags before loading anything
+    params = GenerationParams.from_args(args)  # validate the flags before loading anything
     if args.instruction is None:
         from webui import check_limit_flag, parse_auth
 
@@ -157,17 +165,12 @@ def run(args) -> str | None:
         from webui import launch
 
         title = f"Vicuna-LoRA: {args.model_path}" + (f" + {args.lora_path}" if args.lora_path else "")
-        launch(build_page(model, tokenizer, prompt_type, title, args.show_beam, args.max_input_chars), args)
+        launch(build_page(model, tokenizer, prompt_type, title, args.show_beam, args.max_input_chars, params), args)
         return None
-    from streaming import generate_text
+    from generation import generate_text
 
     ids = prompt_ids(model, tokenizer, prompt_type, args.instruction, args.input, params.max_new_tokens, cli=True)
-    if params.seed is not None:
-        from transformers import set_seed
-
-        set_seed(params.seed)
-    text = generate_text(model, tokenizer, ids, params.generate_kwargs(tokenizer), STOP_STRINGS[prompt_type])
-    answer = extract_response(text, prompt_type)
+    answer = extract_response(generate_text(model, tokenizer, ids, params, STOP_STRINGS[prompt_type]), prompt_type)
     print(answer, flush=True)
     return answer
 

@@ -1,7 +1,15 @@
-"""Streaming generation: token-by-token text for greedy, sampling and beam search.
+"""Generation: the decoding settings, streaming for greedy, sampling and beam search, one-shot answers.
 
-    for update in stream_generate(model, tokenizer, prompt_ids, GenerationParams(num_beams=4)):
+    params = GenerationParams.from_args(args)            # or from_controls(page values)
+    for update in stream_generate(model, tokenizer, prompt_ids, params):
         print(update.text)          # the whole answer so far; update.finished on the last one
+    answer = generate_text(model, tokenizer, prompt_ids, params)   # the same stream, to its end
+
+`GenerationParams` is the one source of the generation defaults: its field defaults are the
+command-line defaults (`add_args`, `from_args`) and the pages' starting values, and it holds the
+pages' control ranges (`from_controls`) and the one validation (`validate`). Every front end
+(the QA page, the chat page, `generate.py --instruction`, `chat.py --cli`) generates through
+`stream_generate`:
 
 - num_beams == 1 runs `model.generate` in a worker thread with a small streamer, so the final
   text is exactly what the non-streaming `model.generate` returns for the same seed.
@@ -15,9 +23,10 @@
   ...) are honoured by `model.generate` but not by this loop.
 
 Text is decoded incrementally (`IncrementalDecoder`): each step decodes a handful of tokens,
-never the whole answer, and never shows half of a multi-byte character.
+never the whole answer, and never shows half of a multi-byte character. `generate_batch` runs
+`model.generate` on a left-padded batch (not streamed) for batch evaluation and as tests' reference.
+torch and transformers load on first use, so importing this module is cheap.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -26,8 +35,8 @@ import inspect
 import math
 import queue
 import threading
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field, fields
+from typing import ClassVar, Iterator
 
 from errors import UserError
 
@@ -44,21 +53,121 @@ MIN_TEMPERATURE = 0.01
 # --- parameters -----------------------------------------------------------------------------------
 
 
+def _knob(default, help: str | None = None, control: tuple | None = None):
+    """A GenerationParams field: `help` makes it a command-line flag (add_args), `control` a page
+    control as (label, lowest, highest, step) (webui.generation_controls, from_controls)."""
+    return field(default=default, metadata={"help": help, "control": control})
+
+
 @dataclass
 class GenerationParams:
-    """Decoding knobs shared by every front end; names match the CLI flags."""
+    """Decoding knobs shared by every front end: the single source of the generation defaults.
 
-    max_new_tokens: int = 256
-    min_new_tokens: int = 1
-    num_beams: int = 1
-    do_sample: bool = False
-    temperature: float = 0.7
-    top_p: float = 0.9
-    top_k: int = 40
-    repetition_penalty: float = 1.1
+    The field defaults are the defaults of the command-line flags (`add_args`, `from_args`) and the
+    starting values of the pages' controls (`webui.generation_controls`, `from_controls`), whose
+    ranges and labels are here too. Greedy unless asked: `do_sample` samples, `num_beams` > 1 is
+    beam search (both: beam sampling). `validate` is the one check of the values.
+    """
+
+    max_new_tokens: int = _knob(256, "most tokens to generate for one answer", ("Max new tokens", 1, 2048, 1))
+    min_new_tokens: int = _knob(1, "tokens to generate before the answer may end (at most --max_new_tokens)",
+                                ("Min new tokens", 1, 512, 1))
+    num_beams: int = _knob(1, "beam search over this many beams (1: greedy, or plain sampling with --do_sample)",
+                           ("Beams", 1, 10, 1))
+    do_sample: bool = _knob(False, "sample instead of greedy/beam search",
+                            ("Sample (otherwise greedy / beam search)", None, None, None))
+    temperature: float = _knob(0.7, f"sampling temperature (with --do_sample; at least {MIN_TEMPERATURE})",
+                               ("Temperature", 0.05, 2.0, 0.05))
+    top_p: float = _knob(0.9, "sample from the most likely tokens holding this much probability (with --do_sample)",
+                         ("Top-p", 0.05, 1.0, 0.05))
+    top_k: int = _knob(40, "sample from the k most likely tokens, 0 = all (with --do_sample)",
+                       ("Top-k (0 = off)", 0, 100, 1))
+    repetition_penalty: float = _knob(1.1, "penalise tokens already in the prompt or answer (1.0 = off)",
+                                      ("Repetition penalty", 1.0, 3.0, 0.05))
     length_penalty: float = 1.0  # beams: finished scores are sum(logprob) / len**length_penalty
     early_stopping: bool | str = False  # beams: True, False or "never", as in transformers
-    seed: int | None = None
+    seed: int | None = _knob(None, "seed for sampling")
+
+    # The pages' controls in the order of their handlers' positional parameters (the API order).
+    CONTROLS: ClassVar[tuple[str, ...]] = ("temperature", "top_p", "top_k", "num_beams", "max_new_tokens",
+                                           "min_new_tokens", "repetition_penalty", "do_sample")
+
+    # --- command-line flags and page controls ---
+
+    @classmethod
+    def flags(cls) -> list[str]:
+        """The fields that are command-line flags, in --help order."""
+        return [f.name for f in fields(cls) if f.metadata.get("help")]
+
+    @classmethod
+    def control(cls, name: str) -> tuple:
+        """(label, lowest, highest, step) of a page control; the range of a slider (webui widens it
+        to hold a starting value outside it) and what from_controls accepts."""
+        return next(f.metadata["control"] for f in fields(cls) if f.name == name)
+
+    @classmethod
+    def add_args(cls, parser, **overrides) -> None:
+        """Add the generation flags to `parser`, defaulting to the field defaults (or `overrides`).
+
+        Use a formatter that shows defaults (argparse.ArgumentDefaultsHelpFormatter): every flag
+        has a help text, so --help shows every default.
+        """
+        known = cls.flags()
+        unknown = sorted(set(overrides) - set(known))
+        if unknown:
+            raise TypeError(f"not generation flags: {', '.join(unknown)}")
+        for f in fields(cls):
+            if f.name not in known:
+                continue
+            default = overrides.get(f.name, f.default)
+            if f.name == "do_sample":
+                parser.add_argument("--do_sample", action=argparse.BooleanOptionalAction, default=default,
+                                    help=f.metadata["help"])
+            else:
+                kind = type(f.default) if f.default is not None else int  # seed: an int or nothing
+                parser.add_argument(f"--{f.name}", type=kind, default=default, help=f.metadata["help"])
+
+    @classmethod
+    def from_args(cls, args) -> "GenerationParams":
+        """GenerationParams from the flags add_args added, validated."""
+        params = cls(**{name: getattr(args, name) for name in cls.flags()})
+        params.validate()
+        return params
+
+    @classmethod
+    def from_controls(cls, values, components: list | None = None, seed: int | None = None) -> "GenerationParams":
+        """Validated GenerationParams from a page's control values (in CONTROLS order).
+
+        Each value must lie within its control: `components` as webui.generation_controls made them
+        (their ranges, widened to hold a starting value outside the standard one), by default the
+        standard ranges of `control`; a refusal (UserError) names the control as the page labels it.
+        """
+        from webui import check_bool, check_number
+
+        values = list(values)
+        if len(values) != len(cls.CONTROLS):
+            raise UserError(f"expected {len(cls.CONTROLS)} generation settings ({', '.join(cls.CONTROLS)}), "
+                            f"got {len(values)}")
+        v = {}
+        for i, (name, value) in enumerate(zip(cls.CONTROLS, values)):
+            component = components[i] if components is not None else None
+            label, low, high, step = cls.control(name)
+            label = getattr(component, "label", None) or label
+            if name == "do_sample":
+                v[name] = check_bool(label, value)
+                continue
+            if component is not None:
+                low, high = component.minimum, component.maximum
+            v[name] = check_number(label, value, low, high, integer=float(step).is_integer())
+        params = cls(**v, seed=seed)
+        params.validate()
+        return params
+
+    def control_values(self) -> list:
+        """This instance's values of the page controls, in CONTROLS order (a page's positional API)."""
+        return [getattr(self, name) for name in self.CONTROLS]
+
+    # --- checks and transformers' keyword arguments ---
 
     def validate(self) -> None:
         """Raise UserError naming the flag for values generation cannot use."""
@@ -517,39 +626,25 @@ def _stream_beams(model, tokenizer, input_ids, params, stop_strings, cancel, all
     yield StreamUpdate(tokenizer.decode(token_ids, skip_special_tokens=True), beams, True, token_ids)
 
 
-# --- command-line flags and one-shot generation ---------------------------------------------------
+# --- one-shot generation ---------------------------------------------------------------------------
 
 
-def add_generation_args(parser, defaults: dict | None = None) -> None:
-    """Sampling flags shared by generate.py and chat.py."""
-    d = {"max_new_tokens": 256, "num_beams": 1, "do_sample": False, "temperature": 0.7,
-         "top_p": 0.9, "top_k": 40, "repetition_penalty": 1.1, "min_new_tokens": 1}
-    d.update(defaults or {})
-    parser.add_argument("--max_new_tokens", type=int, default=d["max_new_tokens"])
-    parser.add_argument("--min_new_tokens", type=int, default=d["min_new_tokens"])
-    parser.add_argument("--num_beams", type=int, default=d["num_beams"])
-    parser.add_argument("--do_sample", action=argparse.BooleanOptionalAction, default=d["do_sample"],
-                        help="sample instead of greedy/beam search")
-    parser.add_argument("--temperature", type=float, default=d["temperature"])
-    parser.add_argument("--top_p", type=float, default=d["top_p"])
-    parser.add_argument("--top_k", type=int, default=d["top_k"])
-    parser.add_argument("--repetition_penalty", type=float, default=d["repetition_penalty"])
-    parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
-
-
-def params_from_args(args):
-    """GenerationParams from the shared generation flags, validated."""
-    params = GenerationParams(
-        max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, num_beams=args.num_beams,
-        do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty, seed=args.seed)
-    params.validate()
-    return params
+def generate_text(model, tokenizer, input_ids: list[int], params: GenerationParams,
+                  stop_strings: list[str] | None = None, cancel: threading.Event | None = None) -> str:
+    """The whole generated text for one prompt (without the prompt): `stream_generate` run to its
+    end, so a one-shot answer takes the pages' path and equals what they show for the same
+    settings (greedy and sampling run `model.generate`; beams equal it token for token)."""
+    update = None
+    for update in stream_generate(model, tokenizer, input_ids, params, stop_strings, cancel):
+        pass
+    return update.text
 
 
 def generate_batch(model, tokenizer, prompts: list[list[int]], gen_kwargs: dict,
                    stop_strings: list[str] | None = None) -> list[str]:
-    """Generate for several prompts in one left-padded batch; returns the texts without prompts."""
+    """Several prompts in one left-padded `model.generate` batch (e.g. GenerationParams(...)
+    .generate_kwargs(tokenizer, model)); returns the texts without the prompts. Not streamed:
+    for a batch of evaluation prompts (tools/demo.py) and as the reference in tests."""
     import torch
 
     width = max(len(p) for p in prompts)
@@ -562,9 +657,3 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], gen_kwargs: dict,
     with torch.inference_mode():
         out = model.generate(**kwargs)
     return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
-
-
-def generate_text(model, tokenizer, input_ids: list[int], gen_kwargs: dict,
-                  stop_strings: list[str] | None = None) -> str:
-    """The whole generated text (without the prompt), not streamed."""
-    return generate_batch(model, tokenizer, [input_ids], gen_kwargs, stop_strings)[0]

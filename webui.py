@@ -1,7 +1,12 @@
-"""Gradio pieces shared by generate.py (QA page) and chat.py (chat page).
+"""Page plumbing shared by generate.py (QA page) and chat.py (chat page).
 
-Server flags, the decoding controls (with the sampling sliders disabled unless sampling is on, so
-no control is ever silently dead), per-session stop requests, request checks and a safe `launch`.
+Server flags, the decoding controls (starting values, ranges and labels from GenerationParams,
+with the sampling sliders disabled unless sampling is on, so no control is ever silently dead),
+per-session stop requests, request checks and a safe `launch`.
+
+gradio is imported only inside the functions that build or serve a page, never at import: the
+parsers (add_server_args, the caps, parse_auth, HelpFormatter) and the value checks cost nothing,
+so `--help` and `chat.py --cli` never load gradio.
 
 Gradio hands a handler whatever JSON a client posts (a hidden handler too: hiding it from
 gradio_client does not hide it from HTTP). `guard_requests` checks every value against its
@@ -13,41 +18,36 @@ check their values again with the same functions, so they are safe without the g
 
 from __future__ import annotations
 
+import argparse
 import html
 import math
 import threading
 
-import gradio as gr
-
-from errors import one_line
-from errors import UserError
-
-# Decoding defaults shown on the pages (Chinese-Vicuna's sliders, with our defaults).
-CONTROL_DEFAULTS = dict(temperature=0.7, top_p=0.9, top_k=40, num_beams=1, max_new_tokens=256,
-                        min_new_tokens=1, repetition_penalty=1.1, do_sample=False)
-CONTROL_ORDER = ("temperature", "top_p", "top_k", "num_beams", "max_new_tokens", "min_new_tokens",
-                 "repetition_penalty", "do_sample")
-# Slider ranges (a default outside one widens it) and labels; the server refuses values outside.
-CONTROL_LIMITS = dict(temperature=(0.05, 2.0), top_p=(0.05, 1.0), top_k=(0, 100), num_beams=(1, 10),
-                      max_new_tokens=(1, 2048), min_new_tokens=(1, 512), repetition_penalty=(1.0, 3.0))
-CONTROL_LABELS = dict(temperature="Temperature", top_p="Top-p", top_k="Top-k (0 = off)", num_beams="Beams",
-                      max_new_tokens="Max new tokens", min_new_tokens="Min new tokens",
-                      repetition_penalty="Repetition penalty", do_sample="Sample (otherwise greedy / beam search)")
-INTEGER_CONTROLS = {"top_k", "num_beams", "max_new_tokens", "min_new_tokens"}
+from errors import UserError, one_line
 
 MAX_INPUT_CHARS = 32768  # --max_input_chars: one message, instruction, input or instruction text
 MAX_HISTORY_MESSAGES = 512  # --max_history_messages: chat messages (user and assistant) per request
+MAX_UPLOAD_BYTES = 1024  # no page has a file input; gradio's upload route still exists
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The page scripts' --help: the docstring as written, and every flag's default (unless its
+    help already says what the default is)."""
+
+    def _get_help_string(self, action):
+        if action.help and "default" in action.help:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def add_server_args(parser, port: int = 7860) -> None:
     parser.add_argument("--host", default="127.0.0.1",
-                        help="interface to listen on (default: this machine only; 0.0.0.0 for the network)")
-    parser.add_argument("--port", type=int, default=port)
-    parser.add_argument("--share", action="store_true", help="also create a public gradio.live link (off by default)")
+                        help="interface to listen on: 127.0.0.1 is this machine only, 0.0.0.0 the network")
+    parser.add_argument("--port", type=int, default=port, help="port of the page")
+    parser.add_argument("--share", action="store_true", help="also create a public gradio.live link")
     parser.add_argument("--auth", default=None, metavar="USER:PASS", help="require this login")
     parser.add_argument("--max_input_chars", type=int, default=MAX_INPUT_CHARS,
-                        help="the page refuses a longer message, instruction, input or instruction text "
-                             f"(default {MAX_INPUT_CHARS} characters)")
+                        help="the page refuses a longer message, instruction, input or instruction text (characters)")
 
 
 def parse_auth(auth: str | None):
@@ -65,33 +65,40 @@ def check_limit_flag(name: str, value: int) -> int:
     return value
 
 
-def generation_controls(gr, defaults: dict | None = None) -> list:
-    """Sliders and the do-sample box, in CONTROL_ORDER; sampling sliders follow the checkbox."""
-    d = {**CONTROL_DEFAULTS, **(defaults or {})}
+def generation_controls(gr, start=None) -> list:
+    """Sliders and the do-sample box in GenerationParams.CONTROLS order, starting at `start`'s
+    values (GenerationParams(); a value outside a control's range widens it); sampling sliders
+    follow the checkbox."""
+    from generation import GenerationParams
 
-    def slider(name, step, **kwargs):
-        low, high = CONTROL_LIMITS[name]
-        return gr.Slider(min(low, d[name]), max(high, d[name]), step=step, value=d[name], label=CONTROL_LABELS[name],
-                         **kwargs)
+    start = start or GenerationParams()
+
+    def slider(name, **kwargs):
+        label, low, high, step = GenerationParams.control(name)
+        value = getattr(start, name)
+        return gr.Slider(min(low, value), max(high, value), step=step, value=value, label=label, **kwargs)
 
     with gr.Row():
-        do_sample = gr.Checkbox(value=d["do_sample"], label=CONTROL_LABELS["do_sample"])
-        num_beams = slider("num_beams", 1)
+        do_sample = gr.Checkbox(value=start.do_sample, label=GenerationParams.control("do_sample")[0])
+        num_beams = slider("num_beams")
     with gr.Row():
-        temperature = slider("temperature", 0.05, interactive=d["do_sample"])
-        top_p = slider("top_p", 0.05, interactive=d["do_sample"])
-        top_k = slider("top_k", 1, interactive=d["do_sample"])
+        temperature = slider("temperature", interactive=start.do_sample)
+        top_p = slider("top_p", interactive=start.do_sample)
+        top_k = slider("top_k", interactive=start.do_sample)
     with gr.Row():
-        max_new_tokens = slider("max_new_tokens", 1)
-        min_new_tokens = slider("min_new_tokens", 1)
-        repetition_penalty = slider("repetition_penalty", 0.05)
+        max_new_tokens = slider("max_new_tokens")
+        min_new_tokens = slider("min_new_tokens")
+        repetition_penalty = slider("repetition_penalty")
     sampling = [temperature, top_p, top_k]
 
     def follow_sampling(on):
         return [gr.update(interactive=on is True)] * 3
 
     do_sample.change(follow_sampling, inputs=do_sample, outputs=sampling, queue=False, api_visibility="private")
-    return [temperature, top_p, top_k, num_beams, max_new_tokens, min_new_tokens, repetition_penalty, do_sample]
+    controls = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "num_beams": num_beams,
+                "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens,
+                "repetition_penalty": repetition_penalty, "do_sample": do_sample}
+    return [controls[name] for name in GenerationParams.CONTROLS]
 
 
 # --- checks of request values --------------------------------------------------------------------------
@@ -173,38 +180,15 @@ def check_history(value, max_messages: int, max_chars: int) -> list[dict]:
     return out
 
 
-def params_from_controls(values, components: list | None = None, seed: int | None = None):
-    """Validated GenerationParams from the control values (in CONTROL_ORDER).
+def page_error(e: BaseException):
+    """A UserError as gradio shows it (a gr.Error): a one-line message on the page, no traceback
+    on the server."""
+    import gradio as gr
 
-    Each value must lie within its slider (`components`, as generation_controls returned them;
-    by default the standard ranges); a refusal names the control as the page labels it.
-    """
-    from streaming import GenerationParams
-
-    values = list(values)
-    if len(values) != len(CONTROL_ORDER):
-        raise UserError(f"expected {len(CONTROL_ORDER)} generation settings ({', '.join(CONTROL_ORDER)}), "
-                        f"got {len(values)}")
-    v = {}
-    for i, (name, value) in enumerate(zip(CONTROL_ORDER, values)):
-        component = components[i] if components is not None else None
-        label = getattr(component, "label", None) or CONTROL_LABELS[name]
-        if name == "do_sample":
-            v[name] = check_bool(label, value)
-            continue
-        low, high = ((component.minimum, component.maximum) if component is not None else CONTROL_LIMITS[name])
-        v[name] = check_number(label, value, low, high, integer=name in INTEGER_CONTROLS)
-    params = GenerationParams(**v, seed=seed)
-    params.validate()
-    return params
-
-
-def page_error(e: BaseException) -> gr.Error:
-    """A UserError as gradio shows it: a one-line message on the page, no traceback on the server."""
     return gr.Error(html.escape(str(e), quote=False), print_exception=False)
 
 
-def _check_component_value(block, value, max_chars: int, max_messages: int):
+def _check_component_value(gr, block, value, max_chars: int, max_messages: int):
     """The value a client sent for `block`, checked (UserError) and normalised for gradio."""
     label = getattr(block, "label", None) or type(block).__name__
     if isinstance(block, gr.Chatbot):
@@ -230,11 +214,13 @@ def guard_requests(blocks, max_chars: int, max_messages: int = MAX_HISTORY_MESSA
     message; ours refuse first with one line naming the control. Whatever still fails in gradio's
     preprocessing is shown as one line too, without a traceback.
     """
+    import gradio as gr
+
     original = blocks.preprocess_data
 
     async def preprocess_data(block_fn, inputs, *args, **kwargs):
         try:
-            inputs = [_check_component_value(block, value, max_chars, max_messages)
+            inputs = [_check_component_value(gr, block, value, max_chars, max_messages)
                       for block, value in zip(block_fn.inputs, inputs)] + list(inputs[len(block_fn.inputs):])
             return await original(block_fn, inputs, *args, **kwargs)
         except UserError as e:
@@ -250,54 +236,68 @@ def guard_requests(blocks, max_chars: int, max_messages: int = MAX_HISTORY_MESSA
 
 
 def gets_request(fn):
-    """Let gradio pass its gr.Request to fn's `request` parameter.
+    """Let gradio pass its gr.Request to fn's `request` parameter (fn: a function or a method).
 
     Gradio finds that parameter by its type hint, but under `from __future__ import annotations`
-    a hint is a string evaluated in the module's globals, where the pages' `gr` (imported inside
-    build_page) is not: the hint would not resolve and `request` would be None, so every browser
-    session would share one stop event. The pages' handlers carry no other hints.
+    a hint is a string evaluated in the function's module, where gradio is not imported (it loads
+    only when a page starts): the hint would not resolve and `request` would be None, so every
+    browser session would share one stop event. The pages' handlers carry no other hints.
     """
-    fn.__annotations__ = {"request": gr.Request}
+    import gradio as gr
+
+    getattr(fn, "__func__", fn).__annotations__ = {"request": gr.Request}
     return fn
 
 
 class StopRegistry:
-    """One cancel event per browser session, so Stop ends that session's generation only.
+    """The running generation of each browser session, so Stop ends that session's generation only.
 
-    The Stop button runs outside the queue (the queue is busy with the generation it stops).
+    A generation is a cancel event (`start(session)` makes one) or any object with a `stop()`
+    method (the chat page registers its ChatSession, so Clear can find it too). The Stop button
+    runs outside the queue (the queue is busy with the generation it stops); page scripts wire it
+    as `gets_request(stops.stop_request)`.
     """
 
     def __init__(self):
-        self._events: dict[str, threading.Event] = {}
+        self._jobs: dict[str, object] = {}
         self._lock = threading.Lock()
 
-    def start(self, session: str | None) -> threading.Event:
-        """The cancel event of a new generation; one still running in this session is stopped (a
-        Regenerate pressed mid-reply must not leave the old reply streaming beyond Stop's reach)."""
-        event = threading.Event()
+    def start(self, session: str | None, job=None):
+        """Register a new generation (`job`, by default a new cancel event, which is returned); one
+        still running in this session is stopped (a Regenerate pressed mid-reply must not leave
+        the old reply streaming beyond Stop's reach)."""
+        job = threading.Event() if job is None else job
         with self._lock:
-            previous = self._events.get(session or "")
-            self._events[session or ""] = event
+            previous = self._jobs.get(session or "")
+            self._jobs[session or ""] = job
         if previous is not None:
-            previous.set()
-        return event
+            _stop(previous)
+        return job
+
+    def running(self, session: str | None):
+        """The session's running generation, or None."""
+        with self._lock:
+            return self._jobs.get(session or "")
 
     def stop(self, session: str | None) -> bool:
         """Stop the session's generation; False when none was running."""
-        with self._lock:
-            event = self._events.get(session or "")
-        if event is not None:
-            event.set()
-        return event is not None
+        job = self.running(session)
+        if job is not None:
+            _stop(job)
+        return job is not None
 
-    def stop_request(self, request: gr.Request):  # gradio injects the request by its annotation
+    def stop_request(self, request=None):  # gradio passes the request once gets_request marked it
         self.stop(session_of(request))
 
-    def finish(self, session: str | None, event: threading.Event) -> None:
-        event.set()
+    def finish(self, session: str | None, job) -> None:
+        _stop(job)
         with self._lock:
-            if self._events.get(session or "") is event:
-                del self._events[session or ""]
+            if self._jobs.get(session or "") is job:
+                del self._jobs[session or ""]
+
+
+def _stop(job) -> None:
+    job.set() if isinstance(job, threading.Event) else job.stop()
 
 
 def session_of(request) -> str | None:
@@ -312,6 +312,3 @@ def launch(demo, args, **kwargs):
     kwargs.setdefault("max_file_size", MAX_UPLOAD_BYTES)
     return demo.launch(server_name=args.host, server_port=args.port, share=args.share,
                        auth=parse_auth(args.auth), show_error=True, **kwargs)
-
-
-MAX_UPLOAD_BYTES = 1024  # no page has a file input; gradio's upload route still exists

@@ -1,6 +1,11 @@
-"""streaming.py: beam streaming equals model.generate token for token; greedy/sampled streams equal
-generate; incremental decoding is linear and never shows half a character; cancel stops quickly."""
+"""generation.py: beam streaming equals model.generate token for token; greedy/sampled streams equal
+generate; incremental decoding is linear and never shows half a character; cancel stops quickly;
+GenerationParams is the one source of the flags' and the controls' defaults; one-shot answers are
+the stream run to its end."""
 
+import argparse
+import dataclasses
+import re
 import threading
 
 import pytest
@@ -8,7 +13,8 @@ import torch
 from transformers import AutoModelForCausalLM, set_seed
 
 from prompt import Conversation, build_prompt_ids
-from streaming import STREAM_LOOKAHEAD, GenerationParams, IncrementalDecoder, stream_generate
+from generation import (STREAM_LOOKAHEAD, GenerationParams, IncrementalDecoder, generate_batch, generate_text,
+                        stream_generate)
 from errors import UserError
 from models import load_tokenizer
 
@@ -269,7 +275,7 @@ def test_beam_sampling_at_the_temperature_floor_runs_to_length(models):
     """Sampling divides log-probs by the temperature: at 1e-30 a beam's score fell far below -1e9,
     the mark of excluded beams, so the search ended after one token (an empty answer on the page).
     Temperatures below MIN_TEMPERATURE are refused; at the floor beams run their full length."""
-    from streaming import MIN_TEMPERATURE
+    from generation import MIN_TEMPERATURE
 
     model, tokenizer = models["bpe"]
     ids = encode(tokenizer, PROMPTS[0])
@@ -280,11 +286,74 @@ def test_beam_sampling_at_the_temperature_floor_runs_to_length(models):
 
 
 def test_generate_kwargs(bpe_tokenizer):
+    defaults = GenerationParams()
     greedy = GenerationParams(min_new_tokens=500).generate_kwargs(bpe_tokenizer)
     assert greedy["temperature"] is None and greedy["top_p"] is None and greedy["top_k"] is None
-    assert greedy["min_new_tokens"] == 256 and "length_penalty" not in greedy
+    assert greedy["min_new_tokens"] == defaults.max_new_tokens and "length_penalty" not in greedy
     assert greedy["eos_token_id"] == bpe_tokenizer.eos_token_id
     assert greedy["pad_token_id"] == bpe_tokenizer.pad_token_id
     sampled = GenerationParams(do_sample=True, num_beams=2, length_penalty=0.5).generate_kwargs(bpe_tokenizer)
-    assert (sampled["temperature"], sampled["top_p"], sampled["top_k"]) == (0.7, 0.9, 40)
+    assert (sampled["temperature"], sampled["top_p"], sampled["top_k"]) == \
+        (defaults.temperature, defaults.top_p, defaults.top_k)
     assert sampled["length_penalty"] == 0.5 and sampled["early_stopping"] is False
+
+
+# --- one source of defaults: flags and page controls -------------------------------------------------------
+
+
+def parser(**overrides):
+    p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    GenerationParams.add_args(p, **overrides)
+    return p
+
+
+def test_flags_default_to_the_fields_and_greedy():
+    assert GenerationParams.from_args(parser().parse_args([])) == GenerationParams()
+    assert (GenerationParams().num_beams, GenerationParams().do_sample) == (1, False)  # greedy unless asked
+    sampled = GenerationParams.from_args(parser().parse_args(["--do_sample"]))
+    assert (sampled.do_sample, sampled.num_beams) == (True, 1)  # --do_sample alone: plain sampling
+    beams = GenerationParams.from_args(parser().parse_args(["--num_beams", "4", "--seed", "3"]))
+    assert (beams.do_sample, beams.num_beams, beams.seed) == (False, 4, 3)
+    assert GenerationParams.from_args(parser(max_new_tokens=64).parse_args([])).max_new_tokens == 64
+    with pytest.raises(TypeError, match="length_penalty"):
+        parser(length_penalty=2.0)  # not a flag
+    with pytest.raises(UserError, match="--num_beams"):
+        GenerationParams.from_args(parser().parse_args(["--num_beams", "0"]))
+
+
+def test_help_shows_every_flag_with_its_default():
+    text = " ".join(parser().format_help().split())
+    for name in GenerationParams.flags():
+        default = getattr(GenerationParams(), name)
+        assert f"--{name}" in text and f"(default: {default})" in text, name
+    assert set(GenerationParams.flags()) >= set(GenerationParams.CONTROLS)
+
+
+def test_controls_start_at_the_defaults_and_check_their_ranges():
+    defaults = GenerationParams()
+    assert GenerationParams.from_controls(defaults.control_values()) == defaults
+    beams = GenerationParams(num_beams=3, do_sample=True, temperature=1.5)
+    assert GenerationParams.from_controls(beams.control_values(), seed=5) == dataclasses.replace(beams, seed=5)
+    for name, bad, message in (("num_beams", 64, "Beams must be from 1 to 10, got 64"),
+                               ("num_beams", 2.5, "Beams must be a whole number, got 2.5"),
+                               ("temperature", float("nan"), "Temperature must be a number from 0.05 to 2"),
+                               ("do_sample", "yes", "Sample (otherwise greedy / beam search) must be true or false")):
+        values = defaults.control_values()
+        values[GenerationParams.CONTROLS.index(name)] = bad
+        with pytest.raises(UserError, match=re.escape(message)):
+            GenerationParams.from_controls(values)
+    with pytest.raises(UserError, match="expected 8 generation settings"):
+        GenerationParams.from_controls(defaults.control_values()[:3])
+
+
+# --- one-shot answers take the streaming path ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_generate_text_equals_generate(models, num_beams):
+    model, tokenizer = models["sp"]
+    ids = encode(tokenizer, PROMPTS[0])
+    params = GenerationParams(max_new_tokens=10, num_beams=num_beams)
+    expected = tokenizer.decode(reference(model, tokenizer, ids, params, stop_strings=["o"]), skip_special_tokens=True)
+    assert generate_text(model, tokenizer, ids, params, stop_strings=["o"]) == expected
+    assert generate_batch(model, tokenizer, [ids], params.generate_kwargs(tokenizer, model), ["o"]) == [expected]

@@ -20,11 +20,14 @@ import uuid
 import pytest
 
 from conftest import ROOT
+from generation import GenerationParams
 
 TINY_CONTEXT = 1024  # make_tiny_model's max_position_embeddings
 MAX_CHARS = 3000  # the chat server's --max_input_chars here
 MAX_MESSAGES = 20  # ... and --max_history_messages
-GREEDY = [0.7, 0.9, 40, 1, 8, 1, 1.0, False]  # temperature ... do_sample, in the pages' order
+DEFAULTS = GenerationParams()
+GREEDY = GenerationParams(max_new_tokens=8, repetition_penalty=1.0).control_values()  # temperature ... do_sample
+TEMPERATURE = json.dumps(DEFAULTS.temperature)  # the first number in a request's JSON text after max memory
 HISTORY = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"}]
 
 
@@ -246,8 +249,8 @@ BAD_REQUESTS = [
     ("chat", _replace(CHAT, 0, ["hi"]), None, "Message must be text, got a list"),
     ("chat", _replace(CHAT, 2, LONG), None, "Instruction text (editable) is"),
     ("chat", _replace(CHAT, 3, "../../etc"), None, "Prompt template (instruct: single turn, no history) must be one of"),
-    ("chat", None, json.dumps(CHAT).replace("0.7", "NaN", 1), "Temperature must be a number from 0.05 to 2, got nan"),
-    ("chat", None, json.dumps(CHAT).replace("0.7", "Infinity", 1), "Temperature must be a number from 0.05 to 2"),
+    ("chat", None, json.dumps(CHAT).replace(TEMPERATURE, "NaN", 1), "Temperature must be a number from 0.05 to 2, got nan"),
+    ("chat", None, json.dumps(CHAT).replace(TEMPERATURE, "Infinity", 1), "Temperature must be a number from 0.05 to 2"),
     ("chat", _replace(CHAT, 5, "0.7"), None, "Temperature must be a number from 0.05 to 2, got text"),
     ("chat", _replace(CHAT, 8, 10 ** 6), None, "Beams must be from 1 to 10, got 1e+06"),
     ("chat", _replace(CHAT, 8, 2.5), None, "Beams must be a whole number, got 2.5"),
@@ -268,7 +271,8 @@ BAD_REQUESTS = [
     ("generate", _replace(QA, 0, "   "), None, "Type an instruction first."),
     ("generate", _replace(QA, 6, 4096), None, "Max new tokens must be from 1 to 2048, got 4096"),
     ("generate", _replace(QA, 5, 64), None, "Beams must be from 1 to 10, got 64"),
-    ("generate", None, json.dumps(QA).replace("0.9", "NaN", 1), "Top-p must be a number from 0.05 to 1, got nan"),
+    ("generate", None, json.dumps(QA).replace(json.dumps(DEFAULTS.top_p), "NaN", 1),
+     "Top-p must be a number from 0.05 to 1, got nan"),
     ("generate", _replace(QA, 4, -1), None, "Top-k (0 = off) must be from 0 to 100, got -1"),
 ]
 
@@ -287,7 +291,7 @@ def test_handlers_without_inputs_ignore_posted_values(pages):
     for name in ("clear_history", "reset", "stop_request"):
         result = chat.call(name, [["../../x"], {"a": 1}, 10 ** 9])
         assert result["ok"], (name, result)
-    assert chat.call("reset", [])["data"][:8] == [0.7, 0.9, 40, 1, 256, 1, 1.1, False]
+    assert chat.call("reset", [])["data"][:8] == DEFAULTS.control_values()  # the server's flags: the defaults
 
 
 def test_question_beyond_the_context_is_refused_with_the_numbers(pages):
@@ -316,8 +320,8 @@ def test_api_parameters_are_named_and_context_is_optional(pages):
     params = info["named_endpoints"]["/generate"]["parameters"]
     assert [p["parameter_name"] for p in params] == ["instruction", "context", *controls]
     assert [p["parameter_has_default"] for p in params] == [False] + [True] * 9
-    by_name = qa.predict("Say hi", max_new_tokens=6, num_beams=1, api_name="/generate")  # no context
-    positional = qa.predict("Say hi", "", 0.7, 0.9, 40, 1, 6, 1, 1.1, False, api_name="/generate")
+    by_name = qa.predict("Say hi", max_new_tokens=6, api_name="/generate")  # no context; greedy by default
+    positional = qa.predict("Say hi", "", *GenerationParams(max_new_tokens=6).control_values(), api_name="/generate")
     assert by_name == positional and by_name.strip()
 
 
@@ -472,7 +476,7 @@ def test_trimming_with_a_position_dependent_template_stays_exact(bpe_tokenizer):
 
 
 def test_stream_generate_never_runs_past_the_context(tiny_model):
-    from streaming import GenerationParams, model_context, stream_generate
+    from generation import model_context, stream_generate
     from errors import UserError
     from models import load_for_inference
 
@@ -563,7 +567,6 @@ def test_chat_cli_skips_a_line_that_is_not_utf8_or_beyond_the_context(tiny_model
 
 @pytest.mark.parametrize("temperature", [1e-30, 0.0, -1.0, float("nan")])
 def test_sampling_refuses_temperatures_below_the_floor(temperature):
-    from streaming import GenerationParams
     from errors import UserError
 
     for beams in (1, 3):

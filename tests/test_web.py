@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import socket
@@ -14,16 +15,14 @@ import urllib.request
 import pytest
 
 from conftest import ROOT, run_script
+from generation import GenerationParams
 
-GREEDY = dict(temperature=0.7, top_p=0.9, top_k=40, num_beams=1, max_new_tokens=24, min_new_tokens=1,
-              repetition_penalty=1.0, do_sample=False)
-CONTROL_ORDER = ("temperature", "top_p", "top_k", "num_beams", "max_new_tokens", "min_new_tokens",
-                 "repetition_penalty", "do_sample")
+GREEDY = GenerationParams(max_new_tokens=24, repetition_penalty=1.0)  # the defaults: greedy
 
 
 def controls(**overrides):
-    values = {**GREEDY, **overrides}
-    return [values[k] for k in CONTROL_ORDER]
+    """The pages' generation values in their positional order."""
+    return dataclasses.replace(GREEDY, **overrides).control_values()
 
 
 def free_port() -> int:

@@ -38,7 +38,7 @@ def parse_args(argv):
 
 
 def answer_all(model, tokenizer, prompts, max_new_tokens: int) -> list[str]:
-    from streaming import generate_batch
+    from generation import generate_batch
 
     ids = [build_prompt_ids("instruct", Conversation(turns=[(p["instruction"], None)], input=p.get("input", "")),
                             tokenizer) for p in prompts]
