@@ -4,6 +4,7 @@
 #   TOT_CUDA    GPU ids, comma-separated ("0", "0,1"). Unset or empty: whatever device torch finds
 #               (CPU on a machine without a GPU). Two or more ids: one torchrun process per GPU (DDP).
 #   PORT        torchrun master port (default 12345); change it to run two jobs on one machine.
+#   PAGE_PORT   the port of a page (chat.sh, generate.sh; default 7860), passed to `serve`.
 #   MODEL_PATH  base model (HF id, local folder or .gguf). Empty: the entry script's default,
 #               the embedded SmolLM2-135M-Instruct, so nothing is downloaded.
 #   PYTHON      interpreter (default: python).  TORCHRUN  launcher (default: torchrun).
@@ -54,17 +55,17 @@ launch() {
   run_logged "${cmd[@]}"
 }
 
-# serve ENTRY PORT [ARGS...]: a gradio page (generate.py, chat.py) in one process on PORT. TOT_CUDA
+# serve ENTRY PAGE_PORT [ARGS...]: a gradio page (generate.py, chat.py) in one process on PAGE_PORT. TOT_CUDA
 # only selects the GPUs: with several, the page shards the model over them (device_map="auto")
 # instead of starting one process per GPU. MODEL_PATH (or BASE_MODEL, the name the serving scripts
 # document) and LORA_PATH become --model_path / --lora_path; ARGS come last, so they win.
 serve() {
-  local entry="$1" port="$2"
+  local entry="$1" page_port="$2"
   shift 2
   if [[ -n "$TOT_CUDA" ]]; then
     export CUDA_VISIBLE_DEVICES="$TOT_CUDA"
   fi
-  local cmd=("$PYTHON" "$entry" --port "$port")
+  local cmd=("$PYTHON" "$entry" --port "$page_port")
   local model="${MODEL_PATH:-${BASE_MODEL:-}}"
   if [[ -n "$model" ]]; then
     cmd+=(--model_path "$model")

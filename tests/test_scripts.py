@@ -30,7 +30,7 @@ CONFIG_DIR = ROOT / "config-sample"
 SCRIPTS = sorted(p.name for p in SCRIPTS_DIR.glob("finetune*.sh"))  # training launchers (common.sh)
 SERVE_SCRIPTS = {"generate.sh": "generate", "chat.sh": "chat"}  # page servers: plain python
 ALL_SH = sorted(p.name for p in SCRIPTS_DIR.glob("*.sh"))
-ENV_VARS = ("TOT_CUDA", "PORT", "DATA_PATH", "OUTPUT_PATH", "MODEL_PATH", "LORA_PATH", "DS_CONFIG",
+ENV_VARS = ("TOT_CUDA", "PORT", "PAGE_PORT", "DATA_PATH", "OUTPUT_PATH", "MODEL_PATH", "LORA_PATH", "DS_CONFIG",
             "PYTHON", "TORCHRUN", "CUDA_VISIBLE_DEVICES")
 TORCHRUN_FLAGS = {"--nproc_per_node", "--master_port"}
 UNSET = "<unset>"
@@ -369,19 +369,27 @@ def test_readme_describes_every_config():
 
 @pytest.mark.parametrize("script,module", sorted(SERVE_SCRIPTS.items()))
 def test_serving_scripts_pass_known_flags_and_overrides(script, module, tmp_path):
-    """generate.sh / chat.sh: BASE_MODEL, LORA_PATH, TOT_CUDA and PORT reach the entry script."""
+    """generate.sh / chat.sh: BASE_MODEL, LORA_PATH, TOT_CUDA and PAGE_PORT reach the entry script;
+    PORT (the training scripts' torchrun master port) does not move the page."""
     import importlib
 
-    env = dict(os.environ, PYTHON="echo", BASE_MODEL="my base", LORA_PATH="my lora", TOT_CUDA="1", PORT="7999")
+    clean = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
+    env = dict(clean, PYTHON="echo", BASE_MODEL="my base", LORA_PATH="my lora", TOT_CUDA="1", PAGE_PORT="7999",
+               PORT="23456")
     proc = subprocess.run(["bash", str(SCRIPTS_DIR / script), "--share"], cwd=tmp_path, env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert "CUDA_VISIBLE_DEVICES=1" in proc.stderr
+    assert "CUDA_VISIBLE_DEVICES=1" in proc.stderr and "note:" not in proc.stderr
     argv = shlex.split(proc.stderr.strip().splitlines()[-1].split(" ", 2)[2])[2:]  # after "echo ENTRY"
     assert argv == ["--port", "7999", "--model_path", "my base", "--lora_path", "my lora", "--share"]
     args = importlib.import_module(module).build_parser().parse_args(argv)
     assert (args.port, args.model_path, args.lora_path, args.share, args.host) == \
         (7999, "my base", "my lora", True, "127.0.0.1")
-    bare = subprocess.run(["bash", str(SCRIPTS_DIR / script)], cwd=tmp_path, env=dict(os.environ, PYTHON="echo"),
+    bare = subprocess.run(["bash", str(SCRIPTS_DIR / script)], cwd=tmp_path, env=dict(clean, PYTHON="echo"),
                           capture_output=True, text=True)
     assert bare.stdout.split() == [f"{module}.py", "--port", "7860"]  # embedded model on the CPU
+    assert bare.stderr.splitlines()[0].startswith("+ ")  # no note
+    old_habit = subprocess.run(["bash", str(SCRIPTS_DIR / script)], cwd=tmp_path,
+                               env=dict(clean, PYTHON="echo", PORT="7999"), capture_output=True, text=True)
+    assert old_habit.stdout.split() == [f"{module}.py", "--port", "7860"]
+    assert "note: PORT is the training scripts' torchrun master port; set PAGE_PORT" in old_habit.stderr
