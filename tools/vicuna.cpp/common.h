@@ -1,9 +1,10 @@
 // common.h: errors, fp16 conversion and small utilities shared by every part of the engine.
 //
 // Errors: every failure the user can cause (bad file, bad flag, full context) throws an Error
-// whose message is exactly one line, "<function>: error: <what>, <where>; <fix>". The CLI's
-// main() prints it and exits with status 1; the tests catch it. Nothing calls abort() or exit()
-// deep inside, so the fuzz loop in test.cpp can run the reader in-process under ASan.
+// whose message is exactly one line, "<function>: error: <what>, <where>; <fix>". The CLI
+// (vicuna_main in cli.h) prints it and exits with status 1; the tests catch it. Nothing calls
+// abort() or exit() deep inside, so the fuzz loop in test.cpp can run the reader in-process under
+// ASan.
 #pragma once
 
 #include <cstdarg>

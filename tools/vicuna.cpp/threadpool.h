@@ -2,11 +2,11 @@
 //
 // pool_run(fn, ctx) runs fn(ctx, ith, nth) on the calling thread (ith 0) and on every worker
 // that joins in time, and returns when all of those are done. fn must split its work
-// dynamically (an atomic counter of chunks, see matmul()), so that the caller alone can finish
-// everything: a worker that is descheduled (other processes on the machine) never holds up a
-// step, it just does not join that job. A decode step calls pool_run ~150 times, so a dispatch
-// must cost microseconds: idle workers spin for a couple of milliseconds before they sleep on
-// a condition variable (an idle chat session does not burn CPU).
+// dynamically (an atomic counter of chunks, see matmul() in forward.h), so that the caller
+// alone can finish everything: a worker that is descheduled (other processes on the machine)
+// never holds up a step, it just does not join that job. A decode step calls pool_run ~150
+// times, so a dispatch must cost microseconds: idle workers spin for a couple of milliseconds
+// before they sleep on a condition variable (an idle chat session does not burn CPU).
 //
 // The job word packs (generation << 32) | (closed << 31) | active: a worker joins the current
 // generation by incrementing `active` while the job is open; the caller closes the job when its
