@@ -54,9 +54,11 @@ def quiet_libraries() -> None:
 
 
 def setup_logging(verbose: bool = False) -> None:
+    """Our lines on stderr with a timestamp, and the libraries' routine notices off (every command)."""
     level = logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(stream=sys.stderr, level=level, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     logger.setLevel(level)
+    quiet_libraries()
 
 
 def check_utf8(flag: str, value: str | None) -> None:

@@ -11,7 +11,7 @@ import argparse
 
 from errors import cli_errors
 from prompt import PROMPT_TYPES
-from errors import quiet_libraries, setup_logging
+from errors import setup_logging
 
 # Defaults in one visible place (Chinese-Vicuna's where it had them). Variants override a few.
 from models import EMBEDDED_MODEL, QUANT_CHOICES
@@ -110,7 +110,6 @@ def main(argv: list[str] | None = None, defaults: dict | None = None, descriptio
     """Parse the flags (DEFAULTS changed by `defaults`), then train; the entry scripts' `main`."""
     setup_logging()
     args = build_parser({**DEFAULTS, **(defaults or {})}, description).parse_args(argv)
-    quiet_libraries()
     import train  # torch, transformers and peft load only once the flags parse
 
     return cli_errors(train.run)(args)
