@@ -24,7 +24,7 @@ import struct
 import tempfile
 from contextlib import contextmanager
 
-from errors import UserError, logger
+from errors import UserError, logger, one_line
 
 DTYPES = ("float16", "bfloat16", "float32")  # what the tools save (--dtype)
 INDEX_NAME = "model.safetensors.index.json"  # which shard holds which tensor, when there are several
@@ -315,3 +315,39 @@ def _fsync_dir(path: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+# --- reading what a checkpoint holds, with one-line errors ----------------------------------------
+
+
+def read_json_file(path: str, kind: type = dict):
+    """A JSON file that must hold a `kind` (dict or list); one-line errors naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); the file is damaged") from None
+    except (UnicodeDecodeError, RecursionError, ValueError) as e:
+        raise UserError(f"{path}: cannot be read as JSON ({one_line(e)}); the file is damaged") from None
+    if not isinstance(value, kind):
+        raise UserError(f"{path}: expected a JSON {'object' if kind is dict else kind.__name__}, got "
+                        f"{type(value).__name__}; the file is damaged")
+    return value
+
+
+def read_tensor_file(path: str) -> dict:
+    """All tensors of a safetensors or (weights-only) torch file, or a one-line error."""
+    import torch
+
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or corrupt files, pickles with code objects
+        raise UserError(f"{path}: cannot be read as a tensor file ({one_line(e)}); it is truncated or "
+                        "damaged") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: holds a {type(raw).__name__}, not a dict of tensors")
+    return raw

@@ -8,6 +8,7 @@ Nothing here imports another module of the project.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 
 logger = logging.getLogger("vicuna")  # the project's one logger: our lines on stderr
@@ -72,3 +73,34 @@ def check_utf8(flag: str, value: str | None) -> None:
         code = ord(value[e.start])
         where = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else "a lone surrogate"
         raise UserError(f"{flag} is not valid UTF-8 ({where} at character {e.start}); pass UTF-8 text") from None
+
+
+# --- values from a request or a flag, checked: the page controls and GenerationParams share these
+
+
+def shown(value) -> str:
+    """A short description of a refused value: numbers as they are, anything else by its type."""
+    if isinstance(value, bool) or value is None:
+        return str(value).lower() if value is not None else "null"
+    if isinstance(value, (int, float)):
+        return f"{value:g}"
+    return {str: "text", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def check_number(label: str, value, low: float, high: float, integer: bool = False):
+    """A finite number within [low, high] (a whole one when `integer`), else UserError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserError(f"{label} must be a number from {low:g} to {high:g}, got {shown(value)}")
+    if not low <= value <= high:
+        raise UserError(f"{label} must be from {low:g} to {high:g}, got {value:g}")
+    if integer:
+        if value != int(value):
+            raise UserError(f"{label} must be a whole number, got {value:g}")
+        return int(value)
+    return float(value)
+
+
+def check_bool(label: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise UserError(f"{label} must be true or false, got {shown(value)}")
+    return value

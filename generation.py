@@ -38,7 +38,7 @@ import threading
 from dataclasses import dataclass, field, fields
 from typing import ClassVar, Iterator
 
-from errors import UserError
+from errors import UserError, check_bool, check_number
 
 NEG_INF_SCORE = -1.0e9  # the score transformers gives to placeholder / excluded beams
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder emits for an incomplete UTF-8 sequence
@@ -142,8 +142,6 @@ class GenerationParams:
         (their ranges, widened to hold a starting value outside the standard one), by default the
         standard ranges of `control`; a refusal (UserError) names the control as the page labels it.
         """
-        from webui import check_bool, check_number
-
         values = list(values)
         if len(values) != len(cls.CONTROLS):
             raise UserError(f"expected {len(cls.CONTROLS)} generation settings ({', '.join(cls.CONTROLS)}), "

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import os
 
-from checkpoints import INDEX_NAME, read_safetensors_tensor, safetensors_dtypes
+from checkpoints import INDEX_NAME, read_json_file, read_safetensors_tensor, safetensors_dtypes
 from errors import UserError, logger, one_line
-from models import ADAPTER_CONFIG, read_json_file, resolve_model_path
+from models import ADAPTER_CONFIG, resolve_model_path
 
 
 def resolve_model_folder(model_path: str, flag: str = "--model_path") -> str:

@@ -15,10 +15,9 @@ import importlib.util
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import fields
 
+from checkpoints import publish_folder, read_json_file, read_tensor_file, staging_folder
 from errors import UserError, logger, one_line
 
 # --- names shared by training, generation and tools ----------------------------------------------
@@ -79,18 +78,10 @@ def convert_gguf_to_hf(gguf_path: str, out_dir: str) -> str:
     if config.tie_word_embeddings:
         model.tie_weights()
     model.generation_config = gguf_model.generation_config
-    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".converting-", dir=os.path.dirname(out_dir))
-    try:
+    with staging_folder(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if os.path.isdir(out_dir):  # another process finished first
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        publish_folder(tmp, out_dir, "the model cache", exist_ok=True)  # False: another process was first
     return out_dir
 
 
@@ -249,39 +240,6 @@ def strip_adapter_name(key: str) -> str:
     return key[:-len(".default")] if key.endswith(".default") else key
 
 
-def read_json_file(path: str, kind: type = dict):
-    """A JSON file that must hold a `kind` (dict or list); one-line errors naming the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); the file is damaged") from None
-    except (UnicodeDecodeError, RecursionError, ValueError) as e:
-        raise UserError(f"{path}: cannot be read as JSON ({one_line(e)}); the file is damaged") from None
-    if not isinstance(value, kind):
-        raise UserError(f"{path}: expected a JSON {'object' if kind is dict else kind.__name__}, got "
-                        f"{type(value).__name__}; the file is damaged")
-    return value
-
-
-def read_tensor_file(path: str) -> dict:
-    """All tensors of a safetensors or (weights-only) torch file, or a one-line error."""
-    import torch
-
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            return load_file(path)
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated or corrupt files, pickles with code objects
-        raise UserError(f"{path}: cannot be read as a tensor file ({one_line(e)}); it is truncated or "
-                        "damaged") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: holds a {type(raw).__name__}, not a dict of tensors")
-    return raw
-
-
 DIVERGED = "the run that wrote it diverged: retrain with a lower --learning_rate"
 
 
@@ -314,11 +272,20 @@ def load_adapter_state_dict(weights_path: str) -> dict:
     return state
 
 
+def _self_and_run(folder: str) -> list[str]:
+    """`folder`, and for a Trainer `checkpoint-N` folder also the run folder above it (old runs kept
+    adapter_config.json and training_config.json only there). Any other parent is not looked in."""
+    name = os.path.basename(os.path.normpath(folder))
+    if name.startswith("checkpoint-") and name[len("checkpoint-"):].isdigit():
+        return [folder, os.path.dirname(os.path.abspath(folder))]
+    return [folder]
+
+
 def read_adapter_config(lora_path: str, state: dict, weights_path: str = "") -> dict:
     """adapter_config.json from the folder, its parent (Trainer checkpoint-N dirs of old runs
     have none) or, for legacy `.bin` checkpoints only, inferred from the weights. Safetensors
     weights without a config are an interrupted save: refused."""
-    for folder in (lora_path, os.path.dirname(os.path.abspath(lora_path))):
+    for folder in _self_and_run(lora_path):
         path = os.path.join(folder, ADAPTER_CONFIG)
         if os.path.isfile(path):
             return check_adapter_config(read_json_file(path, dict), path)
@@ -462,7 +429,7 @@ def load_training_config(lora_path: str | None) -> dict:
     """The training config saved with an adapter (or its parent run for checkpoint-N), or {}."""
     if not lora_path:
         return {}
-    for folder in (lora_path, os.path.dirname(os.path.abspath(lora_path))):
+    for folder in _self_and_run(lora_path):
         path = os.path.join(folder, TRAINING_CONFIG)
         if os.path.isfile(path):
             return read_json_file(path, dict)

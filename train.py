@@ -30,12 +30,14 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.utils import is_flash_attn_2_available
 
-from checkpoints import publish_files, staging_folder
+from checkpoints import publish_files, read_json_file, staging_folder
 from data import load_conversations, train_test_split
 from errors import UserError, one_line
 from prompt import IGNORE_INDEX, encode_example
 from errors import logger
-from models import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAINING_CONFIG, adapter_key_report, check_adapter_file, device_map_for, load_adapter, load_model, load_tokenizer, pick_dtype, read_json_file, resolve_model_path, save_training_config
+from models import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAINING_CONFIG, adapter_key_report, check_adapter_file,
+                    device_map_for, load_adapter, load_model, load_tokenizer, pick_dtype, resolve_model_path,
+                    save_training_config)
 
 
 def check_args(args) -> None:

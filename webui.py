@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import argparse
 import html
-import math
 import threading
 
-from errors import UserError, one_line
+from errors import UserError, check_bool, check_number, one_line, shown
 
 MAX_INPUT_CHARS = 32768  # --max_input_chars: one message, instruction, input or instruction text
 MAX_HISTORY_MESSAGES = 512  # --max_history_messages: chat messages (user and assistant) per request
@@ -104,40 +103,12 @@ def generation_controls(gr, start=None) -> list:
 # --- checks of request values --------------------------------------------------------------------------
 
 
-def _shown(value) -> str:
-    """A short description of a refused value: numbers as they are, anything else by its type."""
-    if isinstance(value, bool) or value is None:
-        return str(value).lower() if value is not None else "null"
-    if isinstance(value, (int, float)):
-        return f"{value:g}"
-    return {str: "text", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
-
-
-def check_number(label: str, value, low: float, high: float, integer: bool = False):
-    """A finite number within [low, high] (a whole one when `integer`), else UserError."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise UserError(f"{label} must be a number from {low:g} to {high:g}, got {_shown(value)}")
-    if not low <= value <= high:
-        raise UserError(f"{label} must be from {low:g} to {high:g}, got {value:g}")
-    if integer:
-        if value != int(value):
-            raise UserError(f"{label} must be a whole number, got {value:g}")
-        return int(value)
-    return float(value)
-
-
-def check_bool(label: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise UserError(f"{label} must be true or false, got {_shown(value)}")
-    return value
-
-
 def check_text(label: str, value, max_chars: int, flag: str = "--max_input_chars") -> str:
     """Text of at most max_chars characters (None is empty), else UserError."""
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise UserError(f"{label} must be text, got {_shown(value)}")
+        raise UserError(f"{label} must be text, got {shown(value)}")
     if len(value) > max_chars:
         raise UserError(f"{label} is {len(value)} characters; the limit is {max_chars} ({flag})")
     try:
@@ -159,7 +130,7 @@ def check_history(value, max_messages: int, max_chars: int) -> list[dict]:
     if value is None:
         return []
     if not isinstance(value, list):
-        raise UserError(f"Chat history must be a list of messages, got {_shown(value)}")
+        raise UserError(f"Chat history must be a list of messages, got {shown(value)}")
     if len(value) > max_messages:
         raise UserError(f"the chat holds {len(value)} messages; the limit is {max_messages} "
                         "(--max_history_messages): press Clear history (Save chat first to keep it)")

@@ -44,10 +44,9 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from checkpoints import (DTYPES, check_new_folder, is_finite, parse_size, publish_folder,  # noqa: E402
+from checkpoints import (DTYPES, check_new_folder, is_finite, parse_size, publish_folder, read_json_file,  # noqa: E402
                          staging_folder, write_sharded_safetensors)
 from errors import UserError, cli_errors, logger, one_line, setup_logging  # noqa: E402
-from models import read_json_file  # noqa: E402
 
 # Meta's published sizes -> number of model-parallel shards (as in the old transformers converter).
 NUM_SHARDS = {"7B": 1, "7Bf": 1, "13B": 2, "13Bf": 2, "30B": 4, "34B": 4, "65B": 8, "70B": 8, "70Bf": 8}
