@@ -75,8 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     from prompt import PROMPT_TYPES
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_path", required=True,
-                   help="Hugging Face model folder (e.g. from tools/merge_lora.py), hub id or the embedded name")
+    p.add_argument("--model_path", default=None,
+                   help="Hugging Face model folder (e.g. from tools/merge_lora.py), hub id or the embedded name; "
+                        "with --lora_path the adapter's base (default: its base_model_name_or_path)")
+    p.add_argument("--lora_path", default=None,
+                   help="write this LoRA adapter folder as a GGUF adapter (llama.cpp's format: vicuna --lora, "
+                        "llama.cpp --lora, ollama ADAPTER) instead of a model; --outtype f32, f16 or q8_0")
+    p.add_argument("--base_gguf", default=None,
+                   help="with --lora_path: the base model's GGUF the adapter is for (checked against it, the "
+                        "Modelfile's FROM line, --verify); default: --model_path if a .gguf, or the embedded file")
     p.add_argument("--outfile", required=True, help="GGUF file to write")
     p.add_argument("--outtype", choices=OUTTYPES, default="f16", help="tensor type of the 2-D weights (default: f16)")
     p.add_argument("--prompt_type", choices=PROMPT_TYPES, default=None,
@@ -564,13 +571,21 @@ def _go_literal(text: str) -> str:
     return text.replace("{{", '{{ "{{" }}')
 
 
-def modelfile_for(gguf_name: str, prompt_type: str, tokenizer) -> str:
-    """An ollama Modelfile: FROM the GGUF, TEMPLATE in Go-template syntax, stop markers."""
+def _modelfile_ref(path: str) -> str:
+    # ollama reads a relative FROM / ADAPTER path from the Modelfile's folder
+    return path if os.path.isabs(path) or path.startswith(("./", "../")) else "./" + path
+
+
+def modelfile_for(gguf_name: str, prompt_type: str, tokenizer, adapter: str | None = None) -> str:
+    """An ollama Modelfile: FROM the GGUF, TEMPLATE in Go-template syntax, stop markers. With
+    `adapter` (a LoRA adapter GGUF), `gguf_name` is its base model: FROM the base, ADAPTER the adapter."""
     import prompt
 
     eos = tokenizer.eos_token or ""
     lines = [f"# ollama create my-model -f Modelfile   (written by tools/convert_gguf.py, prompt type {prompt_type})",
-             f"FROM ./{gguf_name}"]
+             f"FROM {_modelfile_ref(gguf_name)}"]
+    if adapter:
+        lines.append(f"ADAPTER {_modelfile_ref(adapter)}")
     if prompt_type == "instruct":
         no_in_head, no_in_tail = prompt.INSTRUCT_NO_INPUT.split("{instruction}")
         template = _go_literal(no_in_head) + "{{ .Prompt }}" + _go_literal(no_in_tail) + "{{ .Response }}"
@@ -601,25 +616,30 @@ def modelfile_for(gguf_name: str, prompt_type: str, tokenizer) -> str:
 # --- conversion ------------------------------------------------------------------------------------
 
 
-def convert(model_path: str, outfile: str, outtype: str = "f16", prompt_type: str | None = None,
-            overwrite: bool = False, modelfile: bool = False) -> dict:
-    """Write the GGUF (and Modelfile); returns {"model_dir", "prompt_type", "n_params", "outfile"}."""
-    import gguf
-    import numpy as np
-
+def check_outputs(outfile: str, overwrite: bool, modelfile: bool) -> str:
+    """--outfile (and the Modelfile beside it) may be written; returns the Modelfile's path."""
     if not outfile.endswith(".gguf"):
         raise UserError(f"--outfile {outfile}: name the file *.gguf")
     if os.path.isdir(outfile):
         raise UserError(f"--outfile {outfile} is a directory; name a .gguf file")
     if os.path.lexists(outfile) and not overwrite:
         raise UserError(f"--outfile {outfile} exists; pass --overwrite to replace it")
-    out_dir = os.path.dirname(os.path.abspath(outfile))
-    modelfile_path = os.path.join(out_dir, "Modelfile")
+    modelfile_path = os.path.join(os.path.dirname(os.path.abspath(outfile)), "Modelfile")
     if modelfile and os.path.lexists(modelfile_path) and not overwrite:
         raise UserError(f"--modelfile: {modelfile_path} exists; pass --overwrite to replace it (or write the GGUF "
                         "to another folder)")
     if modelfile and os.path.isdir(modelfile_path):
         raise UserError(f"--modelfile: {modelfile_path} is a directory; write the GGUF to another folder")
+    return modelfile_path
+
+
+def convert(model_path: str, outfile: str, outtype: str = "f16", prompt_type: str | None = None,
+            overwrite: bool = False, modelfile: bool = False) -> dict:
+    """Write the GGUF (and Modelfile); returns {"model_dir", "prompt_type", "n_params", "outfile"}."""
+    import gguf
+    import numpy as np
+
+    modelfile_path = check_outputs(outfile, overwrite, modelfile)
     model_dir = resolve_model_folder(model_path)
     config = read_model_config(model_dir, "--model_path")
     hp = HParams.from_config(config, model_dir)
@@ -676,6 +696,221 @@ def convert(model_path: str, outfile: str, outtype: str = "f16", prompt_type: st
     return {"model_dir": model_dir, "prompt_type": prompt_type, "n_params": n_params, "outfile": outfile}
 
 
+# --- LoRA adapters ---------------------------------------------------------------------------------
+
+ADAPTER_OUTTYPES = ("f32", "f16", "q8_0")
+
+
+@dataclass
+class AdapterTensor:
+    gguf_name: str  # <base tensor>.lora_a / .lora_b
+    data: object    # float32 numpy array, rows first (GGUF's ne is its shape reversed)
+    qtype: object   # gguf.GGMLQuantizationType
+
+
+def _fit_error(lora_path: str, model: str, what: str) -> UserError:
+    return UserError(f"adapter {lora_path} does not fit base model {model}: {what}; pass the base model the adapter "
+                     "was trained on (--model_path)")
+
+
+def plan_adapter(modules, hp: HParams, base, outtype: str, alpha: float, lora_path: str,
+                 model_path: str) -> list[AdapterTensor]:
+    """The adapter's tensors as llama.cpp's convert_lora_to_gguf.py names and shapes them.
+
+    A linear module on base weight W (out, in) becomes `<W's GGUF name>.lora_a` = A (r, in) and
+    `.lora_b` = B (out, r), B's rows permuted for attn_q / attn_k exactly as the base export permutes
+    W's (A is untouched: the permutation acts on output rows). An embedding module becomes
+    `token_embd.weight.lora_a` = A^T (vocab, r) and `.lora_b` = B (dim, r), as llama.cpp flips it.
+    llama.cpp scales every pair by alpha / r with the file's one alpha; a module whose own scale
+    differs (alpha_pattern, rsLoRA) gets the ratio folded into B, so the file computes the same delta.
+    """
+    import gguf
+    import numpy as np
+
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, hp.n_layer)
+    tied = hp.tied or "lm_head.weight" not in base.files
+    out = []
+    for m in modules:
+        if m.fan_in_fan_out:
+            raise UserError(f"--lora_path {lora_path}: {m.module} is fan_in_fan_out (a Conv1D layer); LLaMA's "
+                            "linear layers are not, so the adapter is not for a LLaMA model")
+        if m.weight_name == "lm_head.weight" and tied:
+            raise UserError(f"adapter {lora_path} has LoRA on lm_head, which base model {model_path} ties to "
+                            "embed_tokens; llama.cpp cannot apply it (its output is token_embd)")
+        if m.weight_name not in base.files:
+            raise _fit_error(lora_path, model_path, f"the base has no {m.weight_name} for the adapter's "
+                             f"{m.module}")
+        if tuple(base.shape(m.weight_name)) != tuple(m.weight_shape()):
+            raise _fit_error(lora_path, model_path, f"{m.weight_name} is {tuple(base.shape(m.weight_name))} in "
+                             f"the base but the adapter's lora_A {tuple(m.a.shape)} / lora_B {tuple(m.b.shape)} "
+                             f"make {tuple(m.weight_shape())}")
+        weight = name_map.get_name(m.weight_name, try_suffixes=(".weight",))
+        if weight is None:
+            raise UserError(f"--lora_path {lora_path}: {m.module} has no llama.cpp tensor name")
+        a = m.a.float().numpy()
+        b = m.b.float().numpy()
+        runtime_scale = alpha / m.rank if alpha else 1.0  # what llama.cpp and vicuna.cpp multiply by
+        factor = m.scale / runtime_scale
+        if m.embedding:
+            lora_a, lora_b = a.T, b
+        else:
+            lora_a, lora_b = a, b
+            if re.search(r"\.q_proj$", m.module):
+                lora_b = permute_qk(lora_b, hp.n_head)
+            elif re.search(r"\.k_proj$", m.module):
+                lora_b = permute_qk(lora_b, hp.n_head_kv)
+        if factor != 1.0:
+            lora_b = lora_b * np.float32(factor)
+        for suffix, data in ((".lora_a", lora_a), (".lora_b", lora_b)):
+            data = np.ascontiguousarray(data, dtype=np.float32)
+            if not np.isfinite(data).all():
+                raise UserError(f"--lora_path {lora_path}: {m.module}{suffix} is not finite after scaling by "
+                                f"{factor:g} (per-module alpha / rsLoRA); the adapter is broken")
+            name = weight + suffix
+            out.append(AdapterTensor(name, data, pick_type(name, data.shape, outtype, tied=False)))
+    return out
+
+
+def base_gguf_shapes(base_gguf: str) -> tuple[str, dict[str, tuple[int, ...]], int]:
+    """(general.architecture, {tensor: GGUF shape (ne)}, general.file_type) of a model GGUF."""
+    import gguf
+
+    if not os.path.isfile(base_gguf):
+        raise UserError(f"--base_gguf {base_gguf}: no such file")
+    try:
+        reader = gguf.GGUFReader(base_gguf)
+        arch = reader.fields["general.architecture"].contents() if "general.architecture" in reader.fields else ""
+        ftype = reader.fields["general.file_type"].contents() if "general.file_type" in reader.fields else -1
+        kind = reader.fields["general.type"].contents() if "general.type" in reader.fields else "model"
+        shapes = {t.name: tuple(int(x) for x in t.shape) for t in reader.tensors}
+    except (ValueError, KeyError, IndexError, OSError) as e:
+        raise UserError(f"--base_gguf {base_gguf}: not a readable GGUF file ({one_line(e)})") from None
+    if kind == "adapter":
+        raise UserError(f"--base_gguf {base_gguf} is itself an adapter; pass the base model's GGUF")
+    return arch, shapes, int(ftype)
+
+
+def check_adapter_fits_gguf(tensors: list[AdapterTensor], base_gguf: str, outfile: str) -> int:
+    """Every adapter pair targets a tensor of the base GGUF with matching shapes, as llama.cpp and
+    vicuna.cpp check at load; one line naming both files otherwise. Returns the base's file type."""
+    arch, shapes, ftype = base_gguf_shapes(base_gguf)
+    if arch != "llama":
+        raise UserError(f"adapter {outfile} does not fit base {base_gguf}: its architecture is {arch!r}, the "
+                        "adapter's 'llama'")
+    for t in tensors:
+        weight, _, kind = t.gguf_name.rpartition(".")
+        if weight not in shapes:
+            raise UserError(f"adapter {outfile} does not fit base {base_gguf}: the base has no {weight}")
+        ne, ne_t = shapes[weight], tuple(reversed(t.data.shape))
+        # linear W ne [in, out]: lora_a ne [in, r], lora_b ne [r, out];
+        # token_embd ne [dim, vocab]: lora_a ne [r, vocab], lora_b ne [r, dim]
+        if weight == "token_embd.weight":
+            fits = ne_t[1] == (ne[1] if kind == "lora_a" else ne[0])
+        else:
+            fits = ne_t[0] == ne[0] if kind == "lora_a" else ne_t[1] == ne[1]
+        if not fits:
+            raise UserError(f"adapter {outfile} does not fit base {base_gguf}: {weight} is {list(ne)} in the base "
+                            f"but {t.gguf_name} is {list(ne_t)}")
+    return ftype
+
+
+def default_base_gguf(model_path: str, model_dir: str) -> str | None:
+    """The base model's GGUF when it is evident: --model_path itself, or the embedded model's file."""
+    from models import EMBEDDED_MODEL, cache_root, embedded_gguf_path
+
+    if model_path.endswith(".gguf"):
+        return model_path
+    if model_path == EMBEDDED_MODEL or os.path.realpath(model_dir) == os.path.realpath(
+            os.path.join(cache_root(), EMBEDDED_MODEL)):
+        return embedded_gguf_path()
+    return None
+
+
+def convert_adapter(lora_path: str, outfile: str, model_path: str | None = None, outtype: str = "f16",
+                    prompt_type: str | None = None, overwrite: bool = False, modelfile: bool = False,
+                    base_gguf: str | None = None) -> dict:
+    """Write a LoRA adapter as a GGUF adapter file (llama.cpp's format) for its base model's GGUF.
+
+    Returns {"model_dir", "prompt_type", "outfile", "base_gguf", "base_file_type", "n_params"}."""
+    import gguf
+    import numpy as np
+
+    from lora_weights import read_lora_modules
+
+    if outtype not in ADAPTER_OUTTYPES:
+        raise UserError(f"--outtype {outtype}: an adapter is written as {', '.join(ADAPTER_OUTTYPES)} (its tensors "
+                        "are small, and a 4-bit B would lose the update)")
+    modelfile_path = check_outputs(outfile, overwrite, modelfile)
+    modules, adapter_config = read_lora_modules(lora_path)
+    if not model_path:
+        model_path = adapter_config.get("base_model_name_or_path")
+        if not isinstance(model_path, str) or not model_path:
+            raise UserError(f"--lora_path {lora_path}: its adapter_config.json names no base model; pass the base "
+                            "with --model_path")
+        logger.info("base model %s (the adapter's base_model_name_or_path)", model_path)
+    model_dir = resolve_model_folder(model_path)
+    config = read_model_config(model_dir, "--model_path")
+    hp = HParams.from_config(config, model_dir)
+    base = SavedWeights(model_dir)
+    prompt_type = resolve_prompt_type(prompt_type, lora_path, "instruct")
+    alpha = float(adapter_config.get("lora_alpha", 8))
+    tensors = plan_adapter(modules, hp, base, outtype, alpha, lora_path, model_path)
+    base_gguf = base_gguf or default_base_gguf(model_path, model_dir)
+    base_file_type = check_adapter_fits_gguf(tensors, base_gguf, outfile) if base_gguf else -1
+    modelfile_text = None
+    if modelfile:
+        if not base_gguf:
+            raise UserError("--modelfile with --lora_path: pass the base model's GGUF with --base_gguf BASE.gguf "
+                            "(the Modelfile's FROM line; the adapter is its ADAPTER line)")
+        out_dir = os.path.dirname(os.path.abspath(outfile))
+        rel = os.path.relpath(os.path.abspath(base_gguf), out_dir)
+        from_ref = os.path.abspath(base_gguf) if rel.startswith("..") else rel
+        modelfile_text = modelfile_for(from_ref, prompt_type, load_hf_tokenizer(model_dir),
+                                       adapter=os.path.basename(outfile))
+
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
+    try:
+        with staging_file(outfile) as tmp:
+            writer = gguf.GGUFWriter(tmp, "llama")
+            try:
+                writer.add_type(gguf.GGUFType.ADAPTER)
+                writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+                writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+                writer.add_name(os.path.basename(os.path.normpath(lora_path)))
+                writer.add_file_type(int(file_type))
+                writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+                writer.add_string(PROMPT_TYPE_KEY, prompt_type)
+                for t in tensors:
+                    with np.errstate(over="ignore"):
+                        data = gguf.quants.quantize(t.data, t.qtype)
+                    if t.qtype == gguf.GGMLQuantizationType.F16 and not np.isfinite(data).all():
+                        raise UserError(f"{t.gguf_name} has values beyond float16's range (65504); export with "
+                                        "--outtype f32")
+                    plain = t.qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+                    writer.add_tensor(t.gguf_name, data, raw_dtype=None if plain else t.qtype)
+                writer.write_header_to_file()
+                writer.write_kv_data_to_file()
+                writer.write_tensors_to_file()
+            finally:
+                writer.close()
+            publish_file(tmp, outfile)
+    except OSError as e:
+        raise UserError(f"--outfile {outfile}: writing failed ({one_line(e)}); nothing was written there") from None
+    n_params = sum(t.data.size for t in tensors)
+    logger.info("wrote %s: %d LoRA pairs, %.2fM parameters, %s, alpha %g, prompt type %s", outfile,
+                len(tensors) // 2, n_params / 1e6, outtype, alpha, prompt_type)
+    if modelfile_text is not None:
+        try:
+            write_text_atomically(modelfile_path, modelfile_text)
+        except OSError as e:
+            raise UserError(f"--modelfile: cannot write {modelfile_path} ({one_line(e)}); {outfile} is complete") from None
+        logger.info("wrote %s", modelfile_path)
+    n_base = sum(math.prod(base.shape(n)) for n in base.files)
+    return {"model_dir": model_dir, "prompt_type": prompt_type, "outfile": outfile, "base_gguf": base_gguf,
+            "base_file_type": base_file_type, "n_params": n_params, "n_base_params": n_base}
+
+
 # --- verification ----------------------------------------------------------------------------------
 
 
@@ -691,26 +926,32 @@ def verify_prompts(model_dir: str, prompt_type: str) -> tuple[list[list[int]], l
     return prompts, texts, [list(tokenizer(t)["input_ids"]) for t in texts]
 
 
-def hf_logits(model_dir: str, prompts: list[list[int]]):
-    """Last-position logits of the Hugging Face model, float32, one row per prompt."""
+def hf_logits(model_dir: str, prompts: list[list[int]], lora_path: str | None = None):
+    """Last-position logits of the Hugging Face model (with the adapter when given), float32, one row
+    per prompt."""
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if lora_path:
+        from models import load_adapter
+
+        model = load_adapter(model, lora_path)
     model.eval()
     with torch.inference_mode():
         return torch.stack([model(torch.tensor([ids])).logits[0, -1] for ids in prompts]).numpy()
 
 
-def engine_logits(gguf_path: str, prompts: list[list[int]], engine: str):
-    """Last-position logits from `vicuna eval -m F.gguf --ids ... --dump-logits OUT.bin`."""
+def engine_logits(gguf_path: str, prompts: list[list[int]], engine: str, extra: tuple[str, ...] = ()):
+    """Last-position logits from `vicuna eval -m F.gguf --ids ... --dump-logits OUT.bin [extra]`."""
     import numpy as np
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for k, ids in enumerate(prompts):
             out = os.path.join(tmp, f"logits{k}.bin")
-            _run_engine([engine, "eval", "-m", gguf_path, "--ids", ",".join(map(str, ids)), "--dump-logits", out])
+            _run_engine([engine, "eval", "-m", gguf_path, "--ids", ",".join(map(str, ids)), "--dump-logits", out,
+                         *extra])
             rows.append(np.fromfile(out, dtype="<f4"))
     return np.stack(rows)
 
@@ -791,10 +1032,55 @@ def verify(model_dir: str, gguf_path: str, prompt_type: str, engine: str | None 
     return report, used
 
 
+def verify_adapter(info: dict, lora_path: str, adapter_gguf: str, engine: str | None = None) -> dict:
+    """Logits of a few prompts: the base GGUF with the adapter GGUF in vicuna.cpp against the Hugging
+    Face base with the adapter folder (peft)."""
+    engine = engine or ENGINE
+    prompts, _, _ = verify_prompts(info["model_dir"], info["prompt_type"])
+    ref = hf_logits(info["model_dir"], prompts, lora_path)
+    got = engine_logits(info["base_gguf"], prompts, engine, ("--lora", adapter_gguf))
+    return compare_logits(ref, got)
+
+
+def main_adapter(args) -> int:
+    info = convert_adapter(args.lora_path, args.outfile, args.model_path, args.outtype, args.prompt_type,
+                           args.overwrite, args.modelfile, args.base_gguf)
+    print(args.outfile)
+    built = os.path.isfile(ENGINE) and os.access(ENGINE, os.X_OK)
+    do_verify = args.verify
+    if do_verify is None:
+        do_verify = built and bool(info["base_gguf"]) and info["n_base_params"] < VERIFY_MAX_PARAMS
+    if not do_verify:
+        return 0
+    if not built or not info["base_gguf"]:
+        raise UserError(f"--verify with --lora_path runs the base GGUF with the adapter in vicuna.cpp: "
+                        f"{'build it (make cpp)' if not built else 'name the base with --base_gguf BASE.gguf'}; "
+                        f"{args.outfile} is written")
+    report = verify_adapter(info, args.lora_path, args.outfile)
+    print(f"verify (vicuna.cpp, {os.path.basename(info['base_gguf'])} --lora {os.path.basename(args.outfile)} "
+          f"against transformers + peft): top-1 agreement {report['top1_agree']}/{report['n']} prompts, "
+          f"max logit diff {report['max_abs_diff']:.3g} (relative {report['max_rel_diff']:.3g})")
+    if not math.isfinite(report["max_abs_diff"]):
+        print("error: the base with the adapter gives NaN or infinite logits: the adapter is broken", file=sys.stderr)
+        return 1
+    if info["base_file_type"] == 0 and (report["top1_agree"] < report["n"]
+                                        or not all_close(report["max_rel_diff"], F32_MAX_REL_DIFF)):
+        print(f"error: on an f32 base the adapter disagrees with transformers + peft (limit: same top-1, relative "
+              f"difference <= {F32_MAX_REL_DIFF}); {args.outfile} is kept for inspection", file=sys.stderr)
+        return 1
+    return 0
+
+
 @cli_errors
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
+    if args.lora_path:
+        return main_adapter(args)
+    if args.base_gguf:
+        raise UserError("--base_gguf goes with --lora_path (the base an adapter is for)")
+    if not args.model_path:
+        raise UserError("--model_path is required (or --lora_path ADAPTER to export a LoRA adapter)")
     info = convert(args.model_path, args.outfile, args.outtype, args.prompt_type, args.overwrite, args.modelfile)
     do_verify = args.verify if args.verify is not None else info["n_params"] < VERIFY_MAX_PARAMS
     print(args.outfile)

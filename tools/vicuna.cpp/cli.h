@@ -49,12 +49,19 @@ static const char* const USAGE =
     "  quantize   IN.gguf OUT.gguf TYPE [--pure] [--allow-requantize] [--overwrite]\n"
     "             f32/f16 tensors -> q8_0, q4_0, q4_1 (or f16); for 4-bit types the classifier stays\n"
     "             q8_0 unless --pure; --allow-requantize also converts already quantized tensors;\n"
-    "             an existing OUT is replaced only with --overwrite\n";
+    "             an existing OUT is replaced only with --overwrite\n"
+    "\n"
+    "run, chat, eval, bench and perplexity also take --lora ADAPTER.gguf [--lora-scale S]: a LoRA\n"
+    "adapter (tools/convert_gguf.py --lora_path) applied at run time to the -m base model, whatever\n"
+    "its type; S scales its effect (default 1; 0 gives the base model's output exactly)\n";
 
 struct Options {
     std::string command;
     std::vector<std::string> positional;
     std::string model, prompt, file, ids, dump_logits;
+    std::string lora;         // --lora ADAPTER.gguf
+    float lora_scale = 1.0f;  // --lora-scale
+    bool lora_scale_set = false;
     PromptType prompt_type = PROMPT_NONE;
     bool prompt_type_set = false;
     int n_predict = 256, n_prompt = 512, threads = 0, ctx = 0, chunks = 0;
@@ -104,12 +111,12 @@ static Options parse_args(int argc, char** argv) {
     o.command = argv[1];
     // which flags each command takes
     static const std::unordered_map<std::string, std::string> allowed = {
-        {"run", " -m -p -n -t -c --temp --top-k --top-p --repeat-penalty --seed --prompt-type --ids --print-ids --ignore-eos -v "},
-        {"chat", " -m -n -t -c --temp --top-k --top-p --repeat-penalty --seed --prompt-type "},
+        {"run", " -m -p -n -t -c --temp --top-k --top-p --repeat-penalty --seed --prompt-type --ids --print-ids --ignore-eos -v --lora --lora-scale "},
+        {"chat", " -m -n -t -c --temp --top-k --top-p --repeat-penalty --seed --prompt-type --lora --lora-scale "},
         {"tokenize", " -m -p -f --lines --prompt-type --no-bos "},
-        {"eval", " -m -p --ids --dump-logits -t "},
-        {"bench", " -m -p -n -t -v "},
-        {"perplexity", " -m -f -c -t --chunks "},
+        {"eval", " -m -p --ids --dump-logits -t --lora --lora-scale "},
+        {"bench", " -m -p -n -t -v --lora --lora-scale "},
+        {"perplexity", " -m -f -c -t --chunks --lora --lora-scale "},
         {"quantize", " --pure --allow-requantize --overwrite "},
     };
     auto cmd = allowed.find(o.command);
@@ -148,6 +155,8 @@ static Options parse_args(int argc, char** argv) {
         else if (a == "--seed") o.seed = parse_int(a, v, -1, INT32_MAX);
         else if (a == "--ids") o.ids = v;
         else if (a == "--dump-logits") o.dump_logits = v;
+        else if (a == "--lora") o.lora = v;
+        else if (a == "--lora-scale") { o.lora_scale = parse_float(a, v, -1000.0f, 1000.0f); o.lora_scale_set = true; }
         else if (a == "--prompt-type") {
             std::string t = v;
             o.prompt_type_set = true;
@@ -160,8 +169,14 @@ static Options parse_args(int argc, char** argv) {
     if (o.command != "quantize") {
         if (!o.positional.empty()) FAIL("unexpected argument '%s'", printable(o.positional[0]).c_str());
         if (o.model.empty()) FAIL("'%s' needs a model: -m F.gguf", o.command.c_str());
+        if (o.lora_scale_set && o.lora.empty()) FAIL("--lora-scale needs an adapter: --lora ADAPTER.gguf");
     }
     return o;
+}
+
+// --lora ADAPTER.gguf on the loaded base model (lora.h), before anything runs
+static void attach_lora(Engine* e, const Options& o) {
+    if (!o.lora.empty()) lora_attach(&e->model, o.lora.c_str(), o.lora_scale);
 }
 
 static Sampler make_sampler(const Options& o) {
@@ -191,6 +206,7 @@ static int cmd_run(const Options& o) {
     if (o.ids.empty() && !o.prompt_set) FAIL("run needs a prompt: -p TEXT (or --ids 1,2,3)");
     Engine e;
     engine_init(&e, o.model.c_str(), o.ctx, o.threads);
+    attach_lora(&e, o);
     std::vector<int> ids = o.ids.empty() ? build_prompt_ids(&e.tok, o.prompt_type, {}, o.prompt) : parse_ids(o.ids);
     if (o.verbose) {
         std::string line = "prompt ids:";
@@ -219,6 +235,7 @@ static int cmd_run(const Options& o) {
 static int cmd_chat(const Options& o) {
     Engine e;
     engine_init(&e, o.model.c_str(), o.ctx, o.threads);
+    attach_lora(&e, o);
     PromptType type = o.prompt_type_set ? o.prompt_type : PROMPT_CHAT;
     if (e.kv.n_ctx < 16) FAIL("chat needs a context of at least 16 tokens, got -c %d", e.kv.n_ctx);
     if (type == PROMPT_NONE) FAIL("chat needs a template: --prompt-type chat or instruct");
@@ -340,6 +357,7 @@ static int cmd_eval(const Options& o) {
     if (ids.empty()) FAIL("the prompt has no tokens");
     Engine e;
     engine_init_gguf(&e, &f, (int)ids.size(), o.threads);  // a context just the prompt's size
+    attach_lora(&e, o);
     const float* logits = engine_eval(&e, ids);
     FILE* fp = fopen(o.dump_logits.c_str(), "wb");
     if (!fp) FAIL("cannot create '%s': %s", printable(o.dump_logits).c_str(), strerror(errno));
@@ -361,6 +379,7 @@ static int cmd_bench(const Options& o) {
     }
     Engine e;
     engine_init_gguf(&e, &f, n_prompt + n_gen, o.threads);
+    attach_lora(&e, o);
     int V = e.model.cfg.vocab_size;
     std::vector<int> prompt(n_prompt);
     for (int i = 0; i < n_prompt; i++) prompt[i] = (int)((i * 7919u + 13u) % (unsigned)V);
@@ -390,6 +409,7 @@ static int cmd_perplexity(const Options& o) {
     std::string text = read_file(o.file);
     Engine e;
     engine_init(&e, o.model.c_str(), o.ctx > 0 ? o.ctx : 512, o.threads);
+    attach_lora(&e, o);
     int n_ctx = e.kv.n_ctx;
     std::vector<int> tokens = tokenizer_encode(&e.tok, text, true);
     int n_chunks = (int)(tokens.size() / (size_t)n_ctx);

@@ -6,7 +6,8 @@
 //               x += w_down @ (silu(w_gate @ norm(x)) * (w_up @ norm(x)))
 //   logits = output @ norm(x)
 // The matmuls and the attention are split over the thread pool; quantized weights multiply int8
-// activation blocks (quants.h).
+// activation blocks (quants.h). A weight with a LoRA pair attached (lora.h) adds scale * B (A x)
+// inside the same dispatch.
 #pragma once
 
 #include <algorithm>
@@ -16,6 +17,7 @@
 #include <vector>
 
 #include "common.h"
+#include "lora.h"
 #include "model.h"
 #include "quants.h"
 #include "threadpool.h"
@@ -64,6 +66,7 @@ struct RunState {
     std::vector<float> rope_sin;  // (B, rope_dim/2)
     std::vector<BlockQ8A> xq;     // (B, max(dim, q_dim, hidden_dim)/32) quantized matmul input
     std::vector<float> logits;    // (B, vocab)
+    std::vector<float> lora_t;    // (B, rank) A x of each LoRA pair in one matmul; sized on first use
 };
 
 static void state_init(RunState* s, const Config* c, int max_batch, int n_ctx, int n_threads) {
@@ -93,21 +96,31 @@ static void state_free(RunState* s) { *s = RunState(); }
 //
 // The rows of all jobs are cut into chunks that the threads take from an atomic counter, so
 // one dispatch covers q, k and v (or gate and up) and a slow thread does not hold up the rest.
+//
+// A weight with a LoRA pair (W.lora, lora.h) adds scale * B (A x): the products t = A x are extra
+// jobs whose chunks come first in the counter's order, and the chunk that computes rows r0..r1 of
+// W x adds scale * B[r] . t to them, after waiting for the last A chunk (handed out before any W
+// chunk, so the wait is short or none). No extra dispatch, no pass over `out` afterwards.
 
 struct MatJob {
     const Tensor* w;
     float* out;  // (B, w->rows)
+    const float* lora_t = nullptr;  // (B, rank) A x when w has a LoRA pair
 };
 
+static const int MATMUL_MAX_JOBS = 6;  // three weights and their LoRA A products
+
 struct MatmulTask {
-    MatJob jobs[3];
+    MatJob jobs[MATMUL_MAX_JOBS];  // the LoRA A products first, then the weights
     int n_jobs = 0;
-    int chunk_rows[3];
-    int chunk_end[3];     // cumulative chunk counts
+    int chunk_rows[MATMUL_MAX_JOBS];
+    int chunk_end[MATMUL_MAX_JOBS];  // cumulative chunk counts
+    int lora_chunks = 0;             // chunks of the A products: [0, lora_chunks) of the counter
     const float* x;       // (B, cols)
     const BlockQ8A* xq;   // (B, cols/32), when a weight is quantized
     int B, cols;
     std::atomic<int> next{0};
+    std::atomic<int> lora_done{0};   // A chunks finished
 };
 
 template <int NC>
@@ -149,6 +162,19 @@ template <int NC>
     }
 }
 
+// out[b, r] += scale * B[r] . t[b] for the rows r0..r1 of a weight with a LoRA pair
+static void lora_add_rows(const LoraWeight* L, const float* t, float* out, int64_t rows, int64_t r0, int64_t r1,
+                          int B) {
+    for (int b = 0; b < B; b++) {
+        const float* tb = t + (size_t)b * L->rank;
+        for (int64_t r = r0; r < r1; r++) {
+            float o = 0.0f;
+            dot_row<1>(L->b.type, L->b.data + (size_t)r * L->b.row_bytes, tb, nullptr, 0, L->rank, &o);
+            out[(size_t)b * rows + r] += L->scale * o;
+        }
+    }
+}
+
 static void matmul_worker(void* p, int ith, int nth) {
     (void)ith;
     (void)nth;
@@ -179,7 +205,21 @@ static void matmul_worker(void* p, int ith, int nth) {
                 out[(size_t)b * w->rows + r] = o[0];
             }
         }
+        if (c < t->lora_chunks) {  // an A product: publish it
+            t->lora_done.fetch_add(1, std::memory_order_release);
+        } else if (w->lora) {
+            int spins = 0;
+            while (t->lora_done.load(std::memory_order_acquire) < t->lora_chunks) spin_wait(&spins);
+            lora_add_rows(w->lora, t->jobs[j].lora_t, out, w->rows, r0, r1, t->B);
+        }
     }
+}
+
+// Chunk size: decode, about 8 chunks per thread and job, enough to balance and few enough to be
+// cheap; prefill, chunks of ~16 KB of weights, which stay in L1 (see matmul_worker).
+static int matmul_chunk_rows(const Tensor* w, int B, int n_threads) {
+    int rows = (int)w->rows;
+    return B >= 4 ? std::max(4, (int)(16384 / w->row_bytes)) : std::max(4, (rows + n_threads * 8 - 1) / (n_threads * 8));
 }
 
 static void matmul(ThreadPool* pool, RunState* s, const float* x, int B, std::initializer_list<MatJob> jobs) {
@@ -188,19 +228,34 @@ static void matmul(ThreadPool* pool, RunState* s, const float* x, int B, std::in
     t.B = B;
     t.cols = (int)jobs.begin()->w->cols;
     bool quantized = false;
-    int chunks = 0;
+    // LoRA A products first (into s->lora_t), then the weights
+    size_t lora_floats = 0;
     for (const MatJob& j : jobs) {
-        quantized |= j.w->type != GGML_TYPE_F32 && j.w->type != GGML_TYPE_F16;
-        // decode: about 8 chunks per thread and job, enough to balance and few enough to be
-        // cheap; prefill: chunks of ~16 KB of weights, which stay in L1 (see matmul_worker)
-        int rows = (int)j.w->rows;
-        int cr = B >= 4 ? std::max(4, (int)(16384 / j.w->row_bytes))
-                        : std::max(4, (rows + pool->n_threads * 8 - 1) / (pool->n_threads * 8));
-        t.jobs[t.n_jobs] = j;
-        t.chunk_rows[t.n_jobs] = cr;
-        chunks += (rows + cr - 1) / cr;
-        t.chunk_end[t.n_jobs] = chunks;
-        t.n_jobs++;
+        if (j.w->lora) lora_floats += (size_t)B * j.w->lora->rank;
+    }
+    if (s->lora_t.size() < lora_floats) s->lora_t.resize(lora_floats);
+    float* lora_t = s->lora_t.data();
+    MatJob weights[3];
+    int n_weights = 0;
+    for (const MatJob& j : jobs) {
+        MatJob wj = j;
+        if (j.w->lora) {
+            t.jobs[t.n_jobs++] = {&j.w->lora->a, lora_t};
+            wj.lora_t = lora_t;
+            lora_t += (size_t)B * j.w->lora->rank;
+        }
+        weights[n_weights++] = wj;
+    }
+    int n_lora = t.n_jobs;
+    for (int i = 0; i < n_weights; i++) t.jobs[t.n_jobs++] = weights[i];
+    int chunks = 0;
+    for (int i = 0; i < t.n_jobs; i++) {
+        const Tensor* w = t.jobs[i].w;
+        quantized |= w->type != GGML_TYPE_F32 && w->type != GGML_TYPE_F16;
+        t.chunk_rows[i] = matmul_chunk_rows(w, B, pool->n_threads);
+        chunks += (int)((w->rows + t.chunk_rows[i] - 1) / t.chunk_rows[i]);
+        t.chunk_end[i] = chunks;
+        if (i + 1 == n_lora) t.lora_chunks = chunks;
     }
     if (quantized) {
         int nb = t.cols / QK;
@@ -344,6 +399,11 @@ static void forward_batch(const Model* m, RunState* s, KVCache* kv, ThreadPool* 
         }
         const uint8_t* row = m->token_embd.data + (size_t)tokens[b] * m->token_embd.row_bytes;
         dequantize_row(m->token_embd.type, row, s->x.data() + (size_t)b * dim, dim);
+        if (const LoraWeight* L = m->token_embd.lora) {  // x += scale * B a[token]
+            if (s->lora_t.size() < (size_t)L->rank) s->lora_t.resize(L->rank);
+            dequantize_row(L->a.type, L->a.data + (size_t)tokens[b] * L->a.row_bytes, s->lora_t.data(), L->rank);
+            lora_add_rows(L, s->lora_t.data(), s->x.data() + (size_t)b * dim, dim, 0, dim, 1);
+        }
         for (int i = 0; i < half; i++) {
             float angle = (float)(pos0 + b) * m->rope_inv_freq[i];
             s->rope_cos[(size_t)b * half + i] = std::cos(angle);

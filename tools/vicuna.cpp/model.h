@@ -3,7 +3,7 @@
 // model_init reads the llama.* hyperparameters into a Config, checks every tensor's shape against
 // them, and keeps pointers into the mapped file (nothing is copied but the norm vectors, which are
 // converted to f32). The Model owns the GGUFFile, so the weights live exactly as long as it.
-// Running the model is forward.h.
+// A LoRA adapter file (lora.h) can be attached to the loaded weights; running the model is forward.h.
 #pragma once
 
 #include <cinttypes>
@@ -28,6 +28,8 @@ struct Config {
     float norm_eps;   // llama.attention.layer_norm_rms_epsilon
 };
 
+struct LoraWeight;
+
 // A weight matrix of shape (rows, cols), row-major; GGUF calls cols ne[0] and rows ne[1].
 struct Tensor {
     std::string_view name;
@@ -35,6 +37,28 @@ struct Tensor {
     int64_t rows = 0, cols = 0;
     size_t row_bytes = 0;
     const uint8_t* data = nullptr;  // points into the mmap'ed file
+    const LoraWeight* lora = nullptr;  // a LoRA pair applied at run time (lora.h), or none
+};
+
+// A LoRA adapter's pair on one weight W (rows, cols): forward.h computes
+//   y = W x + scale * B (A x)        A = lora_a (rank, cols), B = lora_b (rows, rank)
+// without touching W, so a quantized W stays quantized. On token_embd (an embedding lookup, as
+// llama.cpp stores it) A is (vocab, rank) and the row of the token is added through B (dim, rank).
+// A and B are F32 or F16, pointing into the adapter file, or F32 copies of Q8_0/Q4 tensors.
+struct LoraWeight {
+    Tensor a, b;
+    int rank = 0;
+    float scale = 0.0f;         // --lora-scale * adapter.lora.alpha / rank (the scale alone when alpha is 0)
+    std::vector<float> owned;   // a then b, dequantized, when the file's type is not F32/F16
+};
+
+// The adapter attached to a model: its file (the mapping A and B point into) and one LoraWeight
+// per adapted base weight. weights never grows after lora_attach, so the pointers stay valid.
+struct Adapter {
+    GGUFFile file;
+    std::vector<LoraWeight> weights;
+    std::string prompt_type;    // vicuna.prompt_type of the adapter (what it was trained with), or ""
+    float alpha = 0.0f, scale = 1.0f;
 };
 
 struct LayerWeights {
@@ -57,6 +81,7 @@ struct Model {
     std::vector<float> output_norm;  // (dim,)
     Tensor output;                   // (vocab, dim); token_embd when the embeddings are tied
     std::vector<float> rope_inv_freq;  // (rope_dim/2,) theta^(-2i/rope_dim)
+    Adapter adapter;                 // a LoRA adapter file attached with lora_attach (lora.h), if any
 };
 
 static Tensor model_matrix(const GGUFFile* f, const std::string& name, int64_t rows, int64_t cols) {
