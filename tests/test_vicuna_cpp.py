@@ -769,8 +769,8 @@ def test_chat_survives_a_full_context(vicuna_asan, tiny_ggufs):
     _, path = tiny_ggufs["bpe"]
     lines = ["你好！", "Tell me about llamas.", "/clear", "再说一遍", "长" * 3000 + " end", "", "last question?"]
     stdin = ("\n".join(lines) + "\n").encode()
-    proc = run([vicuna_asan, "cli", "chat", "-m", path, "-c", "96", "-n", "16", "--temp", "0.7", "--seed", "1",
-                "-t", "2"], stdin=stdin, timeout=300, check=False)
+    proc = run([vicuna_asan, "cli", "chat", "-m", path, "--prompt-type", "chat", "-c", "96", "-n", "16", "--temp", "0.7",
+                "--seed", "1", "-t", "2"], stdin=stdin, timeout=300, check=False)
     err = proc.stderr.decode(errors="replace")
     assert proc.returncode == 0, err[-3000:]
     assert "kept its last" in err  # the long line was cut to fit

@@ -31,12 +31,18 @@ static const char* const USAGE =
     "\n"
     "commands:\n"
     "  run        -m F.gguf -p TEXT [-n N] [-t THREADS] [-c CTX] [--temp T] [--top-k K] [--top-p P]\n"
-    "             [--repeat-penalty R] [--seed S] [--prompt-type none|instruct|chat] [--ids 1,2,3]\n"
+    "             [--repeat-penalty R] [--seed S] [--prompt-type T] [--system TEXT] [--ids 1,2,3]\n"
     "             [--print-ids] [--ignore-eos] [-v]\n"
-    "             print a completion, streaming (--temp 0: greedy); -v prints the prompt's token\n"
-    "             ids on stderr first (what the model is fed, template and BOS included)\n"
-    "  chat       -m F.gguf [--prompt-type chat|instruct] [-n N] [-c CTX] [sampling options]\n"
-    "             interactive chat on stdin (/clear forgets the history, /exit quits)\n"
+    "             print a completion, streaming (--temp 0: greedy); no template unless --prompt-type;\n"
+    "             -v prints the prompt's token ids on stderr first (template and BOS included)\n"
+    "  chat       -m F.gguf [--prompt-type T] [--system TEXT] [-n N] [-c CTX] [sampling options] [-v]\n"
+    "             [--dry-run]\n"
+    "             interactive chat on stdin (/clear forgets the history, /exit quits), in the file's\n"
+    "             template unless --prompt-type; -v prints each prompt's ids on stderr; --dry-run runs\n"
+    "             no model: each user line is followed by a line taken as the answer (\\n \\t \\r \\\\\n"
+    "             escapes in both), and the prompt ids are printed on stdout\n"
+    "             T: auto (the file's: vicuna.prompt_type, else tokenizer.chat_template), none,\n"
+    "             instruct, chat, chat_template (the file's tokenizer.chat_template)\n"
     "  tokenize   -m F.gguf (-p TEXT | -f FILE [--lines]) [--prompt-type T] [--no-bos]\n"
     "             print token ids; --lines: one text per line, \\n \\t \\r \\\\ escapes, one line of ids each\n"
     "  eval       -m F.gguf (-p TEXT | --ids 1,2,3) --dump-logits OUT.bin\n"
@@ -64,6 +70,8 @@ struct Options {
     bool lora_scale_set = false;
     PromptType prompt_type = PROMPT_NONE;
     bool prompt_type_set = false;
+    std::string system;  // --system TEXT
+    bool system_set = false, dry_run = false;
     int n_predict = 256, n_prompt = 512, threads = 0, ctx = 0, chunks = 0;
     bool n_predict_set = false, prompt_set = false;
     float temp = 0.7f, top_p = 0.9f, repeat_penalty = 1.1f;
@@ -111,8 +119,8 @@ static Options parse_args(int argc, char** argv) {
     o.command = argv[1];
     // which flags each command takes
     static const std::unordered_map<std::string, std::string> allowed = {
-        {"run", " -m -p -n -t -c --temp --top-k --top-p --repeat-penalty --seed --prompt-type --ids --print-ids --ignore-eos -v --lora --lora-scale "},
-        {"chat", " -m -n -t -c --temp --top-k --top-p --repeat-penalty --seed --prompt-type --lora --lora-scale "},
+        {"run", " -m -p -n -t -c --temp --top-k --top-p --repeat-penalty --seed --prompt-type --system --ids --print-ids --ignore-eos -v --lora --lora-scale "},
+        {"chat", " -m -n -t -c --temp --top-k --top-p --repeat-penalty --seed --prompt-type --system --dry-run -v --lora --lora-scale "},
         {"tokenize", " -m -p -f --lines --prompt-type --no-bos "},
         {"eval", " -m -p --ids --dump-logits -t --lora --lora-scale "},
         {"bench", " -m -p -n -t -v --lora --lora-scale "},
@@ -137,6 +145,7 @@ static Options parse_args(int argc, char** argv) {
         if (a == "--pure") { o.pure = true; continue; }
         if (a == "--allow-requantize") { o.requantize = true; continue; }
         if (a == "--overwrite") { o.overwrite = true; continue; }
+        if (a == "--dry-run") { o.dry_run = true; continue; }
         if (a == "-v") { o.verbose = true; continue; }
         if (i + 1 >= argc) FAIL("%s needs a value", a.c_str());
         const char* v = argv[++i];
@@ -157,13 +166,16 @@ static Options parse_args(int argc, char** argv) {
         else if (a == "--dump-logits") o.dump_logits = v;
         else if (a == "--lora") o.lora = v;
         else if (a == "--lora-scale") { o.lora_scale = parse_float(a, v, -1000.0f, 1000.0f); o.lora_scale_set = true; }
+        else if (a == "--system") { o.system = v; o.system_set = true; }
         else if (a == "--prompt-type") {
             std::string t = v;
             o.prompt_type_set = true;
             if (t == "none") o.prompt_type = PROMPT_NONE;
             else if (t == "instruct") o.prompt_type = PROMPT_INSTRUCT;
             else if (t == "chat") o.prompt_type = PROMPT_CHAT;
-            else FAIL("--prompt-type must be none, instruct or chat, got '%s'", printable(t).c_str());
+            else if (t == "chat_template") o.prompt_type = PROMPT_CHAT_TEMPLATE;
+            else if (t == "auto") o.prompt_type = PROMPT_AUTO;
+            else FAIL("--prompt-type must be auto, none, instruct, chat or chat_template, got '%s'", printable(t).c_str());
         }
     }
     if (o.command != "quantize") {
@@ -202,90 +214,6 @@ static std::string read_file(const std::string& path) {
     return s;
 }
 
-static int cmd_run(const Options& o) {
-    if (o.ids.empty() && !o.prompt_set) FAIL("run needs a prompt: -p TEXT (or --ids 1,2,3)");
-    Engine e;
-    engine_init(&e, o.model.c_str(), o.ctx, o.threads);
-    attach_lora(&e, o);
-    std::vector<int> ids = o.ids.empty() ? build_prompt_ids(&e.tok, o.prompt_type, {}, o.prompt) : parse_ids(o.ids);
-    if (o.verbose) {
-        std::string line = "prompt ids:";
-        for (int id : ids) line += " " + std::to_string(id);
-        fprintf(stderr, "%s\n", line.c_str());
-    }
-    if ((int)ids.size() >= e.kv.n_ctx) {
-        FAIL("the prompt is %zu tokens and the context %d; raise -c (the model allows %d)", ids.size(), e.kv.n_ctx,
-             e.model.cfg.ctx_train);
-    }
-    Sampler s = make_sampler(o);
-    StreamPrinter pr;
-    pr.stops = stop_strings(o.prompt_type);
-    pr.out = o.print_ids ? nullptr : stdout;
-    int n_new = std::min(o.n_predict, e.kv.n_ctx - (int)ids.size());
-    std::vector<int> gen = n_new > 0 ? generate(&e, ids, n_new, &s, &pr, o.ignore_eos) : std::vector<int>();
-    if (o.print_ids) {
-        for (size_t i = 0; i < gen.size(); i++) printf(i ? " %d" : "%d", gen[i]);
-    } else {
-        printer_finish(&pr);
-    }
-    printf("\n");
-    return 0;
-}
-
-static int cmd_chat(const Options& o) {
-    Engine e;
-    engine_init(&e, o.model.c_str(), o.ctx, o.threads);
-    attach_lora(&e, o);
-    PromptType type = o.prompt_type_set ? o.prompt_type : PROMPT_CHAT;
-    if (e.kv.n_ctx < 16) FAIL("chat needs a context of at least 16 tokens, got -c %d", e.kv.n_ctx);
-    if (type == PROMPT_NONE) FAIL("chat needs a template: --prompt-type chat or instruct");
-    Sampler s = make_sampler(o);
-    const int n_ctx = e.kv.n_ctx;
-    // room for the answer: -n, but never more than half the context
-    const int max_new = std::max(1, std::min(o.n_predict_set ? o.n_predict : 256, n_ctx / 2));
-    bool tty = isatty(0);
-    std::vector<Turn> history;
-    std::string line;
-    for (;;) {
-        if (tty) {
-            fputs("> ", stdout);
-            fflush(stdout);
-        }
-        if (!std::getline(std::cin, line)) break;
-        if (!line.empty() && line.back() == '\r') line.pop_back();
-        if (strip(line).empty()) continue;
-        if (line == "/exit" || line == "/quit") break;
-        if (line == "/clear") {
-            history.clear();
-            continue;
-        }
-        // prompt.py's fit_history: drop the oldest turns until the prompt and the answer fit
-        std::vector<Turn> turns = type == PROMPT_CHAT ? history : std::vector<Turn>();
-        std::vector<int> ids = build_prompt_ids(&e.tok, type, turns, line);
-        while ((int)ids.size() + max_new > n_ctx && !turns.empty()) {
-            turns.erase(turns.begin());
-            ids = build_prompt_ids(&e.tok, type, turns, line);
-        }
-        if ((int)ids.size() + max_new > n_ctx) {
-            // the question alone is too long: keep its end (which holds the "Assistant:" cue)
-            size_t lead = e.tok.add_bos ? 1 : 0, keep = (size_t)(n_ctx - max_new) - lead;
-            fprintf(stderr, "chat: note: your message is %zu tokens; kept its last %zu to fit the context of %d (-c)\n",
-                    ids.size(), keep, n_ctx);
-            ids.erase(ids.begin() + lead, ids.end() - keep);
-        }
-        StreamPrinter pr;
-        pr.stops = stop_strings(type);
-        pr.out = stdout;
-        generate(&e, ids, std::min(max_new, n_ctx - (int)ids.size()), &s, &pr, false);
-        printer_finish(&pr);
-        printf("\n");
-        fflush(stdout);
-        history = turns;
-        history.push_back({line, strip(std::string_view(pr.text).substr(0, std::min(pr.cut, pr.text.size())))});
-    }
-    return 0;
-}
-
 // "a\nb" written as a\\nb on one line
 static std::string unescape(std::string_view s) {
     std::string out;
@@ -301,6 +229,143 @@ static std::string unescape(std::string_view s) {
         out += s[i];
     }
     return out;
+}
+
+static void print_prompt_ids(FILE* fp, const std::vector<int>& ids) {
+    std::string line = "prompt ids:";
+    for (int id : ids) line += " " + std::to_string(id);
+    fprintf(fp, "%s\n", line.c_str());
+}
+
+static int cmd_run(const Options& o) {
+    if (o.ids.empty() && !o.prompt_set) FAIL("run needs a prompt: -p TEXT (or --ids 1,2,3)");
+    Engine e;
+    engine_init(&e, o.model.c_str(), o.ctx, o.threads);
+    attach_lora(&e, o);
+    // a raw completion unless --prompt-type names a template (auto: the file's)
+    Template tp = resolve_template(&e.model.file, &e.tok, o.prompt_type, e.model.adapter.prompt_type, o.lora);
+    const std::string* system = o.system_set ? &o.system : nullptr;
+    check_system(tp, system);
+    if (tp.type != PROMPT_NONE) fprintf(stderr, "run: %s\n", template_description(tp, &e.tok).c_str());
+    std::vector<int> ids = o.ids.empty() ? template_prompt_ids(tp, &e.tok, system, {}, o.prompt) : parse_ids(o.ids);
+    if (o.verbose) print_prompt_ids(stderr, ids);
+    if ((int)ids.size() >= e.kv.n_ctx) {
+        FAIL("the prompt is %zu tokens and the context %d; raise -c (the model allows %d)", ids.size(), e.kv.n_ctx,
+             e.model.cfg.ctx_train);
+    }
+    Sampler s = make_sampler(o);
+    StreamPrinter pr;
+    pr.stops = tp.stops;
+    pr.out = o.print_ids ? nullptr : stdout;
+    int n_new = std::min(o.n_predict, e.kv.n_ctx - (int)ids.size());
+    std::vector<int> gen = n_new > 0 ? generate(&e, ids, n_new, &s, &pr, o.ignore_eos, tp.end_ids) : std::vector<int>();
+    if (o.print_ids) {
+        for (size_t i = 0; i < gen.size(); i++) printf(i ? " %d" : "%d", gen[i]);
+    } else {
+        printer_finish(&pr);
+    }
+    printf("\n");
+    return 0;
+}
+
+// Multi-turn chat in the file's template (or --prompt-type's). --dry-run loads the tokenizer
+// only: each user line is followed by its answer on the next line, and the prompt ids each turn
+// would feed are printed on stdout, so templates and history trimming are testable without a model.
+static int cmd_chat(const Options& o) {
+    Engine e;
+    GGUFFile dry_file;  // --dry-run: the file and its tokenizer, no weights
+    Tokenizer dry_tok;
+    const GGUFFile* file;
+    const Tokenizer* tok;
+    int n_ctx;
+    std::string adapter_prompt_type;  // a --lora adapter's vicuna.prompt_type comes first
+    if (o.dry_run) {
+        if (!o.lora.empty()) {
+            GGUFFile adapter;
+            gguf_init_from_file(&adapter, o.lora.c_str());
+            adapter_prompt_type = std::string(gguf_get_str(&adapter, "vicuna.prompt_type", false));
+        }
+        gguf_init_from_file(&dry_file, o.model.c_str());
+        tokenizer_init(&dry_tok, &dry_file);
+        int ctx_train = (int)gguf_get_int(&dry_file, "llama.context_length", 2048, false, 1, 1 << 24);
+        n_ctx = o.ctx > 0 ? o.ctx : std::min(2048, ctx_train);
+        file = &dry_file;
+        tok = &dry_tok;
+    } else {
+        engine_init(&e, o.model.c_str(), o.ctx, o.threads);
+        attach_lora(&e, o);
+        n_ctx = e.kv.n_ctx;
+        adapter_prompt_type = e.model.adapter.prompt_type;
+        file = &e.model.file;
+        tok = &e.tok;
+    }
+    // the file's template unless --prompt-type names one
+    Template tp = resolve_template(file, tok, o.prompt_type_set ? o.prompt_type : PROMPT_AUTO, adapter_prompt_type, o.lora);
+    if (tp.type == PROMPT_NONE) FAIL("chat needs a template: --prompt-type auto, chat, instruct or chat_template");
+    const std::string* system = o.system_set ? &o.system : nullptr;
+    check_system(tp, system);
+    fprintf(stderr, "chat: %s\n", template_description(tp, tok).c_str());
+    if (n_ctx < 16) FAIL("chat needs a context of at least 16 tokens, got -c %d", n_ctx);
+    Sampler s = make_sampler(o);
+    // room for the answer: -n, but never more than half the context
+    const int max_new = std::max(1, std::min(o.n_predict_set ? o.n_predict : 256, n_ctx / 2));
+    bool tty = isatty(0) && !o.dry_run;
+    std::vector<Turn> history;
+    std::string line;
+    auto read_line = [&](std::string* out) {
+        if (!std::getline(std::cin, *out)) return false;
+        if (!out->empty() && out->back() == '\r') out->pop_back();
+        if (o.dry_run) *out = unescape(*out);
+        return true;
+    };
+    for (;;) {
+        if (tty) {
+            fputs("> ", stdout);
+            fflush(stdout);
+        }
+        if (!read_line(&line)) break;
+        if (strip(line).empty()) continue;
+        if (line == "/exit" || line == "/quit") break;
+        if (line == "/clear") {
+            history.clear();
+            continue;
+        }
+        // prompt.py's fit_history: drop the oldest whole turns until the prompt and the answer
+        // fit (the system message stays); instruct holds one exchange, so it has no history
+        std::vector<Turn> turns = tp.type == PROMPT_INSTRUCT ? std::vector<Turn>() : history;
+        std::vector<int> ids = template_prompt_ids(tp, tok, system, turns, line);
+        while ((int)ids.size() + max_new > n_ctx && !turns.empty()) {
+            turns.erase(turns.begin());
+            ids = template_prompt_ids(tp, tok, system, turns, line);
+        }
+        if ((int)ids.size() + max_new > n_ctx) {
+            // the question alone is too long: keep its end (which holds the answer cue)
+            size_t lead = tok->bos >= 0 && !ids.empty() && ids[0] == tok->bos ? 1 : 0;
+            size_t keep = (size_t)(n_ctx - max_new) - lead;
+            fprintf(stderr, "chat: note: your message is %zu tokens; kept its last %zu to fit the context of %d (-c)\n",
+                    ids.size(), keep, n_ctx);
+            ids.erase(ids.begin() + lead, ids.end() - keep);
+        }
+        std::string answer;
+        if (o.dry_run) {
+            print_prompt_ids(stdout, ids);
+            fflush(stdout);
+            if (!read_line(&answer)) answer.clear();
+        } else {
+            if (o.verbose) print_prompt_ids(stderr, ids);
+            StreamPrinter pr;
+            pr.stops = tp.stops;
+            pr.out = stdout;
+            generate(&e, ids, std::min(max_new, n_ctx - (int)ids.size()), &s, &pr, false, tp.end_ids);
+            printer_finish(&pr);
+            printf("\n");
+            fflush(stdout);
+            answer = strip(std::string_view(pr.text).substr(0, std::min(pr.cut, pr.text.size())));
+        }
+        history = turns;
+        history.push_back({line, answer});
+    }
+    return 0;
 }
 
 static void print_ids(const std::vector<int>& ids) {
@@ -320,8 +385,9 @@ static int cmd_tokenize(const Options& o) {
     gguf_init_from_file(&f, o.model.c_str());
     Tokenizer t;
     tokenizer_init(&t, &f);
+    Template tp = resolve_template(&f, &t, o.prompt_type);
     auto encode = [&](const std::string& text) {
-        if (o.prompt_type != PROMPT_NONE) return build_prompt_ids(&t, o.prompt_type, {}, text);
+        if (tp.type != PROMPT_NONE) return template_prompt_ids(tp, &t, nullptr, {}, text);
         return tokenizer_encode(&t, text, !o.no_bos);
     };
     if (o.prompt_set) {

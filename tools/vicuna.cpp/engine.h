@@ -116,14 +116,16 @@ static std::string_view token_text(const Tokenizer* t, int id) {
 }
 
 // Samples up to n_new tokens after ids (which must fit the context); stops at an end-of-generation
-// token, a stop string, or a full context. Returns the generated ids.
+// token (EOS, EOT, or one of end_ids: a chat template's end of turn such as <|im_end|>), a stop
+// string, or a full context. Returns the generated ids.
 static std::vector<int> generate(Engine* e, std::vector<int> ids, int n_new, Sampler* s, StreamPrinter* pr,
-                                 bool ignore_eos) {
+                                 bool ignore_eos, const std::vector<int>& end_ids = {}) {
     std::vector<int> out;
     const float* logits = engine_eval(e, ids);
     for (int i = 0; i < n_new; i++) {
         int tok = sampler_sample(s, logits, e->model.cfg.vocab_size, ids);
-        if (!ignore_eos && tokenizer_is_eog(&e->tok, tok)) break;
+        bool end = tokenizer_is_eog(&e->tok, tok) || std::find(end_ids.begin(), end_ids.end(), tok) != end_ids.end();
+        if (!ignore_eos && end) break;
         out.push_back(tok);
         ids.push_back(tok);
         if (pr && printer_add(pr, token_text(&e->tok, tok))) break;

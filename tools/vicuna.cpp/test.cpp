@@ -404,6 +404,57 @@ static void test_gguf_not_a_regular_file() {
     rmdir(dir);
 }
 
+// Chat templates: literals read out of Jinja, Python's strip, recognition by markers and the
+// one-line error for an unknown template (tests/test_vicuna_templates.py checks the rendered ids
+// against transformers on real templates).
+static void test_templates() {
+    std::vector<std::string> lits = jinja_literals(
+        "a 'out' b {{ 'x\\ny' + \"q\\\"}}\" }}{# 'not' #}{% set s = 'S\\u00e9' %}'tail'");
+    CHECK(lits.size() == 3 && lits[0] == "x\ny" && lits[1] == "q\"}}" && lits[2] == "S\xc3\xa9",
+          "jinja_literals: %zu literals", lits.size());
+    std::string v;
+    CHECK(jinja_assigned_literal("{% set d = x %}{% set d = \"26 Jul 2024\" %}", "d", &v) && v == "26 Jul 2024",
+          "jinja_assigned_literal: '%s'", v.c_str());
+    CHECK(py_strip(" \t\xe3\x80\x80" "a b\n\x1c") == "a b" && py_strip("  ").empty() && py_strip("x") == "x",
+          "py_strip");
+    PromptType ours;
+    struct Case {
+        const char* tmpl;
+        const char* name;
+        PromptType ours;
+    } cases[] = {
+        {"{{'<|im_start|>' + message['role'] + '\\n'}}", "chatml", PROMPT_NONE},
+        {"{{ bos_token }}<|start_header_id|>x<|end_header_id|>", "llama3", PROMPT_NONE},
+        {"{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}<<SYS>>", "llama2", PROMPT_NONE},
+        {"{{ bos_token }}{{ '[INST] ' + message['content'] + ' [/INST]' }}", "mistral-legacy", PROMPT_NONE},
+        {"{{- ' [INST] ' + system_message + '\\n\\n' }}", "mistral-v1", PROMPT_NONE},
+        {"[AVAILABLE_TOOLS] {{- \"[INST] \" }}", "mistral-v3", PROMPT_NONE},
+        {"[AVAILABLE_TOOLS] {{- \"[INST]\" + x }}", "mistral-v3-tekken", PROMPT_NONE},
+        {"{{ \"Below is an instruction that describes a task. \" }}", "instruct", PROMPT_INSTRUCT},
+        {"The following is a conversation between an AI assistant called Assistant", "chat", PROMPT_CHAT},
+    };
+    for (const Case& c : cases) {
+        std::string msg = error_of([&] {
+            ChatTemplate t = detect_chat_template(c.tmpl, "m.gguf", &ours);
+            CHECK(!strcmp(t.name, c.name) && ours == c.ours, "'%s' detected as %s", c.tmpl, t.name);
+        });
+        CHECK(msg.empty(), "'%s': %s", c.tmpl, msg.c_str());
+    }
+    ChatTemplate q = detect_chat_template(
+        "{% if x %}{{ '<|im_start|>system\\n' + y + '<|im_end|>' }}{% else %}{{ '<|im_start|>system\\nBe nice.<|im_end|>\\n' }}"
+        "{% endif %}", "m.gguf", &ours);
+    CHECK(q.has_default_system && q.default_system == "Be nice.", "default system '%s'", q.default_system.c_str());
+    for (const char* bad : {"<start_of_turn>{{ x }}", "[INST] {{ x }}", "<|im_start|><|im_sep|>", "[SYSTEM_PROMPT][INST]"}) {
+        std::string msg = error_of([&] { detect_chat_template(bad, "m.gguf", &ours); });
+        CHECK(msg.find("--prompt-type") != std::string::npos && msg.find('\n') == std::string::npos,
+              "'%s' gave '%s'", bad, msg.c_str());
+    }
+    std::string msg = error_of([&] { detect_chat_template("<start_of_turn>", "m.gguf", &ours); });
+    CHECK(msg.find("<|im_start|>") != std::string::npos && msg.find("[INST]") != std::string::npos &&
+              msg.find("<|start_header_id|>") != std::string::npos,
+          "the error does not name the markers: '%s'", msg.c_str());
+}
+
 static int run_unit() {
     test_worst_of();
     test_gguf_layout_checks();
@@ -413,6 +464,7 @@ static int run_unit() {
     test_kernels();
     test_pretokenizer();
     test_printer();
+    test_templates();
     test_sampler();
     test_pool();
     printf("%s: %d failure(s)\n", __func__, g_failures);
