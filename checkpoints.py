@@ -351,3 +351,140 @@ def read_tensor_file(path: str) -> dict:
     if not isinstance(raw, dict):
         raise UserError(f"{path}: holds a {type(raw).__name__}, not a dict of tensors")
     return raw
+
+
+# --- a training run's folder: checkpoint names, what a run may replace, what can be resumed -------
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+LEGACY_ADAPTER_WEIGHTS = ("adapter_model.bin", "pytorch_model.bin")  # Chinese-Vicuna / old peft
+TRAINING_CONFIG = "training_config.json"  # template name + resolved hyperparameters
+
+# The files a finished run puts at the top of --output_path; --overwrite_output_dir replaces these
+# and nothing else (a user's README.md stays).
+ADAPTER_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, TRAINING_CONFIG, "loss.png")
+CHECKPOINT_DIR = re.compile(r"checkpoint-(\d+)")
+
+
+def checkpoints_in(folder: str) -> list[str]:
+    found = [n for n in os.listdir(folder) if CHECKPOINT_DIR.fullmatch(n) and os.path.isdir(os.path.join(folder, n))]
+    return sorted(found, key=lambda n: int(n.split("-")[1]))
+
+
+def listing(names: list[str], most: int = 4) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def check_output_folder(out: str, resume_from: str | None = None, overwrite: bool = False) -> None:
+    """Refuse an --output_path that holds something, unless the run continues a checkpoint in it
+    (`resume_from`) or `overwrite` (--overwrite_output_dir) replaces an earlier run of ours."""
+    if not out or not out.strip():
+        raise UserError("--output_path is empty; pass a folder name, e.g. --output_path lora-Vicuna")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--output_path {out} is a file; pass a folder")
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"--output_path {out}: {existing} is a file, so no folder can be made there; pass another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--output_path {out}: {existing} is not writable; pass a folder you can write to")
+    if not os.path.isdir(out) or not os.listdir(out):
+        return
+    entries = sorted(os.listdir(out))
+    checkpoints = checkpoints_in(out)
+    if resume_from:
+        parent = os.path.dirname(os.path.abspath(resume_from))
+        if os.path.realpath(parent) == os.path.realpath(out):
+            return  # continuing the run this folder holds
+        raise UserError(f"--output_path {out} is not empty ({listing(entries)}) and "
+                        f"--resume_from_checkpoint {resume_from} belongs to another folder; "
+                        f"pass --output_path {parent} to continue that run there, or a new folder")
+    if overwrite:
+        for name in checkpoints:  # only checkpoints an earlier run of ours wrote may be replaced
+            stray = not_ours(os.path.join(out, name))
+            if stray:
+                raise UserError(f"--output_path {out}: {name} was not written by finetune.py ({stray}); "
+                                "--overwrite_output_dir replaces only an earlier run's own files: move it "
+                                "away or pass a new --output_path")
+        return
+    if checkpoints:
+        what = "already holds an adapter and the" if ADAPTER_CONFIG in entries else "holds"
+        raise UserError(f"--output_path {out} {what} checkpoints of an earlier run ({listing(checkpoints)}); pass "
+                        f"--resume_from_checkpoint {os.path.join(out, checkpoints[-1])} to continue it, a new "
+                        "--output_path, or --overwrite_output_dir to replace that run's checkpoints and adapter")
+    what = "already holds an adapter" if ADAPTER_CONFIG in entries else "is not empty"
+    raise UserError(f"--output_path {out} {what} ({listing(entries)}); pass a new or empty folder, or "
+                    "--overwrite_output_dir to replace only the adapter files in it (nothing else is touched)")
+
+
+# Every file a checkpoint-N folder of ours holds (the Trainer's and our training_config.json).
+OUR_CHECKPOINT_FILE = re.compile(r"adapter_model\.safetensors|adapter_config\.json|README\.md|training_args\.bin|"
+                                 r"optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth|"
+                                 r"trainer_state\.json|training_config\.json")
+
+
+def not_ours(checkpoint: str) -> str | None:
+    """Why a checkpoint-N folder is not one finetune.py wrote (None when it is)."""
+    names = os.listdir(checkpoint)
+    if TRAINING_CONFIG not in names or "trainer_state.json" not in names:
+        return f"it has no {TRAINING_CONFIG} and trainer_state.json"
+    stray = [n for n in names if not OUR_CHECKPOINT_FILE.fullmatch(n) or not os.path.isfile(os.path.join(checkpoint, n))]
+    return f"it holds {listing(sorted(stray))}" if stray else None
+
+
+def remove_earlier_checkpoints(out: str) -> None:
+    """--overwrite_output_dir: an earlier run's checkpoints go before this run writes its own, so the
+    two runs never mix (the Trainer's rotation and resume would take one for the other). Only files
+    of the checked checkpoint layout are removed."""
+    for name in checkpoints_in(out):
+        folder = os.path.join(out, name)
+        if not_ours(folder):
+            continue
+        for file in os.listdir(folder):
+            os.remove(os.path.join(folder, file))
+        os.rmdir(folder)
+        logger.info("--overwrite_output_dir: removed %s of the earlier run", folder)
+
+
+CHECKPOINT_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, "trainer_state.json", "optimizer.pt", "scheduler.pt")
+
+
+def check_resume_checkpoint(path: str, lora_r: int, lora_alpha: int, targets) -> None:
+    """A --resume_from_checkpoint folder that the Trainer can continue, checked before any model
+    loads: every file present and readable, and the LoRA shape the flags ask for."""
+    flag = f"--resume_from_checkpoint {path}"
+    if not os.path.isdir(path):
+        raise UserError(f"{flag}: no such directory; pass a checkpoint-N folder inside an earlier --output_path")
+    missing = [n for n in CHECKPOINT_FILES if not os.path.isfile(os.path.join(path, n))]
+    if missing:
+        parent = os.path.dirname(os.path.abspath(path))
+        complete = [c for c in checkpoints_in(parent)
+                    if all(os.path.isfile(os.path.join(parent, c, n)) for n in CHECKPOINT_FILES)]
+        hint = (f"the latest complete one is {os.path.join(os.path.dirname(path), complete[-1])}" if complete
+                else "pass a checkpoint-N folder finetune.py wrote")
+        raise UserError(f"{flag}: not a complete checkpoint (no {', '.join(missing)}); {hint}")
+    state = read_json_file(os.path.join(path, "trainer_state.json"), dict)
+    if not isinstance(state.get("global_step"), int):
+        raise UserError(f"{os.path.join(path, 'trainer_state.json')}: no integer global_step; the checkpoint is damaged")
+    config = read_json_file(os.path.join(path, ADAPTER_CONFIG), dict)
+    weights = os.path.join(path, ADAPTER_WEIGHTS)
+    check_finite(read_tensor_file(weights), weights, "the run that wrote it diverged: resume from an earlier "
+                 "checkpoint-N or retrain with a lower --learning_rate")
+    import torch
+
+    for name in ("optimizer.pt", "scheduler.pt"):
+        try:
+            torch.load(os.path.join(path, name), map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated zip, not a torch file
+            raise UserError(f"{os.path.join(path, name)}: cannot be read ({one_line(e)}); the checkpoint is "
+                            "damaged: resume from an earlier checkpoint-N") from None
+    if lora_r != config.get("r") or lora_alpha != config.get("lora_alpha"):
+        raise UserError(f"{flag}: the checkpoint is a LoRA of r={config.get('r')}, lora_alpha={config.get('lora_alpha')} "
+                        f"but the flags ask for --lora_r {lora_r} --lora_alpha {lora_alpha}; "
+                        "pass the flags of the run that wrote it")
+    saved = config.get("target_modules")
+    if targets != "all-linear" and sorted(targets) != sorted(saved if isinstance(saved, list) else [saved]):
+        raise UserError(f"{flag}: the checkpoint's LoRA targets {saved} but --lora_target_modules is "
+                        f"{','.join(targets)}; pass the flags of the run that wrote it")

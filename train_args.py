@@ -1,20 +1,24 @@
-"""The flags of the training entry scripts (finetune.py, finetune_4bit.py, finetune_chat.py).
+"""The flags of the training entry scripts (finetune.py, finetune_4bit.py, finetune_chat.py), and
+every check that can run before torch loads.
 
 DEFAULTS is the one visible place for the training recipe's defaults; each variant script changes
-a few of them and calls `main`. Nothing heavy is imported here: torch, transformers and peft load
-(in train.py) only once the flags parse, so `--help` and flag errors are instant.
+a few of them and calls `main`. `main` parses, then `preflight` checks every flag, the output
+folder, a resumed checkpoint and the whole data file, so a mistake is one line in a second, not
+after torch, transformers and peft have loaded (in train.py, imported last).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import math
+import os
 
-from errors import cli_errors
+from checkpoints import check_output_folder, check_resume_checkpoint
+from data import load_conversations
+from errors import UserError, cli_errors, setup_logging
+from models import EMBEDDED_MODEL, QUANT_CHOICES, target_modules
 from prompt import PROMPT_TYPES
-from errors import setup_logging
-
-# Defaults in one visible place (Chinese-Vicuna's where it had them). Variants override a few.
-from models import EMBEDDED_MODEL, QUANT_CHOICES
 
 # Defaults in one visible place (Chinese-Vicuna's where it had them). Variants override a few.
 DEFAULTS = dict(
@@ -92,14 +96,62 @@ def build_parser(defaults: dict, description: str | None = None) -> argparse.Arg
     a("--bf16", action="store_true", help="train in bfloat16 (default: auto, bf16/fp16 on GPU, fp32 on CPU)")
     a("--fp16", action="store_true", help="train in float16")
     a("--overwrite_output_dir", action="store_true",
-      help="write into a non-empty output folder: replaces only the adapter files (adapter_config.json, "
-           "adapter_model.safetensors, training_config.json, loss.png) and never deletes a file")
+      help="replace an earlier run of finetune.py in --output_path: its adapter files and checkpoint-N "
+           "folders; a file it did not write is never touched")
     a("--deepspeed", metavar="JSON", default=None,
       help="DeepSpeed config for HF Trainer, e.g. config-sample/zero2.json (pip install deepspeed)")
     a("--inspect_data", metavar="FILE", default=None,
       help="write every example as {input_ids, labels} JSON lines to FILE and exit")
     a("--trust_remote_code", action="store_true", help="allow model code from the hub (off by default)")
     return p
+
+
+def check_args(args) -> None:
+    """Every flag in range and every combination possible, before anything loads or is written."""
+    for name in ("cutoff_len", "micro_batch_size", "batch_size", "lora_r", "lora_alpha",
+                 "eval_steps", "save_steps", "logging_steps"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name} must be > 0, got {getattr(args, name)}")
+    for name in ("warmup_steps", "save_total_limit"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.test_size is not None and args.test_size < 0:
+        raise UserError(f"--test_size must be >= 0, got {args.test_size}")
+    if not 0 < args.learning_rate <= 1:  # also false for nan; AdamW overflows on lr/(1-beta1) past 3e37
+        raise UserError(f"--learning_rate must be > 0 and at most 1, got {args.learning_rate}; "
+                        "the recipes use 3e-4 (LoRA) to 2e-4 (QLoRA)")
+    if not math.isfinite(args.num_epochs):
+        raise UserError(f"--num_epochs must be a finite number, got {args.num_epochs}")
+    if args.batch_size % args.micro_batch_size:
+        raise UserError(f"--batch_size {args.batch_size} is not a multiple of --micro_batch_size "
+                        f"{args.micro_batch_size}")
+    if not 0 <= args.lora_dropout < 1:
+        raise UserError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+    if args.bf16 and args.fp16:
+        raise UserError("--bf16 and --fp16 exclude each other; pass one")
+    if args.resume_from_checkpoint and args.lora_path:
+        raise UserError("--resume_from_checkpoint continues a run, --lora_path starts a new one from an "
+                        "adapter; pass one of them")
+    if args.deepspeed and not os.path.isfile(args.deepspeed):
+        raise UserError(f"--deepspeed {args.deepspeed}: no such file; see config-sample/zero2.json")
+    if args.deepspeed and importlib.util.find_spec("deepspeed") is None:
+        raise UserError(f"--deepspeed {args.deepspeed} needs the deepspeed package: pip install deepspeed")
+    if args.max_steps <= 0 and args.num_epochs <= 0:
+        raise UserError("--num_epochs must be > 0 (or pass --max_steps)")
+    targets = target_modules(args.lora_target_modules)
+    if args.resume_from_checkpoint:
+        check_resume_checkpoint(args.resume_from_checkpoint, args.lora_r, args.lora_alpha, targets)
+    if not args.inspect_data:
+        check_output_folder(args.output_path, args.resume_from_checkpoint, args.overwrite_output_dir)
+
+
+def preflight(args) -> tuple[str, list]:
+    """Everything that can be checked before torch loads: the flags, the output folder, a resumed
+    checkpoint, and the whole data file (format, conversations), which is returned."""
+    check_args(args)
+    return load_conversations(args.data_path)
+
+
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -110,6 +162,7 @@ def main(argv: list[str] | None = None, defaults: dict | None = None, descriptio
     """Parse the flags (DEFAULTS changed by `defaults`), then train; the entry scripts' `main`."""
     setup_logging()
     args = build_parser({**DEFAULTS, **(defaults or {})}, description).parse_args(argv)
-    import train  # torch, transformers and peft load only once the flags parse
+    data = cli_errors(preflight)(args)  # a bad flag, folder or record answers before torch loads
+    import train
 
-    return cli_errors(train.run)(args)
+    return cli_errors(train.run)(args, data)

@@ -18,6 +18,7 @@ import time
 import pytest
 import torch
 
+import checkpoints
 import finetune
 import train
 from conftest import INSTRUCT_RECORDS, ROOT, train_args, write_jsonl
@@ -70,7 +71,7 @@ def test_killed_run_folder_is_not_reused(finished_run, tiny_models, data, tmp_pa
     replace checkpoint-2, delete checkpoint-3 and mix two runs. Now it is refused, both ways out named."""
     out = str(tmp_path / "killed")
     shutil.copytree(finished_run, out)
-    for name in train.ADAPTER_FILES:
+    for name in checkpoints.ADAPTER_FILES:
         os.remove(os.path.join(out, name))
     before = tree(out)
     err = refused(train_args(data, out, tiny_models["sp"], "--max_steps", "2", "--save_steps", "1"), capsys)
