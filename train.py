@@ -277,6 +277,9 @@ def load_trainable_model(args, model_path: str, plan: Plan):
             model = get_peft_model(model, lora)
         except ValueError as e:
             raise UserError(f"--lora_target_modules {args.lora_target_modules}: {str(e).splitlines()[0]}") from None
+    # name the base as the user did (the embedded model's name, a hub id), not the cache folder it
+    # resolved to: adapter_config.json travels to other machines
+    model.peft_config["default"].base_model_name_or_path = args.model_path
     trainable, total = model.get_nb_trainable_parameters()
     logger.info("trainable parameters: %s of %s (%.3f%%), dtype %s, quant %s",
                 f"{trainable:,}", f"{total:,}", 100 * trainable / total, dtype, args.quant)

@@ -40,6 +40,8 @@ def test_train_then_generate_on_embedded_model(tmp_path):
                    "--logging_steps", "1", "--learning_rate", "1e-2", "--save_steps", "100"])
     config = json.load(open(os.path.join(out, TRAINING_CONFIG)))
     assert config["base_model"] == EMBEDDED_MODEL and config["num_eval_examples"] == 2
+    # the adapter names its base publicly, not by this machine's cache folder
+    assert json.load(open(os.path.join(out, "adapter_config.json")))["base_model_name_or_path"] == EMBEDDED_MODEL
     question = ["--instruction", "Say the word number 3.", "--max_new_tokens", "12"]
     tuned = run_script("generate.py", "--lora_path", out, *question)
     assert tuned.returncode == 0, tuned.stderr
