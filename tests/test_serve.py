@@ -568,3 +568,27 @@ def test_vllm_jinja_template_renders_prompt_py(bpe_tokenizer, prompt_type):
     if prompt_type == "chat":  # build_prompt_ids ends each answer with EOS: the template writes it as text
         expected = expected.replace("Hello", "Hello" + bpe_tokenizer.eos_token)
     assert text == expected
+
+
+def test_serve_script_passes_the_environment(tmp_path):
+    """scripts/serve.sh: MODEL_PATH, LORA_PATH, PORT (the API's port) and TOT_CUDA reach serve.py."""
+    import shlex
+
+    from serve import build_parser
+
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("TOT_CUDA", "PORT", "PAGE_PORT", "MODEL_PATH", "BASE_MODEL", "LORA_PATH", "PYTHON",
+                          "CUDA_VISIBLE_DEVICES")}
+    script = os.path.join(ROOT, "scripts", "serve.sh")
+    proc = subprocess.run(["bash", script, "--api_key", "k"], cwd=tmp_path, capture_output=True, text=True,
+                          env=dict(clean, PYTHON="echo", MODEL_PATH="my base", LORA_PATH="my lora",
+                                   TOT_CUDA="0,1", PORT="9001"))
+    assert proc.returncode == 0, proc.stderr
+    assert "CUDA_VISIBLE_DEVICES=0,1" in proc.stderr
+    argv = shlex.split(proc.stderr.strip().splitlines()[-1].split(" ", 2)[2])[2:]
+    assert argv == ["--port", "9001", "--model_path", "my base", "--lora_path", "my lora", "--api_key", "k"]
+    args = build_parser().parse_args(argv)
+    assert (args.port, args.model_path, args.lora_path, args.host) == (9001, "my base", "my lora", "127.0.0.1")
+    bare = subprocess.run(["bash", script], cwd=tmp_path, env=dict(clean, PYTHON="echo"), capture_output=True,
+                          text=True)
+    assert bare.stdout.split() == ["serve.py", "--port", "8000"]
