@@ -57,9 +57,11 @@ static const char* const USAGE =
     "             q8_0 unless --pure; --allow-requantize also converts already quantized tensors;\n"
     "             an existing OUT is replaced only with --overwrite\n"
     "\n"
-    "run, chat, eval, bench and perplexity also take --lora ADAPTER.gguf [--lora-scale S]: a LoRA\n"
-    "adapter (tools/convert_gguf.py --lora_path) applied at run time to the -m base model, whatever\n"
-    "its type; S scales its effect (default 1; 0 gives the base model's output exactly)\n";
+    "run, chat, eval, bench and perplexity also take --lora ADAPTER.gguf [--lora-scale S]\n"
+    "[--lora-mode auto|runtime|merge]: a LoRA adapter (tools/convert_gguf.py --lora_path) on the -m\n"
+    "base model, whatever its type; S scales its effect (default 1; 0 gives the base model's output\n"
+    "exactly). runtime adds scale*B(A x) in the forward pass; merge adds scale*BA to the weights at\n"
+    "load, in their own type; auto (default) merges only an adapter over 5% of the bytes a token reads\n";
 
 struct Options {
     std::string command;
@@ -68,6 +70,8 @@ struct Options {
     std::string lora;         // --lora ADAPTER.gguf
     float lora_scale = 1.0f;  // --lora-scale
     bool lora_scale_set = false;
+    LoraMode lora_mode = LORA_AUTO;  // --lora-mode
+    bool lora_mode_set = false;
     PromptType prompt_type = PROMPT_NONE;
     bool prompt_type_set = false;
     std::string system;  // --system TEXT
@@ -119,12 +123,12 @@ static Options parse_args(int argc, char** argv) {
     o.command = argv[1];
     // which flags each command takes
     static const std::unordered_map<std::string, std::string> allowed = {
-        {"run", " -m -p -n -t -c --temp --top-k --top-p --repeat-penalty --seed --prompt-type --system --ids --print-ids --ignore-eos -v --lora --lora-scale "},
-        {"chat", " -m -n -t -c --temp --top-k --top-p --repeat-penalty --seed --prompt-type --system --dry-run -v --lora --lora-scale "},
+        {"run", " -m -p -n -t -c --temp --top-k --top-p --repeat-penalty --seed --prompt-type --system --ids --print-ids --ignore-eos -v --lora --lora-scale --lora-mode "},
+        {"chat", " -m -n -t -c --temp --top-k --top-p --repeat-penalty --seed --prompt-type --system --dry-run -v --lora --lora-scale --lora-mode "},
         {"tokenize", " -m -p -f --lines --prompt-type --no-bos "},
-        {"eval", " -m -p --ids --dump-logits -t --lora --lora-scale "},
-        {"bench", " -m -p -n -t -v --lora --lora-scale "},
-        {"perplexity", " -m -f -c -t --chunks --lora --lora-scale "},
+        {"eval", " -m -p --ids --dump-logits -t --lora --lora-scale --lora-mode "},
+        {"bench", " -m -p -n -t -v --lora --lora-scale --lora-mode "},
+        {"perplexity", " -m -f -c -t --chunks --lora --lora-scale --lora-mode "},
         {"quantize", " --pure --allow-requantize --overwrite "},
     };
     auto cmd = allowed.find(o.command);
@@ -166,6 +170,14 @@ static Options parse_args(int argc, char** argv) {
         else if (a == "--dump-logits") o.dump_logits = v;
         else if (a == "--lora") o.lora = v;
         else if (a == "--lora-scale") { o.lora_scale = parse_float(a, v, -1000.0f, 1000.0f); o.lora_scale_set = true; }
+        else if (a == "--lora-mode") {
+            std::string t = v;
+            o.lora_mode_set = true;
+            if (t == "auto") o.lora_mode = LORA_AUTO;
+            else if (t == "runtime") o.lora_mode = LORA_RUNTIME;
+            else if (t == "merge") o.lora_mode = LORA_MERGE;
+            else FAIL("--lora-mode must be auto, runtime or merge, got '%s'", printable(t).c_str());
+        }
         else if (a == "--system") { o.system = v; o.system_set = true; }
         else if (a == "--prompt-type") {
             std::string t = v;
@@ -181,14 +193,18 @@ static Options parse_args(int argc, char** argv) {
     if (o.command != "quantize") {
         if (!o.positional.empty()) FAIL("unexpected argument '%s'", printable(o.positional[0]).c_str());
         if (o.model.empty()) FAIL("'%s' needs a model: -m F.gguf", o.command.c_str());
-        if (o.lora_scale_set && o.lora.empty()) FAIL("--lora-scale needs an adapter: --lora ADAPTER.gguf");
+        if ((o.lora_scale_set || o.lora_mode_set) && o.lora.empty()) {
+            FAIL("%s needs an adapter: --lora ADAPTER.gguf", o.lora_scale_set ? "--lora-scale" : "--lora-mode");
+        }
     }
     return o;
 }
 
 // --lora ADAPTER.gguf on the loaded base model (lora.h), before anything runs
 static void attach_lora(Engine* e, const Options& o) {
-    if (!o.lora.empty()) lora_attach(&e->model, o.lora.c_str(), o.lora_scale);
+    if (o.lora.empty()) return;
+    std::string how = lora_attach(&e->model, o.lora.c_str(), o.lora_scale, o.lora_mode, &e->pool);
+    if (o.verbose) fprintf(stderr, "%s\n", how.c_str());
 }
 
 static Sampler make_sampler(const Options& o) {

@@ -162,15 +162,113 @@ template <int NC>
     }
 }
 
-// out[b, r] += scale * B[r] . t[b] for the rows r0..r1 of a weight with a LoRA pair
+// LoRA kernels. Decode multiplies one token by A (rank rows), so lora_a_rows runs four rows at
+// once with two accumulators each (eight FMA chains in flight, where one dot product alone would
+// wait on its single chain). B t reads B in its panels of 8 rows (LoraWeight): for each panel,
+// rank broadcast multiply-adds into 8 outputs held in a register, four panels at a time: no
+// horizontal sums, and the rows of a chunk are one contiguous run of memory.
+
+static inline float lora_load(const Tensor* t, size_t i) {  // element i of F32/F16 data
+    return t->type == GGML_TYPE_F32 ? ((const float*)t->data)[i] : fp16_to_fp32(((const uint16_t*)t->data)[i]);
+}
+
+#ifdef VICUNA_AVX2
+static inline __m256 lora_load8(const uint8_t* p, bool f16) {
+    return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)) : _mm256_loadu_ps((const float*)p);
+}
+#endif
+
+// out[r - r0] = A[r] . x for r in [r0, r1); A is F32 or F16 with a.cols values a row
+static void lora_a_rows(const Tensor* a, const float* x, int64_t r0, int64_t r1, float* out) {
+    const int n = (int)a->cols;
+    int64_t r = r0;
+#ifdef VICUNA_AVX2
+    const bool f16 = a->type == GGML_TYPE_F16;
+    const size_t es = f16 ? 2 : 4;
+    for (; r + 4 <= r1; r += 4) {
+        __m256 acc[4][2];
+        for (int k = 0; k < 4; k++) acc[k][0] = acc[k][1] = _mm256_setzero_ps();
+        const uint8_t* row[4];
+        for (int k = 0; k < 4; k++) row[k] = a->data + (size_t)(r + k) * a->row_bytes;
+        int i = 0;
+        for (; i + 16 <= n; i += 16) {
+            __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+            for (int k = 0; k < 4; k++) {
+                acc[k][0] = _mm256_fmadd_ps(lora_load8(row[k] + i * es, f16), x0, acc[k][0]);
+                acc[k][1] = _mm256_fmadd_ps(lora_load8(row[k] + (i + 8) * es, f16), x1, acc[k][1]);
+            }
+        }
+        for (int k = 0; k < 4; k++) {
+            float sum = hsum_f32x8(_mm256_add_ps(acc[k][0], acc[k][1]));
+            for (int j = i; j < n; j++) sum += lora_load(a, (size_t)(r + k) * n + j) * x[j];
+            out[r + k - r0] = sum;
+        }
+    }
+#endif
+    for (; r < r1; r++) {
+        float sum = 0.0f;
+        for (int j = 0; j < n; j++) sum += lora_load(a, (size_t)r * n + j) * x[j];
+        out[r - r0] = sum;
+    }
+}
+
+// out[j] += sum_k c[k] * B[r0 + j, k0 + k] for j in [0, n), k in [0, nk): rows r0.. of B applied to
+// c = scale * (A x)[k0..k0+nk)
+static void lora_b_add(const LoraWeight* L, int k0, int nk, const float* c, float* out, int64_t r0, int64_t n) {
+    const Tensor* bp = &L->bp;
+    const int64_t rank = L->rank;
+    const int64_t r1 = r0 + n;
+    auto scalar_row = [&](int64_t r) {
+        float sum = out[r - r0];
+        size_t base = (size_t)((r / 8) * rank * 8 + r % 8);
+        for (int k = 0; k < nk; k++) sum += c[k] * lora_load(bp, base + (size_t)(k0 + k) * 8);
+        out[r - r0] = sum;
+    };
+    int64_t r = r0;
+    for (; r < r1 && r % 8 != 0; r++) scalar_row(r);  // up to the first whole panel
+#ifdef VICUNA_AVX2
+    const bool f16 = bp->type == GGML_TYPE_F16;
+    const size_t es = f16 ? 2 : 4, panel = (size_t)rank * 8 * es;
+    for (; r + 32 <= r1; r += 32) {  // four panels
+        const uint8_t* p = bp->data + (size_t)(r / 8) * panel + (size_t)k0 * 8 * es;
+        __m256 acc[4];
+        for (int v = 0; v < 4; v++) acc[v] = _mm256_loadu_ps(out + (r - r0) + 8 * v);
+        for (int k = 0; k < nk; k++) {
+            __m256 ck = _mm256_set1_ps(c[k]);
+            for (int v = 0; v < 4; v++) acc[v] = _mm256_fmadd_ps(ck, lora_load8(p + v * panel + (size_t)k * 8 * es, f16), acc[v]);
+        }
+        for (int v = 0; v < 4; v++) _mm256_storeu_ps(out + (r - r0) + 8 * v, acc[v]);
+    }
+    for (; r + 8 <= r1; r += 8) {
+        const uint8_t* p = bp->data + (size_t)(r / 8) * panel + (size_t)k0 * 8 * es;
+        __m256 acc = _mm256_loadu_ps(out + (r - r0));
+        for (int k = 0; k < nk; k++) acc = _mm256_fmadd_ps(_mm256_set1_ps(c[k]), lora_load8(p + (size_t)k * 8 * es, f16), acc);
+        _mm256_storeu_ps(out + (r - r0), acc);
+    }
+#endif
+    for (; r < r1; r++) scalar_row(r);
+}
+
+static inline void lora_prefetch(const uint8_t* p, size_t n) {
+    for (size_t i = 0; i < n; i += 64) __builtin_prefetch(p + i);
+}
+
+// the panels holding B's rows [r0, r1)
+static void lora_prefetch_panels(const LoraWeight* L, int64_t r0, int64_t r1) {
+    size_t es = L->bp.type == GGML_TYPE_F16 ? 2 : 4, panel = (size_t)L->rank * 8 * es;
+    lora_prefetch(L->bp.data + (size_t)(r0 / 8) * panel, (size_t)((r1 + 7) / 8 - r0 / 8) * panel);
+}
+
+// out[b, r0..r1) += scale * B[r0..r1) . t[b] for the B tokens of a weight with a LoRA pair
 static void lora_add_rows(const LoraWeight* L, const float* t, float* out, int64_t rows, int64_t r0, int64_t r1,
                           int B) {
+    float c[128];  // scale * t[b], up to 128 of the rank at a time
     for (int b = 0; b < B; b++) {
         const float* tb = t + (size_t)b * L->rank;
-        for (int64_t r = r0; r < r1; r++) {
-            float o = 0.0f;
-            dot_row<1>(L->b.type, L->b.data + (size_t)r * L->b.row_bytes, tb, nullptr, 0, L->rank, &o);
-            out[(size_t)b * rows + r] += L->scale * o;
+        for (int k0 = 0; k0 < L->rank; k0 += 128) {
+            int nk = std::min(128, L->rank - k0);
+            for (int k = 0; k < nk; k++) c[k] = L->scale * tb[k0 + k];
+            lora_b_add(L, k0, nk, c, out + (size_t)b * rows + r0, r0, r1 - r0);
         }
     }
 }
@@ -189,6 +287,12 @@ static void matmul_worker(void* p, int ith, int nth) {
         const Tensor* w = t->jobs[j].w;
         float* out = t->jobs[j].out;
         int64_t r0 = (int64_t)local * t->chunk_rows[j], r1 = std::min(w->rows, r0 + t->chunk_rows[j]);
+        const bool lora_a = c < t->lora_chunks;  // a LoRA A product, F32/F16
+        // LoRA data comes in small pieces the hardware prefetcher does not ramp up on: ask for the
+        // A rows of this chunk now, and for the B panels of W's rows before W's dot products, which
+        // then hide the wait.
+        if (lora_a) lora_prefetch(w->data + (size_t)r0 * w->row_bytes, (size_t)(r1 - r0) * w->row_bytes);
+        if (w->lora) lora_prefetch_panels(w->lora, r0, r1);
         // The chunk's rows (<= ~16 KB) stay in L1 while four tokens at a time stream past them;
         // each weight block is unpacked once per four tokens (prefill).
         float o[4];
@@ -200,12 +304,16 @@ static void matmul_worker(void* p, int ith, int nth) {
             }
         }
         for (; b < t->B; b++) {
+            if (lora_a) {
+                lora_a_rows(w, t->x + (size_t)b * t->cols, r0, r1, out + (size_t)b * w->rows + r0);
+                continue;
+            }
             for (int64_t r = r0; r < r1; r++) {
                 dot_row<1>(w->type, w->data + (size_t)r * w->row_bytes, t->x, t->xq, b, t->cols, o);
                 out[(size_t)b * w->rows + r] = o[0];
             }
         }
-        if (c < t->lora_chunks) {  // an A product: publish it
+        if (lora_a) {  // publish it for the weights' chunks
             t->lora_done.fetch_add(1, std::memory_order_release);
         } else if (w->lora) {
             int spins = 0;
@@ -219,7 +327,8 @@ static void matmul_worker(void* p, int ith, int nth) {
 // cheap; prefill, chunks of ~16 KB of weights, which stay in L1 (see matmul_worker).
 static int matmul_chunk_rows(const Tensor* w, int B, int n_threads) {
     int rows = (int)w->rows;
-    return B >= 4 ? std::max(4, (int)(16384 / w->row_bytes)) : std::max(4, (rows + n_threads * 8 - 1) / (n_threads * 8));
+    int cr = B >= 4 ? std::max(4, (int)(16384 / w->row_bytes)) : std::max(4, (rows + n_threads * 8 - 1) / (n_threads * 8));
+    return w->lora ? (cr + 7) / 8 * 8 : cr;  // whole panels of B (lora_b_add)
 }
 
 static void matmul(ThreadPool* pool, RunState* s, const float* x, int B, std::initializer_list<MatJob> jobs) {

@@ -1,4 +1,4 @@
-// lora.h: a LoRA adapter GGUF attached to a loaded model at run time (vicuna ... --lora FILE).
+// lora.h: a LoRA adapter GGUF attached to a loaded base model (vicuna ... --lora FILE).
 //
 // The adapter file is llama.cpp's format (what tools/convert_gguf.py --lora_path and llama.cpp's
 // convert_lora_to_gguf.py write):
@@ -9,19 +9,29 @@
 //     N.lora_b   ne [rank, rows]   B, rows of attn_q / attn_k permuted like the base's
 //   and on token_embd.weight (an embedding, flipped as llama.cpp stores it):
 //     lora_a ne [rank, vocab], lora_b ne [rank, dim].
-// forward.h then computes y = W x + scale * B (A x) with scale = --lora-scale * alpha / rank,
-// llama.cpp's rule (per-module alphas, rsLoRA and the like are folded into B by the exporter).
 //
-// Why at run time and not merged into W at load: W stays what the file holds (mmap'ed, shared, a
-// 4-bit base stays 4-bit with no second rounding of W + BA), loading costs nothing, and the extra
-// work per token is r * (rows + cols) multiply-adds per adapted weight, done inside the same
-// thread-pool dispatch as W (forward.h's matmul): measured in docs/performance.md, within a few
-// per cent of a merged file's decode speed for r = 16 on every linear layer.
+// Two ways to apply it, chosen by speed (--lora-mode, default auto):
+//   runtime  forward.h computes y = W x + scale * B (A x), scale = --lora-scale * alpha / rank
+//            (llama.cpp's rule; per-module alphas and rsLoRA are folded into B by the exporter).
+//            W stays what the file holds (mmap'ed; a 4-bit base stays 4-bit, no second rounding),
+//            loading costs nothing, and A x runs inside the same thread-pool dispatch as W x.
+//   merge    W' = W + scale * B A at load, row by row in W's own type (a Q4_1 row is dequantized,
+//            updated and quantized back to Q4_1 with the reference quantizer), in owned memory;
+//            then the model runs exactly as a merged file of that type does.
+// Decode is bound by the bytes of weights a token reads (docs/performance.md: the embedded Q4_1
+// model streams ~18 GB/s on one core), so run time costs about the adapter's share of those
+// bytes: measured -1 % for r = 8 on q,v (1 % of the bytes) but -16 % for r = 16 on every linear
+// layer (10 %: A and B in F16 against a 0.6-byte Q4_1 weight) on SmolLM2-135M. auto therefore
+// merges when the adapter is over LORA_MERGE_ABOVE (5 %) of the bytes, which costs a fraction of
+// a second at load (0.3 s for that adapter on one thread) and gives the merged file's speed;
+// small adapters (and every adapter of a 7B model: r = 16 on all layers is 2 % of a Q4 file's
+// bytes) stay at run time. The embedding's pair is always applied at run time (one row a token).
 //
 // A base/adapter mismatch (architecture, a tensor the base lacks, shapes) is one error line
 // naming both files. --lora-scale 0 checks the adapter and attaches nothing: the base's logits.
 #pragma once
 
+#include <atomic>
 #include <cinttypes>
 #include <cmath>
 #include <map>
@@ -32,6 +42,7 @@
 #include "gguf.h"
 #include "model.h"
 #include "quants.h"
+#include "threadpool.h"
 
 static std::string lora_dims(const GGUFTensor* t) {
     std::string s = "[";
@@ -39,8 +50,7 @@ static std::string lora_dims(const GGUFTensor* t) {
     return s + "]";
 }
 
-// A (rows, cols) view of an adapter tensor; Q8_0/Q4 data is dequantized to F32 into `owned`
-// (at offset `at`, filled by the caller's second pass), F32/F16 points into the mapped file.
+// A (rows, cols) view of an adapter tensor, pointing into the mapped file.
 static Tensor lora_view(const GGUFTensor* t, int64_t rows, int64_t cols) {
     Tensor v;
     v.name = t->name;
@@ -52,8 +62,6 @@ static Tensor lora_view(const GGUFTensor* t, int64_t rows, int64_t cols) {
     return v;
 }
 
-static bool lora_in_place(uint32_t type) { return type == GGML_TYPE_F32 || type == GGML_TYPE_F16; }
-
 // Every value of a (rows, cols) tensor finite; a diverged training run leaves NaN in an adapter.
 static bool lora_finite(const Tensor& t) {
     std::vector<float> row((size_t)t.cols);
@@ -61,6 +69,71 @@ static bool lora_finite(const Tensor& t) {
         dequantize_row(t.type, t.data + (size_t)r * t.row_bytes, row.data(), t.cols);
         for (float v : row) {
             if (!std::isfinite(v)) return false;
+        }
+    }
+    return true;
+}
+
+// lw->a as F32/F16 (in place, or an F32 copy) and lw->bp, B in panels (see LoraWeight) from the
+// file's B (rows, rank): F16 stays F16, anything else becomes F32.
+static void lora_prepare(LoraWeight* lw, const Tensor& b, const char* adapter_path, uint64_t alignment) {
+    Tensor& a = lw->a;
+    if (a.type == GGML_TYPE_F32 || a.type == GGML_TYPE_F16) {
+        if ((uintptr_t)a.data % (a.type == GGML_TYPE_F32 ? 4 : 2) != 0) {
+            FAIL("--lora '%s': tensor '%s' data is not aligned (general.alignment = %" PRIu64 ")", adapter_path,
+                 printable(a.name).c_str(), alignment);
+        }
+    } else {
+        lw->a_f32.resize((size_t)(a.rows * a.cols));
+        for (int64_t r = 0; r < a.rows; r++) {
+            dequantize_row(a.type, a.data + (size_t)r * a.row_bytes, lw->a_f32.data() + (size_t)r * a.cols, a.cols);
+        }
+        a.type = GGML_TYPE_F32;
+        a.data = (const uint8_t*)lw->a_f32.data();
+        a.row_bytes = (size_t)a.cols * 4;
+    }
+    // B (rows, rank) -> panels of 8 rows, k-major; the last panel padded with zeros
+    const int64_t rows = b.rows, rank = b.cols, padded = (rows + 7) / 8 * 8;
+    auto at = [&](int64_t r, int64_t k) { return (size_t)((r / 8) * rank * 8 + k * 8 + r % 8); };
+    Tensor& bp = lw->bp;
+    bp.name = b.name;
+    bp.rows = rank;
+    bp.cols = rows;
+    if (b.type == GGML_TYPE_F16) {
+        lw->bp_f16.assign((size_t)(padded * rank), 0);
+        for (int64_t r = 0; r < rows; r++) {
+            for (int64_t k = 0; k < rank; k++) memcpy(&lw->bp_f16[at(r, k)], b.data + (size_t)r * b.row_bytes + 2 * k, 2);
+        }
+        bp.type = GGML_TYPE_F16;
+        bp.data = (const uint8_t*)lw->bp_f16.data();
+    } else {
+        std::vector<float> row((size_t)rank);
+        lw->bp_f32.assign((size_t)(padded * rank), 0.0f);
+        for (int64_t r = 0; r < rows; r++) {
+            dequantize_row(b.type, b.data + (size_t)r * b.row_bytes, row.data(), rank);
+            for (int64_t k = 0; k < rank; k++) lw->bp_f32[at(r, k)] = row[k];
+        }
+        bp.type = GGML_TYPE_F32;
+        bp.data = (const uint8_t*)lw->bp_f32.data();
+    }
+    bp.row_bytes = 0;  // not row-major: see LoraWeight
+}
+
+// B[r, k] from the panels
+static float lora_load_panel(const LoraWeight* L, int64_t r, int64_t k) {
+    size_t i = (size_t)((r / 8) * L->rank * 8 + k * 8 + r % 8);
+    return L->bp.type == GGML_TYPE_F32 ? L->bp_f32[i] : fp16_to_fp32(L->bp_f16[i]);
+}
+
+// Every value of B finite (in its panels; the padding is zeros).
+static bool lora_finite_panels(const LoraWeight& lw) {
+    if (lw.bp.type == GGML_TYPE_F32) {
+        for (float v : lw.bp_f32) {
+            if (!std::isfinite(v)) return false;
+        }
+    } else {
+        for (uint16_t h : lw.bp_f16) {
+            if (!std::isfinite(fp16_to_fp32(h))) return false;
         }
     }
     return true;
@@ -85,9 +158,72 @@ static std::map<std::string, Tensor*> lora_targets(Model* m) {
     return t;
 }
 
+// ----------------------------------------------------------------------------
+// merging at load: W' = W + scale * B A, row by row, requantized to W's own type
+
+enum LoraMode { LORA_AUTO, LORA_RUNTIME, LORA_MERGE };
+
+// Above this share of the bytes a token reads, LORA_AUTO merges (see the top of this file).
+static const double LORA_MERGE_ABOVE = 0.05;
+
+struct LoraMergeTask {
+    const Tensor* w;
+    const LoraWeight* L;
+    const float* a;  // A as F32 (rank, cols)
+    uint8_t* dst;    // rows * w->row_bytes
+    std::atomic<int64_t> next{0};
+};
+
+static void lora_merge_worker(void* p, int, int) {
+    LoraMergeTask* t = (LoraMergeTask*)p;
+    const Tensor* w = t->w;
+    const LoraWeight* L = t->L;
+    const int64_t cols = w->cols, rank = L->rank;
+    std::vector<float> row((size_t)cols);
+    for (;;) {
+        int64_t r0 = t->next.fetch_add(16, std::memory_order_relaxed);
+        if (r0 >= w->rows) break;
+        for (int64_t r = r0; r < std::min(w->rows, r0 + 16); r++) {
+            dequantize_row(w->type, w->data + (size_t)r * w->row_bytes, row.data(), cols);
+            for (int64_t k = 0; k < rank; k++) {
+                float c = L->scale * lora_load_panel(L, r, k);
+                const float* ak = t->a + (size_t)k * cols;
+                for (int64_t i = 0; i < cols; i++) row[i] += c * ak[i];
+            }
+            quantize_row(w->type, row.data(), t->dst + (size_t)r * w->row_bytes, cols);
+        }
+    }
+}
+
+// Replaces *w's data by W + scale B A in W's type (an owned copy; the file is not touched).
+static void lora_merge_into(Tensor* w, const LoraWeight* L, Adapter* ad, ThreadPool* pool) {
+    std::vector<float> a((size_t)(L->rank * w->cols));
+    for (int64_t k = 0; k < L->rank; k++) dequantize_row(L->a.type, L->a.data + (size_t)k * L->a.row_bytes, a.data() + (size_t)k * w->cols, w->cols);
+    ad->merged_data.emplace_back((size_t)w->rows * w->row_bytes);
+    LoraMergeTask t;
+    t.w = w;
+    t.L = L;
+    t.a = a.data();
+    t.dst = ad->merged_data.back().data();
+    pool_run(pool, lora_merge_worker, &t);
+    w->data = t.dst;
+}
+
+// The bytes of weights one decoded token reads (every matrix but the embedding, read a row a token).
+static double lora_base_bytes(const Model* m) {
+    double n = (double)m->output.rows * m->output.row_bytes;
+    for (const LayerWeights& l : m->layers) {
+        for (const Tensor* t : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) n += (double)t->rows * t->row_bytes;
+    }
+    return n;
+}
+
 // Reads the adapter at `path`, checks it against the model's weights and attaches it with the
-// given scale (0: checked, not attached).
-static void lora_attach(Model* m, const char* path, float scale) {
+// given scale (0: checked, not attached): at run time, or merged into the weights at load (mode;
+// LORA_AUTO merges when the adapter is more than LORA_MERGE_ABOVE of the bytes a token reads).
+// Returns a line saying which, for -v.
+static std::string lora_attach(Model* m, const char* path, float scale, LoraMode mode = LORA_RUNTIME,
+                               ThreadPool* pool = nullptr) {
     Adapter& ad = m->adapter;
     if (!ad.file.path.empty()) FAIL("one --lora adapter at a time ('%s' is attached)", printable(ad.file.path).c_str());
     if (!std::isfinite(scale)) FAIL("--lora-scale must be a finite number");
@@ -176,43 +312,49 @@ static void lora_attach(Model* m, const char* path, float scale) {
         lw.rank = (int)rank;
         lw.scale = scale * (alpha != 0.0 ? (float)(alpha / (double)rank) : 1.0f);
         lw.a = embd ? lora_view(ta, w->rows, rank) : lora_view(ta, rank, w->cols);
-        lw.b = embd ? lora_view(tb, w->cols, rank) : lora_view(tb, w->rows, rank);
+        Tensor b = embd ? lora_view(tb, w->cols, rank) : lora_view(tb, w->rows, rank);
+        lora_prepare(&lw, b, A, f->alignment);
+        if (!lora_finite(lw.a) || !lora_finite_panels(lw)) {
+            FAIL("--lora '%s': tensor '%s' holds NaN or infinite values; the training run that wrote the adapter "
+                 "diverged: retrain it with a lower --learning_rate", A,
+                 printable(lora_finite(lw.a) ? tb->name : ta->name).c_str());
+        }
         ad.weights.push_back(std::move(lw));
         adapted.push_back(w);
     }
-
-    // F32/F16 stay in the mapping (aligned as the format promises); other types become F32 copies
-    for (LoraWeight& lw : ad.weights) {
-        size_t n = 0;
-        for (Tensor* t : {&lw.a, &lw.b}) {
-            if (!lora_in_place(t->type)) n += (size_t)(t->rows * t->cols);
-        }
-        lw.owned.resize(n);
-        size_t at = 0;
-        for (Tensor* t : {&lw.a, &lw.b}) {
-            if (lora_in_place(t->type)) {
-                if ((uintptr_t)t->data % (t->type == GGML_TYPE_F32 ? 4 : 2) != 0) {
-                    FAIL("--lora '%s': tensor '%s' data is not aligned (general.alignment = %" PRIu64 ")", A,
-                         printable(t->name).c_str(), f->alignment);
-                }
-                continue;
-            }
-            float* dst = lw.owned.data() + at;
-            for (int64_t r = 0; r < t->rows; r++) {
-                dequantize_row(t->type, t->data + (size_t)r * t->row_bytes, dst + (size_t)r * t->cols, t->cols);
-            }
-            t->type = GGML_TYPE_F32;
-            t->data = (const uint8_t*)dst;
-            t->row_bytes = (size_t)t->cols * 4;
-            at += (size_t)(t->rows * t->cols);
-        }
-        for (Tensor* t : {&lw.a, &lw.b}) {
-            if (!lora_finite(*t)) {
-                FAIL("--lora '%s': tensor '%s' holds NaN or infinite values; the training run that wrote the "
-                     "adapter diverged: retrain it with a lower --learning_rate", A, printable(t->name).c_str());
-            }
+    char line[512];
+    if (scale == 0.0f) {  // checked, not applied: exactly the base model
+        snprintf(line, sizeof line, "lora: '%s' checked, not applied (--lora-scale 0)", A);
+        return line;
+    }
+    // what the adapter adds to each token's reads at run time: A and B of every pair but the embedding's
+    double lora_bytes = 0;
+    for (size_t i = 0; i < adapted.size(); i++) {
+        const LoraWeight& lw = ad.weights[i];
+        if (adapted[i] == &m->token_embd) continue;
+        size_t es_a = lw.a.type == GGML_TYPE_F16 ? 2 : 4, es_b = lw.bp.type == GGML_TYPE_F16 ? 2 : 4;
+        lora_bytes += (double)lw.rank * (double)(lw.a.cols * es_a + lw.bp.cols * es_b);
+    }
+    double share = lora_bytes / lora_base_bytes(m);
+    ad.merged = mode == LORA_MERGE || (mode == LORA_AUTO && share > LORA_MERGE_ABOVE);
+    if (ad.merged && !pool) FAIL("internal: merging a LoRA adapter needs the thread pool");
+    int n_merged = 0;
+    ad.merged_data.reserve(adapted.size());
+    for (size_t i = 0; i < adapted.size(); i++) {
+        if (ad.merged && adapted[i] != &m->token_embd) {  // the embedding is one row a token: always at run time
+            LoraWeight& lw = ad.weights[i];
+            lora_merge_into(adapted[i], &lw, &ad, pool);
+            std::vector<float>().swap(lw.a_f32);  // A and B are in the weights now
+            std::vector<float>().swap(lw.bp_f32);
+            std::vector<uint16_t>().swap(lw.bp_f16);
+            lw.a.data = lw.bp.data = nullptr;
+            n_merged++;
+        } else {
+            adapted[i]->lora = &ad.weights[i];
         }
     }
-    if (scale == 0.0f) return;  // checked, not applied: exactly the base model
-    for (size_t i = 0; i < adapted.size(); i++) adapted[i]->lora = &ad.weights[i];
+    snprintf(line, sizeof line, "lora: '%s': %zu pairs, %.1f%% of the bytes a token reads; %d merged into the "
+             "weights at load, %zu applied at run time", A, adapted.size(), 100.0 * share, n_merged,
+             adapted.size() - (size_t)n_merged);
+    return line;
 }

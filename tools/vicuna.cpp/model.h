@@ -42,14 +42,20 @@ struct Tensor {
 
 // A LoRA adapter's pair on one weight W (rows, cols): forward.h computes
 //   y = W x + scale * B (A x)        A = lora_a (rank, cols), B = lora_b (rows, rank)
-// without touching W, so a quantized W stays quantized. On token_embd (an embedding lookup, as
-// llama.cpp stores it) A is (vocab, rank) and the row of the token is added through B (dim, rank).
-// A and B are F32 or F16, pointing into the adapter file, or F32 copies of Q8_0/Q4 tensors.
+// without touching W, so a quantized W stays quantized. B is rearranged at load into panels of 8
+// rows, each panel k-major (bp[g][k][0..8) = B[8g..8g+8, k]), so that B t for a run of rows is
+// rank vector multiply-adds over contiguous memory: no horizontal sums, one stream. On token_embd
+// (an embedding lookup, as llama.cpp stores it) A is (vocab, rank) and the token's row of A goes
+// through B (dim, rank). A points into the adapter file when it is F32/F16 (else an F32 copy); bp
+// is F16 when the file's B is F16, else F32.
 struct LoraWeight {
-    Tensor a, b;
+    Tensor a;                   // (rank, cols), or (vocab, rank) on token_embd
+    Tensor bp;                  // B in panels: rows = rank, cols = rows of W (dim on token_embd), padded to 8
     int rank = 0;
     float scale = 0.0f;         // --lora-scale * adapter.lora.alpha / rank (the scale alone when alpha is 0)
-    std::vector<float> owned;   // a then b, dequantized, when the file's type is not F32/F16
+    std::vector<float> a_f32;   // a's data when the file's A is not F32/F16
+    std::vector<float> bp_f32;  // bp's data: one of these two
+    std::vector<uint16_t> bp_f16;
 };
 
 // The adapter attached to a model: its file (the mapping A and B point into) and one LoraWeight
@@ -59,6 +65,8 @@ struct Adapter {
     std::vector<LoraWeight> weights;
     std::string prompt_type;    // vicuna.prompt_type of the adapter (what it was trained with), or ""
     float alpha = 0.0f, scale = 1.0f;
+    bool merged = false;        // merged into the weights at load (lora.h's LORA_MERGE) rather than at run time
+    std::vector<std::vector<uint8_t>> merged_data;  // W + scale B A per merged weight, in W's type
 };
 
 struct LayerWeights {
