@@ -177,13 +177,18 @@ def generation_prompt(prompt_type: str, conv: Conversation, tokenizer=None) -> s
 # --- tokenization and labels ----------------------------------------------------------------------
 
 
-def leading_special_ids(tokenizer) -> list[int]:
-    """The special ids the tokenizer puts in front of a text (LLaMA: [BOS]; SmolLM2: [])."""
+def leading_special_ids(tokenizer, first_text: str = "") -> list[int]:
+    """The special ids the tokenizer puts in front of a text (LLaMA: [BOS]; SmolLM2: []); none
+    when `first_text`, the rendered prompt, already starts with them: chat templates that write
+    `bos_token` themselves (Llama-2/3, Mistral) must not get a second BOS."""
     with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     for start in range(len(with_special) - len(plain) + 1):
         if with_special[start:start + len(plain)] == plain:
-            return list(with_special[:start])
+            lead = list(with_special[:start])
+            if lead and first_text.startswith("".join(tokenizer.convert_ids_to_tokens(lead))):
+                return []
+            return lead
     return []
 
 
@@ -227,7 +232,7 @@ def tokenize_pieces(pieces: Pieces, tokenizer, train_on: str = "all",
     if eos is None:
         raise TemplateError("the tokenizer has no EOS token; set one in its tokenizer_config.json")
     add_eos = not pieces.meta.get("eos_in_template", False)
-    input_ids = leading_special_ids(tokenizer)
+    input_ids = leading_special_ids(tokenizer, pieces.prompts[0] if pieces.prompts else "")
     labels = [IGNORE_INDEX] * len(input_ids)
     n = len(pieces.responses)
 
@@ -317,8 +322,7 @@ def fit_history(prompt_type: str, conv: Conversation, tokenizer, budget: int,
     eos = tokenizer.eos_token_id
     if eos is None:
         raise TemplateError("the tokenizer has no EOS token; set one in its tokenizer_config.json")
-    lead = leading_special_ids(tokenizer)
-    room = budget - max_new_tokens - len(lead)
+
     # Per turn: its prompt when it opens the conversation, its prompt after an earlier turn, and
     # its answer (with the EOS tokenize_pieces appends); each as (text, ids).
     opening, following, answer = {}, {}, {}
@@ -327,6 +331,8 @@ def fit_history(prompt_type: str, conv: Conversation, tokenizer, budget: int,
         return text, _encode(tokenizer, text)
 
     last = render(prompt_type, suffix(n - 1), tokenizer)
+    lead = leading_special_ids(tokenizer, last.prompts[0])
+    room = budget - max_new_tokens - len(lead)
     opening[n - 1] = piece(last.prompts[0])
     best, tail = n - 1, 0  # tail: tokens after turn j's opening prompt up to the end
     for j in range(n - 2, -1, -1):

@@ -109,3 +109,40 @@ def test_fit_history_keeps_newest_turns_and_current_question(bpe_tokenizer):
     # A question that alone exceeds the budget is still kept.
     alone, _ = fit_history("chat", conv, bpe_tokenizer, budget=10, max_new_tokens=16)
     assert alone.turns == [("current question", None)]
+
+
+# Llama-2-chat's template as its tokenizer_config.json ships it (the system turn folded into the
+# first user turn); it writes bos_token itself, as Llama-3's and Mistral's do.
+LLAMA2_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+
+
+@pytest.mark.parametrize("system", [None, "Be brief."])
+def test_template_that_writes_bos_gets_one_bos(sp_tokenizer, system):
+    """tokenize_pieces and fit_history put the tokenizer's BOS in front of a prompt only when the
+    template does not write it itself: the ids equal apply_chat_template's (one BOS, not two)."""
+    import copy
+
+    tok = copy.deepcopy(sp_tokenizer)
+    tok.chat_template = LLAMA2_TEMPLATE
+    conv = Conversation(turns=[("hello world", "the quick brown fox"), ("你好", None)], system=system)
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": "hello world"}, {"role": "assistant", "content": "the quick brown fox"},
+        {"role": "user", "content": "你好"}]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    expected = tok(text, add_special_tokens=False)["input_ids"]  # how transformers tokenizes a chat
+    ids = build_prompt_ids("chat_template", conv, tok)
+    assert ids.count(tok.bos_token_id) == 2 and ids[:2] != [tok.bos_token_id] * 2  # one BOS per [INST]
+    assert tok.decode(ids) == tok.decode(expected) and ids[0] == expected[0] == tok.bos_token_id
+    _, fitted = fit_history("chat_template", conv, tok, 1024, 16)
+    assert fitted == ids
+    pieces = render("chat_template", Conversation(turns=[("hello world", "the quick brown fox")], system=system), tok)
+    train_ids, _ = tokenize_pieces(pieces, tok)
+    assert train_ids[0] == tok.bos_token_id and train_ids[1] != tok.bos_token_id
