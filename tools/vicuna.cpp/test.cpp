@@ -455,6 +455,102 @@ static void test_templates() {
           "the error does not name the markers: '%s'", msg.c_str());
 }
 
+// LoRA (lora.h, forward.h): y = W x + scale * B (A x) through matmul's fused dispatch -- odd row
+// counts (partial panels), ranks that are not a multiple of 8, decode and prefill batches, three
+// threads, W F32 and Q8_0, A/B F32 and F16 -- against a double-precision reference on the same
+// operands; and the merge at load (W' = W + scale B A in W's type) against the same reference.
+static void test_lora() {
+    ThreadPool pool;
+    pool_init(&pool, 3);
+    const int cols = 96, rank = 5;
+    const int row_counts[] = {37, 8, 3};
+    for (uint32_t wtype : {(uint32_t)GGML_TYPE_F32, (uint32_t)GGML_TYPE_Q8_0}) {
+        for (uint32_t abtype : {(uint32_t)GGML_TYPE_F32, (uint32_t)GGML_TYPE_F16}) {
+            for (int rows : row_counts) {
+                size_t rb = row_size(wtype, cols), ab_es = abtype == GGML_TYPE_F16 ? 2 : 4;
+                std::vector<float> w = randn((size_t)rows * cols, 21), a = randn((size_t)rank * cols, 22),
+                                   bm = randn((size_t)rows * rank, 23);
+                std::vector<uint8_t> wq(rb * rows), aq(ab_es * rank * cols), bq(ab_es * rows * rank);
+                std::vector<float> wdq((size_t)rows * cols), adq(a.size()), bdq(bm.size());
+                for (int r = 0; r < rows; r++) {
+                    quantize_row(wtype, &w[(size_t)r * cols], &wq[r * rb], cols);
+                    dequantize_row(wtype, &wq[r * rb], &wdq[(size_t)r * cols], cols);
+                }
+                quantize_row(abtype, a.data(), aq.data(), (int64_t)a.size());
+                dequantize_row(abtype, aq.data(), adq.data(), (int64_t)a.size());
+                quantize_row(abtype, bm.data(), bq.data(), (int64_t)bm.size());
+                dequantize_row(abtype, bq.data(), bdq.data(), (int64_t)bm.size());
+                Tensor W;
+                W.type = wtype, W.rows = rows, W.cols = cols, W.row_bytes = rb, W.data = wq.data();
+                LoraWeight L;
+                L.rank = rank;
+                L.scale = 0.75f;
+                L.a.type = abtype, L.a.rows = rank, L.a.cols = cols, L.a.row_bytes = ab_es * cols, L.a.data = aq.data();
+                Tensor Bt;
+                Bt.type = abtype, Bt.rows = rows, Bt.cols = rank, Bt.row_bytes = ab_es * rank, Bt.data = bq.data();
+                lora_prepare(&L, Bt, "test", 32);
+                for (int r = 0; r < rows; r++)
+                    for (int k = 0; k < rank; k++)
+                        CHECK(lora_load_panel(&L, r, k) == bdq[(size_t)r * rank + k], "B panel (%d, %d)", r, k);
+                W.lora = &L;
+                Config cfg{};
+                cfg.dim = cols, cfg.hidden_dim = cols, cfg.n_heads = 1, cfg.n_kv_heads = 1, cfg.head_dim = cols;
+                cfg.rope_dim = 2, cfg.vocab_size = rows, cfg.n_layers = 1;
+                RunState st;
+                state_init(&st, &cfg, 8, 8, pool.n_threads);
+                for (int B : {1, 2, 6}) {
+                    std::vector<float> x = randn((size_t)B * cols, 24 + B), out((size_t)B * rows), other((size_t)B * rows);
+                    Tensor W2 = W;  // a second job without LoRA in the same dispatch
+                    W2.lora = nullptr;
+                    matmul(&pool, &st, x.data(), B, {{&W, out.data()}, {&W2, other.data()}});
+                    // what the int8 kernels see of x for a quantized W
+                    std::vector<float> xw = x;
+                    if (wtype != GGML_TYPE_F32) {
+                        std::vector<BlockQ8A> xq((size_t)B * cols / QK);
+                        quantize_act(x.data(), xq.data(), (int64_t)B * cols);
+                        for (size_t i = 0; i < xq.size(); i++)
+                            for (int j = 0; j < QK; j++) xw[i * QK + j] = xq[i].d * xq[i].qs[j];
+                    }
+                    double worst = 0;
+                    for (int b = 0; b < B; b++) {
+                        std::vector<double> t(rank);
+                        for (int k = 0; k < rank; k++) t[k] = dot_exact(&adq[(size_t)k * cols], &x[(size_t)b * cols], cols);
+                        for (int r = 0; r < rows; r++) {
+                            double base = dot_exact(&wdq[(size_t)r * cols], &xw[(size_t)b * cols], cols), delta = 0;
+                            for (int k = 0; k < rank; k++) delta += bdq[(size_t)r * rank + k] * t[k];
+                            double ref = base + L.scale * delta;
+                            worst = worst_of(worst, std::fabs(out[(size_t)b * rows + r] - ref) / (1.0 + std::fabs(ref)));
+                            CHECK(std::fabs(other[(size_t)b * rows + r] - base) <= 1e-4 * (1.0 + std::fabs(base)),
+                                  "the job without LoRA got %g, expected %g", other[(size_t)b * rows + r], base);
+                        }
+                    }
+                    CHECK(worst <= 1e-5, "lora %s W, %s A/B, %d rows, B = %d: error %.2e", ggml_type_info(wtype).name,
+                          ggml_type_info(abtype).name, rows, B, worst);
+                }
+                // merged at load: W + scale B A in W's type
+                Adapter ad;
+                Tensor Wm = W;
+                Wm.lora = nullptr;
+                lora_merge_into(&Wm, &L, &ad, &pool);
+                CHECK(Wm.data != W.data && Wm.type == wtype, "merge: the weight was not replaced");
+                double worst = 0;
+                std::vector<float> row(cols);
+                for (int r = 0; r < rows; r++) {
+                    dequantize_row(wtype, Wm.data + (size_t)r * rb, row.data(), cols);
+                    for (int i = 0; i < cols; i++) {
+                        double ref = wdq[(size_t)r * cols + i];
+                        for (int k = 0; k < rank; k++) ref += (double)L.scale * bdq[(size_t)r * rank + k] * adq[(size_t)k * cols + i];
+                        worst = worst_of(worst, std::fabs(row[i] - ref));
+                    }
+                }
+                double budget = wtype == GGML_TYPE_F32 ? 1e-5 : 0.05;  // Q8_0: one rounding of |values| < ~5
+                CHECK(worst <= budget, "merge %s: error %.2e", ggml_type_info(wtype).name, worst);
+            }
+        }
+    }
+    pool_free(&pool);
+}
+
 static int run_unit() {
     test_worst_of();
     test_gguf_layout_checks();
@@ -462,6 +558,7 @@ static int run_unit() {
     test_fp16();
     test_quant_roundtrip();
     test_kernels();
+    test_lora();
     test_pretokenizer();
     test_printer();
     test_templates();
