@@ -285,6 +285,20 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
 # unit tests (C++), under ASan/UBSan
 
 
+@pytest.mark.parametrize("scalar", [False, True], ids=["optimized", "scalar"])
+def test_unit_on_optimized_builds(scalar, tmp_path_factory):
+    """The same unit test on -O3 builds, the SIMD one and -DVICUNA_SCALAR=ON: the compiler's
+    vectorizer once turned the portable Q4_0 kernel into wrong sums at -O2 and above, which the
+    -O0 sanitizer build cannot see."""
+    build = str(tmp_path_factory.mktemp("scalar-build" if scalar else "release-build"))
+    cmd = (f"cmake -S {VDIR} -B {build} -DCMAKE_BUILD_TYPE=Release -DVICUNA_SCALAR={'ON' if scalar else 'OFF'} "
+           f"> /dev/null && cmake --build {build} --target vicuna-test -j 2 > /dev/null")
+    subprocess.run(cmd, shell=True, check=True, timeout=600)
+    proc = run([os.path.join(build, "vicuna-test"), "unit"], timeout=120, check=False)
+    out = proc.stdout.decode() + proc.stderr.decode()
+    assert proc.returncode == 0 and "0 failure(s)" in out, out[-3000:]
+
+
 def test_unit_under_sanitizers(vicuna_asan):
     proc = run([vicuna_asan, "unit"], timeout=120, check=False)
     out = proc.stdout.decode() + proc.stderr.decode()

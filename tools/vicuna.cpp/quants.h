@@ -315,7 +315,11 @@ static inline __m256i unpack_nibbles(const uint8_t* qs) {
 // block: weight(b, j); all 32 as bytes in element order: load(b)) and in Q4_1's minimum, so one
 // loop serves them all. Q4_1's weights stay unsigned (0..15) for the u8 x i8 multiply:
 // sum_j (d q_j + m) (dx qx_j) = d dx sum_j q_j qx_j + m (dx sum_j qx_j) = d dx isum + m s.
-static inline int nibble(const uint8_t* qs, int j) { return j < QK / 2 ? qs[j] & 0xf : qs[j - QK / 2] >> 4; }
+// Written as one shift-and-mask, not `j < 16 ? qs[j] & 0xf : qs[j - 16] >> 4`: GCC 12 at -O2/-O3
+// with AVX2 vectorized that form of the Q4_0 reference loop into wrong sums (the portable kernel,
+// which -DVICUNA_SCALAR=ON builds run, was off by 6 on the unit test's rows; tests/test_vicuna_cpp.py
+// now runs the unit test on the optimized and scalar builds too).
+static inline int nibble(const uint8_t* qs, int j) { return (qs[j % (QK / 2)] >> (4 * (j / (QK / 2)))) & 0xf; }
 
 struct Q8_0Kind {
     typedef BlockQ8_0 Block;
