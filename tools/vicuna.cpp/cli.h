@@ -467,7 +467,7 @@ static int cmd_bench(const Options& o) {
     for (int i = 0; i < n_prompt; i++) prompt[i] = (int)((i * 7919u + 13u) % (unsigned)V);
     float* logits = e.logits.data();
     engine_forward(&e, prompt.data(), std::min(n_prompt, 16), 0, logits, false);  // warm-up: page in weights
-    engine_forward(&e, prompt.data(), 1, 16, logits, false);
+    engine_forward(&e, prompt.data(), 1, std::min(n_prompt, 16), logits, false);  // (fits: n_gen >= 1)
 
     double t0 = time_s(), c0 = cpu_time_s();
     engine_forward(&e, prompt.data(), n_prompt, 0, logits, false);
