@@ -11,7 +11,19 @@ transformers' f32 CPU forward/generate on the same model is the reference row.
 
 llama.cpp is optional: `pip install llama-cpp-python` (it compiles llama.cpp; set
 CMAKE_ARGS="-DGGML_NATIVE=ON" for this CPU's SIMD). Without it, its columns say "n/a".
-Numbers move a lot when other jobs share the cores: compare rows from one run only.
+Numbers move a lot when other jobs share the cores: compare rows from one run only, and pass
+--repeat N to run every configuration N times, interleaved, and print medians.
+
+LoRA adapters (a second table): --lora ADAPTER.gguf[=MERGED.gguf] times each model with the
+adapter applied by `vicuna --lora` (--lora-mode auto, and runtime when auto merges), next to the
+merged model's own file when given; --make-lora R:TARGETS makes such a pair for the embedded
+model (a random peft adapter of rank R on TARGETS, e.g. 8:q_proj,v_proj or 16:all-linear, its GGUF
+via tools/convert_gguf.py --lora_path, and the merged Q4_1 file via tools/merge_lora.py and
+convert_gguf.py --outtype q4_1; cached in the build folder):
+
+    python tools/vicuna.cpp/bench_cpu.py --threads 1 --prompt 64 --gen 128 --repeat 5 --no-transformers \
+        --models "$(python -c 'import models; print(models.embedded_gguf_path())')" \
+        --make-lora 8:q_proj,v_proj --make-lora 16:all-linear
 """
 
 from __future__ import annotations
@@ -21,6 +33,8 @@ import datetime
 import os
 import platform
 import re
+import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -36,22 +50,23 @@ def bench_tokens(n: int, vocab: int) -> list[int]:
     return [(i * 7919 + 13) % vocab for i in range(n)]
 
 
-def vicuna_bench(model: str, threads: int, n_prompt: int, n_gen: int) -> tuple[float, float]:
-    out = subprocess.run([VICUNA, "bench", "-m", model, "-t", str(threads), "-p", str(n_prompt), "-n", str(n_gen)],
-                         capture_output=True, text=True, check=True).stdout
+def vicuna_bench(model: str, threads: int, n_prompt: int, n_gen: int, extra: tuple[str, ...] = ()) -> tuple[float, float]:
+    out = subprocess.run([VICUNA, "bench", "-m", model, "-t", str(threads), "-p", str(n_prompt), "-n", str(n_gen),
+                          *extra], capture_output=True, text=True, check=True).stdout
     prefill = float(re.search(r"prefill: ([0-9.]+) tok/s", out).group(1))
     decode = float(re.search(r"decode: ([0-9.]+) tok/s", out).group(1))
     return prefill, decode
 
 
-def llama_cpp_bench(model: str, threads: int, n_prompt: int, n_gen: int) -> tuple[float, float] | None:
+def llama_cpp_bench(model: str, threads: int, n_prompt: int, n_gen: int,
+                    lora: str | None = None) -> tuple[float, float] | None:
     try:
         import numpy as np
         from llama_cpp import Llama
     except ImportError:
         return None
     llm = Llama(model_path=model, n_ctx=n_prompt + n_gen + 8, n_batch=n_prompt, n_ubatch=n_prompt,
-                n_threads=threads, n_threads_batch=threads, verbose=False)
+                n_threads=threads, n_threads_batch=threads, verbose=False, **({"lora_path": lora} if lora else {}))
     tokens = bench_tokens(n_prompt, llm.n_vocab())
     llm.eval(tokens[:16])  # warm-up: page the weights in
     llm.reset()
@@ -96,6 +111,79 @@ def default_models() -> list[str]:
     return [q4_1, q8_0]
 
 
+def median_of(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+
+
+def make_lora(spec: str) -> str:
+    """ADAPTER.gguf=MERGED.gguf for a random adapter of rank R on TARGETS of the embedded model."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from models import EMBEDDED_MODEL, resolve_model_path
+
+    rank, _, targets = spec.partition(":")
+    if not rank.isdigit() or not targets:
+        raise SystemExit(f"error: --make-lora {spec}: expected R:TARGETS, e.g. 8:q_proj,v_proj or 16:all-linear")
+    stem = os.path.join(HERE, "build", f"lora-r{rank}-{targets.replace(',', '-')}")
+    adapter, merged = stem + ".f16.gguf", stem + ".merged.q4_1.gguf"
+    if os.path.isfile(adapter) and os.path.isfile(merged):
+        return f"{adapter}={merged}"
+    base = resolve_model_path(EMBEDDED_MODEL)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    r = int(rank)
+    lora = LoraConfig(r=r, lora_alpha=2 * r, init_lora_weights=False,
+                      target_modules=targets if targets == "all-linear" else targets.split(","))
+    peft_model = get_peft_model(model, lora)
+    with torch.no_grad():  # random A and B, B small: a working model whose adapter is not zero
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(0.02)
+    shutil.rmtree(stem, ignore_errors=True)
+    shutil.rmtree(stem + "-merged", ignore_errors=True)
+    peft_model.save_pretrained(stem)
+    tools = os.path.join(ROOT, "tools")
+    for cmd in ([os.path.join(tools, "convert_gguf.py"), "--lora_path", stem, "--outfile", adapter, "--overwrite",
+                 "--no-verify"],
+                [os.path.join(tools, "merge_lora.py"), "--lora_path", stem, "--output_path", stem + "-merged"],
+                [os.path.join(tools, "convert_gguf.py"), "--model_path", stem + "-merged", "--outfile", merged,
+                 "--outtype", "q4_1", "--overwrite", "--no-verify"]):
+        subprocess.run([sys.executable, *cmd], check=True, capture_output=True)
+    shutil.rmtree(stem + "-merged", ignore_errors=True)
+    return f"{adapter}={merged}"
+
+
+def lora_table(models: list[str], loras: list[str], args) -> None:
+    """Decode and prefill with each adapter next to the merged file, medians of --repeat runs."""
+    print()
+    print("| base model | adapter | applied | prefill tok/s | decode tok/s | decode vs merged file |")
+    print("|---|---|---|---|---|---|")
+    for model in models:
+        for spec in loras:
+            adapter, _, merged = spec.partition("=")
+            configs = [("base alone", model, ()), ("--lora (auto)", model, ("--lora", adapter)),
+                       ("--lora-mode runtime", model, ("--lora", adapter, "--lora-mode", "runtime"))]
+            if merged:
+                configs.append(("merged file", merged, ()))
+            runs: dict[str, list] = {label: [] for label, _, _ in configs}
+            for _ in range(args.repeat):
+                for label, m, extra in configs:
+                    runs[label].append(vicuna_bench(m, args.threads, args.prompt, args.gen, extra))
+            out = subprocess.run([VICUNA, "bench", "-m", model, "--lora", adapter, "-p", "16", "-n", "1", "-v"],
+                                 capture_output=True, text=True, check=True).stderr
+            how = "merged at load" if " 0 applied at run time" in out else "run time"
+            ref = median_of(runs["merged file"])[1] if merged else None
+            for label, m, _ in configs:
+                pre, dec = median_of(runs[label])
+                shown = f"{label}: {how}" if label == "--lora (auto)" else label
+                ratio = f"{dec / ref:.2f}x" if ref else "n/a"
+                print(f"| {os.path.basename(model)} | {os.path.basename(adapter)} | {shown} | {pre:.1f} | {dec:.1f} | "
+                      f"{ratio} |")
+            sys.stdout.flush()
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -114,20 +202,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen", type=int, default=128, help="generated tokens (decode)")
     p.add_argument("--models", nargs="*", help="GGUF files (default: embedded Q4_1 and a Q8_0 made from it)")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers reference row")
+    p.add_argument("--repeat", type=int, default=1, help="runs of each configuration, interleaved; medians shown")
+    p.add_argument("--lora", action="append", default=[], metavar="ADAPTER.gguf[=MERGED.gguf]",
+                   help="also time each model with this LoRA adapter (vicuna --lora), next to the merged file")
+    p.add_argument("--make-lora", action="append", default=[], metavar="R:TARGETS",
+                   help="make a random rank-R adapter on TARGETS of the embedded model (and its merged Q4_1 "
+                        "file) and time it as --lora does, e.g. 8:q_proj,v_proj or 16:all-linear")
+    p.add_argument("--no-baseline", action="store_true", help="only the LoRA table")
     args = p.parse_args(argv)
+    if args.repeat < 1:
+        raise SystemExit("error: --repeat must be at least 1")
     if not os.path.isfile(VICUNA):
         raise SystemExit(f"error: {VICUNA} is not built; run `make cpp`")
 
     print(f"# {datetime.date.today()}  {cpu_name()}  {os.cpu_count()} cores  threads={args.threads}  "
           f"prompt={args.prompt}  gen={args.gen}")
     print(f"# command: python tools/vicuna.cpp/bench_cpu.py --threads {args.threads} --prompt {args.prompt} "
-          f"--gen {args.gen}")
+          f"--gen {args.gen}" + (f" --repeat {args.repeat}" if args.repeat > 1 else "")
+          + "".join(f" --make-lora {m}" for m in args.make_lora) + "".join(f" --lora {x}" for x in args.lora))
+    loras = list(args.lora) + [make_lora(spec) for spec in args.make_lora]
+    models = args.models or default_models()
+    if args.no_baseline:
+        lora_table(models, loras, args)
+        return 0
     print("| model | engine | prefill tok/s | decode tok/s | prefill vs llama.cpp | decode vs llama.cpp |")
     print("|---|---|---|---|---|---|")
-    for model in args.models or default_models():
+    for model in models:
         name = os.path.basename(model)
-        ours = vicuna_bench(model, args.threads, args.prompt, args.gen)
-        theirs = llama_cpp_bench(model, args.threads, args.prompt, args.gen)
+        ours, theirs_runs = [], []
+        for _ in range(args.repeat):
+            ours.append(vicuna_bench(model, args.threads, args.prompt, args.gen))
+            theirs_runs.append(llama_cpp_bench(model, args.threads, args.prompt, args.gen))
+        ours = median_of(ours)
+        theirs = median_of(theirs_runs) if all(theirs_runs) else None
         if theirs:
             print(f"| {name} | vicuna.cpp | {ours[0]:.1f} | {ours[1]:.1f} | {ours[0] / theirs[0]:.2f}x | "
                   f"{ours[1] / theirs[1]:.2f}x |")
@@ -139,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_transformers:
         tf = transformers_bench(args.threads, args.prompt, args.gen)
         print(f"| SmolLM2-135M-Instruct (f32) | transformers | {tf[0]:.1f} | {tf[1]:.1f} | | |")
+    if loras:
+        lora_table(models, loras, args)
     return 0
 
 
