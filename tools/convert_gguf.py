@@ -26,6 +26,25 @@ largest logit difference. An f32 export that disagrees (top-1 mismatch or max re
 over 1e-3), or any export whose logits are NaN or infinite, exits with status 1. `--modelfile`
 writes an ollama Modelfile beside the GGUF.
 
+`--lora_path ADAPTER` writes the adapter itself instead, as a GGUF LoRA adapter in llama.cpp's format
+(what its convert_lora_to_gguf.py writes, loaded by `vicuna --lora`, llama.cpp's `--lora` and ollama's
+`ADAPTER`), for the base model's GGUF:
+
+    python tools/convert_gguf.py --lora_path lora-Vicuna --outfile lora-Vicuna.gguf [--outtype f32|f16|q8_0]
+    python tools/convert_gguf.py --lora_path lora-Vicuna --outfile lora.gguf --base_gguf base.gguf --modelfile
+
+`general.type=adapter`, `adapter.type=lora`, `adapter.lora.alpha`, `vicuna.prompt_type` (from the
+adapter's training_config.json), and per adapted weight `<its GGUF name>.lora_a` (A, ne [in, r]) and
+`.lora_b` (B, ne [r, out]; attn_q / attn_k rows permuted as the base export permutes the weights; an
+embedding's pair flipped as llama.cpp expects). llama.cpp scales every pair by alpha / r with the
+file's one alpha, so a module whose own scale differs (alpha_pattern, rank_pattern, rsLoRA) has the
+ratio folded into B. --model_path is the base the adapter was trained on (default: the adapter's
+base_model_name_or_path); --base_gguf, the base's GGUF (default: --model_path when it is a .gguf,
+or the embedded model's file), is checked for every target tensor and shape, is the Modelfile's
+FROM line (the adapter its ADAPTER line), and with --verify (default on under 1B parameters when
+vicuna.cpp is built) runs with the adapter in vicuna.cpp against transformers + peft. Non-finite
+adapters, DoRA, trained biases, modules_to_save and LoRA on a tied lm_head are refused.
+
 Nothing is overwritten without --overwrite (the GGUF and the Modelfile alike), and both are written
 under a temporary name and renamed into place, so an interrupted export never leaves a half file
 under the final name. Source tensors holding NaN or infinity are refused (naming the tensor), as
