@@ -506,9 +506,11 @@ def visible_gpus() -> int:
         return 1
 
 
-def jinja_template(prompt_type: str) -> str | None:
+def jinja_template(prompt_type: str, lead: str = "") -> str | None:
     """Our instruct / chat template as a Jinja chat template for vLLM (prompt.py's texts, so the
-    prompt is the one training saw); None for chat_template (the tokenizer's own is used)."""
+    prompt is the one training saw); None for chat_template (the tokenizer's own is used). `lead`:
+    the text of the special tokens build_prompt_ids puts first (LLaMA's BOS; none for SmolLM2), as
+    vLLM tokenizes a rendered chat without adding special tokens."""
     import json as _json
 
     from prompt import CHAT_PREAMBLE, CHAT_TURN_SEPARATOR, CHAT_USER, INSTRUCT_NO_INPUT
@@ -519,10 +521,10 @@ def jinja_template(prompt_type: str) -> str | None:
     if prompt_type == "instruct":
         before, after = INSTRUCT_NO_INPUT.split("{instruction}")
         return ("{%- set q = (messages | selectattr('role', 'equalto', 'user') | list | last) -%}"
-                f"{{{{ bos_token }}}}{{{{ {lit(before)} }}}}{{{{ q['content'] }}}}{{{{ {lit(after)} }}}}")
+                f"{{{{ {lit(lead)} }}}}{{{{ {lit(before)} }}}}{{{{ q['content'] }}}}{{{{ {lit(after)} }}}}")
     if prompt_type == "chat":
         user_before, user_after = CHAT_USER.split("{input}")
-        return ("{{ bos_token }}"
+        return (f"{{{{ {lit(lead)} }}}}"
                 "{%- set ns = namespace(first=true) -%}"
                 "{%- if messages[0]['role'] == 'system' -%}"
                 "{{ messages[0]['content'].rstrip('\\n') + '\\n\\n' }}{%- else -%}"
@@ -536,9 +538,10 @@ def jinja_template(prompt_type: str) -> str | None:
 
 
 def vllm_command(args, loras: list[tuple[str, str]], template_dir: str, n_gpus: int,
-                 prompt_type_of=None) -> list[str]:
-    """The `vllm serve` command line for these flags. vLLM takes one chat template for all models:
-    our adapters' template when they agree (and it is ours), else the tokenizer's."""
+                 prompt_type_of=None, lead: str | None = None) -> list[str]:
+    """The `vllm serve` command line for these flags. vLLM takes one chat template for all models
+    (the base included): our adapters' template when they agree (and it is ours), else the
+    tokenizer's. `lead`: the leading special tokens' text (default: read from the tokenizer)."""
     from models import resolve_model_path, resolve_prompt_type
 
     model = resolve_model_path(args.model_path) if prompt_type_of is None else args.model_path
@@ -560,7 +563,14 @@ def vllm_command(args, loras: list[tuple[str, str]], template_dir: str, n_gpus: 
         if len(types) > 1:
             raise UserError(f"--engine vllm takes one chat template for every model, but the adapters were trained "
                             f"with {', '.join(sorted(types))}; serve them from separate servers")
-        template = jinja_template(types.pop())
+        prompt_type = types.pop()
+        if lead is None and prompt_type != "chat_template":
+            from models import load_tokenizer
+            from prompt import leading_special_ids
+
+            tokenizer = load_tokenizer(model, args.trust_remote_code)
+            lead = tokenizer.decode(leading_special_ids(tokenizer))
+        template = jinja_template(prompt_type, lead or "")
         if template is not None:
             path = os.path.join(template_dir, "chat_template.jinja")
             with open(path, "w", encoding="utf-8") as f:
