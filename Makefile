@@ -25,10 +25,10 @@ install: $(STAMP)
 demo: install
 	$(PY) tools/demo.py
 
-test: install
+test: install llama-vocab
 	$(PY) -m pytest -q tests
 
-test-all: install
+test-all: install llama-vocab
 	$(PY) -m pytest -q --runslow tests
 
 # Training throughput, Chinese-Vicuna recipe vs our default path (docs/performance.md).
@@ -45,3 +45,20 @@ cpp:
 .PHONY: bench-cpu
 bench-cpu: cpp
 	$(PY) tools/vicuna.cpp/bench_cpu.py
+
+# llama.cpp's tokenizer test vocabularies (models/ggml-vocab-*.gguf with their .inp/.out cases,
+# MIT, The ggml authors) for tests/test_vicuna_tokenizers.py. The GitHub copies are Git LFS
+# pointers; the llama-cpp-python source package on PyPI carries the real files. Fetched once
+# (a 77 MB download, 75 MB kept) into a gitignored cache.
+LLAMA_CPP_PYTHON_SDIST ?= llama-cpp-python==0.3.36
+VOCAB_DIR := .cache/llama-vocab
+.PHONY: llama-vocab
+llama-vocab: $(VOCAB_DIR)/.fetched
+
+$(VOCAB_DIR)/.fetched: | $(PY)
+	rm -rf $(VOCAB_DIR) && mkdir -p $(VOCAB_DIR)/sdist
+	$(PIP) download --quiet --no-deps --no-binary :all: "$(LLAMA_CPP_PYTHON_SDIST)" -d $(VOCAB_DIR)/sdist
+	tar -xzf $(VOCAB_DIR)/sdist/*.tar.gz -C $(VOCAB_DIR) --strip-components=4 --wildcards \
+		'*/vendor/llama.cpp/models/ggml-vocab-*' '*/vendor/llama.cpp/LICENSE'
+	rm -rf $(VOCAB_DIR)/sdist
+	touch $@

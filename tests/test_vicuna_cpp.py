@@ -133,6 +133,11 @@ def _tokenizer_kvs(model_dir: str) -> list[tuple]:
                 ("tokenizer.ggml.token_type", types, T.ARRAY, T.INT32),
                 ("tokenizer.ggml.add_bos_token", True, T.BOOL, None),
                 ("tokenizer.ggml.add_space_prefix", True, T.BOOL, None)]
+        pre = tj.get("pre_tokenizer") or {}
+        if pre.get("type") == "Metaspace" and pre.get("prepend_scheme") == "first":
+            # transformers' Metaspace: no U+2581 in front of text that starts with a space
+            # (SentencePiece, and the engine by default, add one anyway)
+            kvs.append(("vicuna.tokenizer.prepend_scheme", "first", T.STRING, None))
     else:
         vocab = tj["model"]["vocab"]
         added = {a["id"]: a for a in tj["added_tokens"]}
@@ -367,14 +372,16 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
 
 
 def test_llama3_pretokenizer_matches_hf(vicuna, tiny_ggufs, tmp_path):
-    """LLaMA-3's regex (tokenizer.ggml.pre = "llama-bpe") on SmolLM2's vocabulary and merges,
-    against the `tokenizers` library running the same regex."""
+    """LLaMA-3's regex and ignore_merges (tokenizer.ggml.pre = "llama-bpe") on SmolLM2's vocabulary
+    and merges, against the `tokenizers` library running the same regex."""
     import gguf
     from tokenizers import Regex, Tokenizer, pre_tokenizers
     from transformers import AutoTokenizer
 
     hf_dir = tiny_ggufs["bpe"][0]
-    ref = Tokenizer.from_str(AutoTokenizer.from_pretrained(hf_dir).backend_tokenizer.to_str())
+    tj = json.loads(AutoTokenizer.from_pretrained(hf_dir).backend_tokenizer.to_str())
+    tj["model"]["ignore_merges"] = True  # LLaMA-3's tokenizer.json has it; llama.cpp sets it for llama-bpe
+    ref = Tokenizer.from_str(json.dumps(tj))
     ref.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])

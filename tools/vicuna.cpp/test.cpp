@@ -213,14 +213,17 @@ static void test_kernels() {
     }
 }
 
-static std::vector<std::string> pieces_of(const std::string& text, bool llama3) {
+static std::vector<std::string> pieces_of(const std::string& text, PreTokenizer pre) {
     std::vector<CodePoint> cps = utf8_split(text);
     Pieces p;
-    if (llama3) pretokenize_llama3(cps, &p);
-    else pretokenize_gpt2(cps, &p);
+    pretokenize(pre, cps, &p);
     std::vector<std::string> out;
     for (auto [a, b] : p) out.push_back(text.substr(cps[a].off, cps[b - 1].off + cps[b - 1].len - cps[a].off));
     return out;
+}
+
+static std::vector<std::string> pieces_of(const std::string& text, bool llama3) {
+    return pieces_of(text, llama3 ? PRE_LLAMA3 : PRE_GPT2);
 }
 
 static void test_pretokenizer() {
@@ -230,6 +233,13 @@ static void test_pretokenizer() {
     CHECK(eq(pieces_of("你好，世界 abc  ", false), {"你好", "，", "世界", " abc", "  "}), "gpt2 split zh");
     CHECK(eq(pieces_of("I'M 12345 ok\r\n\n  x", true), {"I", "'M", " ", "123", "45", " ok", "\r\n\n", " ", " x"}),
           "llama3 split");
+    // llama.cpp's other pre-tokenizers (tests/test_vicuna_tokenizers.py runs llama.cpp's cases)
+    CHECK(eq(pieces_of("I'M 12345 ok", PRE_QWEN2), {"I", "'M", " ", "1", "2", "3", "4", "5", " ok"}), "qwen2 split");
+    CHECK(eq(pieces_of("x\xcc\x81y ab\xcc\x81", PRE_QWEN35), {"x\xcc\x81y", " ab\xcc\x81"}), "qwen35 marks");
+    CHECK(eq(pieces_of("x\xcc\x81y", PRE_QWEN2), {"x", "\xcc\x81y"}), "qwen2 has no marks");
+    CHECK(eq(pieces_of("a 12 b", PRE_DIGITS_GPT2), {"a", " ", "1", "2", " b"}), "starcoder split");
+    CHECK(eq(pieces_of("x 1234567, (a)", PRE_FALCON), {"x", " ", "123", "456", "7", ",", " ", "(", "a", ")"}),
+          "falcon split");
     std::string bad = "a\xff\xfe b";  // invalid UTF-8 survives as bytes
     std::vector<std::string> p = pieces_of(bad, false);
     std::string joined;

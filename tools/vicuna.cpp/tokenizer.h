@@ -167,24 +167,41 @@ static uint32_t byte_to_unicode(uint8_t b) {
 
 // ----------------------------------------------------------------------------
 // pre-tokenizers: split a text fragment into pieces (code point index ranges) that BPE merges
-// never cross. Hand-written matchers of the regexes, alternatives tried in order as a
-// backtracking regex engine would.
+// never cross. Hand-written matchers of the regexes llama.cpp names by tokenizer.ggml.pre,
+// alternatives tried in order as a backtracking regex engine would. Each matcher works on a
+// range [lo, hi) of the code points: where llama.cpp applies several regexes one after another,
+// each later one sees only a piece of the earlier split, lookaheads included.
 
-enum PreTokenizer { PRE_GPT2, PRE_LLAMA3 };
+enum PreTokenizer {
+    PRE_GPT2,         // gpt-2, phi-2, mpt, smollm (see the note at the top)
+    PRE_LLAMA3,       // llama-bpe, llama3, llama-v3, smaug-bpe: numbers in groups of up to 3
+    PRE_QWEN2,        // qwen2, deepseek-r1-qwen: the LLaMA-3 regex with single digits
+    PRE_QWEN35,       // qwen35: Qwen2's, with marks (\p{M}) joining letters
+    PRE_DIGITS_GPT2,  // starcoder, refact, command-r: every digit alone, then GPT-2's regex
+    PRE_FALCON,       // falcon: punctuation runs, then GPT-2's regex, then ASCII digit triples
+};
 
 typedef std::vector<std::pair<size_t, size_t>> Pieces;  // [begin, end) in code points
 
-static size_t run_of(const std::vector<CodePoint>& cps, size_t i, uint8_t cls) {
-    while (i < cps.size() && cps[i].cls == cls) i++;
+static bool is_mark(uint32_t cp) {
+    return cp >= 0x300 &&
+           in_ranges(cp, UNICODE_MARK_RANGES, sizeof UNICODE_MARK_RANGES / sizeof UNICODE_MARK_RANGES[0]);
+}
+
+static bool is_punct(uint32_t cp) {
+    return in_ranges(cp, UNICODE_PUNCT_RANGES, sizeof UNICODE_PUNCT_RANGES / sizeof UNICODE_PUNCT_RANGES[0]);
+}
+
+static size_t run_of(const std::vector<CodePoint>& cps, size_t i, size_t hi, uint8_t cls) {
+    while (i < hi && cps[i].cls == cls) i++;
     return i;
 }
 
 // Contractions 's 't 're 've 'm 'll 'd at i (case-insensitive for LLaMA-3); returns the end or i.
-static size_t match_contraction(const std::vector<CodePoint>& cps, size_t i, bool ignore_case) {
-    size_t n = cps.size();
-    if (cps[i].cp != '\'' || i + 1 >= n) return i;
+static size_t match_contraction(const std::vector<CodePoint>& cps, size_t i, size_t hi, bool ignore_case) {
+    if (cps[i].cp != '\'' || i + 1 >= hi) return i;
     auto low = [&](size_t k) -> uint32_t {
-        if (k >= n) return 0;
+        if (k >= hi) return 0;
         uint32_t c = cps[k].cp;
         return ignore_case && c >= 'A' && c <= 'Z' ? c + 32 : c;
     };
@@ -195,60 +212,134 @@ static size_t match_contraction(const std::vector<CodePoint>& cps, size_t i, boo
 }
 
 // \s+(?!\S)|\s+ : a run of spaces, leaving the last one to prefix the following word
-static size_t match_spaces(const std::vector<CodePoint>& cps, size_t i) {
-    size_t j = run_of(cps, i, CC_SPACE);
-    if (j < cps.size() && j - i > 1) j--;
+static size_t match_spaces(const std::vector<CodePoint>& cps, size_t i, size_t hi) {
+    size_t j = run_of(cps, i, hi, CC_SPACE);
+    if (j < hi && j - i > 1) j--;
     return j;
 }
 
 // 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
-static void pretokenize_gpt2(const std::vector<CodePoint>& cps, Pieces* out) {
-    size_t n = cps.size(), i = 0;
-    while (i < n) {
-        size_t j = match_contraction(cps, i, false);
+static void pretokenize_gpt2(const std::vector<CodePoint>& cps, size_t lo, size_t hi, Pieces* out) {
+    size_t i = lo;
+    while (i < hi) {
+        size_t j = match_contraction(cps, i, hi, false);
         if (j == i) {
             size_t k = i + (cps[i].cp == ' ' ? 1 : 0);  // the optional leading space
-            if (k < n && cps[k].cls != CC_SPACE) j = run_of(cps, k, cps[k].cls);
+            if (k < hi && cps[k].cls != CC_SPACE) j = run_of(cps, k, hi, cps[k].cls);
         }
-        if (j == i) j = match_spaces(cps, i);
+        if (j == i) j = match_spaces(cps, i, hi);
         out->push_back({i, j});
         i = j;
     }
 }
 
-// (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|
-// \s*[\r\n]+|\s+(?!\S)|\s+
-static void pretokenize_llama3(const std::vector<CodePoint>& cps, Pieces* out) {
-    size_t n = cps.size(), i = 0;
-    auto is_nl = [&](size_t k) { return k < n && (cps[k].cp == '\r' || cps[k].cp == '\n'); };
-    while (i < n) {
-        size_t j = match_contraction(cps, i, true);
+// LLaMA-3 (max_digits 3, marks false):
+//   (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|
+//   \s*[\r\n]+|\s+(?!\S)|\s+
+// Qwen2: \p{N} instead of \p{N}{1,3}. Qwen3.5 (marks): [\p{L}\p{M}]+ for \p{L}+ and
+// [^\s\p{L}\p{M}\p{N}]+ for [^\s\p{L}\p{N}]+.
+static void pretokenize_llama3(const std::vector<CodePoint>& cps, size_t lo, size_t hi, Pieces* out,
+                               size_t max_digits, bool marks) {
+    auto is_nl = [&](size_t k) { return k < hi && (cps[k].cp == '\r' || cps[k].cp == '\n'); };
+    auto word = [&](size_t k) { return cps[k].cls == CC_LETTER || (marks && cps[k].cls == CC_OTHER && is_mark(cps[k].cp)); };
+    auto symbol = [&](size_t k) { return cps[k].cls == CC_OTHER && !(marks && is_mark(cps[k].cp)); };
+    auto word_run = [&](size_t k) {
+        while (k < hi && word(k)) k++;
+        return k;
+    };
+    size_t i = lo;
+    while (i < hi) {
+        size_t j = match_contraction(cps, i, hi, true);
         uint8_t c = cps[i].cls;
         if (j == i) {
-            if (c == CC_LETTER) j = run_of(cps, i, CC_LETTER);
-            else if (c != CC_NUMBER && !is_nl(i) && i + 1 < n && cps[i + 1].cls == CC_LETTER)
-                j = run_of(cps, i + 1, CC_LETTER);
+            // the optional prefix first (greedy), then without it
+            if (c != CC_LETTER && c != CC_NUMBER && !is_nl(i) && i + 1 < hi && word(i + 1)) j = word_run(i + 1);
+            else if (word(i)) j = word_run(i);
         }
         if (j == i && c == CC_NUMBER) {
             j = i + 1;
-            while (j < n && j < i + 3 && cps[j].cls == CC_NUMBER) j++;
+            while (j < hi && j < i + max_digits && cps[j].cls == CC_NUMBER) j++;
         }
         if (j == i) {
             size_t k = i + (cps[i].cp == ' ' ? 1 : 0);
-            if (k < n && cps[k].cls == CC_OTHER) {
-                j = run_of(cps, k, CC_OTHER);
+            if (k < hi && symbol(k)) {
+                j = k;
+                while (j < hi && symbol(j)) j++;
                 while (is_nl(j)) j++;
             }
         }
         if (j == i) {
-            size_t end = run_of(cps, i, CC_SPACE);
+            size_t end = run_of(cps, i, hi, CC_SPACE);
             for (size_t k = i; k < end; k++) {
                 if (is_nl(k)) j = k + 1;
             }
         }
-        if (j == i) j = match_spaces(cps, i);
+        if (j == i) j = match_spaces(cps, i, hi);
         out->push_back({i, j});
         i = j;
+    }
+}
+
+// \p{N} isolated, then GPT-2's regex on the text between (StarCoder, Refact, Command-R)
+static void pretokenize_digits_gpt2(const std::vector<CodePoint>& cps, size_t lo, size_t hi, Pieces* out) {
+    size_t start = lo;
+    for (size_t k = lo; k < hi; k++) {
+        if (cps[k].cls != CC_NUMBER) continue;
+        pretokenize_gpt2(cps, start, k, out);
+        out->push_back({k, k + 1});
+        start = k + 1;
+    }
+    pretokenize_gpt2(cps, start, hi, out);
+}
+
+// Falcon, three regexes in turn: [\p{P}\$\+<=>\^~\|`]+ isolated; GPT-2's regex on every piece;
+// then [0-9][0-9][0-9] isolated inside every piece.
+static void pretokenize_falcon(const std::vector<CodePoint>& cps, size_t lo, size_t hi, Pieces* out) {
+    auto punct = [&](size_t k) {
+        uint32_t c = cps[k].cp;
+        if (c == '$' || c == '+' || c == '<' || c == '=' || c == '>' || c == '^' || c == '~' || c == '|' || c == '`')
+            return true;
+        return cps[k].cls == CC_OTHER && !(cps[k].len == 1 && c >= 0x80) && is_punct(c);
+    };
+    auto ascii_digit = [&](size_t k) { return cps[k].cp >= '0' && cps[k].cp <= '9'; };
+    Pieces stage2;
+    size_t start = lo;
+    for (size_t k = lo; k < hi;) {
+        if (!punct(k)) {
+            k++;
+            continue;
+        }
+        size_t e = k;
+        while (e < hi && punct(e)) e++;
+        pretokenize_gpt2(cps, start, k, &stage2);
+        stage2.push_back({k, e});
+        start = k = e;
+    }
+    pretokenize_gpt2(cps, start, hi, &stage2);
+    for (auto [a, b] : stage2) {
+        size_t s = a;
+        for (size_t k = a; k + 3 <= b;) {
+            if (ascii_digit(k) && ascii_digit(k + 1) && ascii_digit(k + 2)) {
+                if (k > s) out->push_back({s, k});
+                out->push_back({k, k + 3});
+                s = k = k + 3;
+            } else {
+                k++;
+            }
+        }
+        if (b > s) out->push_back({s, b});
+    }
+}
+
+static void pretokenize(PreTokenizer pre, const std::vector<CodePoint>& cps, Pieces* out) {
+    size_t n = cps.size();
+    switch (pre) {
+        case PRE_GPT2: pretokenize_gpt2(cps, 0, n, out); break;
+        case PRE_LLAMA3: pretokenize_llama3(cps, 0, n, out, 3, false); break;
+        case PRE_QWEN2: pretokenize_llama3(cps, 0, n, out, 1, false); break;
+        case PRE_QWEN35: pretokenize_llama3(cps, 0, n, out, 1, true); break;
+        case PRE_DIGITS_GPT2: pretokenize_digits_gpt2(cps, 0, n, out); break;
+        case PRE_FALCON: pretokenize_falcon(cps, 0, n, out); break;
     }
 }
 
@@ -270,6 +361,8 @@ struct Tokenizer {
     int byte_token[256];        // BPE: token of the byte's character; SPM: <0xXX>; or -1
     int bos = -1, eos = -1, eot = -1, unk = -1;
     bool add_bos = false, add_eos = false, add_space_prefix = false;
+    bool ignore_merges = false;  // BPE: a pre-token that is itself a vocabulary entry is that token
+    bool prefix_first_only = false;  // SPM: no U+2581 prefix when the text already starts with a space
 };
 
 static int tokenizer_special_id(const GGUFFile* f, const char* key, int def, int n_tokens) {
@@ -327,6 +420,12 @@ static void tokenizer_init(Tokenizer* t, const GGUFFile* f) {
     t->add_bos = gguf_get_bool(f, "tokenizer.ggml.add_bos_token", spm) && t->bos >= 0;
     t->add_eos = gguf_get_bool(f, "tokenizer.ggml.add_eos_token", false) && t->eos >= 0;
     t->add_space_prefix = gguf_get_bool(f, "tokenizer.ggml.add_space_prefix", spm);
+    std::string_view scheme = gguf_get_str(f, "vicuna.tokenizer.prepend_scheme", false);
+    if (!scheme.empty() && scheme != "always" && scheme != "first") {
+        FAIL("'%s': vicuna.tokenizer.prepend_scheme '%s' is not 'always' (SentencePiece) or 'first' (Hugging "
+             "Face Metaspace)", path.c_str(), printable(scheme).c_str());
+    }
+    t->prefix_first_only = scheme == "first";
 
     for (int b = 0; b < 256; b++) {
         std::string s;
@@ -342,8 +441,33 @@ static void tokenizer_init(Tokenizer* t, const GGUFFile* f) {
     }
 
     if (!spm) {
+        // llama.cpp's names (llama-vocab.cpp); a name not here is refused, never guessed at
+        static const struct {
+            const char* name;
+            PreTokenizer pre;
+            bool ignore_merges;
+        } PRES[] = {
+            {"gpt-2", PRE_GPT2, false},       {"phi-2", PRE_GPT2, false},
+            {"mpt", PRE_GPT2, false},         {"smollm", PRE_GPT2, false},          {"llama-bpe", PRE_LLAMA3, true},
+            {"llama3", PRE_LLAMA3, true},     {"llama-v3", PRE_LLAMA3, true},       {"smaug-bpe", PRE_LLAMA3, false},
+            {"qwen2", PRE_QWEN2, false},      {"deepseek-r1-qwen", PRE_QWEN2, false}, {"qwen35", PRE_QWEN35, false},
+            {"starcoder", PRE_DIGITS_GPT2, false}, {"refact", PRE_DIGITS_GPT2, false},
+            {"command-r", PRE_DIGITS_GPT2, false}, {"falcon", PRE_FALCON, false},
+        };
         std::string_view pre = gguf_get_str(f, "tokenizer.ggml.pre", false);
-        t->pre = (pre == "llama-bpe" || pre == "llama3" || pre == "smaug-bpe") ? PRE_LLAMA3 : PRE_GPT2;
+        if (pre.empty()) {
+            FAIL("'%s': tokenizer.ggml.pre is missing (llama.cpp then splits with its 'default' regex, which "
+                 "vicuna does not implement)", path.c_str());
+        }
+        bool known = false;
+        for (const auto& p : PRES) {
+            if (pre == p.name) t->pre = p.pre, t->ignore_merges = p.ignore_merges, known = true;
+        }
+        if (!known) {
+            FAIL("'%s': tokenizer.ggml.pre '%s' is not supported (vicuna implements gpt-2, phi-2, mpt, "
+                 "smollm, llama-bpe, llama3, llama-v3, smaug-bpe, qwen2, deepseek-r1-qwen, qwen35, starcoder, "
+                 "refact, command-r, falcon)", path.c_str(), printable(pre).c_str());
+        }
         const GGUFValue* merges = gguf_get_arr(f, "tokenizer.ggml.merges", GGUF_TYPE_STRING);
         if (!merges) FAIL("'%s': a byte-level BPE tokenizer needs tokenizer.ggml.merges", path.c_str());
         t->merges.reserve((size_t)merges->arr_len * 2);
@@ -427,6 +551,15 @@ static void bpe_encode_piece(const Tokenizer* t, std::string_view bytes, std::ve
         }
     };
     int n = (int)bytes.size();
+    if (t->ignore_merges && n > 1) {
+        std::string chars;
+        for (char b : bytes) utf8_append(&chars, byte_to_unicode((uint8_t)b));
+        auto it = t->piece_to_id.find(chars);
+        if (it != t->piece_to_id.end()) {
+            out->push_back(it->second);
+            return;
+        }
+    }
     std::vector<Sym> sym(n);
     for (int i = 0; i < n; i++) sym[i] = {t->byte_token[(uint8_t)bytes[i]], i - 1, i + 1 < n ? i + 1 : -1};
     std::priority_queue<Cand> heap;
@@ -451,8 +584,9 @@ static void bpe_encode_piece(const Tokenizer* t, std::string_view bytes, std::ve
         push(c.pos);
     }
     for (int i = 0; i >= 0 && i < n; i = sym[i].next) {
+        // a byte with no token (SmolLM2 has none for 0x04, 0x06, ...) is dropped, as Hugging Face's
+        // BPE without an unk_token and llama.cpp do: never the unknown id, which may be EOS
         if (sym[i].id >= 0) out->push_back(sym[i].id);
-        else if (t->unk >= 0) out->push_back(t->unk);  // a byte with no token: only in broken vocabularies
     }
 }
 
@@ -522,9 +656,22 @@ static std::vector<int> tokenizer_encode(const Tokenizer* t, std::string_view te
         std::string_view frag = text.substr(start, end - start);
         if (t->kind == Tokenizer::BPE) {
             std::vector<CodePoint> cps = utf8_split(frag);
+            // A byte that is not UTF-8 is its byte token; where the vocabulary has none (SmolLM2 lacks
+            // 0xC0, 0xC1, 0xF5..0xFF, bytes UTF-8 text never holds) it becomes U+FFFD, as in llama.cpp.
+            std::string fixed;
+            for (const CodePoint& c : cps) {
+                if (c.len == 1 && c.cp >= 0x80 && t->byte_token[c.cp] < 0) {
+                    for (const CodePoint& d : cps) {
+                        if (d.len == 1 && d.cp >= 0x80 && t->byte_token[d.cp] < 0) fixed += "\xef\xbf\xbd";
+                        else fixed.append(frag.data() + d.off, d.len);
+                    }
+                    frag = fixed;
+                    cps = utf8_split(frag);
+                    break;
+                }
+            }
             Pieces pieces;
-            if (t->pre == PRE_LLAMA3) pretokenize_llama3(cps, &pieces);
-            else pretokenize_gpt2(cps, &pieces);
+            pretokenize(t->pre, cps, &pieces);
             for (auto [a, b] : pieces) {
                 size_t off = cps[a].off, len = cps[b - 1].off + cps[b - 1].len - off;
                 bpe_encode_piece(t, frag.substr(off, len), &out);
@@ -538,7 +685,8 @@ static std::vector<int> tokenizer_encode(const Tokenizer* t, std::string_view te
                 if (c == ' ') s += SPACE;
                 else s += c;
             }
-            if (start == 0 && t->add_space_prefix && s.compare(0, SPACE.size(), SPACE) != 0) s.insert(0, SPACE);
+            if (start == 0 && t->add_space_prefix && !(t->prefix_first_only && s.compare(0, SPACE.size(), SPACE) == 0))
+                s.insert(0, SPACE);
             spm_encode_fragment(t, s, &out);
         }
     };
