@@ -20,7 +20,7 @@ import sys
 
 import pytest
 
-from test_vicuna_cpp import vicuna, vicuna_builds  # noqa: F401  (the session's engine build)
+from test_vicuna_cpp import embedded_q4_1, mixed_strings, vicuna, vicuna_builds  # noqa: F401  (session fixtures)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB_DIR = os.path.join(ROOT, ".cache", "llama-vocab")
@@ -111,6 +111,86 @@ def test_llama_cpp_vocab(engine, name, tmp_path):
         assert len(lines) == 1, err
         prefix = f"tokenizer_init: error: '{vocab_path(name)}': {refusal}"
         assert lines[0].startswith(prefix), f"{lines[0]!r} does not start with {prefix!r}"
+
+
+# the vocabularies llama.cpp ships without cases: loaded, or refused in one line
+WITHOUT_CASES = {
+    "baichuan": PASS,
+    "aquila": "tokenizer.ggml.pre is missing",
+    "gpt-neox": "tokenizer.ggml.pre is missing",
+    "nomic-bert-moe": "tokenizer.ggml.model 't5' is not supported",
+}
+
+
+@pytest.mark.parametrize("name", sorted(WITHOUT_CASES))
+def test_llama_cpp_vocab_without_cases(engine, name):
+    proc = subprocess.run([engine, "tokenize", "-m", vocab_path(name), "--no-bos", "-p", "Hello world"],
+                          capture_output=True, timeout=60)
+    refusal = WITHOUT_CASES[name]
+    if refusal is PASS:
+        assert proc.returncode == 0 and proc.stdout.split(), proc.stderr.decode(errors="replace")
+    else:
+        lines = proc.stderr.decode(errors="replace").strip().split("\n")
+        assert proc.returncode != 0 and len(lines) == 1, lines
+        assert lines[0].startswith(f"tokenizer_init: error: '{vocab_path(name)}': {refusal}"), lines[0]
+
+
+def test_bytes_without_a_token(engine, embedded_q4_1, tmp_path):
+    """Bytes that are not UTF-8 are their byte tokens where the vocabulary has them (GPT-2), U+FFFD
+    where it does not (SmolLM2 has no token for 0xFE, 0xFF: llama.cpp does the same); a byte with
+    no token at all (SmolLM2's 0x04) is dropped as transformers drops it, never the unknown id 0,
+    which is SmolLM2's <|endoftext|>."""
+    def ids(model, text: bytes):
+        f = tmp_path / "t.txt"
+        f.write_bytes(text)
+        return [int(x) for x in subprocess.run([engine, "tokenize", "-m", model, "--no-bos", "-f", f],
+                                               capture_output=True, check=True).stdout.split()]
+
+    gpt2 = vocab_path("gpt-2")
+    assert ids(gpt2, b"a\xfe\xffb") == ids(gpt2, b"a") + [186, 187] + ids(gpt2, b"b")  # the tokens "\u00fe", "\u00ff"
+    assert ids(embedded_q4_1, b"a\xfe\xffb") == ids(embedded_q4_1, "a\ufffd\ufffdb".encode())
+    assert ids(embedded_q4_1, b"a\x04b") == ids(embedded_q4_1, b"ab")
+    assert 0 not in ids(embedded_q4_1, bytes(range(1, 256)))
+
+
+def sentencepiece_from_gguf(path: str):
+    """A SentencePiece processor with the GGUF's vocabulary and LLaMA's normalizer settings
+    (identity, add_dummy_prefix, whitespace kept, byte fallback): the reference for LLaMA-1/2."""
+    import sentencepiece as spm
+    from gguf import GGUFReader
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    r = GGUFReader(path)
+
+    def arr(key):
+        f = r.fields[key]
+        return [f.parts[i] for i in f.data]
+
+    m = pb.ModelProto()
+    for piece, score, ttype in zip(arr("tokenizer.ggml.tokens"), arr("tokenizer.ggml.scores"),
+                                   arr("tokenizer.ggml.token_type")):
+        p = m.pieces.add()
+        p.piece, p.score, p.type = bytes(piece).decode(), float(score[0]), int(ttype[0])
+    m.trainer_spec.model_type = pb.TrainerSpec.BPE
+    m.trainer_spec.byte_fallback = True
+    m.trainer_spec.vocab_size = len(m.pieces)
+    m.trainer_spec.unk_id, m.trainer_spec.bos_id, m.trainer_spec.eos_id, m.trainer_spec.pad_id = 0, 1, 2, -1
+    m.normalizer_spec.name = "identity"
+    m.normalizer_spec.add_dummy_prefix = True
+    m.normalizer_spec.remove_extra_whitespaces = False
+    m.normalizer_spec.escape_whitespaces = True
+    return spm.SentencePieceProcessor(model_proto=m.SerializeToString())
+
+
+def test_llama_spm_matches_sentencepiece(engine, tmp_path):
+    """LLaMA-1/2's vocabulary against SentencePiece itself, on llama.cpp's cases and 300 mixed
+    Chinese/English strings (the U+2581 prefix goes in front of a leading space too)."""
+    sp = sentencepiece_from_gguf(vocab_path("llama-spm"))
+    texts = [c[0].decode() for c in load_cases("llama-spm")] + mixed_strings(300, seed=13, specials=[])
+    got, err = tokenize_all(engine, "llama-spm", [t.encode() for t in texts], str(tmp_path))
+    assert err is None, err
+    bad = [f"{t!r}: ours {ids} sentencepiece {sp.encode(t)}" for t, ids in zip(texts, got) if ids != sp.encode(t)]
+    assert not bad, f"{len(bad)} of {len(texts)} differ, e.g.\n" + "\n".join(bad[:5])
 
 
 def main() -> int:
