@@ -1,6 +1,6 @@
 // tokenizer.h: the two tokenizers LLaMA-family GGUF files carry, built from their metadata.
 //
-//   tokenizer.ggml.model = "gpt2"   byte-level BPE (SmolLM2, LLaMA-3, Qwen2): text is split by a
+//   tokenizer.ggml.model = "gpt2"   byte-level BPE (SmolLM2, LLaMA-3, Qwen2/3.5, StarCoder, Falcon, ...): text is split by a
 //                                   pre-tokenizer regex, each piece's bytes are mapped to printable
 //                                   characters (GPT-2's bytes_to_unicode) and merged by rank using
 //                                   tokenizer.ggml.merges.
@@ -11,8 +11,13 @@
 //
 // Both first split the text at special tokens (control / user-defined / unknown token types),
 // the way Hugging Face matches its added tokens. The target is token-for-token equality with the
-// Hugging Face tokenizer the project trains with (tests/test_vicuna_cpp.py checks a few hundred
-// mixed Chinese/English strings). One deliberate difference from llama.cpp: for
+// tokenizer a model was trained with: llama.cpp's own tokenizer tests pass for every
+// pre-tokenizer implemented here (tests/test_vicuna_tokenizers.py), and an unknown
+// tokenizer.ggml.pre is an error, never a fallback; tests/test_vicuna_cpp.py checks a few hundred
+// mixed Chinese/English strings against the Hugging Face tokenizers the project trains with.
+// SentencePiece puts U+2581 in front of the text even when it starts with a space (as llama.cpp);
+// transformers' Metaspace(prepend_scheme="first") does not, which a file asks for with
+// vicuna.tokenizer.prepend_scheme = "first". One deliberate difference from llama.cpp: for
 // tokenizer.ggml.pre = "smollm" llama.cpp splits digits apart before the regex; transformers'
 // GGUF conversion (what our fine-tunes are trained with) does not, so neither do we. The two
 // differ only on runs of spaces before a digit.
