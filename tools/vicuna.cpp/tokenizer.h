@@ -1,9 +1,9 @@
 // tokenizer.h: the two tokenizers LLaMA-family GGUF files carry, built from their metadata.
 //
-//   tokenizer.ggml.model = "gpt2"   byte-level BPE (SmolLM2, LLaMA-3, Qwen2/3.5, StarCoder, Falcon, ...): text is split by a
-//                                   pre-tokenizer regex, each piece's bytes are mapped to printable
-//                                   characters (GPT-2's bytes_to_unicode) and merged by rank using
-//                                   tokenizer.ggml.merges.
+//   tokenizer.ggml.model = "gpt2"   byte-level BPE (SmolLM2, LLaMA-3, Qwen2, StarCoder, Falcon...):
+//                                   text is split by a pre-tokenizer regex, each piece's bytes
+//                                   are mapped to printable characters (GPT-2's bytes_to_unicode)
+//                                   and merged by rank using tokenizer.ggml.merges.
 //   tokenizer.ggml.model = "llama"  SentencePiece BPE (LLaMA-1/2): spaces become U+2581, the
 //                                   characters are merged by the score of the merged piece, and
 //                                   anything left that is not in the vocabulary falls back to
