@@ -20,7 +20,8 @@ import sys
 
 import pytest
 
-from test_vicuna_cpp import embedded_q4_1, mixed_strings, vicuna, vicuna_builds  # noqa: F401  (session fixtures)
+from test_vicuna_cpp import (  # noqa: F401  (session fixtures)
+    embedded_q4_1, mixed_strings, vicuna, vicuna_asan, vicuna_builds)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB_DIR = os.path.join(ROOT, ".cache", "llama-vocab")
@@ -151,6 +152,28 @@ def test_bytes_without_a_token(engine, embedded_q4_1, tmp_path):
     assert ids(embedded_q4_1, b"a\xfe\xffb") == ids(embedded_q4_1, "a\ufffd\ufffdb".encode())
     assert ids(embedded_q4_1, b"a\x04b") == ids(embedded_q4_1, b"a") + ids(embedded_q4_1, b"b")  # as transformers
     assert 0 not in ids(embedded_q4_1, bytes(range(1, 256)))
+
+
+def test_pretokenizers_under_sanitizers(engine, vicuna_asan, tmp_path):
+    """Every accepted vocabulary on 200 random strings of the characters the pre-tokenizers treat
+    apart (digits, quotes, Falcon's symbols, marks, CJK, Unicode spaces, invalid bytes), one by one
+    and all in one text, under ASan/UBSan: exit 0 and nothing on stderr."""
+    import random
+
+    rng = random.Random(5)
+    pool = "aZ 1234567890 \n\r\t'sLL!?.,$+<=>^~|`你好世界，。Việt é\u0301 ẞ 🦙 \u3000\u00a0\u200b\x04"
+    texts = []
+    for _ in range(200):
+        t = "".join(rng.choice(pool) for _ in range(rng.randint(0, 40))).encode()
+        if rng.random() < 0.3:
+            t += bytes(rng.randrange(256) for _ in range(rng.randint(1, 6)))
+        texts.append(t)
+    lines = tmp_path / "lines.txt"
+    lines.write_bytes(b"".join(escape_line(t) + b"\n" for t in texts + [b"".join(texts)]))
+    for name in sorted(n for n, r in EXPECTED.items() if r is PASS):
+        proc = subprocess.run([vicuna_asan, "cli", "tokenize", "-m", vocab_path(name), "--no-bos", "-f", lines,
+                               "--lines"], capture_output=True, timeout=300)
+        assert proc.returncode == 0 and not proc.stderr, (name, proc.stderr.decode(errors="replace")[-2000:])
 
 
 def sentencepiece_from_gguf(path: str):
