@@ -607,3 +607,31 @@ def test_serve_script_passes_the_environment(tmp_path):
     bare = subprocess.run(["bash", script], cwd=tmp_path, env=dict(clean, PYTHON="echo"), capture_output=True,
                           text=True)
     assert bare.stdout.split() == ["serve.py", "--port", "8000"]
+
+
+def test_embedded_model_answers_as_the_pages(embedded_path):
+    """On the embedded SmolLM2 (its chat template): the server's greedy answer is stream_generate's
+    on build_prompt_ids's ids, and the openai client reads it back."""
+    import openai
+
+    from generation import GenerationParams, generate_text
+    from prompt import Conversation, build_prompt_ids
+    from serve import Engine, build_app, load_served
+
+    model, tokenizer, served = load_served(embedded_path, [], base_name="smol")
+    assert served["smol"].prompt_type == "chat_template"
+    engine = Engine(model, tokenizer, served)
+    running = Running(engine, build_app(engine))
+    try:
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        out = client.chat.completions.create(model="smol", temperature=0, max_tokens=16, messages=[
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "What is the capital of France?"}])
+        ids = build_prompt_ids("chat_template", Conversation(turns=[("What is the capital of France?", None)],
+                                                            system="You are a helpful assistant."), tokenizer)
+        expected = generate_text(model, tokenizer, ids, GenerationParams(max_new_tokens=16)).strip()
+        assert out.choices[0].message.content == expected
+        assert "Paris" in expected
+        assert out.usage.prompt_tokens == len(ids)
+    finally:
+        running.close()

@@ -9,6 +9,11 @@
    Direct and server runs alternate (medians of --repeats each), so a busy machine weighs on both.
 3. aggregate tokens/s with 1, 4 and 8 concurrent streaming clients (each a different question).
 
+4. per-token server cost, independent of the model and of machine load: the same server code
+   in this process with generation.stream_generate replaced by a stream that yields --fake_tokens
+   tokens instantly; one streaming client; the wall time per token is what the server (JSON, SSE,
+   the thread hand-over) and the client add to each token, against the model's time per token.
+
 Every request is greedy with min_tokens = max_tokens = --tokens, so each answer has exactly that
 many tokens. serve.py runs one generation at a time (no batching), so concurrent clients share
 the one worker: aggregate tokens/s stays that of one client, and each client waits its turn.
@@ -110,12 +115,58 @@ def start_server(port: int):
     raise SystemExit("serve.py did not start in 300 s")
 
 
+def per_token_cost(n_tokens: int) -> float:
+    """Seconds per streamed token of the server code alone (see 4. above)."""
+    import uvicorn
+
+    import generation
+    import serve
+    from generation import StreamUpdate
+    from models import EMBEDDED_MODEL
+
+    def fake_stream(model, tokenizer, ids, params, stop_strings=None, cancel=None, all_beams=False):
+        text = ""
+        for i in range(n_tokens):
+            if cancel is not None and cancel.is_set():
+                break
+            text += " tok"
+            yield StreamUpdate(text, None, False)
+        yield StreamUpdate(text, None, True, list(range(n_tokens)))
+
+    model, tokenizer, served = serve.load_served(EMBEDDED_MODEL, [], base_name="base")
+    real = generation.stream_generate
+    generation.stream_generate = fake_stream
+    engine = serve.Engine(model, tokenizer, served)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(serve.build_app(engine), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        request = dict(body("hi", 8), max_tokens=n_tokens, min_tokens=n_tokens)
+        stream_once(url, request)
+        totals = []
+        for _ in range(3):
+            _, _, tokens, total = stream_once(url, request)
+            totals.append(total / tokens)
+        return min(totals)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        engine.stop()
+        generation.stream_generate = real
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--clients", default="1,4,8")
     p.add_argument("--json", default=None)
+    p.add_argument("--fake_tokens", type=int, default=2000)
     args = p.parse_args(argv)
     question = "Write a short story about a llama who learns to code."
     result = {"tokens": args.tokens}
@@ -158,6 +209,11 @@ def main(argv=None):
     print("| concurrent clients | aggregate tokens/s | mean TTFT | wall |\n|---|---|---|---|")
     for n, c in result["concurrent"].items():
         print(f"| {n} | {c['aggregate_tokens_per_s']:.1f} | {c['mean_ttft_s']:.2f} s | {c['wall_s']:.1f} s |")
+    cost = per_token_cost(args.fake_tokens)
+    step = 1 / result["server"]["tokens_per_s"]
+    result["server_cost_per_token_s"] = cost
+    print(f"\nserver code per streamed token (model replaced by an instant stream): {cost * 1e6:.0f} us, "
+          f"{100 * cost / step:.1f} % of a model step here ({step * 1000:.0f} ms)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
