@@ -452,12 +452,21 @@ static void tokenizer_init(Tokenizer* t, const GGUFFile* f) {
             PreTokenizer pre;
             bool ignore_merges;
         } PRES[] = {
-            {"gpt-2", PRE_GPT2, false},       {"phi-2", PRE_GPT2, false},
-            {"mpt", PRE_GPT2, false},         {"smollm", PRE_GPT2, false},          {"llama-bpe", PRE_LLAMA3, true},
-            {"llama3", PRE_LLAMA3, true},     {"llama-v3", PRE_LLAMA3, true},       {"smaug-bpe", PRE_LLAMA3, false},
-            {"qwen2", PRE_QWEN2, false},      {"deepseek-r1-qwen", PRE_QWEN2, false}, {"qwen35", PRE_QWEN35, false},
-            {"starcoder", PRE_DIGITS_GPT2, false}, {"refact", PRE_DIGITS_GPT2, false},
-            {"command-r", PRE_DIGITS_GPT2, false}, {"falcon", PRE_FALCON, false},
+            {"gpt-2", PRE_GPT2, false},
+            {"phi-2", PRE_GPT2, false},
+            {"mpt", PRE_GPT2, false},
+            {"smollm", PRE_GPT2, false},  // llama.cpp: digits apart first (see the top of this file)
+            {"llama-bpe", PRE_LLAMA3, true},
+            {"llama3", PRE_LLAMA3, true},
+            {"llama-v3", PRE_LLAMA3, true},
+            {"smaug-bpe", PRE_LLAMA3, false},
+            {"qwen2", PRE_QWEN2, false},
+            {"deepseek-r1-qwen", PRE_QWEN2, false},
+            {"qwen35", PRE_QWEN35, false},
+            {"starcoder", PRE_DIGITS_GPT2, false},
+            {"refact", PRE_DIGITS_GPT2, false},
+            {"command-r", PRE_DIGITS_GPT2, false},
+            {"falcon", PRE_FALCON, false},
         };
         std::string_view pre = gguf_get_str(f, "tokenizer.ggml.pre", false);
         if (pre.empty()) {
