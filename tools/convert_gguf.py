@@ -480,6 +480,8 @@ def tokenizer_fields(tokenizer, model_dir: str, n_vocab: int) -> dict:
         norm = json.dumps(backend.get("normalizer") or {})
         fields["add_space_prefix"] = (pre.get("type") == "Metaspace" and pre.get("prepend_scheme", "always") != "never"
                                       ) or '"Prepend"' in norm
+        if pre.get("type") == "Metaspace" and pre.get("prepend_scheme") == "first":
+            fields["prepend_scheme"] = "first"  # no U+2581 before text that starts with a space
     else:
         fields["pre"] = bpe_pre_type(backend, model_dir)
     return fields
@@ -516,6 +518,8 @@ def write_tokenizer(writer, fields: dict, chat_template: str | None) -> None:
     writer.add_add_eos_token(fields["add_eos"])
     if "add_space_prefix" in fields:
         writer.add_add_space_prefix(fields["add_space_prefix"])
+    if "prepend_scheme" in fields:
+        writer.add_string("vicuna.tokenizer.prepend_scheme", fields["prepend_scheme"])
     if chat_template:
         writer.add_chat_template(chat_template)
 
