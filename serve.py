@@ -408,9 +408,22 @@ def build_app(engine: Engine, api_key: str | None = None, cors_origin: str | Non
         cutter = api.TextCutter(markers, strip=(kind == "chat"))
         rid, created = api.new_id(kind), int(time.time())
 
-        async def updates():
+        async def updates(watch_disconnect: bool = False):
+            checked = time.monotonic()
             while True:
-                item = await items.get()
+                if watch_disconnect:  # a non-streamed answer: stop generating for a client that left
+                    try:
+                        item = await asyncio.wait_for(items.get(), 0.25)
+                    except asyncio.TimeoutError:
+                        item = None
+                    if time.monotonic() - checked >= 0.25:
+                        checked = time.monotonic()
+                        if not cancel.is_set() and await request.is_disconnected():
+                            cancel.set()
+                    if item is None:
+                        continue
+                else:
+                    item = await items.get()
                 if item is END:
                     return
                 if isinstance(item, BaseException):
@@ -420,7 +433,7 @@ def build_app(engine: Engine, api_key: str | None = None, cors_origin: str | Non
         if not req.stream:
             final = None
             try:
-                async for update in updates():
+                async for update in updates(watch_disconnect=True):
                     final = update
             except UserError as e:
                 raise api.bad(one_line(e)) from None

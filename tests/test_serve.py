@@ -90,7 +90,15 @@ def server(loaded):
     jobs = []
     submit = engine.submit
 
-    def recording(job):
+    def recording(job):  # keep each job, and the number of tokens it generated (its final update)
+        emit = job.emit
+
+        def counting(item):
+            if getattr(item, "finished", False):
+                job.final_tokens = len(item.token_ids or [])
+            emit(item)
+
+        job.emit = counting
         jobs.append(job)
         submit(job)
 
@@ -302,8 +310,25 @@ def test_disconnect_frees_the_worker_at_once(server):
         assert time.time() - t0 < 2.0, "the generation went on after the client left"
         time.sleep(0.01)
     assert engine.active is None
+    assert server.jobs[-1].final_tokens < 900
     out = http(server, "POST", "/v1/completions", {"model": "alpha", "prompt": "x", "max_tokens": 2})
     assert out.status_code == 200
+
+
+def test_non_streamed_request_stops_when_the_client_leaves(server):
+    import httpx
+
+    engine = server.engine
+    done_before = engine.completed
+    with pytest.raises(httpx.TimeoutException):
+        http_timeout = httpx.Timeout(1.0)
+        httpx.post(server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=http_timeout,
+                   json={"model": "alpha", "prompt": "Go", "max_tokens": 1000, "min_tokens": 1000})
+    t0 = time.time()
+    while engine.completed == done_before:
+        assert time.time() - t0 < 3.0, "the generation went on after the client left"
+        time.sleep(0.01)
+    assert server.jobs[-1].final_tokens < 1000
 
 
 def test_full_queue_answers_429(loaded):
