@@ -49,6 +49,7 @@ NEUTRAL = {
 }
 # Accepted and without effect on the answer (bookkeeping fields).
 IGNORED = ("user", "metadata", "stream_options")
+MAX_N = 8  # choices per request; generated one after another
 
 
 class APIError(Exception):
@@ -183,8 +184,8 @@ def _common(body: dict, kind: str, known_fields: set[str]) -> Request:
     if len(stop) > 4 or any(not s for s in stop):
         raise bad("'stop' takes at most 4 non-empty strings", "stop")
     n = _number(body, "n", 1, None, integer=True)
-    if n is not None and n != 1:
-        raise bad(f"'n' must be 1 on this server (one choice per request), got {n}; send n requests", "n")
+    if n is not None and n > MAX_N:
+        raise bad(f"'n' must be between 1 and {MAX_N} on this server, got {n}", "n")
     max_tokens = _number(body, "max_tokens", 1, None, integer=True)
     max_completion = _number(body, "max_completion_tokens", 1, None, integer=True)
     if max_tokens is not None and max_completion is not None and max_tokens != max_completion:
@@ -216,7 +217,7 @@ def _common(body: dict, kind: str, known_fields: set[str]) -> Request:
     min_tokens = _number(body, "min_tokens", 0, None, integer=True)
     if min_tokens is not None:
         knobs["min_new_tokens"] = min_tokens
-    return Request(kind=kind, model=model, stream=stream, include_usage=include_usage, stop=stop, n=1,
+    return Request(kind=kind, model=model, stream=stream, include_usage=include_usage, stop=stop, n=n or 1,
                    knobs=knobs, max_tokens=max_tokens if max_tokens is not None else max_completion)
 
 
@@ -412,21 +413,23 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def response(req: Request, rid: str, created: int, text: str, finish_reason: str, use: dict) -> dict:
-    if req.kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": finish_reason}
-        obj = "chat.completion"
-    else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        obj = "text_completion"
-    return {"id": rid, "object": obj, "created": created, "model": req.model, "choices": [choice], "usage": use}
+def response(req: Request, rid: str, created: int, choices: list[tuple[str, str]], use: dict) -> dict:
+    """A non-streamed answer; `choices`: (text, finish_reason) per choice."""
+    out = []
+    for i, (text, finish_reason) in enumerate(choices):
+        if req.kind == "chat":
+            out.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                        "finish_reason": finish_reason})
+        else:
+            out.append({"index": i, "text": text, "logprobs": None, "finish_reason": finish_reason})
+    obj = "chat.completion" if req.kind == "chat" else "text_completion"
+    return {"id": rid, "object": obj, "created": created, "model": req.model, "choices": out, "usage": use}
 
 
 def chunk(req: Request, rid: str, created: int, text: str | None = None, finish_reason: str | None = None,
-          role: bool = False, use: dict | None = None) -> dict:
-    """One streamed chunk: a text delta, the finish reason (with an empty delta), or, with `use`,
-    the usage chunk that has no choices."""
+          role: bool = False, use: dict | None = None, index: int = 0) -> dict:
+    """One streamed chunk of choice `index`: a text delta, the finish reason (with an empty delta),
+    or, with `use`, the usage chunk that has no choices."""
     if use is not None:
         choices = []
     elif req.kind == "chat":
@@ -435,9 +438,9 @@ def chunk(req: Request, rid: str, created: int, text: str | None = None, finish_
             delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
-        choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+        choices = [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
     else:
-        choices = [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}]
+        choices = [{"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}]
     out = {"id": rid, "object": "chat.completion.chunk" if req.kind == "chat" else "text_completion",
            "created": created, "model": req.model, "choices": choices}
     if req.include_usage:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import hmac
 import ipaddress
 import os
@@ -398,78 +399,96 @@ def build_app(engine: Engine, api_key: str | None = None, cors_origin: str | Non
         items: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
 
-        def emit(item):
-            try:
-                loop.call_soon_threadsafe(items.put_nowait, item)
-            except RuntimeError:  # the loop is gone (shutdown): stop generating
-                cancel.set()
+        def emitter(index: int):
+            def emit(item):
+                try:
+                    loop.call_soon_threadsafe(items.put_nowait, (index, item))
+                except RuntimeError:  # the loop is gone (shutdown): stop generating
+                    cancel.set()
+            return emit
 
-        engine.submit(Job(served, ids, params, markers, cancel, emit))
-        cutter = api.TextCutter(markers, strip=(kind == "chat"))
+        # n choices: n jobs, one after another on the worker; choice i samples with seed + i.
+        try:
+            for i in range(req.n):
+                seeded = params if params.seed is None or i == 0 else \
+                    dataclasses.replace(params, seed=(params.seed + i) % 2 ** 32)
+                engine.submit(Job(served, ids, seeded, markers, cancel, emitter(i)))
+        except api.APIError:
+            cancel.set()  # the choices already queued are skipped
+            raise
+        cutters = [api.TextCutter(markers, strip=(kind == "chat")) for _ in range(req.n)]
         rid, created = api.new_id(kind), int(time.time())
 
         async def updates(watch_disconnect: bool = False):
+            """(index, StreamUpdate) until every choice ended."""
             checked = time.monotonic()
-            while True:
+            running = req.n
+            while running:
                 if watch_disconnect:  # a non-streamed answer: stop generating for a client that left
                     try:
-                        item = await asyncio.wait_for(items.get(), 0.25)
+                        got = await asyncio.wait_for(items.get(), 0.25)
                     except asyncio.TimeoutError:
-                        item = None
+                        got = None
                     if time.monotonic() - checked >= 0.25:
                         checked = time.monotonic()
                         if not cancel.is_set() and await request.is_disconnected():
                             cancel.set()
-                    if item is None:
+                    if got is None:
                         continue
                 else:
-                    item = await items.get()
+                    got = await items.get()
+                index, item = got
                 if item is END:
-                    return
+                    running -= 1
+                    continue
                 if isinstance(item, BaseException):
+                    cancel.set()
                     raise item
-                yield item
+                yield index, item
+
+        def reason(i: int, final) -> str:
+            return finish_reason(final, cutters[i], eos, params.max_new_tokens)
 
         if not req.stream:
-            final = None
+            finals: list = [None] * req.n
             try:
-                async for update in updates(watch_disconnect=True):
-                    final = update
+                async for i, update in updates(watch_disconnect=True):
+                    finals[i] = update
             except UserError as e:
                 raise api.bad(one_line(e)) from None
             finally:
                 cancel.set()
-            if final is None or not final.finished:
+            if any(f is None or not f.finished for f in finals):
                 raise api.APIError(500, "the generation ended without an answer")
-            text = cutter.update(final.text, final=True)
-            use = api.usage(len(ids), len(final.token_ids or []))
-            return JSONResponse(api.response(req, rid, created, text, finish_reason(final, cutter, eos,
-                                                                                    params.max_new_tokens), use))
+            choices = [(cutters[i].update(f.text, final=True), reason(i, f)) for i, f in enumerate(finals)]
+            use = api.usage(len(ids), sum(len(f.token_ids or []) for f in finals))
+            return JSONResponse(api.response(req, rid, created, choices, use))
 
         async def events():
-            sent = ""
+            sent = [""] * req.n
+            finals: list = [None] * req.n
             if kind == "chat":
-                yield api.sse(api.chunk(req, rid, created, text="", role=True))
-            final = None
+                for i in range(req.n):
+                    yield api.sse(api.chunk(req, rid, created, text="", role=True, index=i))
             try:
-                async for update in updates():
-                    shown = cutter.update(update.text, final=update.finished)
+                async for i, update in updates():
+                    shown = cutters[i].update(update.text, final=update.finished)
+                    if len(shown) > len(sent[i]) and shown.startswith(sent[i]):
+                        yield api.sse(api.chunk(req, rid, created, text=shown[len(sent[i]):], index=i))
+                        sent[i] = shown
                     if update.finished:
-                        final = update
-                    if len(shown) > len(sent) and shown.startswith(sent):
-                        yield api.sse(api.chunk(req, rid, created, text=shown[len(sent):]))
-                        sent = shown
+                        finals[i] = update
+                        yield api.sse(api.chunk(req, rid, created, finish_reason=reason(i, update), index=i))
             except Exception as e:  # after the 200 is sent: an error event, then [DONE]
                 status = 400 if isinstance(e, UserError) else 500
                 yield api.sse(api.error_body(one_line(e), status))
                 yield api.SSE_DONE
                 return
-            if final is None:
-                return
-            yield api.sse(api.chunk(req, rid, created, finish_reason=finish_reason(final, cutter, eos,
-                                                                                    params.max_new_tokens)))
+            if any(f is None for f in finals):
+                return  # cancelled: the client is gone
             if req.include_usage:
-                yield api.sse(api.chunk(req, rid, created, use=api.usage(len(ids), len(final.token_ids or []))))
+                use = api.usage(len(ids), sum(len(f.token_ids or []) for f in finals))
+                yield api.sse(api.chunk(req, rid, created, use=use))
             yield api.SSE_DONE
 
         return SSEResponse(events(), cancel)

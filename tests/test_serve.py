@@ -275,6 +275,25 @@ def test_beam_search_streams(server, client):
     assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
 
 
+def test_n_choices_streamed_and_not(server, client):
+    kw = dict(model="beta", messages=[{"role": "user", "content": "Tell me"}], max_tokens=6, temperature=1.0,
+              seed=7, n=3, extra_body={"min_tokens": 6})
+    whole = client.chat.completions.create(**kw)
+    texts = [c.message.content for c in sorted(whole.choices, key=lambda c: c.index)]
+    assert [c.index for c in whole.choices] == [0, 1, 2] and len(set(texts)) > 1
+    assert whole.usage.completion_tokens == 18
+    parts = ["", "", ""]
+    finished = set()
+    for ch in client.chat.completions.create(stream=True, **kw):
+        for c in ch.choices:
+            parts[c.index] += c.delta.content or ""
+            if c.finish_reason:
+                finished.add(c.index)
+    assert parts == texts and finished == {0, 1, 2}
+    one = client.chat.completions.create(**dict(kw, n=1))
+    assert one.choices[0].message.content == texts[0]  # choice i samples with seed + i
+
+
 def test_sampling_with_seed_repeats(client):
     kw = dict(model="beta", prompt="Tell me", max_tokens=8, temperature=0.9, top_p=0.9, seed=123,
               extra_body={"top_k": 50, "min_tokens": 8})
@@ -406,7 +425,7 @@ BAD_BODIES = [
     ("top_p zero", dict(chat_body("alpha"), top_p=0), "top_p"),
     ("stop a number", dict(chat_body("alpha"), stop=5), "stop"),
     ("stop empty string", dict(chat_body("alpha"), stop=[""]), "stop"),
-    ("n = 2", dict(chat_body("alpha"), n=2), "n"),
+    ("n = 9", dict(chat_body("alpha"), n=9), "n"),
     ("n = 0", dict(chat_body("alpha"), n=0), "n"),
     ("stream a string", dict(chat_body("alpha"), stream="yes"), "stream"),
     ("stream_options without stream", dict(chat_body("alpha"), stream_options={"include_usage": True}),
