@@ -5,7 +5,7 @@
     params = generation_params(req, prompt_len, context)          # a validated GenerationParams
 
 Bodies are checked field by field: a wrong type, an unknown role, empty messages or a parameter
-we do not implement at a non-neutral value (`tools`, `logprobs: true`, `n: 2`, ...) is an
+we do not implement at a non-neutral value (`tools`, `logprobs: true`, `echo: true`, ...) is an
 APIError with status 400 naming the field, never silently ignored. The extensions the pages have
 (`top_k`, `repetition_penalty`, `min_tokens`, `num_beams`, `do_sample`) are accepted in the body
 as vLLM accepts extra parameters. Absent knobs take `generation.GenerationParams`'s defaults
@@ -104,8 +104,16 @@ def parse_json(raw: bytes):
         raise bad("the request body is not UTF-8") from None
     except ValueError as e:
         raise bad(f"the request body is not valid JSON ({e})") from None
+    except RecursionError:
+        raise bad("the request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise bad(f"the request body must be a JSON object, got {type(body).__name__}")
+    try:  # JSON may spell lone surrogates (\ud800), which no tokenizer takes
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad("the request body holds a lone surrogate (\\ud800-\\udfff): not valid Unicode text") from None
+    except (RecursionError, ValueError):
+        raise bad("the request body is nested too deeply") from None
     return body
 
 

@@ -441,6 +441,12 @@ BAD_BODIES = [
     ("temperature below the floor", dict(chat_body("alpha"), temperature=0.001), None),
     ("seed a string", dict(chat_body("alpha"), seed="1"), "seed"),
     ("max_tokens huge", dict(chat_body("alpha"), max_tokens=10 ** 30), "max_tokens"),
+    ("deep nesting", b'{"model": "alpha", "messages": ' + b"[" * 30000 + b"]" * 30000 + b"}", None),
+    ("lone surrogate", b'{"model": "alpha", "messages": [{"role": "user", "content": "a\\ud800b"}]}', None),
+    ("messages null", {"model": "alpha", "messages": None}, "messages"),
+    ("role missing", {"model": "alpha", "messages": [{"content": "hi"}]}, "messages[0].role"),
+    ("content missing", {"model": "alpha", "messages": [{"role": "user"}]}, "messages[0].content"),
+    ("stream_options not an object", dict(chat_body("alpha"), stream=True, stream_options=1), "stream_options"),
     ("nan", b'{"model": "alpha", "messages": [{"role": "user", "content": "a"}], "temperature": NaN}', None),
 ]
 
