@@ -685,3 +685,20 @@ def test_embedded_model_answers_as_the_pages(embedded_path):
         assert out.usage.prompt_tokens == len(ids)
     finally:
         running.close()
+
+
+def test_vllm_dry_run_from_the_command_line(adapters, tiny_model):
+    """serve.py --engine vllm --dry_run prints the vllm serve command (no vLLM needed), with the
+    adapter's instruct template written as a Jinja file that starts with no BOS for SmolLM2's tokenizer."""
+    import shlex
+
+    proc = run_serve("--engine", "vllm", "--dry_run", "--model_path", tiny_model, "--lora",
+                     f"alpha={adapters['alpha']}", "--port", "8123", env={"CUDA_VISIBLE_DEVICES": "0,1"})
+    assert proc.returncode == 0, proc.stderr
+    cmd = shlex.split(proc.stdout.strip())
+    assert cmd[:3] == ["vllm", "serve", tiny_model]
+    assert cmd[cmd.index("--tensor-parallel-size") + 1] == "2" and cmd[cmd.index("--port") + 1] == "8123"
+    assert cmd[cmd.index("--lora-modules") + 1] == f"alpha={adapters['alpha']}"
+    with open(cmd[cmd.index("--chat-template") + 1]) as f:
+        template = f.read()
+    assert '-%}{{ "" }}{{ "Below is' in template and "### Instruction" in template
