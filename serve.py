@@ -639,12 +639,32 @@ def run_vllm(args, loras) -> None:
 # --- main ---------------------------------------------------------------------------------------------
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Refuse, before the model loads, an address this process cannot listen on."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UserError(f"--host {host}: {one_line(e)}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise UserError(f"cannot listen on {host}:{port}: {e.strerror or one_line(e)}; "
+                            "pick another --port (or PORT)") from None
+
+
 def run(args) -> None:
     check_flags(args)
     loras = parse_loras(args.lora, args.lora_path)
     if args.engine == "vllm":
         return run_vllm(args, loras)
     import uvicorn
+
+    check_port_free(args.host, args.port)
 
     model, tokenizer, served = load_served(args.model_path, loras, args.quant, args.prompt_type,
                                            args.served_model_name, args.trust_remote_code)

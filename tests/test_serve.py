@@ -576,6 +576,33 @@ def test_bad_flags_are_one_line_errors(args, env, needle):
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
 
 
+def test_port_in_use_is_a_one_line_error():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        proc = run_serve("--port", str(taken.getsockname()[1]))
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: cannot listen on")
+
+
+def test_api_key_from_the_environment(monkeypatch):
+    from errors import UserError
+    from serve import build_parser, check_flags
+
+    args = build_parser().parse_args(["--host", "0.0.0.0"])
+    with pytest.raises(UserError, match="--insecure"):
+        check_flags(args)
+    monkeypatch.setenv("VICUNA_API_KEY", "from-env")
+    args = build_parser().parse_args(["--host", "0.0.0.0"])
+    check_flags(args)
+    assert args.api_key == "from-env"
+    args = build_parser().parse_args(["--host", "::", "--insecure"])
+    monkeypatch.delenv("VICUNA_API_KEY")
+    check_flags(args)
+    assert args.api_key is None
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        check_flags(build_parser().parse_args(["--host", host]))
+
+
 def test_vllm_command_line(tmp_path, adapters):
     import argparse
 
