@@ -729,3 +729,33 @@ def test_vllm_dry_run_from_the_command_line(adapters, tiny_model):
     with open(cmd[cmd.index("--chat-template") + 1]) as f:
         template = f.read()
     assert '-%}{{ "" }}{{ "Below is' in template and "### Instruction" in template
+
+
+def test_the_command_line_serves(tiny_model, adapters):
+    """python serve.py --lora NAME=PATH --api_key: the real process answers, then stops on SIGTERM."""
+    import httpx
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "serve.py", "--model_path", tiny_model, "--served_model_name", "tiny",
+                             "--lora", f"alpha={adapters['alpha']}", "--lora_path", adapters["beta"], "--port",
+                             str(port), "--api_key", KEY], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                r = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=2)
+                break
+            except httpx.HTTPError:
+                assert time.time() < deadline
+                time.sleep(0.2)
+        assert [m["id"] for m in r.json()["data"]] == ["tiny", "beta", "alpha"]
+        r = httpx.post(url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+                       json={"model": "alpha", "prompt": "Hi", "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        assert httpx.get(url + "/v1/models", timeout=5).status_code == 401
+    finally:
+        proc.terminate()
+        proc.wait(30)
