@@ -20,10 +20,11 @@
 //            then the model runs exactly as a merged file of that type does.
 // Decode is bound by the bytes of weights a token reads (docs/performance.md: the embedded Q4_1
 // model streams ~18 GB/s on one core), so run time costs about the adapter's share of those
-// bytes: measured -1 % for r = 8 on q,v (1 % of the bytes) but -16 % for r = 16 on every linear
-// layer (10 %: A and B in F16 against a 0.6-byte Q4_1 weight) on SmolLM2-135M. auto therefore
-// merges when the adapter is over LORA_MERGE_ABOVE (5 %) of the bytes, which costs a fraction of
-// a second at load (0.3 s for that adapter on one thread) and gives the merged file's speed;
+// bytes: measured 0.97-0.99x the merged file's decode for r = 8 on q,v (1 % of the bytes) but
+// 0.84-0.86x for r = 16 on every linear layer (10 %: A and B in F16 against a 0.6-byte Q4_1
+// weight) on SmolLM2-135M. auto therefore merges when the adapter is over LORA_MERGE_ABOVE (5 %)
+// of the bytes, which costs a fraction of a second at load (0.2 s for that adapter on one
+// thread) and gives the merged file's speed;
 // small adapters (and every adapter of a 7B model: r = 16 on all layers is 2 % of a Q4 file's
 // bytes) stay at run time. The embedding's pair is always applied at run time (one row a token).
 //
