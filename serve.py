@@ -210,6 +210,7 @@ class Engine:
         self.max_queue = max_queue
         self.active: Job | None = None
         self.completed = 0
+        self._stopping = False
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._work, name="serve-worker", daemon=True)
         self._thread.start()
@@ -232,7 +233,12 @@ class Engine:
                                     "retry later", None, "queue_full") from None
 
     def stop(self) -> None:
-        self.jobs.put(None)
+        """End the worker after its current job (waiting jobs are not run)."""
+        self._stopping = True
+        try:
+            self.jobs.put_nowait(None)
+        except queue.Full:
+            pass  # the worker sees _stopping after its current job
 
     def _adapter(self, served: Served):
         import contextlib
@@ -249,7 +255,9 @@ class Engine:
 
         while True:
             job = self.jobs.get()
-            if job is None:
+            if job is None or self._stopping:
+                if job is not None:
+                    job.emit(END)
                 return
             with self._lock:
                 self.active = job
