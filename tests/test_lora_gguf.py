@@ -317,6 +317,11 @@ def test_mismatches_are_one_line_errors(vicuna_asan, files, work, tiny_models, t
         "not a lora tensor": (_write_adapter(tmp_path / "odd.gguf", {"blk.0.attn_q.weight": a}), False,
                               "neither a .lora_a nor a .lora_b"),
     }
+    for mode in ("runtime", "merge"):  # the good path under ASan/UBSan too: every LoRA kernel, 3 threads
+        for adapter in (files["lora.f16"], files["lora.q8_0"]):
+            proc = run([vicuna_asan, "cli", "run", "-m", base, "--ids", ",".join(map(str, PROMPT_IDS[0])), "-n", "4",
+                        "--temp", "0", "-t", "3", "--lora", adapter, "--lora-mode", mode], check=False, timeout=120)
+            assert proc.returncode == 0 and b"Sanitizer" not in proc.stderr, proc.stderr.decode()[-2000:]
     for what, (adapter, names_base, words) in cases.items():
         for cmd in (["eval", "-m", base, "--ids", "1,2,3", "--dump-logits", tmp_path / "x.bin"],
                     ["run", "-m", base, "-p", "hi", "-n", "2", "-c", "64"]):
