@@ -13,6 +13,7 @@ else is IGNORE_INDEX.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from errors import UserError
@@ -172,6 +173,72 @@ def generation_prompt(prompt_type: str, conv: Conversation, tokenizer=None) -> s
     pieces = render(prompt_type, conv, tokenizer)
     assert len(pieces.prompts) == len(pieces.responses) + 1, "last turn must be unanswered"
     return pieces.text()
+
+
+# --- the templates as Jinja (GGUF tokenizer.chat_template, merged folders) -------------------------
+
+
+def _jinja_str(text: str) -> str:
+    return json.dumps(text)  # a JSON string is a valid Jinja string literal (\n, \", \\, \uXXXX)
+
+
+def chat_template_jinja(prompt_type: str, tokenizer) -> str:
+    """A Jinja chat template rendering `messages` the way render() renders our templates: what
+    tools/convert_gguf.py stores as a GGUF's tokenizer.chat_template and tools/merge_lora.py as a
+    merged folder's chat template, so llama.cpp, ollama and `tokenizer.apply_chat_template` give
+    the prompt text the model was trained on (the prompt ends open: no add_generation_prompt needed).
+
+    instruct: the last user message is the instruction (a user message may carry an "input" key,
+    alpaca's context field); earlier turns are dropped, as the template holds one exchange.
+    chat: chatv1 -- a system message replaces the preamble; each assistant reply is followed by the
+    EOS token, as in training. chat_template: the tokenizer's own template, unchanged.
+    """
+    if prompt_type == "chat_template":
+        template = getattr(tokenizer, "chat_template", None)
+        if not template:
+            raise TemplateError("this tokenizer has no chat template; use --prompt_type instruct or chat")
+        return template
+    if prompt_type == "instruct":
+        no_in_head, no_in_tail = INSTRUCT_NO_INPUT.split("{instruction}")
+        in_head, rest = INSTRUCT_WITH_INPUT.split("{instruction}")
+        in_mid, in_tail = rest.split("{input}")
+        return (
+            "{%- set ns = namespace(user=none, answer=none) -%}"
+            "{%- for message in messages -%}"
+            "{%- if message['role'] == 'user' -%}{%- set ns.user = message -%}{%- set ns.answer = none -%}"
+            "{%- elif message['role'] == 'assistant' -%}{%- set ns.answer = message['content'] -%}"
+            "{%- endif -%}"
+            "{%- endfor -%}"
+            "{%- if ns.user is not none -%}"
+            "{%- if ns.user['input'] is defined and ns.user['input'] -%}"
+            f"{{{{- {_jinja_str(in_head)} + ns.user['content'] + {_jinja_str(in_mid)} + ns.user['input'] + "
+            f"{_jinja_str(in_tail)} -}}}}"
+            "{%- else -%}"
+            f"{{{{- {_jinja_str(no_in_head)} + ns.user['content'] + {_jinja_str(no_in_tail)} -}}}}"
+            "{%- endif -%}"
+            "{%- if ns.answer is not none -%}{{- ns.answer + eos_token -}}{%- endif -%}"
+            "{%- endif -%}"
+        )
+    if prompt_type == "chat":
+        user_head, user_tail = CHAT_USER.split("{input}")
+        return (
+            "{%- set ns = namespace(first=true) -%}"
+            "{%- if messages and messages[0]['role'] == 'system' -%}"
+            "{{- messages[0]['content'].rstrip('\\n') + '\\n\\n' -}}"
+            "{%- else -%}"
+            f"{{{{- {_jinja_str(CHAT_PREAMBLE)} -}}}}"
+            "{%- endif -%}"
+            "{%- for message in messages -%}"
+            "{%- if message['role'] == 'user' -%}"
+            f"{{%- if not ns.first -%}}{{{{- {_jinja_str(CHAT_TURN_SEPARATOR)} -}}}}{{%- endif -%}}"
+            f"{{{{- {_jinja_str(user_head)} + message['content'] + {_jinja_str(user_tail)} -}}}}"
+            "{%- set ns.first = false -%}"
+            "{%- elif message['role'] == 'assistant' -%}"
+            "{{- message['content'] + eos_token -}}"
+            "{%- endif -%}"
+            "{%- endfor -%}"
+        )
+    raise TemplateError(f"unknown prompt type {prompt_type!r}; choose one of {', '.join(PROMPT_TYPES)}")
 
 
 # --- tokenization and labels ----------------------------------------------------------------------

@@ -26,6 +26,12 @@ largest logit difference. An f32 export that disagrees (top-1 mismatch or max re
 over 1e-3), or any export whose logits are NaN or infinite, exits with status 1. `--modelfile`
 writes an ollama Modelfile beside the GGUF.
 
+A quantized export (q8_0, q4_0, q4_1) of a merged folder whose training_config.json names its base
+(tools/merge_lora.py writes it) quantizes the base's weights the same way and logs how much of the
+merged-minus-base change survives; under 50 % it warns that the fine-tune is mostly lost (a base
+dequantized from that grid, like the embedded Q4_1 SmolLM2, rounds small LoRA deltas back onto it)
+and points to the adapter export below.
+
 `--lora_path ADAPTER` writes the adapter itself instead, as a GGUF LoRA adapter in llama.cpp's format
 (what its convert_lora_to_gguf.py writes, loaded by `vicuna --lora`, llama.cpp's `--lora` and ollama's
 `ADAPTER`), for the base model's GGUF:
@@ -527,66 +533,15 @@ def write_tokenizer(writer, fields: dict, chat_template: str | None) -> None:
 # --- prompt templates for llama.cpp (Jinja) and ollama (Go templates) -----------------------------
 
 
-def _jinja_str(text: str) -> str:
-    return json.dumps(text)  # a JSON string is a valid Jinja string literal (\n, \", \\, \uXXXX)
-
-
 def chat_template_for(prompt_type: str, tokenizer) -> str:
-    """A Jinja chat template rendering `messages` the way prompt.py renders our templates.
-
-    instruct: the last user message is the instruction (a user message may carry an "input" key,
-    alpaca's context field); earlier turns are dropped, as the template holds one exchange.
-    chat: chatv1 -- a system message replaces the preamble; each assistant reply is followed by the
-    EOS token, as in training. chat_template: the tokenizer's own template, unchanged.
-    """
+    """A Jinja chat template rendering `messages` the way prompt.py renders our templates
+    (prompt.chat_template_jinja, shared with tools/merge_lora.py); --prompt_type errors are one line."""
     import prompt
 
-    if prompt_type == "chat_template":
-        template = getattr(tokenizer, "chat_template", None)
-        if not template:
-            raise UserError("--prompt_type chat_template: this tokenizer has no chat template; use instruct or chat")
-        return template
-    if prompt_type == "instruct":
-        no_in_head, no_in_tail = prompt.INSTRUCT_NO_INPUT.split("{instruction}")
-        in_head, rest = prompt.INSTRUCT_WITH_INPUT.split("{instruction}")
-        in_mid, in_tail = rest.split("{input}")
-        return (
-            "{%- set ns = namespace(user=none, answer=none) -%}"
-            "{%- for message in messages -%}"
-            "{%- if message['role'] == 'user' -%}{%- set ns.user = message -%}{%- set ns.answer = none -%}"
-            "{%- elif message['role'] == 'assistant' -%}{%- set ns.answer = message['content'] -%}"
-            "{%- endif -%}"
-            "{%- endfor -%}"
-            "{%- if ns.user is not none -%}"
-            "{%- if ns.user['input'] is defined and ns.user['input'] -%}"
-            f"{{{{- {_jinja_str(in_head)} + ns.user['content'] + {_jinja_str(in_mid)} + ns.user['input'] + "
-            f"{_jinja_str(in_tail)} -}}}}"
-            "{%- else -%}"
-            f"{{{{- {_jinja_str(no_in_head)} + ns.user['content'] + {_jinja_str(no_in_tail)} -}}}}"
-            "{%- endif -%}"
-            "{%- if ns.answer is not none -%}{{- ns.answer + eos_token -}}{%- endif -%}"
-            "{%- endif -%}"
-        )
-    if prompt_type == "chat":
-        user_head, user_tail = prompt.CHAT_USER.split("{input}")
-        return (
-            "{%- set ns = namespace(first=true) -%}"
-            "{%- if messages and messages[0]['role'] == 'system' -%}"
-            "{{- messages[0]['content'].rstrip('\\n') + '\\n\\n' -}}"
-            "{%- else -%}"
-            f"{{{{- {_jinja_str(prompt.CHAT_PREAMBLE)} -}}}}"
-            "{%- endif -%}"
-            "{%- for message in messages -%}"
-            "{%- if message['role'] == 'user' -%}"
-            f"{{%- if not ns.first -%}}{{{{- {_jinja_str(prompt.CHAT_TURN_SEPARATOR)} -}}}}{{%- endif -%}}"
-            f"{{{{- {_jinja_str(user_head)} + message['content'] + {_jinja_str(user_tail)} -}}}}"
-            "{%- set ns.first = false -%}"
-            "{%- elif message['role'] == 'assistant' -%}"
-            "{{- message['content'] + eos_token -}}"
-            "{%- endif -%}"
-            "{%- endfor -%}"
-        )
-    raise UserError(f"--prompt_type {prompt_type!r}: choose instruct, chat or chat_template")
+    try:
+        return prompt.chat_template_jinja(prompt_type, tokenizer)
+    except prompt.TemplateError as e:
+        raise UserError(f"--prompt_type {prompt_type}: {e}") from None
 
 
 def _go_literal(text: str) -> str:
@@ -716,7 +671,70 @@ def convert(model_path: str, outfile: str, outtype: str = "f16", prompt_type: st
         except OSError as e:
             raise UserError(f"--modelfile: cannot write {modelfile_path} ({one_line(e)}); {outfile} is complete") from None
         logger.info("wrote %s", modelfile_path)
-    return {"model_dir": model_dir, "prompt_type": prompt_type, "n_params": n_params, "outfile": outfile}
+    info = {"model_dir": model_dir, "prompt_type": prompt_type, "n_params": n_params, "outfile": outfile}
+    if outtype in ("q8_0", "q4_0", "q4_1"):
+        info["lora_kept"] = warn_if_quantization_undoes_lora(model_dir, base, plans, outtype, outfile)
+    return info
+
+
+LORA_KEPT_WARN = 0.5  # warn when a quantized merged export keeps less than this of the adapter's change
+
+
+def warn_if_quantization_undoes_lora(model_dir: str, merged, plans: list[TensorPlan], outtype: str,
+                                     outfile: str) -> float | None:
+    """For a merged folder (tools/merge_lora.py's training_config.json names the base): quantize the
+    base's and the merged weights the adapter changed the same way and measure how much of the
+    change survives: sum <Q(M)-Q(B), M-B> / sum |M-B|^2 over those tensors (1: all of it, 0: the
+    merged export is the base's). A base that was itself dequantized from this grid (the embedded
+    Q4_1 SmolLM2) rounds small LoRA deltas back onto it. Under LORA_KEPT_WARN, warns and points to
+    the adapter export. Returns the fraction, or None when there is nothing to compare."""
+    import gguf
+    import numpy as np
+
+    from models import load_training_config
+
+    merged_from = load_training_config(model_dir).get("merged_from") or {}
+    base_model = merged_from.get("base_model")
+    if not base_model:
+        return None
+    try:
+        base = SavedWeights(resolve_model_folder(base_model))
+    except (UserError, OSError) as e:
+        logger.info("not measuring what %s keeps of the adapter: base %s unreadable (%s)", outtype, base_model,
+                    one_line(e))
+        return None
+    T = gguf.GGMLQuantizationType
+    num = den = 0.0
+    for plan in plans:
+        if plan.hf_name is None or plan.qtype in (T.F32, T.F16) or plan.hf_name not in base.files \
+                or base.shape(plan.hf_name) != plan.shape:
+            continue
+        m = merged.tensor(plan.hf_name).float().numpy()
+        b = base.tensor(plan.hf_name).float().numpy()
+        delta = (m - b).astype(np.float64)
+        d2 = float((delta * delta).sum())
+        if d2 == 0.0:
+            continue  # not a LoRA target
+        qm = gguf.quants.dequantize(gguf.quants.quantize(np.ascontiguousarray(m, dtype=np.float32), plan.qtype),
+                                    plan.qtype)
+        qb = gguf.quants.dequantize(gguf.quants.quantize(np.ascontiguousarray(b, dtype=np.float32), plan.qtype),
+                                    plan.qtype)
+        num += float(((qm - qb).astype(np.float64) * delta).sum())
+        den += d2
+    if den == 0.0:
+        return None
+    kept = num / den
+    logger.info("%s keeps %.0f %% of the adapter's change to the base weights (merged minus base, before and "
+                "after quantization)", outtype, 100 * kept)
+    if kept < LORA_KEPT_WARN:
+        lora = merged_from.get("lora_path") or "ADAPTER"
+        logger.warning("the %s export %s keeps only %.0f %% of the fine-tune's change to the base weights: the rest "
+                       "rounds back onto the base's quantization grid, so it answers much like the base model", outtype,
+                       outfile, 100 * kept)
+        logger.warning("keep the fine-tune: export the adapter itself and run it on the base GGUF: python "
+                       "tools/convert_gguf.py --lora_path %s --outfile adapter.gguf; vicuna chat -m BASE.gguf --lora "
+                       "adapter.gguf (or export this merged folder as f16 / f32)", lora)
+    return kept
 
 
 # --- LoRA adapters ---------------------------------------------------------------------------------

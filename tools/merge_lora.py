@@ -26,6 +26,9 @@ JSON they should be) are one-line errors naming the file.
 The output folder holds the shards (+ model.safetensors.index.json when there are several),
 config.json, generation_config.json, the base's tokenizer files and the adapter's
 training_config.json (so tools/convert_gguf.py knows the prompt template it was trained with).
+Its chat template (chat_template.jinja and tokenizer_config.json's chat_template) is that trained
+template: prompt.py's instruct or chat layout as Jinja (prompt.chat_template_jinja, what
+convert_gguf.py writes into a GGUF); a chat_template adapter keeps the base's own.
 """
 
 from __future__ import annotations
@@ -226,6 +229,7 @@ def merge(model_path: str, lora_path: str, output_path: str, dtype: str | None =
         with staging_folder(output_path) as tmp:
             write_sharded_safetensors(tmp, entries, produce, max_bytes)
             write_metadata(tmp, config, out_dtype_name, base_dir, training)
+            write_chat_template(tmp, training, lora_path)
             publish_folder(tmp, output_path, "--output_path")
     except OSError as e:  # disk full, permissions: the staging folder is gone, --output_path untouched
         raise UserError(f"--output_path {output_path}: writing the merged model failed ({one_line(e)}); "
@@ -248,6 +252,36 @@ def write_metadata(folder: str, config: dict, out_dtype_name: str, base_dir: str
         if os.path.isfile(src):
             shutil.copyfile(src, os.path.join(folder, name))
     save_training_config(folder, training)
+
+
+def write_chat_template(folder: str, training: dict, lora_path: str) -> None:
+    """The merged folder's chat template is the template the adapter was trained with (prompt.py's
+    instruct or chat layout as Jinja, the one tools/convert_gguf.py writes into a GGUF), so
+    `tokenizer.apply_chat_template`, vLLM, TGI and any HF-side exporter build the trained prompt
+    rather than the base's. chat_template adapters keep the base's own template, copied as is.
+    Written as chat_template.jinja and as tokenizer_config.json's chat_template (whichever a
+    transformers version reads); a copied chat_template.json (processors) is dropped."""
+    from models import resolve_prompt_type
+    from prompt import chat_template_jinja
+
+    prompt_type = training.get("prompt_type") or resolve_prompt_type(None, lora_path, "instruct")
+    if prompt_type == "chat_template":
+        return
+    template = chat_template_jinja(prompt_type, None)
+    with open(os.path.join(folder, "chat_template.jinja"), "w", encoding="utf-8") as f:
+        f.write(template)
+    if os.path.isfile(os.path.join(folder, "chat_template.json")):
+        os.remove(os.path.join(folder, "chat_template.json"))
+    config_path = os.path.join(folder, "tokenizer_config.json")
+    if os.path.isfile(config_path):
+        from checkpoints import read_json_file
+
+        tokenizer_config = read_json_file(config_path, dict)
+        tokenizer_config["chat_template"] = template
+        with open(config_path, "w", encoding="utf-8") as f:
+            json.dump(tokenizer_config, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+    logger.info("chat template of %s: the %s template it was trained with", folder, prompt_type)
 
 
 def training_config_of(lora_path: str, model_path: str, adapter_config: dict) -> dict:
