@@ -7,7 +7,8 @@
 #   PAGE_PORT   the port of a page (chat.sh, generate.sh; default 7860), passed to `serve`.
 #   MODEL_PATH  base model (HF id, local folder or .gguf). Empty: the entry script's default,
 #               the embedded SmolLM2-135M-Instruct, so nothing is downloaded.
-#   PYTHON      interpreter (default: python).  TORCHRUN  launcher (default: torchrun).
+#   PYTHON      interpreter (default: the project's .venv/bin/python when there is one (make install),
+#               else python).  TORCHRUN  launcher (default: .venv/bin/torchrun when there is one, else torchrun).
 #
 # Usage, from a script that has already done  cd "$(dirname "$0")/.."  (paths are relative to
 # the repository root):
@@ -17,8 +18,28 @@
 TOT_CUDA="${TOT_CUDA:-}"
 PORT="${PORT:-12345}"
 MODEL_PATH="${MODEL_PATH:-}"
-PYTHON="${PYTHON:-python}"
-TORCHRUN="${TORCHRUN:-torchrun}"
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -x "$PWD/.venv/bin/python" ]]; then PYTHON="$PWD/.venv/bin/python"; else PYTHON=python; fi
+fi
+if [[ -z "${TORCHRUN:-}" ]]; then
+  if [[ -x "$PWD/.venv/bin/torchrun" ]]; then TORCHRUN="$PWD/.venv/bin/torchrun"; else TORCHRUN=torchrun; fi
+fi
+
+# require_python MODULE...: stop with one line saying what to install when PYTHON is missing or
+# lacks one of the modules (checked without importing them, so it costs a fraction of a second).
+require_python() {
+  if ! command -v "$PYTHON" > /dev/null 2>&1; then
+    echo "error: no Python interpreter '$PYTHON'; run  make install  (creates .venv with everything), or set PYTHON" >&2
+    exit 1
+  fi
+  local missing
+  missing=$("$PYTHON" -c 'import importlib.util, sys
+print(next((m for m in sys.argv[1:] if importlib.util.find_spec(m) is None), ""))' "$@") || missing="?"
+  if [[ -n "$missing" ]]; then
+    echo "error: $PYTHON cannot import ${missing}; run  make install  (creates .venv), or  $PYTHON -m pip install -r requirements.txt" >&2
+    exit 1
+  fi
+}
 
 # The instruction-tuning recipe (Chinese-Vicuna's schedule on the shipped sample) that
 # finetune.sh, finetune_4bit.sh, finetune_deepspeed.sh and finetune_continue.sh share; each adds its

@@ -393,3 +393,166 @@ def test_serving_scripts_pass_known_flags_and_overrides(script, module, tmp_path
                                env=dict(clean, PYTHON="echo", PORT="7999"), capture_output=True, text=True)
     assert old_habit.stdout.split() == [f"{module}.py", "--port", "7860"]
     assert "note: PORT is the training scripts' torchrun master port; set PAGE_PORT" in old_habit.stderr
+
+
+# --- cpu_chat.sh ----------------------------------------------------------------------------------
+
+CPU_STUB = r"""#!/usr/bin/env bash
+# Logs "name argv..." (NUL-separated, one call a line); answers the script's python -c questions;
+# creates the --outfile / --output_path a real tool would write.
+printf '%s\0' "$(basename "$0")" "$@" >> "$CALLS"; echo >> "$CALLS"
+if [[ "$1" == -c ]]; then
+  case "$2" in
+    *embedded_gguf_path*) echo "$FAKE_EMBEDDED" ;;
+    *find_spec*) echo "${MISSING_MODULE:-}" ;;
+    *resolve_prompt_type*) echo instruct ;;
+  esac
+  exit 0
+fi
+prev=""
+for a in "$@"; do
+  case "$prev" in
+    --outfile) mkdir -p "$(dirname "$a")"; : > "$a" ;;
+    --output_path) mkdir -p "$a"; echo '{}' > "$a/config.json" ;;
+  esac
+  prev="$a"
+done
+"""
+
+
+@pytest.fixture
+def cpu_chat(tmp_path):
+    """Run scripts/cpu_chat.sh with stub python, make and vicuna; returns (proc, calls)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("python", "make", "vicuna"):
+        (bin_dir / name).write_text(CPU_STUB)
+        (bin_dir / name).chmod(0o755)
+    log = tmp_path / "calls"
+
+    def make_adapter(name: str, content: str) -> str:
+        folder = tmp_path / name
+        folder.mkdir(exist_ok=True)
+        (folder / "adapter_config.json").write_text('{"r": 8}')
+        (folder / "adapter_model.safetensors").write_text(content)
+        return str(folder)
+
+    def run(script_dir: Path = SCRIPTS_DIR, extra_args: tuple = (), **env_overrides):
+        log.write_text("")
+        env = {k: v for k, v in os.environ.items() if k not in ENV_VARS + ("MERGE", "OUTTYPE", "BASE_MODEL")}
+        env.update(CALLS=str(log), PYTHON=str(bin_dir / "python"), MAKE=str(bin_dir / "make"),
+                   VICUNA=str(tmp_path / "not-built" / "vicuna"), OUT_DIR=str(tmp_path / "out"),
+                   FAKE_EMBEDDED="/shipped/SmolLM2.Q4_1.gguf", PATH=f"{bin_dir}:{os.environ['PATH']}")
+        for key, value in env_overrides.items():
+            if value is None:
+                env.pop(key, None)
+            else:
+                env[key] = value
+        proc = subprocess.run(["bash", str(script_dir / "cpu_chat.sh"), *extra_args], env=env, capture_output=True,
+                              text=True, timeout=30)
+        calls = [line.split("\0") for line in log.read_text().split("\0\n") if line]
+        return proc, calls
+
+    run.make_adapter = make_adapter
+    run.bin_dir = bin_dir
+    return run
+
+
+def _tool_calls(calls):
+    return [c for c in calls if c[0] != "python" or c[1] != "-c"]
+
+
+needs_cmake = pytest.mark.skipif(shutil.which("cmake") is None, reason="cpu_chat.sh stops without cmake")
+
+
+@needs_cmake
+def test_cpu_chat_default_runs_the_adapter_on_the_shipped_base(cpu_chat, tmp_path):
+    """LORA_PATH alone: no merge; the adapter is exported as a GGUF adapter for the shipped Q4_1 file
+    and `vicuna chat` runs base + --lora with no template flag (the adapter GGUF names its own)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import convert_gguf
+
+    lora = cpu_chat.make_adapter("lora one", "weights 1")
+    proc, calls = cpu_chat(LORA_PATH=lora, extra_args=("--temp", "0"))
+    assert proc.returncode == 127, proc.stderr  # the engine is a stub that was never built: exec fails last
+    tools = _tool_calls(calls)
+    assert [c[:2] for c in tools] == [["make", "cpp"], ["python", "tools/convert_gguf.py"]]
+    args = convert_gguf.build_parser().parse_args(tools[1][2:])  # the tool's own parser takes them
+    assert (args.lora_path, args.base_gguf, args.outtype) == (lora, "/shipped/SmolLM2.Q4_1.gguf", "f16")
+    assert args.outfile.endswith("/adapter.f16.gguf") and args.prompt_type is None  # the adapter's own
+    assert "merge_lora" not in proc.stderr
+    last = [line for line in proc.stderr.splitlines() if line.startswith("+ ")][-1]
+    chat = shlex.split(last[2:])
+    assert chat[1:] == ["chat", "-t", chat[3], "-m", "/shipped/SmolLM2.Q4_1.gguf", "--lora", args.outfile,
+                        "--temp", "0"]
+    assert not any(a.startswith("--prompt-type") for a in chat)
+
+
+@needs_cmake
+def test_cpu_chat_exports_are_keyed_on_the_adapter(cpu_chat):
+    """Another adapter gets its own export (never the previous one's); the same adapter again
+    reuses its export; the same folder retrained is another adapter. MERGE=1 likewise."""
+    one = cpu_chat.make_adapter("lora", "weights 1")
+    _, calls = cpu_chat(LORA_PATH=one)
+    first = [c for c in _tool_calls(calls) if "tools/convert_gguf.py" in c][0]
+    _, calls = cpu_chat(LORA_PATH=one)
+    assert not [c for c in _tool_calls(calls) if "tools/convert_gguf.py" in c]  # exists: skipped
+    cpu_chat.make_adapter("lora", "weights 2")  # retrained in place
+    _, calls = cpu_chat(LORA_PATH=one)
+    again = [c for c in _tool_calls(calls) if "tools/convert_gguf.py" in c][0]
+    assert again[again.index("--outfile") + 1] != first[first.index("--outfile") + 1]
+
+    merged = {}
+    for name, content in (("a", "A"), ("b", "B")):
+        lora = cpu_chat.make_adapter(name, content)
+        proc, calls = cpu_chat(LORA_PATH=lora, MERGE="1")
+        tools = _tool_calls(calls)
+        merge = [c for c in tools if "tools/merge_lora.py" in c][0]
+        merged[name] = merge[merge.index("--output_path") + 1]
+        conv = [c for c in tools if "tools/convert_gguf.py" in c][0]
+        assert conv[conv.index("--model_path") + 1] == merged[name] and "--lora_path" not in conv
+        assert conv[conv.index("--outtype") + 1] == "q8_0"
+        chat_line = [line for line in proc.stderr.splitlines() if line.startswith("+ ")][-1]
+        assert f"-m {conv[conv.index('--outfile') + 1]}" in chat_line and "--lora" not in chat_line
+    assert merged["a"] != merged["b"]
+
+
+def test_cpu_chat_uses_the_projects_venv_and_names_what_is_missing(cpu_chat, tmp_path):
+    """PYTHON unset: the repository's .venv/bin/python; a missing module or interpreter is one line
+    saying what to install, before anything runs."""
+    repo = tmp_path / "repo"
+    shutil.copytree(SCRIPTS_DIR, repo / "scripts")
+    (repo / ".venv" / "bin").mkdir(parents=True)
+    venv_python = repo / ".venv" / "bin" / "python"
+    shutil.copy(cpu_chat.bin_dir / "python", venv_python)
+    lora = cpu_chat.make_adapter("lora", "w")
+    proc, calls = cpu_chat(repo / "scripts", PYTHON=None, LORA_PATH=lora, MISSING_MODULE="gguf")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {venv_python} cannot import gguf; run  make install  (creates .venv), or  "
+        f"{venv_python} -m pip install -r requirements.txt"]
+    assert [c[:2] for c in calls] == [["python", "-c"]]  # only the check ran, with the venv's python
+
+    venv_python.unlink()
+    proc, calls = cpu_chat(repo / "scripts", PYTHON=None, LORA_PATH=lora, PATH="/usr/bin:/bin")
+    if shutil.which("python", path="/usr/bin:/bin") is None:
+        assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
+        assert "make install" in proc.stderr and calls == []
+
+    proc, _ = cpu_chat(LORA_PATH=str(tmp_path / "no such adapter"))
+    assert proc.returncode == 1 and "no such adapter folder" in proc.stderr
+
+
+@pytest.mark.parametrize("script", ["finetune.sh", "generate.sh"])
+def test_scripts_pick_the_venv_python(script, tmp_path):
+    """common.sh: PYTHON unset means the repository's .venv/bin/python when there is one."""
+    repo = tmp_path / "repo"
+    shutil.copytree(SCRIPTS_DIR, repo / "scripts")
+    (repo / ".venv" / "bin").mkdir(parents=True)
+    stub = repo / ".venv" / "bin" / "python"
+    stub.write_text(STUB.format(name="venv-python", unset=UNSET))
+    stub.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
+    proc = subprocess.run(["bash", str(repo / "scripts" / script)], env=env, capture_output=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.decode().split("\0")[0] == "venv-python"

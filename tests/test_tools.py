@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -675,27 +676,36 @@ def test_convert_llama_refuses_bad_input(work, capsys, tiny_models, sp_tokenizer
 
 
 def test_cpu_chat_script_runs_the_tools_with_their_own_flags(tmp_path):
-    """The script with PYTHON and MAKE stubs: each step's argv must parse with the tool's parser."""
+    """The script with PYTHON and MAKE stubs (MERGE=1): each step's argv must parse with the tool's
+    parser. The default path (the adapter GGUF on the shipped base) is in tests/test_scripts.py."""
     log = tmp_path / "calls"
     stub = tmp_path / "stub"
-    stub.write_text('#!/usr/bin/env bash\nprintf "%s\\0" "$(basename "$0")" "$@" >> "$CALLS"\necho >> "$CALLS"\n')
+    stub.write_text('#!/usr/bin/env bash\n[[ "$1" == -c ]] && exit 0\n'  # the dependency check passes
+                    'printf "%s\\0" "$(basename "$0")" "$@" >> "$CALLS"\necho >> "$CALLS"\n')
     stub.chmod(0o755)
     for name in ("python", "make"):
         os.symlink(stub, tmp_path / name)
+    lora = tmp_path / "my lora"
+    lora.mkdir()
+    (lora / "adapter_config.json").write_text("{}")
     out_dir = tmp_path / "out dir"
     env = dict(os.environ, CALLS=str(log), PYTHON=str(tmp_path / "python"), MAKE=str(tmp_path / "make"),
-               VICUNA=str(tmp_path / "not-built" / "vicuna"), LORA_PATH="my lora", OUT_DIR=str(out_dir),
-               OUTTYPE="q4_1", PROMPT_TYPE="chat", THREADS="3")
+               VICUNA=str(tmp_path / "not-built" / "vicuna"), LORA_PATH=str(lora), OUT_DIR=str(out_dir),
+               OUTTYPE="q4_1", PROMPT_TYPE="chat", THREADS="3", MERGE="1", PATH=f"{tmp_path}:{os.environ['PATH']}")
+    if shutil.which("cmake") is None:
+        pytest.skip("no cmake: the script stops before building the engine")
     proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "cpu_chat.sh"), "--temp", "0.7"], env=env,
                           capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 127  # make is a stub, so the engine was never built: exec fails last
+    assert proc.returncode == 127, proc.stderr  # make is a stub, so the engine was never built: exec fails last
     calls = [line.split("\0") for line in log.read_text().split("\0\n") if line]
-    assert [c[0] for c in calls] == ["python", "python", "make"]
-    assert calls[0][1] == "tools/merge_lora.py" and calls[1][1] == "tools/convert_gguf.py"
-    merge = merge_lora.build_parser().parse_args(calls[0][2:])
-    assert (merge.lora_path, merge.output_path) == ("my lora", str(out_dir / "merged"))
-    conv = convert_gguf.build_parser().parse_args(calls[1][2:])
-    gguf = str(out_dir / "model.q4_1.gguf")
+    assert [c[0] for c in calls] == ["make", "python", "python"]
+    assert calls[0][1:] == ["cpp"]
+    assert calls[1][1] == "tools/merge_lora.py" and calls[2][1] == "tools/convert_gguf.py"
+    merge = merge_lora.build_parser().parse_args(calls[1][2:])
+    work = os.path.dirname(merge.output_path)
+    assert merge.lora_path == str(lora) and os.path.dirname(work) == str(out_dir)
+    assert re.fullmatch(r"my lora-[0-9a-f]{12}", os.path.basename(work))  # keyed on the adapter
+    conv = convert_gguf.build_parser().parse_args(calls[2][2:])
+    gguf = os.path.join(work, "merged.q4_1.gguf")
     assert (conv.model_path, conv.outfile, conv.outtype, conv.prompt_type) == (merge.output_path, gguf, "q4_1", "chat")
-    assert calls[2][1:] == ["cpp"]
-    assert f"chat -m {gguf.replace(' ', chr(92) + ' ')} -t 3 --prompt-type chat --temp 0.7" in proc.stderr
+    assert f"chat -t 3 -m {gguf.replace(' ', chr(92) + ' ')} --prompt-type chat --temp 0.7" in proc.stderr
