@@ -433,7 +433,7 @@ class SupervisedLossTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         total, count = supervised_token_loss(model, inputs)
         if not bool(total.isfinite()):
-            raise UserError(f"step {self.state.global_step + 1}: the loss is {float(total)}: training diverged; "
+            raise UserError(f"step {self.state.global_step + 1}: the loss is {float(total.detach())}: training diverged; "
                             f"lower --learning_rate (now {self.args.learning_rate:g}) or check the data "
                             "(checkpoints written so far are kept)")
         if num_items_in_batch is None:  # evaluation, or a collator the Trainer cannot count
