@@ -192,3 +192,19 @@ def test_exports_that_keep_the_adapter_do_not_warn(work, merged, tiny_model, cap
         # no training_config.json naming a base: nothing to compare against
         assert convert_gguf.convert(tiny_model, str(work / "tiny.q8_0.gguf"), "q8_0")["lora_kept"] is None
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "keeps only" in r.getMessage()]
+
+
+def test_chat_template_adapter_refuses_a_base_exported_in_our_layout(work, tiny_model, adapters, capsys):
+    """A chat_template adapter on a base GGUF whose tokenizer.chat_template is our instruct layout
+    (convert_gguf's default --prompt_type) would chat in the wrong template: refused, naming the fix."""
+    base_instruct = work / "base.instruct.f32.gguf"
+    if not base_instruct.exists():
+        convert("--model_path", tiny_model, "--outfile", base_instruct, "--outtype", "f32", "--no-verify")
+    out = work / "refused-adapter.gguf"
+    with pytest.raises(SystemExit) as e:
+        convert_gguf.main(["--lora_path", adapters["chat_template"], "--model_path", tiny_model, "--base_gguf",
+                           str(base_instruct), "--outfile", str(out), "--outtype", "f32", "--no-verify"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "was exported with --prompt_type instruct" in err and "--prompt_type chat_template" in err, err
+    assert not out.exists()

@@ -831,6 +831,14 @@ def base_gguf_shapes(base_gguf: str) -> tuple[str, dict[str, tuple[int, ...]], i
     return arch, shapes, int(ftype)
 
 
+def gguf_prompt_type(path: str) -> str | None:
+    """The vicuna.prompt_type a GGUF written by this tool carries (None for other files)."""
+    import gguf
+
+    field = gguf.GGUFReader(path).fields.get(PROMPT_TYPE_KEY)
+    return field.contents() if field is not None else None
+
+
 def check_adapter_fits_gguf(tensors: list[AdapterTensor], base_gguf: str, outfile: str) -> int:
     """Every adapter pair targets a tensor of the base GGUF with matching shapes, as llama.cpp and
     vicuna.cpp check at load; one line naming both files otherwise. Returns the base's file type."""
@@ -898,6 +906,12 @@ def convert_adapter(lora_path: str, outfile: str, model_path: str | None = None,
     tensors = plan_adapter(modules, hp, base, outtype, alpha, lora_path, model_path)
     base_gguf = base_gguf or default_base_gguf(model_path, model_dir)
     base_file_type = check_adapter_fits_gguf(tensors, base_gguf, outfile) if base_gguf else -1
+    base_template = gguf_prompt_type(base_gguf) if base_gguf else None
+    if prompt_type == "chat_template" and base_template in ("instruct", "chat"):
+        # the engine would render the base file's template, which is then our own, not the tokenizer's
+        raise UserError(f"adapter {lora_path} was trained with the tokenizer's own chat template, but {base_gguf} "
+                        f"was exported with --prompt_type {base_template} (its tokenizer.chat_template is that "
+                        "layout); export the base again with --prompt_type chat_template")
     modelfile_text = None
     if modelfile:
         if not base_gguf:
