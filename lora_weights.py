@@ -50,6 +50,13 @@ class LoraModule:
         out, inp = self.b.shape[0], self.a.shape[1]
         return (inp, out) if (self.embedding or self.fan_in_fan_out) else (out, inp)
 
+    def delta(self):
+        """scale * B @ A in float32, shaped like the base weight (what a merge adds to it)."""
+        d = self.b.float() @ self.a.float()
+        if self.embedding or self.fan_in_fan_out:
+            d = d.T
+        return d * self.scale
+
 
 def read_lora_modules(lora_path: str, flag: str = "--lora_path") -> tuple[list[LoraModule], dict]:
     """The LoRA modules of an adapter folder (sorted by module name) and its config dict."""

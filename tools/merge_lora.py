@@ -46,6 +46,7 @@ sys.path.insert(0, ROOT)
 from checkpoints import (DTYPES, check_new_folder, element_size, is_finite, parse_size,  # noqa: E402
                          publish_folder, staging_folder, write_sharded_safetensors)
 from errors import UserError, cli_errors, logger, one_line, setup_logging  # noqa: E402
+from lora_weights import PEFT_PREFIX, LoraModule, read_lora_modules  # noqa: E402
 from model_folder import SavedWeights, read_model_config, resolve_model_folder  # noqa: E402
 from models import EMBEDDED_MODEL, save_training_config  # noqa: E402
 
@@ -53,7 +54,6 @@ from models import EMBEDDED_MODEL, save_training_config  # noqa: E402
 COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                 "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
                 "vocab.json", "merges.txt")
-PREFIX = "base_model.model."  # peft's prefix in front of the wrapped model's module names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,87 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
 # --- the adapter -----------------------------------------------------------------------------------
 
 
-class LoraDelta:
-    """One LoRA module: delta_W = scale * B @ A (transposed for fan_in_fan_out), shaped like W."""
-
-    def __init__(self, module: str, a, b, scale: float, fan_in_fan_out: bool, embedding: bool):
-        self.module, self.a, self.b, self.scale = module, a, b, scale
-        self.fan_in_fan_out, self.embedding = fan_in_fan_out, embedding
-
-    @property
-    def weight_name(self) -> str:
-        return self.module + ".weight"
-
-    def expected_shape(self) -> tuple[int, int]:
-        # Linear: A (r, in), B (out, r), W (out, in).  Embedding: A (r, vocab), B (dim, r), W (vocab, dim).
-        out, inp = self.b.shape[0], self.a.shape[1]
-        return (inp, out) if (self.embedding or self.fan_in_fan_out) else (out, inp)
-
-    def delta(self):
-        d = self.b.float() @ self.a.float()
-        if self.embedding or self.fan_in_fan_out:
-            d = d.T
-        return d * self.scale
-
-
-def read_adapter(lora_path: str) -> tuple[list[LoraDelta], dict]:
-    """The LoRA modules of an adapter folder, with their per-module scale, and its config dict.
-
-    The adapter file must be readable and hold only finite values (models.check_adapter_file), the
-    config a LoRA config whose scales are finite numbers (models.check_adapter_config)."""
-    from models import check_adapter_file, find_adapter_weights, lora_config_from_dict, read_adapter_config
-
-    if not os.path.isdir(lora_path):
-        raise UserError(f"--lora_path {lora_path}: no such directory")
-    weights = find_adapter_weights(lora_path)
-    from peft.utils.other import get_pattern_key  # after the cheap checks: peft takes seconds to import
-
-    state = check_adapter_file(weights)
-    config_dict = read_adapter_config(lora_path, state, weights)
-    config = lora_config_from_dict(config_dict, lora_path)
-    if getattr(config, "use_dora", False):
-        raise UserError(f"--lora_path {lora_path}: DoRA adapters (use_dora) are not supported by this merge; "
-                        "merge with peft's merge_and_unload instead")
-    if getattr(config, "lora_bias", False) or (config.bias or "none") != "none":
-        raise UserError(f"--lora_path {lora_path}: adapters that train biases (bias={config.bias!r}, "
-                        f"lora_bias={getattr(config, 'lora_bias', False)}) are not supported; LLaMA has no biases")
-    if config.modules_to_save:
-        raise UserError(f"--lora_path {lora_path}: modules_to_save={list(config.modules_to_save)} are full copies of "
-                        "base modules, not LoRA tensors; this merge does not write them")
-
-    # base_model.model.<module>.lora_A.weight -> {module: {"A": tensor, "B": tensor}}
-    pairs: dict[str, dict] = {}
-    for key, value in state.items():
-        head, _, tail = key.partition(".lora_")
-        tail = tail.removesuffix(".default")  # lora_embedding_A.default of some peft versions
-        kind = {"A.weight": "A", "B.weight": "B", "embedding_A": "A", "embedding_B": "B"}.get(tail)
-        if kind is None:
-            raise UserError(f"--lora_path {lora_path}: {key} is not a LoRA A/B tensor this merge understands")
-        module = head[len(PREFIX):] if head.startswith(PREFIX) else head
-        pairs.setdefault(module, {})[kind] = value
-        pairs[module]["embedding"] = tail.startswith("embedding_")
-
-    deltas = []
-    for module, ab in sorted(pairs.items()):
-        if "A" not in ab or "B" not in ab:
-            raise UserError(f"--lora_path {lora_path}: {module} has lora_{'B' if 'A' in ab else 'A'} but no "
-                            f"lora_{'A' if 'A' in ab else 'B'}; the adapter file is incomplete")
-        a, b = ab["A"], ab["B"]
-        if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0] or a.shape[0] == 0:
-            raise UserError(f"--lora_path {lora_path}: {module}: lora_A {tuple(a.shape)} and lora_B "
-                            f"{tuple(b.shape)} do not form a rank-r pair")
-        r = a.shape[0]
-        alpha = (config.alpha_pattern or {}).get(get_pattern_key((config.alpha_pattern or {}).keys(), module),
-                                                 config.lora_alpha)
-        scale = alpha / math.sqrt(r) if config.use_rslora else alpha / r
-        deltas.append(LoraDelta(module, a, b, scale, bool(config.fan_in_fan_out), ab["embedding"]))
-    return deltas, config_dict
+def read_adapter(lora_path: str) -> tuple[list[LoraModule], dict]:
+    """The LoRA modules of an adapter folder (lora_weights.read_lora_modules: finite values, a plain
+    LoRA config, per-module scales) and its config dict."""
+    return read_lora_modules(lora_path)
 
 
 # --- the merge -------------------------------------------------------------------------------------
 
 
-def check_fits(deltas: list[LoraDelta], base: SavedWeights, lora_path: str, model_path: str,
+def check_fits(deltas: list[LoraModule], base: SavedWeights, lora_path: str, model_path: str,
                tied: bool = False) -> None:
     """Every adapter module has a base weight of the right shape; one line naming both otherwise."""
     for d in deltas:
@@ -161,13 +90,13 @@ def check_fits(deltas: list[LoraDelta], base: SavedWeights, lora_path: str, mode
                             "embed_tokens; merging it would untie them, which this tool does not do")
         if d.weight_name not in base.files:
             raise UserError(f"adapter {lora_path} does not fit base model {model_path}: the base has no "
-                            f"{d.weight_name} for the adapter's {PREFIX}{d.module}; pass the base model the "
+                            f"{d.weight_name} for the adapter's {PEFT_PREFIX}{d.module}; pass the base model the "
                             "adapter was trained on")
         have = base.shape(d.weight_name)
-        if have != d.expected_shape():
+        if have != d.weight_shape():
             raise UserError(f"adapter {lora_path} does not fit base model {model_path}: {d.weight_name} is "
                             f"{have} in the base but the adapter's lora_A {tuple(d.a.shape)} / lora_B "
-                            f"{tuple(d.b.shape)} make {d.expected_shape()}; pass the base model the adapter was "
+                            f"{tuple(d.b.shape)} make {d.weight_shape()}; pass the base model the adapter was "
                             "trained on")
 
 
