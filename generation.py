@@ -70,8 +70,10 @@ class GenerationParams:
     """
 
     max_new_tokens: int = _knob(256, "most tokens to generate for one answer", ("Max new tokens", 1, 2048, 1))
-    min_new_tokens: int = _knob(1, "tokens to generate before the answer may end (at most --max_new_tokens)",
-                                ("Min new tokens", 1, 512, 1))
+    # 0, as llama.cpp, ollama, vLLM and vicuna.cpp: a model whose best first token is EOS answers
+    # nothing in every runtime alike (a floor of 1 made transformers answer where the others did not)
+    min_new_tokens: int = _knob(0, "tokens to generate before the answer may end (at most --max_new_tokens)",
+                                ("Min new tokens", 0, 512, 1))
     num_beams: int = _knob(1, "beam search over this many beams (1: greedy, or plain sampling with --do_sample)",
                            ("Beams", 1, 10, 1))
     do_sample: bool = _knob(False, "sample instead of greedy/beam search",

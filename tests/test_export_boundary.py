@@ -6,8 +6,8 @@
   export, both merged (tools/merge_lora.py + tools/convert_gguf.py --outtype f32) and as a base f32
   GGUF + adapter GGUF (`--lora`). Same settings on both sides: a few new tokens, repetition
   penalty 1.1 (generate.py's default, set explicitly on both), greedy / --temp 0, and no minimum
-  length (generate.py's --min_new_tokens defaults to 1, masking EOS at the first step; vicuna chat
-  has no minimum, so an answer that starts with EOS is empty there).
+  length (--min_new_tokens 0, the default since this test found the Python side masking EOS at the
+  first step while vicuna chat has no minimum).
 - tools/merge_lora.py writes the trained template as the merged folder's chat template:
   `tokenizer.apply_chat_template` on the merged folder gives prompt.py's `build_prompt_ids` for an
   instruct and a chat adapter; a chat_template adapter keeps the base's own.
