@@ -20,6 +20,7 @@ import uuid
 from dataclasses import dataclass, field, replace
 
 from errors import UserError
+from prompt import StopStringFilter
 
 ROLES = ("system", "developer", "user", "assistant")
 
@@ -380,33 +381,19 @@ def generation_params(req: Request, prompt_len: int, context: int | None):
 # --- streamed text ---------------------------------------------------------------------------------
 
 
-class TextCutter:
-    """The answer to show from the generated text so far: cut at the first stop marker, without
-    leading or trailing whitespace, holding back a tail that may be the start of a marker. What
-    it returns only grows (each result is a prefix of the next), so streamed deltas never need
-    taking back, and the last result equals the non-streamed answer."""
+class TextCutter(StopStringFilter):
+    """The answer to show from the generated text so far: cut at the first stop marker (the
+    request's), holding back a tail that may be the start of one, and without leading or trailing
+    whitespace when `strip`. What it returns only grows (each result is a prefix of the next), so
+    streamed deltas never need taking back, and the last result equals the non-streamed answer."""
 
     def __init__(self, markers: list[str], strip: bool = True):
-        self.markers = [m for m in markers if m]
+        super().__init__(markers=markers)
         self.strip = strip
-        self.done = False  # a marker was seen
 
     def update(self, text: str, final: bool = False) -> str:
-        cut = len(text)
-        for marker in self.markers:
-            pos = text.find(marker)
-            if pos != -1 and pos < cut:
-                cut = pos
-                self.done = True
-        if not self.done and not final:
-            hold = 0
-            for marker in self.markers:
-                for k in range(min(len(marker) - 1, len(text)), 0, -1):
-                    if text.endswith(marker[:k]):
-                        hold = max(hold, k)
-                        break
-            cut = len(text) - hold
-        return text[:cut].strip() if self.strip else text[:cut]
+        shown = self.visible(text, final)
+        return shown.strip() if self.strip else shown
 
 
 # --- responses -------------------------------------------------------------------------------------

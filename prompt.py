@@ -443,14 +443,17 @@ class StopStringFilter:
     """Hold back streamed text that might be the start of a stop marker, and cut at a full one.
 
     `update(text)` takes the whole text generated so far and returns the part that is safe to
-    show; `done` turns true once a marker was seen (the caller may stop generating).
+    show; `done` turns true once a marker was seen (the caller may stop generating). The markers
+    are the template's (STOP_STRINGS[prompt_type]), or `markers` when given (an API request's).
     """
 
-    def __init__(self, prompt_type: str):
-        self.markers = STOP_STRINGS.get(prompt_type, [])
+    def __init__(self, prompt_type: str | None = None, markers: list[str] | None = None):
+        self.markers = [m for m in (markers if markers is not None else STOP_STRINGS.get(prompt_type, [])) if m]
         self.done = False
 
-    def update(self, text: str, final: bool = False) -> str:
+    def visible(self, text: str, final: bool = False) -> str:
+        """`text` cut at the first marker, less a tail that is a proper prefix of some marker
+        (none when `final`); whitespace untouched."""
         cut = len(text)
         for marker in self.markers:
             pos = text.find(marker)
@@ -458,8 +461,7 @@ class StopStringFilter:
                 cut = min(cut, pos)
                 self.done = True
         if self.done or final:
-            return text[:cut].rstrip()
-        # Hold back a tail that is a proper prefix of some marker.
+            return text[:cut]
         hold = 0
         for marker in self.markers:
             for k in range(min(len(marker) - 1, len(text)), 0, -1):
@@ -467,3 +469,7 @@ class StopStringFilter:
                     hold = max(hold, k)
                     break
         return text[:len(text) - hold]
+
+    def update(self, text: str, final: bool = False) -> str:
+        shown = self.visible(text, final)
+        return shown.rstrip() if self.done or final else shown
