@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -156,3 +157,20 @@ def train_args(data: str, out: str, model: str, *extra: str) -> list[str]:
     return ["--data_path", data, "--output_path", out, "--model_path", model, "--test_size", "0",
             "--micro_batch_size", "2", "--batch_size", "4", "--max_steps", "4", "--warmup_steps", "0",
             "--save_steps", "2", "--logging_steps", "1", "--learning_rate", "1e-2", *extra]
+
+
+# vicuna.cpp: the engine's tests build it, which needs cmake and a C++17 compiler
+NEEDS_CPP = pytest.mark.skipif(
+    shutil.which("cmake") is None or (shutil.which("c++") is None and shutil.which("g++") is None),
+    reason="vicuna.cpp needs cmake and a C++17 compiler")
+
+
+@pytest.fixture(scope="session")
+def vicuna():
+    """The release binary (`make cpp`; a no-op when it is built already). test_vicuna_cpp.py and
+    test_lora_gguf.py override it with their own build of release + sanitizer binaries."""
+    proc = subprocess.run(["make", "--no-print-directory", "cpp"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900, check=False)
+    if proc.returncode != 0:
+        pytest.fail(f"make cpp failed:\n{proc.stdout[-4000:]}{proc.stderr[-4000:]}")
+    return os.path.join(ROOT, "tools", "vicuna.cpp", "build", "vicuna")

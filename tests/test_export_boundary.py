@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 
-from conftest import INSTRUCT_RECORDS, ROOT, train_args, write_jsonl
+from conftest import INSTRUCT_RECORDS, NEEDS_CPP, ROOT, train_args, write_jsonl
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
@@ -39,19 +38,8 @@ QUESTIONS = ["Say hello.", "用一句话介绍你自己。", "Name a colour."]
 N_NEW = 6
 REPEAT_PENALTY = "1.1"
 
-needs_cpp = pytest.mark.skipif(
-    shutil.which("cmake") is None or (shutil.which("c++") is None and shutil.which("g++") is None),
-    reason="vicuna.cpp needs cmake and a C++17 compiler")
 
 
-@pytest.fixture(scope="module")
-def vicuna():
-    """The release binary (`make cpp`; a no-op when it is built already)."""
-    proc = subprocess.run(["make", "--no-print-directory", "cpp"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=900, check=False)
-    if proc.returncode != 0:
-        pytest.fail(f"make cpp failed:\n{proc.stdout[-4000:]}{proc.stderr[-4000:]}")
-    return os.path.join(ROOT, "tools", "vicuna.cpp", "build", "vicuna")
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +97,7 @@ def vicuna_answers(vicuna: str, model: str, questions: list[str], *extra: str) -
 # --- generate.py == vicuna chat, merged and adapter GGUF -------------------------------------------
 
 
-@needs_cpp
+@NEEDS_CPP
 @pytest.mark.parametrize("prompt_type", PROMPT_TYPES)
 def test_generate_equals_vicuna_chat_on_f32_exports(prompt_type, vicuna, work, tiny_model, adapters, merged):
     lora = adapters[prompt_type]

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, make_tiny_model
+from conftest import NEEDS_CPP, ROOT, make_tiny_model
 from test_vicuna_cpp import (LOGITS_RTOL, Q4_1_RTOL, _permute, embedded_q4_1, rel_err, run,  # noqa: F401
                              vicuna_asan, vicuna_builds)
 
@@ -37,9 +37,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 import convert_gguf  # noqa: E402
 import merge_lora  # noqa: E402
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("cmake") is None or (shutil.which("c++") is None and shutil.which("g++") is None),
-    reason="vicuna.cpp needs cmake and a C++17 compiler")
+pytestmark = NEEDS_CPP
 
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # a q8_0 file against transformers (tests/test_tools.py: max |diff| < 0.05 max |logit|); here the

@@ -23,22 +23,17 @@ import json
 import os
 import random
 import re
-import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from conftest import NEEDS_CPP, ROOT
 
 VDIR = os.path.join(ROOT, "tools", "vicuna.cpp")
 ASAN_BUILD = os.path.join(VDIR, "build-asan")
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("cmake") is None or (shutil.which("c++") is None and shutil.which("g++") is None),
-    reason="vicuna.cpp needs cmake and a C++17 compiler")
+pytestmark = NEEDS_CPP
 
 # relative tolerance of final-position logits against transformers, f32 files
 LOGITS_RTOL = 1e-3

@@ -38,20 +38,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from test_vicuna_cpp import _tokenizer_kvs, gguf_spec, run, write_gguf
+from conftest import NEEDS_CPP  # noqa: E402
+from test_vicuna_cpp import _tokenizer_kvs, gguf_spec, run, write_gguf  # noqa: E402
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("cmake") is None or (shutil.which("c++") is None and shutil.which("g++") is None),
-    reason="vicuna.cpp needs cmake and a C++17 compiler")
+pytestmark = NEEDS_CPP
 
-@pytest.fixture(scope="session")
-def vicuna():
-    """The release binary (`make cpp`; a no-op when test_vicuna_cpp.py built it already)."""
-    proc = subprocess.run(["make", "--no-print-directory", "cpp"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=900, check=False)
-    if proc.returncode != 0:
-        pytest.fail(f"make cpp failed:\n{proc.stdout[-4000:]}{proc.stderr[-4000:]}")
-    return os.path.join(ROOT, "tools", "vicuna.cpp", "build", "vicuna")
 
 
 # The chat_template values of the models' tokenizer_config.json, as JSON string bodies.
