@@ -51,18 +51,6 @@ static std::string lora_dims(const GGUFTensor* t) {
     return s + "]";
 }
 
-// A (rows, cols) view of an adapter tensor, pointing into the mapped file.
-static Tensor lora_view(const GGUFTensor* t, int64_t rows, int64_t cols) {
-    Tensor v;
-    v.name = t->name;
-    v.type = t->type;
-    v.rows = rows;
-    v.cols = cols;
-    v.row_bytes = (size_t)(t->n_bytes / (uint64_t)rows);
-    v.data = t->data;
-    return v;
-}
-
 // Every value of a (rows, cols) tensor finite; a diverged training run leaves NaN in an adapter.
 static bool lora_finite(const Tensor& t) {
     std::vector<float> row((size_t)t.cols);
@@ -312,8 +300,8 @@ static std::string lora_attach(Model* m, const char* path, float scale, LoraMode
         LoraWeight lw;
         lw.rank = (int)rank;
         lw.scale = scale * (alpha != 0.0 ? (float)(alpha / (double)rank) : 1.0f);
-        lw.a = embd ? lora_view(ta, w->rows, rank) : lora_view(ta, rank, w->cols);
-        Tensor b = embd ? lora_view(tb, w->cols, rank) : lora_view(tb, w->rows, rank);
+        lw.a = embd ? tensor_view(ta, w->rows, rank) : tensor_view(ta, rank, w->cols);
+        Tensor b = embd ? tensor_view(tb, w->cols, rank) : tensor_view(tb, w->rows, rank);
         lora_prepare(&lw, b, A, f->alignment);
         if (!lora_finite(lw.a) || !lora_finite_panels(lw)) {
             FAIL("--lora '%s': tensor '%s' holds NaN or infinite values; the training run that wrote the adapter "

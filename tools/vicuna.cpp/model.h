@@ -92,6 +92,18 @@ struct Model {
     Adapter adapter;                 // a LoRA adapter file attached with lora_attach (lora.h), if any
 };
 
+// A (rows, cols) view of a file tensor, pointing into the mapped file (shape checked by the caller).
+static Tensor tensor_view(const GGUFTensor* t, int64_t rows, int64_t cols) {
+    Tensor v;
+    v.name = t->name;
+    v.type = t->type;
+    v.rows = rows;
+    v.cols = cols;
+    v.row_bytes = (size_t)(t->n_bytes / (uint64_t)rows);
+    v.data = t->data;
+    return v;
+}
+
 static Tensor model_matrix(const GGUFFile* f, const std::string& name, int64_t rows, int64_t cols) {
     const GGUFTensor* t = gguf_find_tensor(f, name);
     if (!t) {
@@ -108,14 +120,7 @@ static Tensor model_matrix(const GGUFFile* f, const std::string& name, int64_t r
         FAIL("'%s': tensor '%s' data is not %zu-byte aligned (general.alignment = %" PRIu64 ")",
              printable(f->path).c_str(), name.c_str(), align, f->alignment);
     }
-    Tensor m;
-    m.name = t->name;
-    m.type = t->type;
-    m.rows = rows;
-    m.cols = cols;
-    m.row_bytes = (size_t)(t->n_bytes / (uint64_t)rows);
-    m.data = t->data;
-    return m;
+    return tensor_view(t, rows, cols);
 }
 
 static std::vector<float> model_vector(const GGUFFile* f, const std::string& name, int64_t n) {
