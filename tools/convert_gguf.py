@@ -666,11 +666,7 @@ def convert(model_path: str, outfile: str, outtype: str = "f16", prompt_type: st
     logger.info("wrote %s: %d tensors, %.1fM parameters, %s, prompt type %s", outfile, len(plans),
                 n_params / 1e6, outtype, prompt_type)
     if modelfile_text is not None:
-        try:
-            write_text_atomically(modelfile_path, modelfile_text)
-        except OSError as e:
-            raise UserError(f"--modelfile: cannot write {modelfile_path} ({one_line(e)}); {outfile} is complete") from None
-        logger.info("wrote %s", modelfile_path)
+        write_modelfile(modelfile_path, modelfile_text, outfile)
     info = {"model_dir": model_dir, "prompt_type": prompt_type, "n_params": n_params, "outfile": outfile}
     if outtype in ("q8_0", "q4_0", "q4_1"):
         info["lora_kept"] = warn_if_quantization_undoes_lora(model_dir, base, plans, outtype, outfile)
@@ -875,6 +871,15 @@ def default_base_gguf(model_path: str, model_dir: str) -> str | None:
     return None
 
 
+def write_modelfile(path: str, text: str, outfile: str) -> None:
+    """The ollama Modelfile beside a finished GGUF, written atomically."""
+    try:
+        write_text_atomically(path, text)
+    except OSError as e:
+        raise UserError(f"--modelfile: cannot write {path} ({one_line(e)}); {outfile} is complete") from None
+    logger.info("wrote %s", path)
+
+
 def convert_adapter(lora_path: str, outfile: str, model_path: str | None = None, outtype: str = "f16",
                     prompt_type: str | None = None, overwrite: bool = False, modelfile: bool = False,
                     base_gguf: str | None = None) -> dict:
@@ -956,11 +961,7 @@ def convert_adapter(lora_path: str, outfile: str, model_path: str | None = None,
     logger.info("wrote %s: %d LoRA pairs, %.2fM parameters, %s, alpha %g, prompt type %s", outfile,
                 len(tensors) // 2, n_params / 1e6, outtype, alpha, prompt_type)
     if modelfile_text is not None:
-        try:
-            write_text_atomically(modelfile_path, modelfile_text)
-        except OSError as e:
-            raise UserError(f"--modelfile: cannot write {modelfile_path} ({one_line(e)}); {outfile} is complete") from None
-        logger.info("wrote %s", modelfile_path)
+        write_modelfile(modelfile_path, modelfile_text, outfile)
     n_base = sum(math.prod(base.shape(n)) for n in base.files)
     return {"model_dir": model_dir, "prompt_type": prompt_type, "outfile": outfile, "base_gguf": base_gguf,
             "base_file_type": base_file_type, "n_params": n_params, "n_base_params": n_base}
