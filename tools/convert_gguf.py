@@ -84,7 +84,9 @@ VERIFY_MAX_PARAMS = 1_000_000_000  # --verify is on by default below this size
 F32_MAX_REL_DIFF = 1e-3  # an f32 export must match the HF logits this closely (max |d| / max |logit|)
 PROMPT_TYPE_KEY = "vicuna.prompt_type"  # instruct | chat | chat_template
 QK = 32  # block size of q8_0 / q4_0 / q4_1: rows must be a multiple of it
-ARCHITECTURES = ("llama", "mistral")  # model_type values llama.cpp runs as general.architecture=llama
+# config.json model_type -> general.architecture, as llama.cpp's convert_hf_to_gguf.py maps them
+# (its LlamaModel registers MistralForCausalLM; Qwen2Model writes qwen2 with q/k rows unpermuted)
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 VERIFY_QUESTIONS = ["Give three tips for staying healthy.", "用一句话介绍你自己。",
                     "Translate to English: 我明天要去图书馆还书。"]
 VERIFY_TEXTS = ["Hello world! 你好，世界。", "数字 2024 年 12 月 31 日, tabs\tand  two  spaces\n\nnew paragraph",
@@ -94,6 +96,7 @@ VERIFY_TEXTS = ["Hello world! 你好，世界。", "数字 2024 年 12 月 31 �
 # names them in `tokenizer.ggml.pre` (llama-vocab.cpp). GPT-2's own regex is ByteLevel(use_regex).
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")  # Qwen2/2.5: LLaMA-3's with single digits
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,27 +143,54 @@ class HParams:
     rms_eps: float
     tied: bool
     name: str
+    arch: str = "llama"  # general.architecture: llama (LLaMA, Mistral) or qwen2
+    sliding_window: int = 0  # Mistral's attention window (tokens, the current one included); 0: none
+
+    @property
+    def permute(self) -> bool:
+        """q/k rows permuted for interleaved RoPE: llama yes, qwen2 no (llama.cpp rotates its halves)."""
+        return self.arch == "llama"
 
     @classmethod
     def from_config(cls, config: dict, model_dir: str) -> "HParams":
         model_type = config.get("model_type")
         if model_type not in ARCHITECTURES:
-            raise UserError(f"--model_path {model_dir}: model_type {repr(model_type)[:80]} is not a "
-                            f"LLaMA-architecture model ({', '.join(ARCHITECTURES)}); this converter writes "
-                            "general.architecture=llama")
+            raise UserError(f"--model_path {model_dir}: model_type {repr(model_type)[:80]} is not supported "
+                            f"({', '.join(ARCHITECTURES)} are: LLaMA-1/2/3, SmolLM2, Mistral, Qwen2/2.5)")
+        arch = ARCHITECTURES[model_type]
         check_config_values(config, os.path.join(model_dir, "config.json"))
-        if config.get("sliding_window") and model_type == "mistral":
-            logger.warning("sliding_window=%s is not stored; llama.cpp attends to the whole context",
-                           config["sliding_window"])
+        sliding_window = 0
+        layer_types = config.get("layer_types")
+        if isinstance(layer_types, list) and any(t != "full_attention" for t in layer_types):
+            raise UserError(f"--model_path {model_dir}: layer_types {json.dumps(layer_types)[:120]} mixes attention "
+                            "kinds per layer, which this converter and vicuna.cpp do not support")
+        if model_type == "qwen2" and config.get("use_sliding_window"):
+            # transformers then slides the window on layers >= max_window_layers only; llama.cpp's qwen2 runs
+            # every layer on the full context, so the file would answer differently from the model
+            raise UserError(f"--model_path {model_dir}: use_sliding_window=true (a sliding window on layers >= "
+                            f"max_window_layers={config.get('max_window_layers')}) is not supported; released "
+                            "Qwen2/2.5 checkpoints have it false")
+        if model_type == "mistral" and config.get("sliding_window") is not None:
+            sliding_window = config["sliding_window"]
+            if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window <= 0:
+                raise UserError(f"{os.path.join(model_dir, 'config.json')}: \"sliding_window\" must be a positive "
+                                f"integer or null, got {json.dumps(sliding_window)[:80]}; the file is damaged")
         rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
         theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
         if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 0:
             raise UserError(f"{os.path.join(model_dir, 'config.json')}: rope_theta must be a positive number, got "
                             f"{json.dumps(theta)[:80]}; the file is damaged")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "linear", "llama3"):
-            raise UserError(f"--model_path {model_dir}: rope scaling {rope_type!r} is not supported "
-                            "(default, linear and llama3 are)")
+        supported = ("default", "linear", "llama3") if arch == "llama" else ("default", "linear")
+        if rope_type not in supported:
+            # llama.cpp's Qwen2Model writes no rope_freqs, so llama3 scaling on qwen2 would be dropped
+            raise UserError(f"--model_path {model_dir}: rope scaling {rope_type!r} is not supported for "
+                            f"{model_type} ({', '.join(supported)} are)")
+        if rope_type == "linear":
+            factor = rope.get("factor")
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= 1:
+                raise UserError(f"{os.path.join(model_dir, 'config.json')}: linear rope scaling needs a factor >= 1, "
+                                f"got {json.dumps(factor)[:80]}")
         try:
             n_head = config["num_attention_heads"]
             n_embd = config["hidden_size"]
@@ -172,7 +202,7 @@ class HParams:
                 n_ctx=config.get("max_position_embeddings", 2048), rope_theta=float(theta),
                 rope_scaling=None if rope_type == "default" else dict(rope, rope_type=rope_type),
                 rms_eps=config.get("rms_norm_eps", 1e-6), tied=bool(config.get("tie_word_embeddings", False)),
-                name=os.path.basename(os.path.normpath(model_dir)))
+                name=os.path.basename(os.path.normpath(model_dir)), arch=arch, sliding_window=sliding_window)
         except KeyError as e:
             raise UserError(f"--model_path {model_dir}: config.json lacks {e.args[0]!r}") from None
 
@@ -222,16 +252,22 @@ def write_hparams(writer, hp: HParams) -> None:
     writer.add_feed_forward_length(hp.n_ff)
     writer.add_head_count(hp.n_head)
     writer.add_head_count_kv(hp.n_head_kv)
-    writer.add_rope_dimension_count(hp.head_dim)
+    if hp.arch == "llama":  # llama.cpp's Qwen2Model writes neither (its runtime defaults to the head size)
+        writer.add_rope_dimension_count(hp.head_dim)
     writer.add_rope_freq_base(hp.rope_theta)
     writer.add_layer_norm_rms_eps(hp.rms_eps)
-    writer.add_vocab_size(hp.n_vocab)
+    if hp.arch == "llama":
+        writer.add_vocab_size(hp.n_vocab)
     if hp.head_dim != hp.n_embd // hp.n_head:
         writer.add_key_length(hp.head_dim)
         writer.add_value_length(hp.head_dim)
     if hp.rope_scaling and hp.rope_scaling["rope_type"] == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(hp.rope_scaling["factor"]))
+    if hp.sliding_window:
+        # Mistral's window. llama.cpp's converter drops it and its llama architecture attends to the whole
+        # context (the key is what it reads for its SWA architectures); vicuna.cpp applies it, as transformers.
+        writer.add_sliding_window(hp.sliding_window)
 
 
 def llama3_rope_factors(hp: HParams):
@@ -294,11 +330,18 @@ def pick_type(gguf_name: str, shape: tuple[int, ...], outtype: str, tied: bool):
     return wanted
 
 
+def gguf_arch(hp: HParams):
+    """gguf-py's MODEL_ARCH for the tensor names of this architecture."""
+    import gguf
+
+    return {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[hp.arch]
+
+
 def plan_tensors(base, hp: HParams, outtype: str, model_dir: str) -> list[TensorPlan]:
     """Which HF tensor becomes which GGUF tensor, in which type; raises on anything unexpected."""
     import gguf
 
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, hp.n_layer)
+    name_map = gguf.get_tensor_name_map(gguf_arch(hp), hp.n_layer)
     plans = []
     has_lm_head = "lm_head.weight" in base.files
     tied = hp.tied or not has_lm_head
@@ -309,13 +352,13 @@ def plan_tensors(base, hp: HParams, outtype: str, model_dir: str) -> list[Tensor
             continue  # recomputed by every runtime / the tied output is token_embd
         gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
-            raise UserError(f"--model_path {model_dir}: tensor {hf_name} has no llama.cpp name; "
-                            "is this a plain LLaMA-architecture checkpoint?")
+            raise UserError(f"--model_path {model_dir}: tensor {hf_name} has no llama.cpp name for {hp.arch}; "
+                            "is this a plain checkpoint of that architecture?")
         shape = base.shape(hf_name)
         heads = 0
-        if re.search(r"\.q_proj\.(weight|bias)$", hf_name):
+        if hp.permute and re.search(r"\.q_proj\.(weight|bias)$", hf_name):
             heads = hp.n_head
-        elif re.search(r"\.k_proj\.(weight|bias)$", hf_name):
+        elif hp.permute and re.search(r"\.k_proj\.(weight|bias)$", hf_name):
             heads = hp.n_head_kv
         plans.append(TensorPlan(gguf_name, hf_name, shape, pick_type(gguf_name, shape, outtype, tied), heads))
     if hp.rope_scaling and hp.rope_scaling["rope_type"] == "llama3":
@@ -408,8 +451,10 @@ def bpe_pre_type(backend: dict, model_dir: str) -> str:
         regex = (steps[0].get("pattern") or {}).get("Regex")
         if regex == LLAMA3_SPLIT:
             return "llama-bpe"
+        if regex == QWEN2_SPLIT:
+            return "qwen2"
     raise UserError(f"--model_path {model_dir}: byte-level BPE pre-tokenizer {json.dumps(pre)[:120]} is not one "
-                    "this converter knows (gpt-2, smollm, llama-bpe); llama.cpp would split text differently")
+                    "this converter knows (gpt-2, smollm, llama-bpe, qwen2); llama.cpp would split text differently")
 
 
 def tokenizer_fields(tokenizer, model_dir: str, n_vocab: int) -> dict:
@@ -634,7 +679,7 @@ def convert(model_path: str, outfile: str, outtype: str = "f16", prompt_type: st
                  "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}[outtype]
     try:
         with staging_file(outfile) as tmp:  # removed unless published: an error, Ctrl-C
-            writer = gguf.GGUFWriter(tmp, "llama")
+            writer = gguf.GGUFWriter(tmp, hp.arch)
             try:
                 writer.add_type("model")
                 write_hparams(writer, hp)
@@ -764,7 +809,7 @@ def plan_adapter(modules, hp: HParams, base, outtype: str, alpha: float, lora_pa
     import gguf
     import numpy as np
 
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, hp.n_layer)
+    name_map = gguf.get_tensor_name_map(gguf_arch(hp), hp.n_layer)
     tied = hp.tied or "lm_head.weight" not in base.files
     out = []
     for m in modules:
@@ -792,9 +837,9 @@ def plan_adapter(modules, hp: HParams, base, outtype: str, alpha: float, lora_pa
             lora_a, lora_b = a.T, b
         else:
             lora_a, lora_b = a, b
-            if re.search(r"\.q_proj$", m.module):
+            if hp.permute and re.search(r"\.q_proj$", m.module):
                 lora_b = permute_qk(lora_b, hp.n_head)
-            elif re.search(r"\.k_proj$", m.module):
+            elif hp.permute and re.search(r"\.k_proj$", m.module):
                 lora_b = permute_qk(lora_b, hp.n_head_kv)
         if factor != 1.0:
             lora_b = lora_b * np.float32(factor)
@@ -835,13 +880,14 @@ def gguf_prompt_type(path: str) -> str | None:
     return field.contents() if field is not None else None
 
 
-def check_adapter_fits_gguf(tensors: list[AdapterTensor], base_gguf: str, outfile: str) -> int:
+def check_adapter_fits_gguf(tensors: list[AdapterTensor], base_gguf: str, outfile: str,
+                            adapter_arch: str = "llama") -> int:
     """Every adapter pair targets a tensor of the base GGUF with matching shapes, as llama.cpp and
     vicuna.cpp check at load; one line naming both files otherwise. Returns the base's file type."""
     arch, shapes, ftype = base_gguf_shapes(base_gguf)
-    if arch != "llama":
+    if arch != adapter_arch:
         raise UserError(f"adapter {outfile} does not fit base {base_gguf}: its architecture is {arch!r}, the "
-                        "adapter's 'llama'")
+                        f"adapter's {adapter_arch!r}")
     for t in tensors:
         weight, _, kind = t.gguf_name.rpartition(".")
         if weight not in shapes:
@@ -910,7 +956,7 @@ def convert_adapter(lora_path: str, outfile: str, model_path: str | None = None,
     alpha = float(adapter_config.get("lora_alpha", 8))
     tensors = plan_adapter(modules, hp, base, outtype, alpha, lora_path, model_path)
     base_gguf = base_gguf or default_base_gguf(model_path, model_dir)
-    base_file_type = check_adapter_fits_gguf(tensors, base_gguf, outfile) if base_gguf else -1
+    base_file_type = check_adapter_fits_gguf(tensors, base_gguf, outfile, hp.arch) if base_gguf else -1
     base_template = gguf_prompt_type(base_gguf) if base_gguf else None
     if prompt_type == "chat_template" and base_template in ("instruct", "chat"):
         # the engine would render the base file's template, which is then our own, not the tokenizer's
@@ -932,7 +978,7 @@ def convert_adapter(lora_path: str, outfile: str, model_path: str | None = None,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
     try:
         with staging_file(outfile) as tmp:
-            writer = gguf.GGUFWriter(tmp, "llama")
+            writer = gguf.GGUFWriter(tmp, hp.arch)
             try:
                 writer.add_type(gguf.GGUFType.ADAPTER)
                 writer.add_string(gguf.Keys.Adapter.TYPE, "lora")

@@ -303,7 +303,8 @@ static int cmd_chat(const Options& o) {
         }
         gguf_init_from_file(&dry_file, o.model.c_str());
         tokenizer_init(&dry_tok, &dry_file);
-        int ctx_train = (int)gguf_get_int(&dry_file, "llama.context_length", 2048, false, 1, 1 << 24);
+        std::string ctx_key = std::string(gguf_get_str(&dry_file, "general.architecture", false)) + ".context_length";
+        int ctx_train = (int)gguf_get_int(&dry_file, ctx_key.c_str(), 2048, false, 1, 1 << 24);
         n_ctx = o.ctx > 0 ? o.ctx : std::min(2048, ctx_train);
         file = &dry_file;
         tok = &dry_tok;
@@ -455,7 +456,8 @@ static int cmd_bench(const Options& o) {
     if (n_gen < 1) FAIL("bench needs -n >= 1");
     GGUFFile f;  // the context must hold the prompt and the generation
     gguf_init_from_file(&f, o.model.c_str());
-    int ctx_train = (int)gguf_get_int(&f, "llama.context_length", 2048, false, 1, 1 << 24);
+    std::string ctx_key = model_arch_prefix(&f) + "context_length";
+    int ctx_train = (int)gguf_get_int(&f, ctx_key.c_str(), 2048, false, 1, 1 << 24);
     if (n_prompt + n_gen > ctx_train) {
         FAIL("-p %d plus -n %d exceed the model's context of %d", n_prompt, n_gen, ctx_train);
     }

@@ -2,7 +2,7 @@
 //
 // One forward_batch runs B tokens through every layer at once (prefill) or one (decode):
 //   x = embed(tokens)
-//   per layer:  x += wo @ attention(rope(wq @ norm(x)), rope(wk @ norm(x)), wv @ norm(x))
+//   per layer:  x += wo @ attention(rope(wq @ norm(x) + bq), rope(wk @ norm(x) + bk), wv @ norm(x) + bv)
 //               x += w_down @ (silu(w_gate @ norm(x)) * (w_up @ norm(x)))
 //   logits = output @ norm(x)
 // The matmuls and the attention are split over the thread pool; quantized weights multiply int8
@@ -377,7 +377,10 @@ static void matmul(ThreadPool* pool, RunState* s, const float* x, int B, std::in
 }
 
 // ----------------------------------------------------------------------------
-// attention: softmax(q k^T / sqrt(head_dim)) v over positions 0..pos, causal
+// attention: softmax(q k^T / sqrt(head_dim)) v over positions 0..pos, causal; with a sliding
+// window W (Mistral) over pos-W+1..pos only: the token itself and the W-1 before it, as
+// transformers' sliding_window_overlay (kv_idx > q_idx - W) and llama.cpp's LLAMA_SWA_TYPE_STANDARD
+// (masked when p1 - p0 >= W). The cache keeps every position; the window only moves the start.
 //
 // A work item is one token and one kv head with the query heads that share it (grouped-query
 // attention): every key and value row is loaded once for the whole group. In decode there is
@@ -446,9 +449,11 @@ static void attention_worker(void* p, int ith, int nth) {
         int item = t->next.fetch_add(1, std::memory_order_relaxed);
         if (item >= t->B * items_per_token) break;
         int b = item / items_per_token, h0 = (item % items_per_token) * per_item, kvh = h0 / group;
-        int n_pos = t->pos0 + b + 1;  // this token sees itself and everything before it
-        const float* keys = kv_keys(t->kv, t->layer, kvh);
-        const float* vals = kv_values(t->kv, t->layer, kvh);
+        int end = t->pos0 + b + 1;  // this token sees itself and everything before it
+        int start = c->sliding_window > 0 ? std::max(0, end - c->sliding_window) : 0;  // ... in its window
+        int n_pos = end - start;
+        const float* keys = kv_keys(t->kv, t->layer, kvh) + (size_t)start * hd;
+        const float* vals = kv_values(t->kv, t->layer, kvh) + (size_t)start * hd;
         for (int g0 = 0; g0 < per_item;) {  // query heads in register-sized groups of up to 2
             int ng = std::min(2, per_item - g0);
             const float* q[2];
@@ -479,19 +484,31 @@ static void rmsnorm(float* out, const float* x, const float* w, int n, float eps
     for (int i = 0; i < n; i++) out[i] = w[i] * (x[i] * scale);
 }
 
-// RoPE on one token's heads, rotating adjacent pairs (x[2i], x[2i+1]) by pos * theta^(-2i/d).
-// HF's LLaMA rotates the two halves of each head instead (rotate_half); the GGUF converters
-// permute the rows of wq and wk so that this interleaved form gives the same result, which is
-// why test files written in tests/test_vicuna_cpp.py permute q/k exactly as convert_hf_to_gguf.
-static void rope(float* x, int n_heads, int head_dim, int rope_dim, const float* cos_t, const float* sin_t) {
+// RoPE on one token's heads: each pair of values is rotated by pos * inv_freq[i].
+//   llama (neox false): adjacent pairs (x[2i], x[2i+1]). HF's LLaMA rotates the two halves of each
+//     head instead (rotate_half); the GGUF converters permute the rows of wq and wk (llama.cpp's
+//     LlamaModel.permute) so that this interleaved form gives the same result, which is why test
+//     files written in tests/test_vicuna_cpp.py permute q/k exactly as convert_hf_to_gguf.
+//   qwen2 (neox true): the halves, (x[i], x[i + rope_dim/2]), as HF computes it: llama.cpp's
+//     converter stores Qwen2's q/k rows as they are, and its LLAMA_ROPE_TYPE_NEOX does the same.
+static void rope(float* x, int n_heads, int head_dim, int rope_dim, bool neox, const float* cos_t,
+                 const float* sin_t) {
+    const int half = rope_dim / 2;
+    const int stride = neox ? 1 : 2, off = neox ? half : 1;  // element 2i or i, and its partner
     for (int h = 0; h < n_heads; h++) {
         float* v = x + (size_t)h * head_dim;
-        for (int i = 0; i < rope_dim / 2; i++) {
-            float a = v[2 * i], b = v[2 * i + 1];
-            v[2 * i] = a * cos_t[i] - b * sin_t[i];
-            v[2 * i + 1] = a * sin_t[i] + b * cos_t[i];
+        for (int i = 0; i < half; i++) {
+            float* p0 = v + stride * i;
+            float* p1 = p0 + off;
+            float a = *p0, b = *p1;
+            *p0 = a * cos_t[i] - b * sin_t[i];
+            *p1 = a * sin_t[i] + b * cos_t[i];
         }
     }
+}
+
+static void add_bias(float* x, const std::vector<float>& bias) {  // x (n,) += bias (n,), or nothing
+    for (size_t i = 0; i < bias.size(); i++) x[i] += bias[i];
 }
 
 // Runs B <= max_batch tokens at positions pos0.. through the model, appending their keys and
@@ -531,8 +548,11 @@ static void forward_batch(const Model* m, RunState* s, KVCache* kv, ThreadPool* 
         for (int b = 0; b < B; b++) {
             const float* ct = &s->rope_cos[(size_t)b * half];
             const float* st = &s->rope_sin[(size_t)b * half];
-            rope(&s->q[(size_t)b * q_dim], c->n_heads, hd, c->rope_dim, ct, st);
-            rope(&s->k[(size_t)b * kv_dim], c->n_kv_heads, hd, c->rope_dim, ct, st);
+            add_bias(&s->q[(size_t)b * q_dim], w->bq);
+            add_bias(&s->k[(size_t)b * kv_dim], w->bk);
+            add_bias(&s->v[(size_t)b * kv_dim], w->bv);
+            rope(&s->q[(size_t)b * q_dim], c->n_heads, hd, c->rope_dim, c->rope_neox, ct, st);
+            rope(&s->k[(size_t)b * kv_dim], c->n_kv_heads, hd, c->rope_dim, c->rope_neox, ct, st);
             for (int h = 0; h < c->n_kv_heads; h++) {
                 memcpy(kv_keys(kv, l, h) + (size_t)(pos0 + b) * hd, &s->k[(size_t)b * kv_dim + h * hd],
                        sizeof(float) * hd);

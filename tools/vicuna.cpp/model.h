@@ -1,9 +1,16 @@
-// model.h: the weights of a LLaMA-architecture model, pointed into a parsed GGUF file.
+// model.h: the weights of a LLaMA-family model, pointed into a parsed GGUF file.
 //
-// model_init reads the llama.* hyperparameters into a Config, checks every tensor's shape against
-// them, and keeps pointers into the mapped file (nothing is copied but the norm vectors, which are
-// converted to f32). The Model owns the GGUFFile, so the weights live exactly as long as it.
+// model_init reads the <arch>.* hyperparameters into a Config, checks every tensor's shape against
+// them, and keeps pointers into the mapped file (nothing is copied but the norm and bias vectors,
+// which are converted to f32). The Model owns the GGUFFile, so the weights live exactly as long as it.
 // A LoRA adapter file (lora.h) can be attached to the loaded weights; running the model is forward.h.
+//
+// Two values of general.architecture, as llama.cpp names and reads them:
+//   llama  LLaMA 1/2/3, SmolLM2, Mistral (llama.cpp's converter writes MistralForCausalLM as llama):
+//          attn_q/attn_k rows permuted so that RoPE rotates adjacent pairs (LLAMA_ROPE_TYPE_NORM);
+//          optional rope_freqs (LLaMA-3.1 scaling), linear rope scaling, a sliding window (ours)
+//   qwen2  Qwen2 / Qwen2.5: q/k/v biases, rows not permuted, RoPE rotates the two halves of each
+//          head (LLAMA_ROPE_TYPE_NEOX)
 #pragma once
 
 #include <cinttypes>
@@ -14,7 +21,10 @@
 #include "common.h"
 #include "gguf.h"
 
+enum ModelArch { ARCH_LLAMA, ARCH_QWEN2 };
+
 struct Config {
+    ModelArch arch;   // general.architecture; the metadata keys are "<arch>.*"
     int dim;          // residual stream width (llama.embedding_length)
     int hidden_dim;   // SwiGLU width (llama.feed_forward_length)
     int n_layers;     // llama.block_count
@@ -26,6 +36,10 @@ struct Config {
     int ctx_train;    // llama.context_length
     float rope_theta; // llama.rope.freq_base
     float norm_eps;   // llama.attention.layer_norm_rms_epsilon
+    bool rope_neox;   // rotate (x[i], x[i + rope_dim/2]) (qwen2) rather than adjacent pairs (llama)
+    float rope_freq_scale;  // 1 / llama.rope.scaling.factor for linear scaling, else 1
+    int sliding_window;     // a token attends to itself and the sliding_window - 1 positions before
+                            // it (llama.attention.sliding_window, Mistral); 0: the whole context
 };
 
 struct LoraWeight;
@@ -74,6 +88,7 @@ struct LayerWeights {
     Tensor wq;                     // (n_heads*head_dim, dim)    rows permuted for interleaved RoPE, see rope()
     Tensor wk;                     // (n_kv_heads*head_dim, dim) likewise
     Tensor wv;                     // (n_kv_heads*head_dim, dim)
+    std::vector<float> bq, bk, bv; // (n_heads*head_dim,), (n_kv_heads*head_dim,) x2: biases (qwen2), or empty
     Tensor wo;                     // (dim, n_heads*head_dim)
     std::vector<float> ffn_norm;   // (dim,)
     Tensor w_gate;                 // (hidden_dim, dim)
@@ -88,7 +103,7 @@ struct Model {
     std::vector<LayerWeights> layers;
     std::vector<float> output_norm;  // (dim,)
     Tensor output;                   // (vocab, dim); token_embd when the embeddings are tied
-    std::vector<float> rope_inv_freq;  // (rope_dim/2,) theta^(-2i/rope_dim)
+    std::vector<float> rope_inv_freq;  // (rope_dim/2,) theta^(-2i/rope_dim) * freq_scale / rope_freqs[i]
     Adapter adapter;                 // a LoRA adapter file attached with lora_attach (lora.h), if any
 };
 
@@ -151,20 +166,28 @@ static int model_int(const GGUFFile* f, const std::string& key, int64_t def, boo
     return (int)gguf_get_int(f, key.c_str(), def, required, lo, hi);
 }
 
-// Reads the llama.* hyperparameters, checks them against the tensor shapes, and points the
+// The metadata key prefix of a file's architecture ("llama." or "qwen2."); FAILs on any other.
+static std::string model_arch_prefix(const GGUFFile* f) {
+    std::string_view arch = gguf_get_str(f, "general.architecture", true);
+    if (arch != "llama" && arch != "qwen2") {
+        FAIL("'%s' is a '%s' model; vicuna runs the llama (LLaMA, SmolLM2, Mistral) and qwen2 (Qwen2, Qwen2.5) "
+             "architectures", printable(f->path).c_str(), printable(arch).c_str());
+    }
+    return std::string(arch) + ".";
+}
+
+// Reads the <arch>.* hyperparameters, checks them against the tensor shapes, and points the
 // weights into the already parsed file. Takes ownership of *file (left empty).
 static void model_init(Model* m, GGUFFile* file) {
     m->file = std::move(*file);
     *file = GGUFFile();
     const GGUFFile* f = &m->file;
     std::string path = printable(f->path);
-    std::string_view arch = gguf_get_str(f, "general.architecture", true);
-    if (arch != "llama") {
-        FAIL("'%s' is a '%s' model; vicuna runs the llama architecture (LLaMA, SmolLM2, Mistral-style)",
-             path.c_str(), printable(arch).c_str());
-    }
-    const std::string a = "llama.";
+    const std::string a = model_arch_prefix(f);
+    const char* ap = a.c_str();
     Config& c = m->cfg;
+    c.arch = a == "qwen2." ? ARCH_QWEN2 : ARCH_LLAMA;
+    c.rope_neox = c.arch == ARCH_QWEN2;  // llama.cpp's llama_model_rope_type: QWEN2 is NEOX, LLAMA is NORM
     c.dim = model_int(f, a + "embedding_length", 0, true, 1, 1 << 16);
     c.n_layers = model_int(f, a + "block_count", 0, true, 1, 1024);
     c.n_heads = model_int(f, a + "attention.head_count", 0, true, 1, 1024);
@@ -185,10 +208,30 @@ static void model_init(Model* m, GGUFFile* file) {
     c.rope_theta = (float)gguf_get_float(f, (a + "rope.freq_base").c_str(), 10000.0);
     c.norm_eps = (float)gguf_get_float(f, (a + "attention.layer_norm_rms_epsilon").c_str(), 1e-5);
     if (!(c.rope_theta > 0.0f) || !std::isfinite(c.rope_theta)) {
-        FAIL("'%s': llama.rope.freq_base = %g is not a positive number", path.c_str(), c.rope_theta);
+        FAIL("'%s': %srope.freq_base = %g is not a positive number", path.c_str(), ap, c.rope_theta);
     }
     if (!(c.norm_eps > 0.0f) || !(c.norm_eps < 1.0f)) {
-        FAIL("'%s': llama.attention.layer_norm_rms_epsilon = %g is not in (0, 1)", path.c_str(), c.norm_eps);
+        FAIL("'%s': %sattention.layer_norm_rms_epsilon = %g is not in (0, 1)", path.c_str(), ap, c.norm_eps);
+    }
+    // RoPE scaling: none, linear (positions divided by the factor, llama.cpp's freq_scale), or the
+    // per-frequency divisors of a rope_freqs tensor (LLaMA-3.1, below). YaRN and LongRoPE change the
+    // attention too; running them without that would be a silently different model.
+    std::string_view scaling = gguf_get_str(f, (a + "rope.scaling.type").c_str(), false);
+    c.rope_freq_scale = 1.0f;
+    if (scaling == "linear") {
+        double factor = gguf_get_float(f, (a + "rope.scaling.factor").c_str(), 0.0);
+        if (!(factor >= 1.0) || !std::isfinite(factor)) {
+            FAIL("'%s': %srope.scaling.factor = %g; linear RoPE scaling needs a factor >= 1", path.c_str(), ap, factor);
+        }
+        c.rope_freq_scale = (float)(1.0 / factor);
+    } else if (!scaling.empty() && scaling != "none") {
+        FAIL("'%s': %srope.scaling.type '%s' is not supported (vicuna runs none, linear and LLaMA-3.1's "
+             "rope_freqs)", path.c_str(), ap, printable(scaling).c_str());
+    }
+    c.sliding_window = model_int(f, a + "attention.sliding_window", 0, false, 0, 1 << 24);
+    if (gguf_find(f, a + "attention.sliding_window_pattern")) {
+        FAIL("'%s': %sattention.sliding_window_pattern (sliding and full attention layers mixed) is not "
+             "supported", path.c_str(), ap);
     }
 
     const GGUFTensor* embd = gguf_find_tensor(f, "token_embd.weight");
@@ -201,6 +244,12 @@ static void model_init(Model* m, GGUFFile* file) {
     c.hidden_dim = model_int(f, a + "feed_forward_length", (int64_t)gate->ne[1], false, 1, 1 << 20);
 
     int q_dim = c.n_heads * c.head_dim, kv_dim = c.n_kv_heads * c.head_dim;
+    size_t n_used = 0;  // tensors read, to refuse any other (an output bias, a fused qkv, experts, ...)
+    auto optional_vector = [&](const std::string& name, int64_t n) {
+        if (!gguf_find_tensor(f, name)) return std::vector<float>();
+        n_used++;
+        return model_vector(f, name, n);
+    };
     m->token_embd = model_matrix(f, "token_embd.weight", c.vocab_size, c.dim);
     m->layers.resize(c.n_layers);
     for (int l = 0; l < c.n_layers; l++) {
@@ -210,20 +259,73 @@ static void model_init(Model* m, GGUFFile* file) {
         w.wq = model_matrix(f, p + "attn_q.weight", q_dim, c.dim);
         w.wk = model_matrix(f, p + "attn_k.weight", kv_dim, c.dim);
         w.wv = model_matrix(f, p + "attn_v.weight", kv_dim, c.dim);
+        w.bq = optional_vector(p + "attn_q.bias", q_dim);  // qwen2; llama.cpp reads them for llama too
+        w.bk = optional_vector(p + "attn_k.bias", kv_dim);
+        w.bv = optional_vector(p + "attn_v.bias", kv_dim);
         w.wo = model_matrix(f, p + "attn_output.weight", c.dim, q_dim);
         w.ffn_norm = model_vector(f, p + "ffn_norm.weight", c.dim);
         w.w_gate = model_matrix(f, p + "ffn_gate.weight", c.hidden_dim, c.dim);
         w.w_up = model_matrix(f, p + "ffn_up.weight", c.hidden_dim, c.dim);
         w.w_down = model_matrix(f, p + "ffn_down.weight", c.dim, c.hidden_dim);
+        n_used += 9;
     }
     m->output_norm = model_vector(f, "output_norm.weight", c.dim);
-    m->output = gguf_find_tensor(f, "output.weight") ? model_matrix(f, "output.weight", c.vocab_size, c.dim)
-                                                      : m->token_embd;  // tied embeddings
+    n_used += 2;
+    if (gguf_find_tensor(f, "output.weight")) {
+        m->output = model_matrix(f, "output.weight", c.vocab_size, c.dim);
+        n_used++;
+    } else {
+        m->output = m->token_embd;  // tied embeddings
+    }
 
-    // HF computes 1 / theta^(2i/d) in float32; so do we, to agree on the angles
+    // HF computes 1 / theta^(2i/d) in float32; so do we, to agree on the angles. llama.cpp's
+    // ggml_rope_ext divides each frequency by rope_freqs[i] (LLaMA-3.1's smooth scaling, written by
+    // the converters) and multiplies every angle by freq_scale (linear scaling).
+    std::vector<float> freq_factors = c.arch == ARCH_LLAMA ? optional_vector("rope_freqs.weight", c.rope_dim / 2)
+                                                           : std::vector<float>();
     m->rope_inv_freq.resize(c.rope_dim / 2);
     for (int i = 0; i < c.rope_dim / 2; i++) {
-        m->rope_inv_freq[i] = 1.0f / std::pow(c.rope_theta, (float)(2 * i) / (float)c.rope_dim);
+        float inv = 1.0f / std::pow(c.rope_theta, (float)(2 * i) / (float)c.rope_dim);
+        if (!freq_factors.empty()) {
+            if (!(freq_factors[i] > 0.0f) || !std::isfinite(freq_factors[i])) {
+                FAIL("'%s': rope_freqs.weight[%d] = %g is not a positive number", path.c_str(), i, freq_factors[i]);
+            }
+            inv /= freq_factors[i];
+        }
+        m->rope_inv_freq[i] = inv * c.rope_freq_scale;
+    }
+
+    if (n_used != f->tensors.size()) {  // llama.cpp also refuses a file with tensors it does not use
+        for (const GGUFTensor& t : f->tensors) {
+            std::string_view n = t.name;
+            bool known = n == "token_embd.weight" || n == "output_norm.weight" || n == "output.weight" ||
+                         (n == "rope_freqs.weight" && c.arch == ARCH_LLAMA);
+            if (!known && n.substr(0, 4) == "blk.") {
+                size_t dot = n.find('.', 4);
+                std::string_view rest = dot == std::string_view::npos ? std::string_view() : n.substr(dot + 1);
+                int layer = -1;
+                if (dot != std::string_view::npos && dot > 4 && dot - 4 <= 4) {
+                    layer = 0;
+                    for (size_t k = 4; k < dot; k++) {
+                        if (n[k] < '0' || n[k] > '9') { layer = -1; break; }
+                        layer = layer * 10 + (n[k] - '0');
+                    }
+                }
+                static const char* const per_layer[] = {
+                    "attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_q.bias",
+                    "attn_k.bias", "attn_v.bias", "attn_output.weight", "ffn_norm.weight", "ffn_gate.weight",
+                    "ffn_up.weight", "ffn_down.weight"};
+                if (layer >= 0 && layer < c.n_layers) {
+                    for (const char* k : per_layer) known |= rest == k;
+                }
+            }
+            if (!known) {
+                FAIL("'%s': tensor '%s' is not part of the %.*s architecture vicuna runs (an unsupported variant: "
+                     "biases, fused or extra weights)", path.c_str(), printable(n).c_str(), (int)a.size() - 1, ap);
+            }
+        }
+        FAIL("'%s': %zu tensors, but the %.*s metadata accounts for %zu (a duplicate name?)", path.c_str(),
+             f->tensors.size(), (int)a.size() - 1, ap, n_used);
     }
 }
 
