@@ -47,18 +47,27 @@ bench-cpu: cpp
 	$(PY) tools/vicuna.cpp/bench_cpu.py
 
 # llama.cpp's tokenizer test vocabularies (models/ggml-vocab-*.gguf with their .inp/.out cases,
-# MIT, The ggml authors) for tests/test_vicuna_tokenizers.py. The GitHub copies are Git LFS
-# pointers; the llama-cpp-python source package on PyPI carries the real files. Fetched once
-# (a 77 MB download, 75 MB kept) into a gitignored cache.
+# MIT, The ggml authors) for tests/test_vicuna_tokenizers.py, and its Hugging Face converter
+# (convert_hf_to_gguf.py, conversion/, gguf-py/, same license; into converter/) for
+# tests/test_vicuna_arch.py. The GitHub copies of the vocabularies are Git LFS pointers; the
+# llama-cpp-python source package on PyPI carries the real files. Fetched once (a 77 MB download,
+# 77 MB kept) into a gitignored cache; a cache fetched before the converter was added is fetched
+# again. (The vocabularies' LICENSE is llama.cpp's own, which --strip-components=4 would drop.)
 LLAMA_CPP_PYTHON_SDIST ?= llama-cpp-python==0.3.36
 VOCAB_DIR := .cache/llama-vocab
 .PHONY: llama-vocab
-llama-vocab: $(VOCAB_DIR)/.fetched
+llama-vocab:
+	@test -f $(VOCAB_DIR)/converter/convert_hf_to_gguf.py || rm -f $(VOCAB_DIR)/.fetched
+	@$(MAKE) --no-print-directory $(VOCAB_DIR)/.fetched
 
 $(VOCAB_DIR)/.fetched: | $(PY)
 	rm -rf $(VOCAB_DIR) && mkdir -p $(VOCAB_DIR)/sdist
 	$(PIP) download --quiet --no-deps --no-binary :all: "$(LLAMA_CPP_PYTHON_SDIST)" -d $(VOCAB_DIR)/sdist
 	tar -xzf $(VOCAB_DIR)/sdist/*.tar.gz -C $(VOCAB_DIR) --strip-components=4 --wildcards \
 		'*/vendor/llama.cpp/models/ggml-vocab-*' '*/vendor/llama.cpp/LICENSE'
+	mkdir -p $(VOCAB_DIR)/converter && tar -xzf $(VOCAB_DIR)/sdist/*.tar.gz -C $(VOCAB_DIR)/converter \
+		--strip-components=3 --wildcards '*/vendor/llama.cpp/LICENSE' '*/vendor/llama.cpp/convert_hf_to_gguf.py' \
+		'*/vendor/llama.cpp/conversion/*' '*/vendor/llama.cpp/gguf-py/*'
+	cp $(VOCAB_DIR)/converter/LICENSE $(VOCAB_DIR)/LICENSE
 	rm -rf $(VOCAB_DIR)/sdist
 	touch $@

@@ -155,8 +155,9 @@ class HParams:
     def from_config(cls, config: dict, model_dir: str) -> "HParams":
         model_type = config.get("model_type")
         if model_type not in ARCHITECTURES:
-            raise UserError(f"--model_path {model_dir}: model_type {repr(model_type)[:80]} is not supported "
-                            f"({', '.join(ARCHITECTURES)} are: LLaMA-1/2/3, SmolLM2, Mistral, Qwen2/2.5)")
+            raise UserError(f"--model_path {model_dir}: model_type {repr(model_type)[:80]} is not a LLaMA-architecture "
+                            f"model this converter exports ({', '.join(ARCHITECTURES)} are: LLaMA-1/2/3, SmolLM2, "
+                            "Mistral, Qwen2/2.5)")
         arch = ARCHITECTURES[model_type]
         check_config_values(config, os.path.join(model_dir, "config.json"))
         sliding_window = 0
