@@ -186,16 +186,56 @@ def assert_matches_transformers(vicuna, hf_dir, path, ids, tmp_path):
     assert generated == want, f"ours {generated}\nhf   {want}"
 
 
-def gguf_fields(path: str) -> tuple[dict, list[str]]:
-    """(metadata key -> value for scalar keys, tensor names) of a GGUF file."""
-    import gguf
+def read_gguf(path: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """(metadata {key: value}, {tensor name: data} for F32 tensors, in file order) of a GGUF file. A
+    small parser: gguf-py's reader takes ~25 s over a 150k-token vocabulary and its merges."""
+    import struct
 
-    reader = gguf.GGUFReader(path)
-    kv = {}
-    for name, field in reader.fields.items():
-        if not field.types or field.types[0] != gguf.GGUFValueType.ARRAY:
-            kv[name] = field.contents()
-    return kv, [t.name for t in reader.tensors]
+    with open(path, "rb") as f:
+        data = f.read()
+    _, _, n_tensors, n_kv = struct.unpack_from("<4sIQQ", data, 0)
+    fmt = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+    def read_str(off):
+        (n,) = struct.unpack_from("<Q", data, off)
+        return data[off + 8:off + 8 + n].decode("utf-8"), off + 8 + n
+
+    def read_val(t, off):
+        if t == 8:
+            return read_str(off)
+        if t == 9:
+            et, n = struct.unpack_from("<IQ", data, off)
+            off += 12
+            if et == 8:
+                out = []
+                for _ in range(n):
+                    s, off = read_str(off)
+                    out.append(s)
+                return out, off
+            return list(struct.unpack_from(f"<{n}{fmt[et]}", data, off)), off + n * struct.calcsize(fmt[et])
+        return struct.unpack_from("<" + fmt[t], data, off)[0], off + struct.calcsize(fmt[t])
+
+    kv, off = {}, 24
+    for _ in range(n_kv):
+        key, off = read_str(off)
+        (t,) = struct.unpack_from("<I", data, off)
+        kv[key], off = read_val(t, off + 4)
+    infos = []
+    for _ in range(n_tensors):
+        name, off = read_str(off)
+        (n_dims,) = struct.unpack_from("<I", data, off)
+        ne = struct.unpack_from(f"<{n_dims}Q", data, off + 4)
+        ggml_type, offset = struct.unpack_from("<IQ", data, off + 4 + 8 * n_dims)
+        off += 4 + 8 * n_dims + 12
+        infos.append((name, ne, ggml_type, offset))
+    align = kv.get("general.alignment", 32)
+    base = (off + align - 1) // align * align
+    tensors = {}
+    for name, ne, ggml_type, offset in infos:
+        if ggml_type == 0:  # F32; GGUF's ne is the numpy shape reversed
+            count = int(np.prod(ne))
+            tensors[name] = np.frombuffer(data, "<f4", count, base + offset).reshape(tuple(reversed(ne)))
+    return kv, tensors
 
 
 def hf_variant_logits(hf_dir: str, ids: list[int], **overrides) -> np.ndarray:
@@ -218,7 +258,7 @@ def hf_variant_logits(hf_dir: str, ids: list[int], **overrides) -> np.ndarray:
 @pytest.mark.parametrize("family", ["qwen2_tied", "qwen2_untied"])
 def test_qwen2_matches_transformers(vicuna, family_ggufs, family, tmp_path):
     hf_dir, path = family_ggufs(family)
-    kv, tensors = gguf_fields(path)
+    kv, tensors = read_gguf(path)
     assert kv["general.architecture"] == "qwen2"
     assert kv["qwen2.block_count"] == 2 and kv["qwen2.attention.head_count_kv"] == 2
     assert not any(k.startswith("llama.") for k in kv)
@@ -226,16 +266,12 @@ def test_qwen2_matches_transformers(vicuna, family_ggufs, family, tmp_path):
         assert f"blk.0.{t}.bias" in tensors
     assert ("output.weight" in tensors) == (family == "qwen2_untied")
     # q/k stored as transformers has them (llama.cpp's Qwen2Model does not permute)
-    import torch
-    from safetensors.torch import load_file
-
-    import gguf
+    from safetensors.numpy import load_file
 
     hf = load_file(os.path.join(hf_dir, "model.safetensors"))
-    reader = gguf.GGUFReader(path)
-    q = next(t for t in reader.tensors if t.name == "blk.0.attn_q.weight")
-    np.testing.assert_array_equal(np.asarray(q.data).reshape(64, 64),
-                                  hf["model.layers.0.self_attn.q_proj.weight"].to(torch.float32).numpy())
+    for name in ("q_proj.weight", "k_proj.weight", "q_proj.bias"):
+        gguf_name = "blk.0.attn_" + name.replace("_proj", "")
+        np.testing.assert_array_equal(tensors[gguf_name], hf[f"model.layers.0.self_attn.{name}"])
     ids = prompt_ids(hf_dir)
     assert_matches_transformers(vicuna, hf_dir, path, ids, tmp_path)
 
@@ -263,7 +299,7 @@ def test_qwen2_biases_matter(family_ggufs):
 
 def test_mistral_sliding_window_matches_transformers(vicuna, family_ggufs, tmp_path):
     hf_dir, path = family_ggufs("mistral_swa")
-    kv, _ = gguf_fields(path)
+    kv, _ = read_gguf(path)
     assert kv["general.architecture"] == "llama"  # as llama.cpp's converter writes Mistral
     assert kv["llama.attention.sliding_window"] == SLIDING_WINDOW
     ids = prompt_ids(hf_dir)
@@ -315,10 +351,7 @@ def test_sliding_window_in_decode(vicuna, family_ggufs, tmp_path):
 
 def test_llama3_rope_scaling_matches_transformers(vicuna, family_ggufs, tmp_path):
     hf_dir, path = family_ggufs("llama3_rope")
-    import gguf
-
-    factors = next(t for t in gguf.GGUFReader(path).tensors if t.name == "rope_freqs.weight")
-    factors = np.asarray(factors.data)
+    factors = read_gguf(path)[1]["rope_freqs.weight"]
     # head size 16, theta 1e4, original context 64: unscaled, smoothed and fully scaled bands all occur
     assert factors[0] == 1.0 and factors[-1] == LLAMA3_ROPE["factor"]
     assert ((factors > 1.0) & (factors < LLAMA3_ROPE["factor"])).any()
@@ -330,9 +363,92 @@ def test_llama3_rope_scaling_matches_transformers(vicuna, family_ggufs, tmp_path
 
 def test_linear_rope_scaling_matches_transformers(vicuna, family_ggufs, tmp_path):
     hf_dir, path = family_ggufs("llama_linear_rope")
-    kv, _ = gguf_fields(path)
+    kv, _ = read_gguf(path)
     assert kv["llama.rope.scaling.type"] == "linear" and kv["llama.rope.scaling.factor"] == LINEAR_ROPE["factor"]
     ids = prompt_ids(hf_dir)
     plain = hf_variant_logits(hf_dir, ids, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     assert rel_err(plain, hf_logits(hf_model(hf_dir), ids)[-1]) > GUARD_FACTOR * LOGITS_RTOL
     assert_matches_transformers(vicuna, hf_dir, path, ids, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# files written by llama.cpp's own converter
+
+LLAMA_CONVERTER_DIR = os.path.join(LLAMA_VOCAB_DIR, "converter")
+LLAMA_CONVERTER = os.path.join(LLAMA_CONVERTER_DIR, "convert_hf_to_gguf.py")
+QWEN2_VOCAB = os.path.join(LLAMA_VOCAB_DIR, "ggml-vocab-qwen2.gguf")
+
+
+def qwen2_tokenizer_dir(out_dir: str) -> str:
+    """Qwen2's own tokenizer (151643 tokens, 3 specials, the qwen2 pre-tokenizer), rebuilt from
+    llama.cpp's ggml-vocab-qwen2.gguf: llama.cpp's converter names the pre-tokenizer by hashing
+    the tokens of a test text, so only a real vocabulary passes it (SmolLM2's loaded as a
+    Qwen2Tokenizer is not recognised)."""
+    from transformers import Qwen2Tokenizer
+
+    kv, _ = read_gguf(QWEN2_VOCAB)
+    toks, types = kv["tokenizer.ggml.tokens"], kv["tokenizer.ggml.token_type"]
+    vocab = {t: i for i, t in enumerate(toks) if types[i] in (1, 3)}  # NORMAL, CONTROL; not the [PADn]
+    merges = [tuple(m.split(" ")) for m in kv["tokenizer.ggml.merges"]]
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+def run_llama_cpp_converter(model_dir: str, outfile: str) -> str:
+    env = dict(os.environ, PYTHONPATH=os.path.join(LLAMA_CONVERTER_DIR, "gguf-py"))  # its gguf-py, not ours
+    proc = subprocess.run([sys.executable, LLAMA_CONVERTER, model_dir, "--outfile", outfile, "--outtype", "f32"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return outfile
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_exports(tmp_path_factory, family_ggufs):
+    """family -> (HF folder, llama.cpp's f32 GGUF, our f32 GGUF). qwen2 gets Qwen2's real tokenizer
+    (see qwen2_tokenizer_dir); llama3_rope keeps SmolLM2's, which llama.cpp knows as smollm."""
+    if not (os.path.isfile(LLAMA_CONVERTER) and os.path.isfile(QWEN2_VOCAB)):
+        pytest.skip(f"llama.cpp's converter and vocabularies are not in {LLAMA_VOCAB_DIR} (run `make llama-vocab`: "
+                    "it fetches them from the llama-cpp-python source package on PyPI)")
+    root = str(tmp_path_factory.mktemp("llama_cpp"))
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            if family == "qwen2_tied":
+                hf_dir = make_family_model(os.path.join(root, family), family,
+                                           qwen2_tokenizer_dir(os.path.join(root, "qwen2-tokenizer")))
+                ours = convert_f32(hf_dir, os.path.join(root, f"{family}.ours.gguf"))
+            else:
+                hf_dir, ours = family_ggufs(family)
+            cache[family] = (hf_dir, run_llama_cpp_converter(hf_dir, os.path.join(root, f"{family}.llama-cpp.gguf")),
+                             ours)
+        return cache[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", ["qwen2_tied", "llama3_rope"])
+def test_llama_cpp_converter_files_run_and_equal_ours(vicuna, llama_cpp_exports, family, tmp_path):
+    """llama.cpp's convert_hf_to_gguf.py output: the engine matches transformers on it, and our
+    export has the same architecture, the same <arch>.* values, tokenizer model and pre-tokenizer,
+    and the same tensors bit for bit (so q/k are permuted, or not, as llama.cpp does it)."""
+    hf_dir, theirs, ours = llama_cpp_exports(family)
+    arch = "qwen2" if family.startswith("qwen2") else "llama"
+    kv_theirs, t_theirs = read_gguf(theirs)
+    kv_ours, t_ours = read_gguf(ours)
+    assert kv_theirs["general.architecture"] == kv_ours["general.architecture"] == arch
+    assert kv_ours["tokenizer.ggml.model"] == kv_theirs["tokenizer.ggml.model"] == "gpt2"
+    if family.startswith("qwen2"):
+        assert kv_ours["tokenizer.ggml.pre"] == kv_theirs["tokenizer.ggml.pre"] == "qwen2"
+    else:  # the same split: SmolLM2's tokenizer.json has no Digits step, llama.cpp names its hash smollm
+        assert (kv_ours["tokenizer.ggml.pre"], kv_theirs["tokenizer.ggml.pre"]) == ("gpt-2", "smollm")
+    arch_keys = {k for k in kv_theirs if k.startswith(arch + ".")}
+    assert {k for k in kv_ours if k.startswith(arch + ".")} == arch_keys
+    for k in arch_keys:
+        assert kv_ours[k] == pytest.approx(kv_theirs[k]), k
+    assert sorted(t_ours) == sorted(t_theirs)  # the same names, all F32 (llama.cpp puts rope_freqs first)
+    for name, data in t_theirs.items():
+        np.testing.assert_array_equal(t_ours[name], data, err_msg=name)
+    ids = prompt_ids(hf_dir)
+    assert_matches_transformers(vicuna, hf_dir, theirs, ids, tmp_path)

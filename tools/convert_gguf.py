@@ -145,6 +145,7 @@ class HParams:
     name: str
     arch: str = "llama"  # general.architecture: llama (LLaMA, Mistral) or qwen2
     sliding_window: int = 0  # Mistral's attention window (tokens, the current one included); 0: none
+    head_dim_key: bool = False  # config.json names head_dim: key/value_length are written, as llama.cpp does
 
     @property
     def permute(self) -> bool:
@@ -203,7 +204,8 @@ class HParams:
                 n_ctx=config.get("max_position_embeddings", 2048), rope_theta=float(theta),
                 rope_scaling=None if rope_type == "default" else dict(rope, rope_type=rope_type),
                 rms_eps=config.get("rms_norm_eps", 1e-6), tied=bool(config.get("tie_word_embeddings", False)),
-                name=os.path.basename(os.path.normpath(model_dir)), arch=arch, sliding_window=sliding_window)
+                name=os.path.basename(os.path.normpath(model_dir)), arch=arch, sliding_window=sliding_window,
+                head_dim_key=config.get("head_dim") is not None)
         except KeyError as e:
             raise UserError(f"--model_path {model_dir}: config.json lacks {e.args[0]!r}") from None
 
@@ -259,7 +261,7 @@ def write_hparams(writer, hp: HParams) -> None:
     writer.add_layer_norm_rms_eps(hp.rms_eps)
     if hp.arch == "llama":
         writer.add_vocab_size(hp.n_vocab)
-    if hp.head_dim != hp.n_embd // hp.n_head:
+    if hp.head_dim_key or hp.head_dim != hp.n_embd // hp.n_head:
         writer.add_key_length(hp.head_dim)
         writer.add_value_length(hp.head_dim)
     if hp.rope_scaling and hp.rope_scaling["rope_type"] == "linear":
