@@ -452,3 +452,108 @@ def test_llama_cpp_converter_files_run_and_equal_ours(vicuna, llama_cpp_exports,
         np.testing.assert_array_equal(t_ours[name], data, err_msg=name)
     ids = prompt_ids(hf_dir)
     assert_matches_transformers(vicuna, hf_dir, theirs, ids, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# what is not supported is refused in one line
+
+
+def rewrite_gguf(src: str, dst: str, arch: str | None = None, set_kv: dict | None = None,
+                 drop_keys: tuple[str, ...] = (), extra_tensors: dict | None = None) -> str:
+    """A copy of an f32 GGUF with another general.architecture (its <arch>.* keys renamed), keys set
+    or dropped, and tensors added."""
+    import gguf
+
+    kv, tensors = read_gguf(src)
+    old_arch = kv["general.architecture"]
+    arch = arch or old_arch
+    writer = gguf.GGUFWriter(dst, arch)
+    for key, value in kv.items():
+        if key in drop_keys or key == "general.architecture" or key.startswith("GGUF."):
+            continue
+        if key.startswith(old_arch + "."):
+            key = arch + key[len(old_arch):]
+        if isinstance(value, bool):
+            writer.add_bool(key, value)
+        elif isinstance(value, int):
+            writer.add_uint32(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        elif isinstance(value, str):
+            writer.add_string(key, value)
+        else:
+            writer.add_array(key, value)
+    for key, value in (set_kv or {}).items():
+        (writer.add_string if isinstance(value, str) else writer.add_uint32)(key, value)
+    for name, data in {**tensors, **(extra_tensors or {})}.items():
+        writer.add_tensor(name, np.ascontiguousarray(data, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+def engine_error(vicuna, path) -> str:
+    """The engine's one error line for `eval` on path (exit status 1)."""
+    proc = subprocess.run([str(vicuna), "eval", "-m", str(path), "--ids", "1,2,3", "--dump-logits", os.devnull],
+                          capture_output=True, text=True, timeout=60)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, (proc.returncode, proc.stderr)
+    return lines[0]
+
+
+def test_unsupported_files_fail_in_one_line(vicuna, family_ggufs, tmp_path):
+    _, qwen2 = family_ggufs("qwen2_tied")
+    _, llama3 = family_ggufs("llama3_rope")
+    for arch in ("phi3", "gemma"):
+        line = engine_error(vicuna, rewrite_gguf(qwen2, str(tmp_path / f"{arch}.gguf"), arch=arch))
+        assert f"is a '{arch}' model" in line and "llama" in line and "qwen2" in line, line
+    cases = {
+        "yarn": ({"llama.rope.scaling.type": "yarn"}, {}, "rope.scaling.type 'yarn' is not supported"),
+        "longrope": ({"llama.rope.scaling.type": "longrope"}, {}, "'longrope' is not supported"),
+        "swa-pattern": ({"llama.attention.sliding_window_pattern": 2}, {},
+                        "sliding_window_pattern (sliding and full attention layers mixed) is not supported"),
+        "output-bias": ({}, {"blk.0.attn_output.bias": np.ones(64)}, "'blk.0.attn_output.bias' is not part of"),
+        "fused-qkv": ({}, {"blk.1.attn_qkv.weight": np.ones((128, 64))}, "'blk.1.attn_qkv.weight' is not part of"),
+    }
+    for name, (kv, extra, want) in cases.items():
+        line = engine_error(vicuna, rewrite_gguf(llama3, str(tmp_path / f"{name}.gguf"), set_kv=kv,
+                                                 extra_tensors=extra))
+        assert want in line, (name, line)
+    # LLaMA-3.1's rope_freqs belongs to llama; llama.cpp's qwen2 has none, so a qwen2 file with one is refused
+    line = engine_error(vicuna, rewrite_gguf(qwen2, str(tmp_path / "q-freqs.gguf"),
+                                             extra_tensors={"rope_freqs.weight": np.ones(8)}))
+    assert "'rope_freqs.weight' is not part of the qwen2 architecture" in line, line
+
+
+def test_convert_refuses_what_the_engine_would_run_differently(family_ggufs, tmp_path):
+    """Sliding-window layers in Qwen2 (transformers slides on layers >= max_window_layers only),
+    per-layer attention kinds, and LLaMA-3 rope scaling on qwen2 (llama.cpp's Qwen2Model writes
+    no rope_freqs): one UserError each, and no file."""
+    import json
+    import shutil
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import convert_gguf
+    from errors import UserError
+
+    hf_dir, _ = family_ggufs("qwen2_tied")
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        config = json.load(f)
+    cases = {
+        "qwen2-swa": ({"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1},
+                      "use_sliding_window=true"),
+        "layer-types": ({"layer_types": ["full_attention", "sliding_attention"]}, "mixes attention kinds"),
+        "qwen2-llama3": ({"rope_parameters": LLAMA3_ROPE}, "rope scaling 'llama3' is not supported for qwen2"),
+        "yarn": ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},
+                 "rope scaling 'yarn' is not supported"),
+    }
+    for name, (change, want) in cases.items():
+        folder = tmp_path / name
+        shutil.copytree(hf_dir, folder)
+        (folder / "config.json").write_text(json.dumps(dict(config, **change)))
+        out = tmp_path / f"{name}.gguf"
+        with pytest.raises(UserError, match=re.escape(want)):
+            convert_gguf.convert(str(folder), str(out), "f32")
+        assert not out.exists()
