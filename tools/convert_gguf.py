@@ -1,17 +1,35 @@
-"""Export a Hugging Face LLaMA-architecture checkpoint (merged or base) to a GGUF v3 file.
+"""Export a Hugging Face LLaMA-family checkpoint (merged or base) to a GGUF v3 file.
 
     python tools/convert_gguf.py --model_path vicuna-merged --outfile vicuna.q8_0.gguf --outtype q8_0
     python tools/convert_gguf.py --model_path vicuna-merged --outfile vicuna.f16.gguf --outtype f16 --modelfile
 
-The file carries what llama.cpp, ollama and tools/vicuna.cpp need: the `llama.*` hyperparameters
+The file carries what llama.cpp, ollama and tools/vicuna.cpp need: the `<arch>.*` hyperparameters
 (context length, sizes, heads and KV heads, rope theta and scaling, RMSNorm epsilon), the tensors
-under llama.cpp's names with Q and K permuted the way llama.cpp's convert_hf_to_gguf.py permutes
-them, the tokenizer (SentencePiece "llama" with scores and token types for LLaMA-1/2; byte-level BPE
-"gpt2" with merges and the pre-tokenizer name for SmolLM2/LLaMA-3), the special ids, add-BOS, and
-`tokenizer.chat_template`: a Jinja template that renders the prompt format the model was trained
-with (instruct or chat, as prompt.py renders them; `chat_template` keeps the tokenizer's own).
-The prompt type defaults to the one in the merged folder's training_config.json (tools/merge_lora.py
-copies it there), else instruct.
+under llama.cpp's names, the tokenizer (SentencePiece "llama" with scores and token types for
+LLaMA-1/2; byte-level BPE "gpt2" with merges and the pre-tokenizer name for SmolLM2/LLaMA-3/Qwen2),
+the special ids, add-BOS, and `tokenizer.chat_template`: a Jinja template that renders the prompt
+format the model was trained with (instruct or chat, as prompt.py renders them; `chat_template`
+keeps the tokenizer's own). The prompt type defaults to the one in the merged folder's
+training_config.json (tools/merge_lora.py copies it there), else instruct.
+
+Architectures (config.json's model_type), written as llama.cpp's convert_hf_to_gguf.py writes them
+(tests/test_vicuna_arch.py checks the tensors and `<arch>.*` keys against its output):
+
+- `llama` (LLaMA-1/2/3, SmolLM2) and `mistral`: general.architecture=llama, Q and K rows permuted
+  the way llama.cpp permutes them (its runtime rotates adjacent pairs). LLaMA-3.1 rope scaling
+  (`rope_type: llama3`) becomes the `rope_freqs` tensor of per-frequency divisors, linear scaling
+  `llama.rope.scaling.type/factor`. Mistral's `sliding_window` is written as
+  `llama.attention.sliding_window`, a key llama.cpp's converter does not write for Mistral and its
+  llama architecture does not read (llama.cpp attends to the whole context, which differs from
+  transformers past the window: 4096 tokens for Mistral-7B v0.1; v0.2+ have none); vicuna.cpp
+  applies it.
+- `qwen2` (Qwen2, Qwen2.5): general.architecture=qwen2, `qwen2.*` keys, q/k/v biases, Q and K
+  not permuted (llama.cpp rotates the halves of each head for qwen2, as transformers does), tied
+  or untied output. `use_sliding_window: true` (a window on some layers only) and llama3 or yarn
+  rope scaling are refused.
+
+Other model types, layer_types mixing attention kinds, and rope scalings other than linear and
+llama3 are refused in one line.
 
 Tensor types (--outtype): 1-D tensors (norms) stay F32. f16 stores the 2-D weights as F16; q8_0,
 q4_0 and q4_1 quantize them with the gguf package's quantizers (bit-identical to llama.cpp's
