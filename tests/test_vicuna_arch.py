@@ -20,9 +20,11 @@ feature could be dropped without the comparison noticing, a guard asserts that t
 logits move by more than 10x the tolerance without it (window, rope scaling, biases).
 
 The files llama.cpp's own converter (convert_hf_to_gguf.py, from the llama-cpp-python source
-package that `make llama-vocab` fetches into .cache/llama-vocab) writes for the qwen2 and llama
-folders are run too, and must give the same logits; that test is skipped, saying why, when the
-converter is not there.
+package that `make llama-vocab` fetches into .cache/llama-vocab/converter) writes for the qwen2 and
+llama folders are run too, and must give the same logits and equal our exports tensor for tensor;
+that test is skipped, saying why, when the converter is not there. Unsupported files (other
+architectures, YaRN, mixed sliding layers, unused tensors) fail in one line; the converter refuses
+the configurations the engine would run differently; a LoRA adapter on qwen2 matches peft.
 """
 
 from __future__ import annotations
@@ -557,3 +559,39 @@ def test_convert_refuses_what_the_engine_would_run_differently(family_ggufs, tmp
         with pytest.raises(UserError, match=re.escape(want)):
             convert_gguf.convert(str(folder), str(out), "f32")
         assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA adapters on qwen2
+
+
+def test_qwen2_lora_adapter_matches_peft(vicuna, family_ggufs, tmp_path):
+    """An adapter on every linear layer of the qwen2 model, exported with --lora_path (q/k rows of B
+    not permuted, general.architecture=qwen2), applied by the engine at run time and merged at load:
+    logits within LOGITS_RTOL of transformers + peft."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import convert_gguf
+
+    hf_dir, base = family_ggufs("qwen2_untied")
+    torch.manual_seed(1)
+    peft_model = get_peft_model(hf_model(hf_dir).__class__.from_pretrained(hf_dir, dtype=torch.float32),
+                                LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                           "up_proj", "down_proj"]))
+    peft_model.save_pretrained(str(tmp_path / "lora"))
+    out = tmp_path / "lora.gguf"
+    assert convert_gguf.main(["--lora_path", str(tmp_path / "lora"), "--model_path", hf_dir, "--base_gguf", base,
+                              "--outfile", str(out), "--outtype", "f32", "--no-verify"]) == 0
+    kv, _ = read_gguf(str(out))
+    assert kv["general.architecture"] == "qwen2"
+    ids = prompt_ids(hf_dir)
+    ref = convert_gguf.hf_logits(hf_dir, [ids], str(tmp_path / "lora"))[0]
+    assert rel_err(ref, hf_logits(hf_model(hf_dir), ids)[-1]) > GUARD_FACTOR * LOGITS_RTOL  # the adapter matters
+    for mode in ("runtime", "merge"):
+        run([vicuna, "eval", "-m", base, "--ids", ",".join(map(str, ids)), "--dump-logits", tmp_path / "l.bin",
+             "--lora", out, "--lora-mode", mode, "-t", "2"])
+        got = np.fromfile(tmp_path / "l.bin", dtype="<f4")
+        assert rel_err(got, ref) < LOGITS_RTOL, (mode, rel_err(got, ref))
