@@ -429,11 +429,13 @@ def llama_cpp_exports(tmp_path_factory, family_ggufs):
     return get
 
 
-@pytest.mark.parametrize("family", ["qwen2_tied", "llama3_rope"])
+@pytest.mark.parametrize("family", ["qwen2_tied", "llama3_rope", "mistral_swa"])
 def test_llama_cpp_converter_files_run_and_equal_ours(vicuna, llama_cpp_exports, family, tmp_path):
     """llama.cpp's convert_hf_to_gguf.py output: the engine matches transformers on it, and our
     export has the same architecture, the same <arch>.* values, tokenizer model and pre-tokenizer,
-    and the same tensors bit for bit (so q/k are permuted, or not, as llama.cpp does it)."""
+    and the same tensors bit for bit (so q/k are permuted, or not, as llama.cpp does it). For
+    Mistral llama.cpp writes no sliding window (ours is the one extra key): its file runs with
+    full attention, i.e. as transformers with sliding_window=None."""
     hf_dir, theirs, ours = llama_cpp_exports(family)
     arch = "qwen2" if family.startswith("qwen2") else "llama"
     kv_theirs, t_theirs = read_gguf(theirs)
@@ -445,13 +447,18 @@ def test_llama_cpp_converter_files_run_and_equal_ours(vicuna, llama_cpp_exports,
     else:  # the same split: SmolLM2's tokenizer.json has no Digits step, llama.cpp names its hash smollm
         assert (kv_ours["tokenizer.ggml.pre"], kv_theirs["tokenizer.ggml.pre"]) == ("gpt-2", "smollm")
     arch_keys = {k for k in kv_theirs if k.startswith(arch + ".")}
-    assert {k for k in kv_ours if k.startswith(arch + ".")} == arch_keys
+    extra = {"llama.attention.sliding_window"} if family == "mistral_swa" else set()
+    assert {k for k in kv_ours if k.startswith(arch + ".")} == arch_keys | extra
     for k in arch_keys:
         assert kv_ours[k] == pytest.approx(kv_theirs[k]), k
     assert sorted(t_ours) == sorted(t_theirs)  # the same names, all F32 (llama.cpp puts rope_freqs first)
     for name, data in t_theirs.items():
         np.testing.assert_array_equal(t_ours[name], data, err_msg=name)
     ids = prompt_ids(hf_dir)
+    if family == "mistral_swa":
+        full = hf_variant_logits(hf_dir, ids, sliding_window=None)
+        assert rel_err(engine_logits(vicuna, theirs, ids, tmp_path), full) < LOGITS_RTOL
+        return
     assert_matches_transformers(vicuna, hf_dir, theirs, ids, tmp_path)
 
 
