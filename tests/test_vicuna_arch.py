@@ -602,3 +602,27 @@ def test_qwen2_lora_adapter_matches_peft(vicuna, family_ggufs, tmp_path):
              "--lora", out, "--lora-mode", mode, "-t", "2"])
         got = np.fromfile(tmp_path / "l.bin", dtype="<f4")
         assert rel_err(got, ref) < LOGITS_RTOL, (mode, rel_err(got, ref))
+
+
+def test_qwen2_tokenizer_of_both_exports_matches_transformers(vicuna, llama_cpp_exports, tmp_path):
+    """Qwen2's real vocabulary (pre-tokenizer qwen2), as our converter and llama.cpp's write it: the
+    engine's ids equal transformers' Qwen2Tokenizer on 300 mixed strings with its special tokens.
+    Not on text in decomposed Unicode: Qwen2Tokenizer NFC-normalizes first, llama.cpp and vicuna do
+    not ('e' + U+0301 is two tokens here, one 'é' there)."""
+    from test_vicuna_cpp import escape_line, mixed_strings
+    from transformers import AutoTokenizer
+
+    hf_dir, theirs, ours = llama_cpp_exports("qwen2_tied")
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    texts = mixed_strings(300, 3, ["<|im_start|>", "<|im_end|>", "<|endoftext|>"])
+    lines = tmp_path / "lines.txt"
+    lines.write_text("\n".join(escape_line(t) for t in texts) + "\n", encoding="utf-8")
+    want = [tok(t)["input_ids"] for t in texts]
+    for path in (ours, theirs):
+        out = run([vicuna, "tokenize", "-m", path, "-f", lines, "--lines"])
+        got = [[int(x) for x in line.split()] for line in out.stdout.splitlines()]
+        assert len(got) == len(texts)
+        bad = [(t, g, w) for t, g, w in zip(texts, got, want) if g != w]
+        assert not bad, (path, bad[:3])
+    decomposed = "cafe\u0301"
+    assert tok(decomposed)["input_ids"] == tok("caf\u00e9")["input_ids"]  # transformers' NFC
