@@ -102,9 +102,7 @@ VERIFY_MAX_PARAMS = 1_000_000_000  # --verify is on by default below this size
 F32_MAX_REL_DIFF = 1e-3  # an f32 export must match the HF logits this closely (max |d| / max |logit|)
 PROMPT_TYPE_KEY = "vicuna.prompt_type"  # instruct | chat | chat_template
 QK = 32  # block size of q8_0 / q4_0 / q4_1: rows must be a multiple of it
-# config.json model_type -> general.architecture, as llama.cpp's convert_hf_to_gguf.py maps them
-# (its LlamaModel registers MistralForCausalLM; Qwen2Model writes qwen2 with q/k rows unpermuted)
-ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+ARCHITECTURES = ("llama", "mistral")  # model_type values llama.cpp runs as general.architecture=llama
 VERIFY_QUESTIONS = ["Give three tips for staying healthy.", "用一句话介绍你自己。",
                     "Translate to English: 我明天要去图书馆还书。"]
 VERIFY_TEXTS = ["Hello world! 你好，世界。", "数字 2024 年 12 月 31 日, tabs\tand  two  spaces\n\nnew paragraph",
@@ -146,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
 # --- hyperparameters -------------------------------------------------------------------------------
 
 
+# config.json model_type -> general.architecture, as llama.cpp's convert_hf_to_gguf.py maps them
+# (its LlamaModel registers MistralForCausalLM; Qwen2Model writes qwen2 with q/k rows unpermuted)
+GGUF_ARCHITECTURES = {**{t: "llama" for t in ARCHITECTURES}, "qwen2": "qwen2"}
+
+
 @dataclass
 class HParams:
     n_vocab: int
@@ -173,11 +176,11 @@ class HParams:
     @classmethod
     def from_config(cls, config: dict, model_dir: str) -> "HParams":
         model_type = config.get("model_type")
-        if model_type not in ARCHITECTURES:
+        if model_type not in GGUF_ARCHITECTURES:
             raise UserError(f"--model_path {model_dir}: model_type {repr(model_type)[:80]} is not a LLaMA-architecture "
-                            f"model this converter exports ({', '.join(ARCHITECTURES)} are: LLaMA-1/2/3, SmolLM2, "
+                            f"model this converter exports ({', '.join(GGUF_ARCHITECTURES)} are: LLaMA-1/2/3, SmolLM2, "
                             "Mistral, Qwen2/2.5)")
-        arch = ARCHITECTURES[model_type]
+        arch = GGUF_ARCHITECTURES[model_type]
         check_config_values(config, os.path.join(model_dir, "config.json"))
         sliding_window = 0
         layer_types = config.get("layer_types")
