@@ -127,7 +127,7 @@ static Tensor model_matrix(const GGUFFile* f, const std::string& name, int64_t r
     }
     if (t->n_dims != 2 || (int64_t)t->ne[0] != cols || (int64_t)t->ne[1] != rows) {
         FAIL("'%s': tensor '%s' has shape [%" PRIu64 ", %" PRIu64 ", %" PRIu64 "] (%u dims), expected [%" PRId64
-             ", %" PRId64 "] from the llama.* metadata", printable(f->path).c_str(), name.c_str(), t->ne[0],
+             ", %" PRId64 "] from the <arch>.* metadata", printable(f->path).c_str(), name.c_str(), t->ne[0],
              t->ne[1], t->ne[2], t->n_dims, cols, rows);
     }
     size_t align = t->type == GGML_TYPE_F32 ? 4 : 2;
