@@ -133,6 +133,12 @@ static inline void dot_row(uint32_t type, const uint8_t* row, const float* x, co
         else dot_f16<NC>((const uint16_t*)row, xs, cols, out);
         return;
     }
+    if (type == GGML_TYPE_Q2_K || type == GGML_TYPE_Q3_K) {  // the float path (quants.h)
+        const float* xs[NC];
+        for (int c = 0; c < NC; c++) xs[c] = x + (size_t)(b + c) * cols;
+        dot_dequant_f32<NC, false>(type, row, xs, cols, out);
+        return;
+    }
     int nb = cols / QK;
     const BlockQ8A* xs[NC];
     for (int c = 0; c < NC; c++) xs[c] = xq + (size_t)(b + c) * nb;
@@ -140,6 +146,11 @@ static inline void dot_row(uint32_t type, const uint8_t* row, const float* x, co
         case GGML_TYPE_Q8_0: dot_blocks<Q8_0Kind, NC>((const BlockQ8_0*)row, xs, nb, out); break;
         case GGML_TYPE_Q4_0: dot_blocks<Q4_0Kind, NC>((const BlockQ4_0*)row, xs, nb, out); break;
         case GGML_TYPE_Q4_1: dot_blocks<Q4_1Kind, NC>((const BlockQ4_1*)row, xs, nb, out); break;
+        case GGML_TYPE_Q5_0: dot_blocks<Q5_0Kind, NC>((const BlockQ5_0*)row, xs, nb, out); break;
+        case GGML_TYPE_Q5_1: dot_blocks<Q5_1Kind, NC>((const BlockQ5_1*)row, xs, nb, out); break;
+        case GGML_TYPE_Q4_K: dot_q4_K<NC>((const BlockQ4_K*)row, xs, cols / QK_K, out); break;
+        case GGML_TYPE_Q5_K: dot_q5_K<NC>((const BlockQ5_K*)row, xs, cols / QK_K, out); break;
+        case GGML_TYPE_Q6_K: dot_q6_K<NC>((const BlockQ6_K*)row, xs, cols / QK_K, out); break;
     }
 }
 
@@ -159,6 +170,13 @@ template <int NC>
         case GGML_TYPE_Q8_0: dot_blocks_ref<Q8_0Kind, NC>((const BlockQ8_0*)row, xqs, cols / QK, out); break;
         case GGML_TYPE_Q4_0: dot_blocks_ref<Q4_0Kind, NC>((const BlockQ4_0*)row, xqs, cols / QK, out); break;
         case GGML_TYPE_Q4_1: dot_blocks_ref<Q4_1Kind, NC>((const BlockQ4_1*)row, xqs, cols / QK, out); break;
+        case GGML_TYPE_Q5_0: dot_blocks_ref<Q5_0Kind, NC>((const BlockQ5_0*)row, xqs, cols / QK, out); break;
+        case GGML_TYPE_Q5_1: dot_blocks_ref<Q5_1Kind, NC>((const BlockQ5_1*)row, xqs, cols / QK, out); break;
+        case GGML_TYPE_Q4_K: dot_q4_K_ref<NC>((const BlockQ4_K*)row, xqs, cols / QK_K, out); break;
+        case GGML_TYPE_Q5_K: dot_q5_K_ref<NC>((const BlockQ5_K*)row, xqs, cols / QK_K, out); break;
+        case GGML_TYPE_Q6_K: dot_q6_K_ref<NC>((const BlockQ6_K*)row, xqs, cols / QK_K, out); break;
+        case GGML_TYPE_Q2_K:
+        case GGML_TYPE_Q3_K: dot_dequant_f32<NC, true>(type, row, xs, cols, out); break;
     }
 }
 

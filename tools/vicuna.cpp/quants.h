@@ -1,21 +1,33 @@
 // quants.h: quantized block formats, the reference quantizers, and the dot-product kernels.
 //
-// Weights: GGUF's 32-element blocks, byte for byte as ggml defines them.
+// Weights: GGUF's blocks, byte for byte as ggml defines them (ggml-common.h). 32-element blocks:
 //   Q8_0  34 bytes  x[j] = d * qs[j]                      qs int8
 //   Q4_0  18 bytes  x[j] = d * (q[j] - 8)                 q 4-bit, unsigned
 //   Q4_1  20 bytes  x[j] = d * q[j] + m                   q 4-bit, unsigned
-// In the 4-bit formats byte qs[j] holds element j in its low nibble and element j+16 in its high
+//   Q5_0  22 bytes  x[j] = d * (q[j] - 16)                q 5-bit: a nibble + bit j of qh
+//   Q5_1  24 bytes  x[j] = d * q[j] + m                   q 5-bit: a nibble + bit j of qh
+// In these formats byte qs[j] holds element j in its low nibble and element j+16 in its high
 // nibble. d and m are fp16.
+// K-quants: 256-element super-blocks (QK_K) of sub-blocks with their own 6- or 8-bit scales:
+//   Q2_K   84 bytes  16 x 16: x = d * sc * q - dmin * m   q 2-bit, sc and m 4-bit   (read only)
+//   Q3_K  110 bytes  16 x 16: x = d * (sc - 32) * q        q 3-bit signed, sc 6-bit  (read only)
+//   Q4_K  144 bytes   8 x 32: x = d * sc * q - dmin * m   q 4-bit, sc and m 6-bit
+//   Q5_K  176 bytes   8 x 32: x = d * sc * q - dmin * m   q 5-bit, sc and m 6-bit
+//   Q6_K  210 bytes  16 x 16: x = d * sc * (q - 32)        q 6-bit, sc int8
+// (the bit layouts are spelled out at each dequantizer below).
 //
 // Activations: before a matmul with quantized weights, each activation row is quantized to
 // BlockQ8A (int8 with a float scale, like ggml's Q8_0/Q8_1), so every block's dot product runs
 // in int8 with int32 accumulation: 32 multiply-adds per AVX2 instruction instead of 8 in f32.
 // This costs some accuracy (about 1e-2 relative on logits); models stored as F32/F16 take the
-// float path instead, which is what the 1e-3 tests against transformers use.
+// float path instead, which is what the 1e-3 tests against transformers use. The K-quants'
+// sub-blocks (32, or 16 for Q6_K) sit inside one 32-element activation block, so the weight's
+// sub-block scale and the activation's block scale multiply once per 32 elements.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "common.h"
 #include "gguf.h"
@@ -40,7 +52,56 @@ struct BlockQ8A {        // activations, our own (never written to a file)
     float s;             // d * sum(qs): the Q4_1 minimum multiplies this
     int8_t qs[QK];
 };
+struct BlockQ5_0 {
+    uint16_t d;          // fp16 scale
+    uint8_t qh[4];       // bit j: the fifth bit of element j (little-endian uint32)
+    uint8_t qs[QK / 2];  // nibbles: element j low, element j+16 high
+};
+struct BlockQ5_1 {
+    uint16_t d;          // fp16 scale
+    uint16_t m;          // fp16 minimum
+    uint8_t qh[4];       // bit j: the fifth bit of element j
+    uint8_t qs[QK / 2];  // nibbles: element j low, element j+16 high
+};
+
+static const int QK_K = 256;  // elements per K-quant super-block
+
+struct BlockQ2_K {
+    uint8_t scales[QK_K / 16];  // sub-block j: scale in the low nibble, minimum in the high one
+    uint8_t qs[QK_K / 4];       // 2-bit quants, see dequantize_row_q2_K
+    uint16_t d;                 // fp16 scale of the scales
+    uint16_t dmin;              // fp16 scale of the minimums
+};
+struct BlockQ3_K {
+    uint8_t hmask[QK_K / 8];  // third bit of each quant (set: q - 0, clear: q - 4)
+    uint8_t qs[QK_K / 4];     // low 2 bits of each quant
+    uint8_t scales[12];       // 16 6-bit scales, see kq3_scale
+    uint16_t d;               // fp16 scale of the scales
+};
+struct BlockQ4_K {
+    uint16_t d;               // fp16 scale of the scales
+    uint16_t dmin;            // fp16 scale of the minimums
+    uint8_t scales[12];       // 8 6-bit scales and 8 6-bit minimums, see kq_scale_min
+    uint8_t qs[QK_K / 2];     // 32 bytes per 64 elements: sub-block 2i low nibbles, 2i+1 high
+};
+struct BlockQ5_K {
+    uint16_t d;
+    uint16_t dmin;
+    uint8_t scales[12];
+    uint8_t qh[QK_K / 8];     // bit j of qh[k]: the fifth bit of element k of sub-block j
+    uint8_t qs[QK_K / 2];     // low nibbles, as Q4_K
+};
+struct BlockQ6_K {
+    uint8_t ql[QK_K / 2];     // low 4 bits, see dequantize_row_q6_K
+    uint8_t qh[QK_K / 4];     // high 2 bits
+    int8_t scales[QK_K / 16]; // one int8 scale per 16 elements
+    uint16_t d;               // fp16 scale of the scales
+};
 static_assert(sizeof(BlockQ8_0) == 34, "Q8_0 block must be 34 bytes as in GGUF");
+static_assert(sizeof(BlockQ5_0) == 22 && sizeof(BlockQ5_1) == 24, "Q5 blocks must be 22 and 24 bytes as in GGUF");
+static_assert(sizeof(BlockQ2_K) == 84 && sizeof(BlockQ3_K) == 110, "Q2_K/Q3_K blocks as in GGUF");
+static_assert(sizeof(BlockQ4_K) == 144 && sizeof(BlockQ5_K) == 176 && sizeof(BlockQ6_K) == 210,
+              "Q4_K/Q5_K/Q6_K blocks as in GGUF");
 static_assert(sizeof(BlockQ4_0) == 18, "Q4_0 block must be 18 bytes as in GGUF");
 static_assert(sizeof(BlockQ4_1) == 20, "Q4_1 block must be 20 bytes as in GGUF");
 
@@ -101,7 +162,425 @@ static void quantize_row_q4_1(const float* x, BlockQ4_1* y, int64_t n) {
     }
 }
 
-// Quantizes one row of n floats (n % 32 == 0 for the block types) to `type`.
+// Q5_0/Q5_1: Q4_0/Q4_1 with a fifth bit per element gathered in qh (llama.cpp's
+// quantize_row_q5_0_ref / _q5_1_ref; gguf-py has the same quantizers).
+static void quantize_row_q5_0(const float* x, BlockQ5_0* y, int64_t n) {
+    for (int64_t b = 0; b < n / QK; b++, x += QK) {
+        float amax = 0.0f, max = 0.0f;  // the element of largest magnitude, with its sign
+        for (int j = 0; j < QK; j++) {
+            if (amax < std::fabs(x[j])) {
+                amax = std::fabs(x[j]);
+                max = x[j];
+            }
+        }
+        float d = max / -16.0f;  // max maps to q = 0, i.e. -16
+        float id = d != 0.0f ? 1.0f / d : 0.0f;
+        y[b].d = fp32_to_fp16(d);
+        uint32_t qh = 0;
+        for (int j = 0; j < QK / 2; j++) {
+            uint8_t q0 = (uint8_t)std::min(31, (int)(x[j] * id + 16.5f));
+            uint8_t q1 = (uint8_t)std::min(31, (int)(x[j + QK / 2] * id + 16.5f));
+            y[b].qs[j] = (uint8_t)((q0 & 0xf) | ((q1 & 0xf) << 4));
+            qh |= (uint32_t)((q0 >> 4) & 1) << j;
+            qh |= (uint32_t)((q1 >> 4) & 1) << (j + QK / 2);
+        }
+        memcpy(y[b].qh, &qh, 4);
+    }
+}
+
+static void quantize_row_q5_1(const float* x, BlockQ5_1* y, int64_t n) {
+    for (int64_t b = 0; b < n / QK; b++, x += QK) {
+        float min = x[0], max = x[0];
+        for (int j = 1; j < QK; j++) {
+            min = std::min(min, x[j]);
+            max = std::max(max, x[j]);
+        }
+        float d = (max - min) / 31.0f;
+        float id = d != 0.0f ? 1.0f / d : 0.0f;
+        y[b].d = fp32_to_fp16(d);
+        y[b].m = fp32_to_fp16(min);
+        uint32_t qh = 0;
+        for (int j = 0; j < QK / 2; j++) {
+            // no clamp to 31, as in ggml: a rounding up to 32 keeps only its low bits
+            uint8_t q0 = (uint8_t)(int)((x[j] - min) * id + 0.5f);
+            uint8_t q1 = (uint8_t)(int)((x[j + QK / 2] - min) * id + 0.5f);
+            y[b].qs[j] = (uint8_t)((q0 & 0xf) | ((q1 & 0xf) << 4));
+            qh |= (uint32_t)((q0 >> 4) & 1) << j;
+            qh |= (uint32_t)((q1 >> 4) & 1) << (j + QK / 2);
+        }
+        memcpy(y[b].qh, &qh, 4);
+    }
+}
+
+// ----------------------------------------------------------------------------
+// K-quant reference quantizers, bit-identical to llama.cpp's quantize_row_q{4,5,6}_K_ref (what
+// llama_model_quantize runs without an importance matrix). Their search for scales is float
+// arithmetic whose every rounding decides a bit, so the expressions below keep ggml's operand
+// order (a * b * c is (a * b) * c) and -ffp-contract=off keeps them unfused.
+
+// ggml's nearest_int: adding 1.5 * 2^23 leaves no fraction bits, so the float adder rounds half
+// to even; the integer is read back from the mantissa. Valid for |x| < 2^22.
+static inline int nearest_int(float x) {
+    float v = x + 12582912.0f;
+    int32_t i;
+    memcpy(&i, &v, 4);
+    return (i & 0x007fffff) - 0x00400000;
+}
+
+// Fits x[i] ~= scale * L[i] - the_min with L in [0, nmax], weighted by w, minimising the squared
+// error: a first guess from the range, then nstep + 1 trial scales (rmin + rdelta * is + nmax) /
+// range, each refined by weighted least squares (ggml's make_qkx2_quants). Returns the scale.
+static float kq_fit_scale_min(int n, int nmax, const float* x, const float* w, uint8_t* L, float* the_min,
+                              float rmin, float rdelta, int nstep) {
+    float min = x[0], max = x[0];
+    float sum_w = w[0], sum_x = sum_w * x[0];
+    for (int i = 1; i < n; i++) {
+        if (x[i] < min) min = x[i];
+        if (x[i] > max) max = x[i];
+        sum_w += w[i];
+        sum_x += w[i] * x[i];
+    }
+    if (min > 0.0f) min = 0.0f;
+    if (max == min) {
+        for (int i = 0; i < n; i++) L[i] = 0;
+        *the_min = -min;
+        return 0.0f;
+    }
+    float iscale = (float)nmax / (max - min);
+    float scale = 1.0f / iscale;
+    float best_error = 0.0f;
+    for (int i = 0; i < n; i++) {
+        int l = nearest_int(iscale * (x[i] - min));
+        L[i] = (uint8_t)std::max(0, std::min(nmax, l));
+        float diff = scale * (float)L[i] + min - x[i];
+        best_error += w[i] * (diff * diff);
+    }
+    uint8_t Laux[32];
+    for (int is = 0; is <= nstep; is++) {
+        iscale = (rmin + rdelta * (float)is + (float)nmax) / (max - min);
+        float sum_l = 0.0f, sum_l2 = 0.0f, sum_xl = 0.0f;
+        for (int i = 0; i < n; i++) {
+            int l = std::max(0, std::min(nmax, nearest_int(iscale * (x[i] - min))));
+            Laux[i] = (uint8_t)l;
+            float fl = (float)l;
+            sum_l += w[i] * fl;
+            sum_l2 += w[i] * fl * fl;
+            sum_xl += w[i] * fl * x[i];
+        }
+        float D = sum_w * sum_l2 - sum_l * sum_l;
+        if (D > 0.0f) {
+            float this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
+            float this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
+            if (this_min > 0.0f) {
+                this_min = 0.0f;
+                this_scale = sum_xl / sum_l2;
+            }
+            float cur_error = 0.0f;
+            for (int i = 0; i < n; i++) {
+                float diff = this_scale * (float)Laux[i] + this_min - x[i];
+                cur_error += w[i] * (diff * diff);
+            }
+            if (cur_error < best_error) {
+                for (int i = 0; i < n; i++) L[i] = Laux[i];
+                best_error = cur_error;
+                scale = this_scale;
+                min = this_min;
+            }
+        }
+    }
+    *the_min = -min;
+    return scale;
+}
+
+// Q4_K/Q5_K's 12 scale bytes: sub-blocks 0-3 keep scale and minimum in the low 6 bits of bytes
+// j and j+4; sub-blocks 4-7 keep their low 4 bits in the nibbles of byte j+4 and their top 2
+// bits in the top bits of bytes j-4 (scale) and j (minimum).
+static inline void kq_scale_min(int j, const uint8_t* s, int* sc, int* m) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *m = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 0xf) | ((s[j - 4] >> 6) << 4);
+        *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+// Q4_K and Q5_K share everything but nmax (15, 31), the scale search and the bit packing.
+// L (256,) receives the quants in element order; the scales go into the block.
+template <class Block>
+static void kq_quantize_scales_mins(const float* x, Block* y, uint8_t* L, int nmax, float rmin, int nstep) {
+    float scales[8], mins[8], weights[32];
+    float max_scale = 0.0f, max_min = 0.0f;  // the minimum is subtracted, so scales are positive
+    for (int j = 0; j < 8; j++) {
+        const float* xj = x + 32 * j;
+        float sum_x2 = 0.0f;
+        for (int l = 0; l < 32; l++) sum_x2 += xj[l] * xj[l];
+        float av_x = std::sqrt(sum_x2 / 32.0f);
+        for (int l = 0; l < 32; l++) weights[l] = av_x + std::fabs(xj[l]);
+        scales[j] = kq_fit_scale_min(32, nmax, xj, weights, L + 32 * j, &mins[j], rmin, 0.1f, nstep);
+        if (scales[j] > max_scale) max_scale = scales[j];
+        if (mins[j] > max_min) max_min = mins[j];
+    }
+    float inv_scale = max_scale > 0.0f ? 63.0f / max_scale : 0.0f;
+    float inv_min = max_min > 0.0f ? 63.0f / max_min : 0.0f;
+    for (int j = 0; j < 8; j++) {
+        uint8_t ls = (uint8_t)nearest_int(inv_scale * scales[j]), lm = (uint8_t)nearest_int(inv_min * mins[j]);
+        ls = std::min<uint8_t>(63, ls);
+        lm = std::min<uint8_t>(63, lm);
+        if (j < 4) {
+            y->scales[j] = ls;
+            y->scales[j + 4] = lm;
+        } else {
+            y->scales[j + 4] = (uint8_t)((ls & 0xf) | ((lm & 0xf) << 4));
+            y->scales[j - 4] |= (uint8_t)((ls >> 4) << 6);
+            y->scales[j] |= (uint8_t)((lm >> 4) << 6);
+        }
+    }
+    y->d = fp32_to_fp16(max_scale / 63.0f);
+    y->dmin = fp32_to_fp16(max_min / 63.0f);
+    // requantize against the scales as stored (6-bit, fp16)
+    for (int j = 0; j < 8; j++) {
+        int sc, m;
+        kq_scale_min(j, y->scales, &sc, &m);
+        const float d = fp16_to_fp32(y->d) * (float)sc;
+        if (d == 0.0f) continue;  // keeps the fit's quants, as ggml does
+        const float dm = fp16_to_fp32(y->dmin) * (float)m;
+        for (int l = 0; l < 32; l++) {
+            int q = nearest_int((x[32 * j + l] + dm) / d);
+            L[32 * j + l] = (uint8_t)std::max(0, std::min(nmax, q));
+        }
+    }
+}
+
+static void quantize_row_q4_K(const float* x, BlockQ4_K* y, int64_t n) {
+    uint8_t L[QK_K];
+    for (int64_t b = 0; b < n / QK_K; b++, x += QK_K) {
+        kq_quantize_scales_mins(x, &y[b], L, 15, -1.0f, 20);
+        for (int c = 0; c < 4; c++) {  // 64 elements -> 32 bytes: the first 32 low, the next 32 high
+            for (int l = 0; l < 32; l++) y[b].qs[32 * c + l] = (uint8_t)(L[64 * c + l] | (L[64 * c + 32 + l] << 4));
+        }
+    }
+}
+
+static void quantize_row_q5_K(const float* x, BlockQ5_K* y, int64_t n) {
+    uint8_t L[QK_K];
+    for (int64_t b = 0; b < n / QK_K; b++, x += QK_K) {
+        kq_quantize_scales_mins(x, &y[b], L, 31, -0.5f, 15);
+        memset(y[b].qh, 0, sizeof(y[b].qh));
+        for (int c = 0; c < 4; c++) {
+            for (int l = 0; l < 32; l++) {
+                int l1 = L[64 * c + l], l2 = L[64 * c + 32 + l];
+                y[b].qs[32 * c + l] = (uint8_t)((l1 & 0xf) | ((l2 & 0xf) << 4));
+                y[b].qh[l] |= (uint8_t)(((l1 >> 4) << (2 * c)) | ((l2 >> 4) << (2 * c + 1)));
+            }
+        }
+    }
+}
+
+// Fits x[i] ~= scale * (L[i] - 32) for 16 values, L in [0, 63], weights x^2: the scale from the
+// largest magnitude, then 18 nearby trial scales kept when they improve the weighted
+// least-squares fit (ggml's make_qx_quants with nmax = 32, rmse_type = 1). Returns the scale.
+static float kq_fit_scale_q6(const float* x, int8_t* L) {
+    const int n = 16, nmax = 32;
+    float max = 0.0f, amax = 0.0f;
+    for (int i = 0; i < n; i++) {
+        float ax = std::fabs(x[i]);
+        if (ax > amax) {
+            amax = ax;
+            max = x[i];
+        }
+    }
+    if (amax < 1e-15f) {  // all zero
+        for (int i = 0; i < n; i++) L[i] = 0;
+        return 0.0f;
+    }
+    float iscale = (float)-nmax / max;
+    float sumlx = 0.0f, suml2 = 0.0f;
+    for (int i = 0; i < n; i++) {
+        int l = std::max(-nmax, std::min(nmax - 1, nearest_int(iscale * x[i])));
+        L[i] = (int8_t)(l + nmax);
+        float w = x[i] * x[i], fl = (float)l;
+        sumlx += w * x[i] * fl;
+        suml2 += w * fl * fl;
+    }
+    float scale = suml2 != 0.0f ? sumlx / suml2 : 0.0f;
+    float best = scale * sumlx;
+    for (int is = -9; is <= 9; is++) {
+        if (is == 0) continue;
+        iscale = -((float)nmax + 0.1f * (float)is) / max;
+        sumlx = suml2 = 0.0f;
+        for (int i = 0; i < n; i++) {
+            int l = std::max(-nmax, std::min(nmax - 1, nearest_int(iscale * x[i])));
+            float w = x[i] * x[i], fl = (float)l;
+            sumlx += w * x[i] * fl;
+            suml2 += w * fl * fl;
+        }
+        if (suml2 > 0.0f && sumlx * sumlx > best * suml2) {
+            for (int i = 0; i < n; i++) {
+                L[i] = (int8_t)(nmax + std::max(-nmax, std::min(nmax - 1, nearest_int(iscale * x[i]))));
+            }
+            scale = sumlx / suml2;
+            best = scale * sumlx;
+        }
+    }
+    return scale;
+}
+
+static void quantize_row_q6_K(const float* x, BlockQ6_K* y, int64_t n) {
+    int8_t L[QK_K];
+    float scales[QK_K / 16];
+    for (int64_t b = 0; b < n / QK_K; b++, x += QK_K) {
+        float max_scale = 0.0f, max_abs_scale = 0.0f;
+        for (int j = 0; j < QK_K / 16; j++) {
+            scales[j] = kq_fit_scale_q6(x + 16 * j, L + 16 * j);
+            if (std::fabs(scales[j]) > max_abs_scale) {
+                max_abs_scale = std::fabs(scales[j]);
+                max_scale = scales[j];
+            }
+        }
+        if (max_abs_scale < 1e-15f) {
+            memset(&y[b], 0, sizeof(BlockQ6_K));
+            continue;
+        }
+        float iscale = -128.0f / max_scale;
+        y[b].d = fp32_to_fp16(1.0f / iscale);
+        for (int j = 0; j < QK_K / 16; j++) y[b].scales[j] = (int8_t)std::min(127, nearest_int(iscale * scales[j]));
+        for (int j = 0; j < QK_K / 16; j++) {  // requantize against the stored scales
+            float d = fp16_to_fp32(y[b].d) * (float)y[b].scales[j];
+            if (d == 0.0f) continue;
+            for (int l = 0; l < 16; l++) {
+                int q = std::max(-32, std::min(31, nearest_int(x[16 * j + l] / d)));
+                L[16 * j + l] = (int8_t)(q + 32);
+            }
+        }
+        for (int c = 0; c < 2; c++) {  // 128 elements: 64 bytes of ql, 32 of qh (see dequantize_row_q6_K)
+            const int8_t* Lc = L + 128 * c;
+            uint8_t* ql = y[b].ql + 64 * c;
+            uint8_t* qh = y[b].qh + 32 * c;
+            for (int l = 0; l < 32; l++) {
+                ql[l] = (uint8_t)((Lc[l] & 0xf) | ((Lc[l + 64] & 0xf) << 4));
+                ql[l + 32] = (uint8_t)((Lc[l + 32] & 0xf) | ((Lc[l + 96] & 0xf) << 4));
+                qh[l] = (uint8_t)((Lc[l] >> 4) | ((Lc[l + 32] >> 4) << 2) | ((Lc[l + 64] >> 4) << 4) |
+                                  ((Lc[l + 96] >> 4) << 6));
+            }
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// dequantizers for the 5-bit and K-quant formats (the same float operations as ggml's
+// dequantize_row_*, so gguf-py's numpy dequantizers agree bit for bit)
+
+static inline int q5_bit(const uint8_t* qh, int j) { return (qh[j / 8] >> (j % 8)) & 1; }
+
+static void dequantize_row_q5(uint32_t type, const void* src, float* y, int64_t n) {
+    for (int64_t i = 0; i < n / QK; i++, y += QK) {
+        const uint8_t *qs, *qh;
+        float d, m;
+        if (type == GGML_TYPE_Q5_0) {
+            const BlockQ5_0& b = ((const BlockQ5_0*)src)[i];
+            qs = b.qs, qh = b.qh, d = fp16_to_fp32(b.d), m = 0.0f;
+        } else {
+            const BlockQ5_1& b = ((const BlockQ5_1*)src)[i];
+            qs = b.qs, qh = b.qh, d = fp16_to_fp32(b.d), m = fp16_to_fp32(b.m);
+        }
+        for (int j = 0; j < QK; j++) {
+            int q = ((qs[j % 16] >> (4 * (j / 16))) & 0xf) | (q5_bit(qh, j) << 4);
+            y[j] = type == GGML_TYPE_Q5_0 ? (float)(q - 16) * d : (float)q * d + m;
+        }
+    }
+}
+
+// Q2_K: per 128 elements, 32 bytes of qs; bits 2i..2i+1 of qs[l] are element l of 32-group i,
+// groups of 16 have their own scale byte (scale low nibble, minimum high nibble).
+static void dequantize_row_q2_K(const BlockQ2_K* x, float* y, int64_t n) {
+    for (int64_t i = 0; i < n / QK_K; i++) {
+        const float d = fp16_to_fp32(x[i].d), dmin = fp16_to_fp32(x[i].dmin);
+        const uint8_t* q = x[i].qs;
+        int is = 0;
+        for (int c = 0; c < 2; c++, q += 32) {
+            for (int g = 0; g < 4; g++) {
+                for (int h = 0; h < 2; h++) {
+                    uint8_t sc = x[i].scales[is++];
+                    float dl = d * (float)(sc & 0xf), ml = dmin * (float)(sc >> 4);
+                    for (int l = 0; l < 16; l++) *y++ = dl * (float)((q[16 * h + l] >> (2 * g)) & 3) - ml;
+                }
+            }
+        }
+    }
+}
+
+// Q3_K's 16 6-bit scales: low 4 bits in the nibbles of bytes 0-7 (j < 8 low, j >= 8 high),
+// top 2 bits in bits 2*(j/4) of byte 8 + j%4.
+static inline int kq3_scale(const uint8_t* s, int j) {
+    int lo = j < 8 ? s[j] & 0xf : s[j - 8] >> 4;
+    int hi = (s[8 + j % 4] >> (2 * (j / 4))) & 3;
+    return (lo | (hi << 4)) - 32;
+}
+
+// Q3_K: the low 2 bits as Q2_K's; bit (4c + g) of hmask[l] is the third bit of element l of
+// 32-group g in 128-chunk c, and a clear bit means q - 4.
+static void dequantize_row_q3_K(const BlockQ3_K* x, float* y, int64_t n) {
+    for (int64_t i = 0; i < n / QK_K; i++) {
+        const float d = fp16_to_fp32(x[i].d);
+        const uint8_t* q = x[i].qs;
+        int is = 0;
+        uint8_t m = 1;
+        for (int c = 0; c < 2; c++, q += 32) {
+            for (int g = 0; g < 4; g++, m = (uint8_t)(m << 1)) {
+                for (int h = 0; h < 2; h++) {
+                    float dl = d * (float)kq3_scale(x[i].scales, is++);
+                    for (int l = 16 * h; l < 16 * h + 16; l++) {
+                        *y++ = dl * (float)(((q[l] >> (2 * g)) & 3) - ((x[i].hmask[l] & m) ? 0 : 4));
+                    }
+                }
+            }
+        }
+    }
+}
+
+// Q4_K/Q5_K: per 64 elements, 32 bytes of qs; sub-block 2c takes the low nibbles, 2c+1 the high
+// ones; Q5_K's fifth bit of element l of sub-block j is bit j of qh[l].
+template <class Block, bool five>
+static void dequantize_row_q45_K(const Block* x, float* y, int64_t n) {
+    for (int64_t i = 0; i < n / QK_K; i++) {
+        const float d = fp16_to_fp32(x[i].d), dmin = fp16_to_fp32(x[i].dmin);
+        for (int j = 0; j < 8; j++) {
+            int sc, m;
+            kq_scale_min(j, x[i].scales, &sc, &m);
+            const float dj = d * (float)sc, mj = dmin * (float)m;
+            const uint8_t* q = x[i].qs + 32 * (j / 2);
+            for (int l = 0; l < 32; l++) {
+                int v = (q[l] >> (4 * (j % 2))) & 0xf;
+                if constexpr (five) v += ((((const BlockQ5_K*)&x[i])->qh[l] >> j) & 1) << 4;
+                *y++ = dj * (float)v - mj;
+            }
+        }
+    }
+}
+
+// Q6_K: per 128 elements, 64 bytes of ql and 32 of qh. Element l of 32-group g (0..3):
+// low 4 bits from ql[l + 32 * (g % 2)] (low nibble for g < 2, high for g >= 2), high 2 bits
+// from bits 2g..2g+1 of qh[l]; scale scales[2g + l / 16] (scales advance 8 per 128 elements).
+static inline int q6_quant(const uint8_t* ql, const uint8_t* qh, int g, int l) {
+    return ((ql[l + 32 * (g % 2)] >> (4 * (g / 2))) & 0xf) | (((qh[l] >> (2 * g)) & 3) << 4);
+}
+
+static void dequantize_row_q6_K(const BlockQ6_K* x, float* y, int64_t n) {
+    for (int64_t i = 0; i < n / QK_K; i++) {
+        const float d = fp16_to_fp32(x[i].d);
+        for (int c = 0; c < 2; c++) {
+            const uint8_t *ql = x[i].ql + 64 * c, *qh = x[i].qh + 32 * c;
+            const int8_t* sc = x[i].scales + 8 * c;
+            for (int g = 0; g < 4; g++) {
+                for (int l = 0; l < 32; l++) *y++ = d * (float)sc[2 * g + l / 16] * (float)(q6_quant(ql, qh, g, l) - 32);
+            }
+        }
+    }
+}
+
+// Quantizes one row of n floats (n % 32 == 0 for the block types, n % 256 == 0 for the K-quants)
+// to `type`.
 static void quantize_row(uint32_t type, const float* x, void* y, int64_t n) {
     switch (type) {
         case GGML_TYPE_F32: memcpy(y, x, (size_t)n * 4); break;
@@ -111,7 +590,14 @@ static void quantize_row(uint32_t type, const float* x, void* y, int64_t n) {
         case GGML_TYPE_Q8_0: quantize_row_q8_0(x, (BlockQ8_0*)y, n); break;
         case GGML_TYPE_Q4_0: quantize_row_q4_0(x, (BlockQ4_0*)y, n); break;
         case GGML_TYPE_Q4_1: quantize_row_q4_1(x, (BlockQ4_1*)y, n); break;
-        default: FAIL("cannot quantize to type %u", type);
+        case GGML_TYPE_Q5_0: quantize_row_q5_0(x, (BlockQ5_0*)y, n); break;
+        case GGML_TYPE_Q5_1: quantize_row_q5_1(x, (BlockQ5_1*)y, n); break;
+        case GGML_TYPE_Q4_K: quantize_row_q4_K(x, (BlockQ4_K*)y, n); break;
+        case GGML_TYPE_Q5_K: quantize_row_q5_K(x, (BlockQ5_K*)y, n); break;
+        case GGML_TYPE_Q6_K: quantize_row_q6_K(x, (BlockQ6_K*)y, n); break;
+        default:
+            FAIL("cannot quantize to type %s (vicuna writes F16, Q8_0, Q6_K, Q5_K, Q5_1, Q5_0, Q4_K, Q4_1, Q4_0; "
+                 "it only reads Q2_K and Q3_K)", ggml_type_info(type).name ? ggml_type_info(type).name : "?");
     }
 }
 
@@ -153,6 +639,13 @@ static void dequantize_row(uint32_t type, const void* src, float* y, int64_t n) 
             }
             break;
         }
+        case GGML_TYPE_Q5_0:
+        case GGML_TYPE_Q5_1: dequantize_row_q5(type, src, y, n); break;
+        case GGML_TYPE_Q2_K: dequantize_row_q2_K((const BlockQ2_K*)src, y, n); break;
+        case GGML_TYPE_Q3_K: dequantize_row_q3_K((const BlockQ3_K*)src, y, n); break;
+        case GGML_TYPE_Q4_K: dequantize_row_q45_K<BlockQ4_K, false>((const BlockQ4_K*)src, y, n); break;
+        case GGML_TYPE_Q5_K: dequantize_row_q45_K<BlockQ5_K, true>((const BlockQ5_K*)src, y, n); break;
+        case GGML_TYPE_Q6_K: dequantize_row_q6_K((const BlockQ6_K*)src, y, n); break;
         default: FAIL("cannot dequantize type %u", type);
     }
 }
@@ -346,6 +839,41 @@ struct Q4_1Kind {
 #endif
 };
 
+// Q5_0/Q5_1: a nibble plus the fifth bit from qh
+static inline int q5_weight(const uint8_t* qs, const uint8_t* qh, int j) { return nibble(qs, j) | (q5_bit(qh, j) << 4); }
+#ifdef VICUNA_AVX2
+// the 32 bits of qh as 32 bytes, 0x10 where the bit is set (the fifth bit in place)
+static inline __m256i q5_high_bits(const uint8_t* qh) {
+    uint32_t bits;
+    memcpy(&bits, qh, 4);
+    // byte k of the result looks at byte k/8 of bits (shuffles stay within 128-bit lanes, each of
+    // which holds all four bytes), then at bit k%8 of it
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,  //
+                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ull);
+    __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), spread);
+    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit), _mm256_set1_epi8(0x10));
+}
+#endif
+struct Q5_0Kind {
+    typedef BlockQ5_0 Block;
+    static const bool is_unsigned = false, has_min = false;
+    static int weight(const Block& b, int j) { return q5_weight(b.qs, b.qh, j) - 16; }
+#ifdef VICUNA_AVX2
+    static __m256i load(const Block& b) {
+        return _mm256_sub_epi8(_mm256_or_si256(unpack_nibbles(b.qs), q5_high_bits(b.qh)), _mm256_set1_epi8(16));
+    }
+#endif
+};
+struct Q5_1Kind {
+    typedef BlockQ5_1 Block;
+    static const bool is_unsigned = true, has_min = true;
+    static int weight(const Block& b, int j) { return q5_weight(b.qs, b.qh, j); }
+#ifdef VICUNA_AVX2
+    static __m256i load(const Block& b) { return _mm256_or_si256(unpack_nibbles(b.qs), q5_high_bits(b.qh)); }
+#endif
+};
+
 template <class K, int NC>
 static void dot_blocks_ref(const typename K::Block* w, const BlockQ8A* const* x, int nb, float* out) {
     for (int c = 0; c < NC; c++) {
@@ -390,6 +918,203 @@ static void dot_blocks(const typename K::Block* w, const BlockQ8A* const* x, int
 #else
     dot_blocks_ref<K, NC>(w, x, nb, out);
 #endif
+}
+
+// ----------------------------------------------------------------------------
+// K-quant dot products
+//
+// A super-block of 256 weights meets 8 activation blocks. Per 32 elements (activation block g):
+// Q4_K/Q5_K, sub-block g with scale d * sc and minimum dmin * m:
+//   sum_j (d sc q_j - dmin m) (dx qx_j) = (d sc dx) isum + (dmin m) (dx sum_j qx_j)
+//                                       = (d sc dx) isum + (dmin m) s      (s is BlockQ8A's d * sum)
+// so the integer part runs as Q4_1's unsigned maddubs and the minimum costs one scalar
+// multiply-add per 32 elements. Q6_K has two sub-blocks of 16 per activation block with int8
+// scales: the 16-bit pair sums of maddubs are multiplied by their scale with madd (the low
+// 128-bit lane holds elements 0-15, the high lane 16-31), d * dx is applied in float.
+
+template <int NC>
+static void dot_q4_K_ref(const BlockQ4_K* w, const BlockQ8A* const* x, int nsb, float* out) {
+    for (int c = 0; c < NC; c++) {
+        float s = 0.0f;
+        for (int i = 0; i < nsb; i++) {
+            const float d = fp16_to_fp32(w[i].d), dmin = fp16_to_fp32(w[i].dmin);
+            for (int g = 0; g < 8; g++) {
+                const BlockQ8A& xb = x[c][8 * i + g];
+                int sc, m, isum = 0;
+                kq_scale_min(g, w[i].scales, &sc, &m);
+                for (int l = 0; l < 32; l++) isum += ((w[i].qs[32 * (g / 2) + l] >> (4 * (g % 2))) & 0xf) * xb.qs[l];
+                s += d * (float)sc * xb.d * (float)isum - dmin * (float)m * xb.s;
+            }
+        }
+        out[c] = s;
+    }
+}
+
+template <int NC>
+static void dot_q5_K_ref(const BlockQ5_K* w, const BlockQ8A* const* x, int nsb, float* out) {
+    for (int c = 0; c < NC; c++) {
+        float s = 0.0f;
+        for (int i = 0; i < nsb; i++) {
+            const float d = fp16_to_fp32(w[i].d), dmin = fp16_to_fp32(w[i].dmin);
+            for (int g = 0; g < 8; g++) {
+                const BlockQ8A& xb = x[c][8 * i + g];
+                int sc, m, isum = 0;
+                kq_scale_min(g, w[i].scales, &sc, &m);
+                for (int l = 0; l < 32; l++) {
+                    int q = ((w[i].qs[32 * (g / 2) + l] >> (4 * (g % 2))) & 0xf) | (((w[i].qh[l] >> g) & 1) << 4);
+                    isum += q * xb.qs[l];
+                }
+                s += d * (float)sc * xb.d * (float)isum - dmin * (float)m * xb.s;
+            }
+        }
+        out[c] = s;
+    }
+}
+
+template <int NC>
+static void dot_q6_K_ref(const BlockQ6_K* w, const BlockQ8A* const* x, int nsb, float* out) {
+    for (int c = 0; c < NC; c++) {
+        float s = 0.0f;
+        for (int i = 0; i < nsb; i++) {
+            const float d = fp16_to_fp32(w[i].d);
+            for (int g = 0; g < 8; g++) {
+                const BlockQ8A& xb = x[c][8 * i + g];
+                const uint8_t *ql = w[i].ql + 64 * (g / 4), *qh = w[i].qh + 32 * (g / 4);
+                int isum = 0;
+                for (int h = 0; h < 2; h++) {
+                    int part = 0;
+                    for (int l = 16 * h; l < 16 * h + 16; l++) part += (q6_quant(ql, qh, g % 4, l) - 32) * xb.qs[l];
+                    isum += w[i].scales[2 * g + h] * part;
+                }
+                s += d * xb.d * (float)isum;
+            }
+        }
+        out[c] = s;
+    }
+}
+
+#ifdef VICUNA_AVX2
+// the 8 scales and 8 minimums of a Q4_K/Q5_K block as floats times d and dmin
+static inline void kq_block_scales(const uint8_t* s, float d, float dmin, float* sc, float* m) {
+    for (int j = 0; j < 8; j++) {
+        int a, b;
+        kq_scale_min(j, s, &a, &b);
+        sc[j] = d * (float)a;
+        m[j] = dmin * (float)b;
+    }
+}
+
+// One kernel for Q4_K and Q5_K: 32 bytes of qs hold two sub-blocks (low and high nibbles);
+// Q5_K ORs in bit g of each qh byte, moved to 0x10.
+template <class Block, bool five, int NC>
+static void dot_q45_K_avx2(const Block* w, const BlockQ8A* const* x, int nsb, float* out) {
+    __m256 acc[NC];
+    float msum[NC];
+    for (int c = 0; c < NC; c++) {
+        acc[c] = _mm256_setzero_ps();
+        msum[c] = 0.0f;
+    }
+    const __m256i low4 = _mm256_set1_epi8(0x0f), ones16 = _mm256_set1_epi16(1);
+    for (int i = 0; i < nsb; i++) {
+        float sc[8], m[8];
+        kq_block_scales(w[i].scales, fp16_to_fp32(w[i].d), fp16_to_fp32(w[i].dmin), sc, m);
+        __m256i qh = _mm256_setzero_si256();
+        if constexpr (five) qh = _mm256_loadu_si256((const __m256i*)((const BlockQ5_K*)&w[i])->qh);
+        for (int p = 0; p < 4; p++) {
+            __m256i bytes = _mm256_loadu_si256((const __m256i*)(w[i].qs + 32 * p));
+            __m256i q2[2] = {_mm256_and_si256(bytes, low4), _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4)};
+            for (int h = 0; h < 2; h++) {
+                const int g = 2 * p + h;
+                __m256i q = q2[h];
+                if constexpr (five) {
+                    const __m256i bit = _mm256_set1_epi8((char)(1 << g));
+                    q = _mm256_or_si256(q, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit),
+                                                            _mm256_set1_epi8(0x10)));
+                }
+                for (int c = 0; c < NC; c++) {
+                    const BlockQ8A& xb = x[c][8 * i + g];
+                    __m256i xq = _mm256_loadu_si256((const __m256i*)xb.qs);
+                    __m256i p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xq), ones16);
+                    acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(sc[g] * xb.d), _mm256_cvtepi32_ps(p32), acc[c]);
+                    msum[c] += m[g] * xb.s;
+                }
+            }
+        }
+    }
+    for (int c = 0; c < NC; c++) out[c] = hsum_f32x8(acc[c]) - msum[c];
+}
+
+template <int NC>
+static void dot_q6_K_avx2(const BlockQ6_K* w, const BlockQ8A* const* x, int nsb, float* out) {
+    __m256 acc[NC];
+    for (int c = 0; c < NC; c++) acc[c] = _mm256_setzero_ps();
+    const __m256i low4 = _mm256_set1_epi8(0x0f), high2 = _mm256_set1_epi8(0x30), off = _mm256_set1_epi8(32);
+    for (int i = 0; i < nsb; i++) {
+        const float d = fp16_to_fp32(w[i].d);
+        for (int k = 0; k < 2; k++) {
+            __m256i ql0 = _mm256_loadu_si256((const __m256i*)(w[i].ql + 64 * k));
+            __m256i ql1 = _mm256_loadu_si256((const __m256i*)(w[i].ql + 64 * k + 32));
+            __m256i qh = _mm256_loadu_si256((const __m256i*)(w[i].qh + 32 * k));
+            // the four 32-groups of this 128: low nibbles of ql0, ql1, then their high nibbles;
+            // the 2 high bits come from bits 0-1, 2-3, 4-5, 6-7 of qh, moved to bits 4-5
+            __m256i q4[4] = {
+                _mm256_or_si256(_mm256_and_si256(ql0, low4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), high2)),
+                _mm256_or_si256(_mm256_and_si256(ql1, low4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), high2)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low4), _mm256_and_si256(qh, high2)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low4),
+                                _mm256_and_si256(_mm256_srli_epi16(qh, 2), high2))};
+            for (int gg = 0; gg < 4; gg++) {
+                const int g = 4 * k + gg;
+                __m256i q = _mm256_sub_epi8(q4[gg], off);  // -32..31
+                __m256i qabs = _mm256_sign_epi8(q, q);
+                __m256i scales = _mm256_set_m128i(_mm_set1_epi16(w[i].scales[2 * g + 1]), _mm_set1_epi16(w[i].scales[2 * g]));
+                for (int c = 0; c < NC; c++) {
+                    const BlockQ8A& xb = x[c][8 * i + g];
+                    __m256i xq = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)xb.qs), q);
+                    __m256i p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(qabs, xq), scales);
+                    acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(p32), acc[c]);
+                }
+            }
+        }
+    }
+    for (int c = 0; c < NC; c++) out[c] = hsum_f32x8(acc[c]);
+}
+#endif
+
+template <int NC>
+static void dot_q4_K(const BlockQ4_K* w, const BlockQ8A* const* x, int nsb, float* out) {
+#ifdef VICUNA_AVX2
+    dot_q45_K_avx2<BlockQ4_K, false, NC>(w, x, nsb, out);
+#else
+    dot_q4_K_ref<NC>(w, x, nsb, out);
+#endif
+}
+template <int NC>
+static void dot_q5_K(const BlockQ5_K* w, const BlockQ8A* const* x, int nsb, float* out) {
+#ifdef VICUNA_AVX2
+    dot_q45_K_avx2<BlockQ5_K, true, NC>(w, x, nsb, out);
+#else
+    dot_q5_K_ref<NC>(w, x, nsb, out);
+#endif
+}
+template <int NC>
+static void dot_q6_K(const BlockQ6_K* w, const BlockQ8A* const* x, int nsb, float* out) {
+#ifdef VICUNA_AVX2
+    dot_q6_K_avx2<NC>(w, x, nsb, out);
+#else
+    dot_q6_K_ref<NC>(w, x, nsb, out);
+#endif
+}
+
+// Q2_K and Q3_K (read for completeness; llama.cpp's q2_k/q3_k mixes) take the float path: the
+// row is dequantized into a per-thread buffer, then dotted with the f32 activations.
+template <int NC, bool ref>
+static void dot_dequant_f32(uint32_t type, const uint8_t* row, const float* const* x, int n, float* out) {
+    thread_local std::vector<float> buf;
+    if ((int)buf.size() < n) buf.resize((size_t)n);
+    dequantize_row(type, row, buf.data(), n);
+    if constexpr (ref) dot_f32_ref<NC>(buf.data(), x, n, out);
+    else dot_f32<NC>(buf.data(), x, n, out);
 }
 
 // ----------------------------------------------------------------------------
