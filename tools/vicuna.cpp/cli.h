@@ -54,7 +54,7 @@ static const char* const USAGE =
     "             perplexity over a text (the first N chunks of CTX tokens), as llama.cpp computes it\n"
     "  quantize   IN.gguf OUT.gguf TYPE [--pure] [--allow-requantize] [--overwrite]\n"
     "             f32/f16 matrices -> q8_0, q6_k, q5_k_m, q5_k_s, q5_1, q5_0, q4_k_m, q4_k_s, q4_1,\n"
-    "             q4_0 or f16, in llama.cpp's per-tensor mixes (classifier Q6_K, more bits for attn_v\n"
+    "             q4_0, f16 or f32, in llama.cpp's per-tensor mixes (classifier Q6_K, more bits for attn_v\n"
     "             and ffn_down in the _m mixes; rows not a multiple of 256 fall back to Q5_0/Q5_1/\n"
     "             Q8_0); --pure: one type for every matrix; --allow-requantize also converts\n"
     "             already quantized tensors;\n"
@@ -509,7 +509,7 @@ static int cmd_perplexity(const Options& o) {
 }
 
 static int cmd_quantize(const Options& o) {
-    const char* types = "q8_0, q6_k, q5_k_m, q5_k_s, q5_1, q5_0, q4_k_m, q4_k_s, q4_1, q4_0, f16";
+    const char* types = "q8_0, q6_k, q5_k_m, q5_k_s, q5_1, q5_0, q4_k_m, q4_k_s, q4_1, q4_0, f16, f32";
     if (o.positional.size() != 3) FAIL("usage: vicuna quantize IN.gguf OUT.gguf TYPE (TYPE: %s)", types);
     std::string t = o.positional[2];
     for (char& ch : t) ch = (char)tolower((unsigned char)ch);

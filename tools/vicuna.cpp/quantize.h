@@ -20,14 +20,16 @@
 #include "quants.h"
 
 // The names `vicuna quantize` takes: the mix's base type and llama.cpp's file type. `q4_k` and
-// `q5_k` are aliases of the _m mixes, as in llama.cpp's llama-quantize.
+// `q5_k` are aliases of the _m mixes, as in llama.cpp's llama-quantize. `f32` with
+// --allow-requantize dequantizes a file (what the tests compare with gguf-py's dequantizers).
 struct QuantTarget {
     const char* name;
     uint32_t type;   // GGMLType of most matrices
     uint32_t ftype;  // GGUFFileType written to general.file_type
 };
 static const QuantTarget QUANT_TARGETS[] = {
-    {"f16", GGML_TYPE_F16, GGUF_FTYPE_MOSTLY_F16},        {"q8_0", GGML_TYPE_Q8_0, GGUF_FTYPE_MOSTLY_Q8_0},
+    {"f32", GGML_TYPE_F32, GGUF_FTYPE_ALL_F32},           {"f16", GGML_TYPE_F16, GGUF_FTYPE_MOSTLY_F16},
+    {"q8_0", GGML_TYPE_Q8_0, GGUF_FTYPE_MOSTLY_Q8_0},
     {"q6_k", GGML_TYPE_Q6_K, GGUF_FTYPE_MOSTLY_Q6_K},     {"q5_k_m", GGML_TYPE_Q5_K, GGUF_FTYPE_MOSTLY_Q5_K_M},
     {"q5_k", GGML_TYPE_Q5_K, GGUF_FTYPE_MOSTLY_Q5_K_M},   {"q5_k_s", GGML_TYPE_Q5_K, GGUF_FTYPE_MOSTLY_Q5_K_S},
     {"q5_1", GGML_TYPE_Q5_1, GGUF_FTYPE_MOSTLY_Q5_1},     {"q5_0", GGML_TYPE_Q5_0, GGUF_FTYPE_MOSTLY_Q5_0},
@@ -59,7 +61,7 @@ struct QuantMix {
 // QUANT_TARGETS. Keep the two in step when llama.cpp changes its mixes.
 static uint32_t quant_mix_type(QuantMix* mx, std::string_view name, uint64_t ne0, const QuantTarget& t, bool pure) {
     uint32_t type = t.type;
-    if (type == GGML_TYPE_F16) return type;  // not a quantized type: no mix
+    if (type == GGML_TYPE_F32 || type == GGML_TYPE_F16) return type;  // not a quantized type: no mix
     auto has = [&](const char* s) { return name.find(s) != std::string::npos; };
     // the middle layers get more bits every third layer, the first and last eighth always
     auto use_more_bits = [](int i, int n) { return i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2; };
