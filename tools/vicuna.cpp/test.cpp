@@ -582,6 +582,58 @@ static void test_lora() {
     pool_free(&pool);
 }
 
+// The merge on K-quant and Q5 bases (lora.h requantizes each updated row in W's type): the
+// merged weights against W + scale B A in double, as an rms error relative to the result, within
+// the type's round-trip budget (one more rounding on the same grid).
+static void test_lora_merge_kquants() {
+    ThreadPool pool;
+    pool_init(&pool, 2);
+    const int cols = 512, rows = 9, rank = 4;
+    struct {
+        uint32_t type;
+        double budget;
+    } cases[] = {{GGML_TYPE_Q4_K, MAX_ROUNDTRIP_ERR_Q4_K}, {GGML_TYPE_Q5_K, MAX_ROUNDTRIP_ERR_Q5_K},
+                 {GGML_TYPE_Q6_K, MAX_ROUNDTRIP_ERR_Q6_K}, {GGML_TYPE_Q5_0, MAX_ROUNDTRIP_ERR_Q5_0},
+                 {GGML_TYPE_Q5_1, MAX_ROUNDTRIP_ERR_Q5_1}};
+    for (auto& c : cases) {
+        size_t rb = row_size(c.type, cols);
+        std::vector<float> w = randn((size_t)rows * cols, 31), a = randn((size_t)rank * cols, 32),
+                           bm = randn((size_t)rows * rank, 33), wdq((size_t)rows * cols);
+        std::vector<uint8_t> wq(rb * rows);
+        for (int r = 0; r < rows; r++) {
+            quantize_row(c.type, &w[(size_t)r * cols], &wq[r * rb], cols);
+            dequantize_row(c.type, &wq[r * rb], &wdq[(size_t)r * cols], cols);
+        }
+        Tensor W;
+        W.type = c.type, W.rows = rows, W.cols = cols, W.row_bytes = rb, W.data = wq.data();
+        LoraWeight L;
+        L.rank = rank;
+        L.scale = 0.5f;
+        L.a.type = GGML_TYPE_F32, L.a.rows = rank, L.a.cols = cols, L.a.row_bytes = 4 * cols;
+        L.a.data = (const uint8_t*)a.data();
+        Tensor Bt;
+        Bt.type = GGML_TYPE_F32, Bt.rows = rows, Bt.cols = rank, Bt.row_bytes = 4 * rank, Bt.data = (const uint8_t*)bm.data();
+        lora_prepare(&L, Bt, "test", 32);
+        Adapter ad;
+        lora_merge_into(&W, &L, &ad, &pool);
+        CHECK(W.data != wq.data() && W.type == c.type, "merge %s: the weight was not replaced", ggml_type_info(c.type).name);
+        double err = 0, ref2 = 0;
+        std::vector<float> row(cols);
+        for (int r = 0; r < rows; r++) {
+            dequantize_row(c.type, W.data + (size_t)r * rb, row.data(), cols);
+            for (int i = 0; i < cols; i++) {
+                double ref = wdq[(size_t)r * cols + i];
+                for (int k = 0; k < rank; k++) ref += (double)L.scale * bm[(size_t)r * rank + k] * a[(size_t)k * cols + i];
+                err += (row[i] - ref) * (row[i] - ref);
+                ref2 += ref * ref;
+            }
+        }
+        double e = std::sqrt(err / ref2);
+        CHECK(e <= c.budget, "merge %s: rms error %.4f exceeds %.4f", ggml_type_info(c.type).name, e, c.budget);
+    }
+    pool_free(&pool);
+}
+
 // Deterministic test data with no libm in it: each value is an Irwin-Hall sum of four xorshift
 // uniforms (exact float operations), in super-blocks of varying scale and offset, some all zero.
 static std::vector<float> golden_input(int n) {
@@ -677,6 +729,7 @@ static int run_unit() {
     test_quant_golden();
     test_kernels_read_only();
     test_lora();
+    test_lora_merge_kquants();
     test_pretokenizer();
     test_printer();
     test_templates();
