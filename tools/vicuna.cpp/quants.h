@@ -994,30 +994,43 @@ static void dot_q6_K_ref(const BlockQ6_K* w, const BlockQ8A* const* x, int nsb, 
 }
 
 #ifdef VICUNA_AVX2
-// the 8 scales and 8 minimums of a Q4_K/Q5_K block as floats times d and dmin
-static inline void kq_block_scales(const uint8_t* s, float d, float dmin, float* sc, float* m) {
-    for (int j = 0; j < 8; j++) {
-        int a, b;
-        kq_scale_min(j, s, &a, &b);
-        sc[j] = d * (float)a;
-        m[j] = dmin * (float)b;
-    }
+// The 8 scales and 8 minimums of a Q4_K/Q5_K block (kq_scale_min) at once: as four 32-bit words,
+// sc[0..3] = word 0 & 0x3f.., sc[4..7] = low nibbles of word 2 | top 2 bits of word 0 << 4,
+// m[0..3] = word 1 & 0x3f.., m[4..7] = high nibbles of word 2 | top 2 bits of word 1 << 4;
+// returned as floats times d and dmin.
+static inline void kq_scales_f32x8(const uint8_t* s, float d, float dmin, __m256* sc, __m256* m) {
+    uint32_t u[3], v[4];
+    memcpy(u, s, 12);
+    v[0] = u[0] & 0x3f3f3f3fu;
+    v[1] = (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4);
+    v[2] = u[1] & 0x3f3f3f3fu;
+    v[3] = ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4);
+    __m128i b = _mm_loadu_si128((const __m128i*)v);  // 8 scale bytes, then 8 minimum bytes
+    *sc = _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)));
+    *m = _mm256_mul_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8))));
 }
 
 // One kernel for Q4_K and Q5_K: 32 bytes of qs hold two sub-blocks (low and high nibbles);
-// Q5_K ORs in bit g of each qh byte, moved to 0x10.
+// Q5_K ORs in bit g of each qh byte, moved to 0x10. Per super-block and token, the 8 sub-block
+// scales times the 8 activation scales are one vector multiply, and the minimums' term
+// dmin m . s is one vector multiply-add: no scalar work per 32 elements beyond a broadcast.
+// Two accumulators per token (even and odd sub-blocks) halve the multiply-add chain.
 template <class Block, bool five, int NC>
 static void dot_q45_K_avx2(const Block* w, const BlockQ8A* const* x, int nsb, float* out) {
-    __m256 acc[NC];
-    float msum[NC];
-    for (int c = 0; c < NC; c++) {
-        acc[c] = _mm256_setzero_ps();
-        msum[c] = 0.0f;
-    }
+    __m256 acc[NC][2], macc[NC];
+    for (int c = 0; c < NC; c++) acc[c][0] = acc[c][1] = macc[c] = _mm256_setzero_ps();
     const __m256i low4 = _mm256_set1_epi8(0x0f), ones16 = _mm256_set1_epi16(1);
+    alignas(32) float scale[NC][8];  // d sc[g] times the activation block's d
     for (int i = 0; i < nsb; i++) {
-        float sc[8], m[8];
-        kq_block_scales(w[i].scales, fp16_to_fp32(w[i].d), fp16_to_fp32(w[i].dmin), sc, m);
+        __m256 sc, m;
+        kq_scales_f32x8(w[i].scales, fp16_to_fp32(w[i].d), fp16_to_fp32(w[i].dmin), &sc, &m);
+        for (int c = 0; c < NC; c++) {
+            const BlockQ8A* xb = &x[c][8 * i];
+            __m256 xd = _mm256_setr_ps(xb[0].d, xb[1].d, xb[2].d, xb[3].d, xb[4].d, xb[5].d, xb[6].d, xb[7].d);
+            __m256 xs = _mm256_setr_ps(xb[0].s, xb[1].s, xb[2].s, xb[3].s, xb[4].s, xb[5].s, xb[6].s, xb[7].s);
+            _mm256_store_ps(scale[c], _mm256_mul_ps(sc, xd));
+            macc[c] = _mm256_fmadd_ps(m, xs, macc[c]);
+        }
         __m256i qh = _mm256_setzero_si256();
         if constexpr (five) qh = _mm256_loadu_si256((const __m256i*)((const BlockQ5_K*)&w[i])->qh);
         for (int p = 0; p < 4; p++) {
@@ -1032,25 +1045,33 @@ static void dot_q45_K_avx2(const Block* w, const BlockQ8A* const* x, int nsb, fl
                                                             _mm256_set1_epi8(0x10)));
                 }
                 for (int c = 0; c < NC; c++) {
-                    const BlockQ8A& xb = x[c][8 * i + g];
-                    __m256i xq = _mm256_loadu_si256((const __m256i*)xb.qs);
+                    __m256i xq = _mm256_loadu_si256((const __m256i*)x[c][8 * i + g].qs);
                     __m256i p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xq), ones16);
-                    acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(sc[g] * xb.d), _mm256_cvtepi32_ps(p32), acc[c]);
-                    msum[c] += m[g] * xb.s;
+                    acc[c][h] = _mm256_fmadd_ps(_mm256_broadcast_ss(&scale[c][g]), _mm256_cvtepi32_ps(p32), acc[c][h]);
                 }
             }
         }
     }
-    for (int c = 0; c < NC; c++) out[c] = hsum_f32x8(acc[c]) - msum[c];
+    for (int c = 0; c < NC; c++) out[c] = hsum_f32x8(_mm256_add_ps(acc[c][0], acc[c][1])) - hsum_f32x8(macc[c]);
 }
 
 template <int NC>
 static void dot_q6_K_avx2(const BlockQ6_K* w, const BlockQ8A* const* x, int nsb, float* out) {
-    __m256 acc[NC];
-    for (int c = 0; c < NC; c++) acc[c] = _mm256_setzero_ps();
+    __m256 acc[NC][2];
+    for (int c = 0; c < NC; c++) acc[c][0] = acc[c][1] = _mm256_setzero_ps();
     const __m256i low4 = _mm256_set1_epi8(0x0f), high2 = _mm256_set1_epi8(0x30), off = _mm256_set1_epi8(32);
+    // the int16 pair (scale 2g, scale 2g+1) of 32-bit word g, spread: low lane 2g, high lane 2g+1
+    const __m256i pair_lo_hi = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,  //
+                                                2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3);
+    alignas(32) float scale[NC][8];  // d times the activation block's d
     for (int i = 0; i < nsb; i++) {
-        const float d = fp16_to_fp32(w[i].d);
+        const __m256 d = _mm256_set1_ps(fp16_to_fp32(w[i].d));
+        for (int c = 0; c < NC; c++) {
+            const BlockQ8A* xb = &x[c][8 * i];
+            __m256 xd = _mm256_setr_ps(xb[0].d, xb[1].d, xb[2].d, xb[3].d, xb[4].d, xb[5].d, xb[6].d, xb[7].d);
+            _mm256_store_ps(scale[c], _mm256_mul_ps(d, xd));
+        }
+        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)w[i].scales));  // 16 x int16
         for (int k = 0; k < 2; k++) {
             __m256i ql0 = _mm256_loadu_si256((const __m256i*)(w[i].ql + 64 * k));
             __m256i ql1 = _mm256_loadu_si256((const __m256i*)(w[i].ql + 64 * k + 32));
@@ -1067,17 +1088,16 @@ static void dot_q6_K_avx2(const BlockQ6_K* w, const BlockQ8A* const* x, int nsb,
                 const int g = 4 * k + gg;
                 __m256i q = _mm256_sub_epi8(q4[gg], off);  // -32..31
                 __m256i qabs = _mm256_sign_epi8(q, q);
-                __m256i scales = _mm256_set_m128i(_mm_set1_epi16(w[i].scales[2 * g + 1]), _mm_set1_epi16(w[i].scales[2 * g]));
+                __m256i scales = _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(sc16, _mm256_set1_epi32(g)), pair_lo_hi);
                 for (int c = 0; c < NC; c++) {
-                    const BlockQ8A& xb = x[c][8 * i + g];
-                    __m256i xq = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)xb.qs), q);
+                    __m256i xq = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)x[c][8 * i + g].qs), q);
                     __m256i p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(qabs, xq), scales);
-                    acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(p32), acc[c]);
+                    acc[c][gg & 1] = _mm256_fmadd_ps(_mm256_broadcast_ss(&scale[c][g]), _mm256_cvtepi32_ps(p32), acc[c][gg & 1]);
                 }
             }
         }
     }
-    for (int c = 0; c < NC; c++) out[c] = hsum_f32x8(acc[c]);
+    for (int c = 0; c < NC; c++) out[c] = hsum_f32x8(_mm256_add_ps(acc[c][0], acc[c][1]));
 }
 #endif
 
