@@ -579,6 +579,9 @@ static void dequantize_row_q6_K(const BlockQ6_K* x, float* y, int64_t n) {
     }
 }
 
+// the types quantize_row writes (the engine reads Q2_K and Q3_K too, but has no quantizer for them)
+static bool can_quantize_row(uint32_t type) { return type != GGML_TYPE_Q2_K && type != GGML_TYPE_Q3_K; }
+
 // Quantizes one row of n floats (n % 32 == 0 for the block types, n % 256 == 0 for the K-quants)
 // to `type`.
 static void quantize_row(uint32_t type, const float* x, void* y, int64_t n) {
