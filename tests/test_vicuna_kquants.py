@@ -67,6 +67,13 @@ def llama_quantize(src: str, out: str, ftype: int) -> str:
     return out
 
 
+def logits(vicuna, path, ids, tmp_path, *extra) -> np.ndarray:
+    """vicuna eval's final-position logits, with extra flags (--lora ...)."""
+    out = tmp_path / "logits.bin"
+    run([vicuna, "eval", "-m", path, "--ids", ",".join(map(str, ids)), "--dump-logits", out, *extra])
+    return np.fromfile(out, dtype="<f4")
+
+
 def tensor_bytes(t) -> np.ndarray:
     return np.asarray(t.data).reshape(-1).view(np.uint8)
 
@@ -290,3 +297,36 @@ def test_engine_matches_llama_cpp_on_its_files(vicuna, kq_model, kq_prompts, qty
         theirs = np.array(llm.scores[len(ids) - 1], dtype=np.float32)
         ours = vicuna_logits(vicuna, path, ids, tmp_path)
         assert rel_err(ours, theirs) < LLAMA_LOGITS_RTOL, (qtype, rel_err(ours, theirs))
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA on K-quant and Q5 bases
+
+# `--lora-mode merge` requantizes each updated row in the base's type (lora.h); `runtime` leaves
+# the base untouched. Their logits differ by that one more rounding of W + scale B A, as much as
+# quantizing the f32 model does on this sensitive random model (KQ_LOGITS_RTOL): measured q6_k
+# 0.048-0.058, q5_0 0.11-0.15, q4_k_m 0.15-0.21 on three prompts, while the adapter itself moves
+# the logits by 0.88-1.40 (a merge that lost the update would be that far off).
+LORA_MERGE_RTOL = {"q6_k": 0.09, "q5_0": 0.2, "q4_k_m": 0.3}
+
+
+@pytest.fixture(scope="module")
+def kq_adapter(kq_model, tmp_path_factory):
+    """A random adapter (rank 8 on every linear layer) for the kq model, as a GGUF."""
+    from test_lora_gguf import ALL_TARGETS, convert, make_adapter
+
+    root = tmp_path_factory.mktemp("kq-lora")
+    adapter = make_adapter(kq_model[0], root / "lora", ALL_TARGETS, r=8, alpha=16)
+    out = str(root / "lora.f16.gguf")
+    convert(["--lora_path", adapter, "--model_path", kq_model[0], "--outfile", out, "--outtype", "f16", "--no-verify"])
+    return out
+
+
+@pytest.mark.parametrize("qtype", list(LORA_MERGE_RTOL))
+def test_lora_merge_on_kquant_base(vicuna, kq_files, kq_prompts, kq_adapter, qtype, tmp_path):
+    for ids in kq_prompts:
+        base = logits(vicuna, kq_files[qtype], ids, tmp_path)
+        runtime = logits(vicuna, kq_files[qtype], ids, tmp_path, "--lora", kq_adapter, "--lora-mode", "runtime")
+        merged = logits(vicuna, kq_files[qtype], ids, tmp_path, "--lora", kq_adapter, "--lora-mode", "merge")
+        assert rel_err(runtime, base) > 0.6  # the adapter does something
+        assert rel_err(merged, runtime) < LORA_MERGE_RTOL[qtype], (qtype, rel_err(merged, runtime))
