@@ -720,6 +720,64 @@ static void quantize_act(const float* x, BlockQ8A* y, int64_t n) {
 #endif
 }
 
+// K-quant weights get their own activation blocks, one scale per 256 elements (like ggml's Q8_K):
+// with a single activation scale per super-block, the sub-block scales apply in integer
+// arithmetic and each super-block costs one int -> float conversion and multiply-add per token
+// instead of eight, and the weight minimums need only the sums of 16 quants (bsums).
+struct BlockQ8K {                // our own (never written to a file)
+    float d;                     // scale: x[j] ~= d * qs[j]
+    int8_t qs[QK_K];
+    int16_t bsums[QK_K / 16];    // sums of qs in groups of 16
+};
+
+[[maybe_unused]] static void quantize_act_k_ref(const float* x, BlockQ8K* y, int64_t n) {
+    for (int64_t b = 0; b < n / QK_K; b++, x += QK_K) {
+        float amax = 0.0f;
+        for (int j = 0; j < QK_K; j++) amax = std::max(amax, std::fabs(x[j]));
+        float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+        for (int g = 0; g < QK_K / 16; g++) {
+            int sum = 0;
+            for (int j = 16 * g; j < 16 * g + 16; j++) {
+                int q = (int)std::nearbyintf(x[j] * id);
+                y[b].qs[j] = (int8_t)q;
+                sum += q;
+            }
+            y[b].bsums[g] = (int16_t)sum;
+        }
+        y[b].d = amax / 127.0f;
+    }
+}
+
+static void quantize_act_k(const float* x, BlockQ8K* y, int64_t n) {
+#ifdef VICUNA_AVX2
+    const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+    const int mode = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    for (int64_t b = 0; b < n / QK_K; b++, x += QK_K) {
+        __m256 m = _mm256_setzero_ps();
+        for (int j = 0; j < QK_K; j += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign_bit, _mm256_loadu_ps(x + j)));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        float amax = _mm_cvtss_f32(m4);
+        __m256 id = _mm256_set1_ps(amax != 0.0f ? 127.0f / amax : 0.0f);
+        for (int j = 0; j < QK_K; j += 32) {
+            __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + j), id), mode));
+            __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + j + 8), id), mode));
+            __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + j + 16), id), mode));
+            __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + j + 24), id), mode));
+            y[b].bsums[j / 16] = (int16_t)hsum_i32x8(_mm256_add_epi32(i0, i1));
+            y[b].bsums[j / 16 + 1] = (int16_t)hsum_i32x8(_mm256_add_epi32(i2, i3));
+            __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+            p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256((__m256i*)(y[b].qs + j), p);
+        }
+        y[b].d = amax / 127.0f;
+    }
+#else
+    quantize_act_k_ref(x, y, n);
+#endif
+}
+
 // ----------------------------------------------------------------------------
 // dot products: one weight row against NC activation rows at once
 //
@@ -924,73 +982,76 @@ static void dot_blocks(const typename K::Block* w, const BlockQ8A* const* x, int
 }
 
 // ----------------------------------------------------------------------------
-// K-quant dot products
+// K-quant dot products, against BlockQ8K activations (one scale dx per 256)
 //
-// A super-block of 256 weights meets 8 activation blocks. Per 32 elements (activation block g):
-// Q4_K/Q5_K, sub-block g with scale d * sc and minimum dmin * m:
-//   sum_j (d sc q_j - dmin m) (dx qx_j) = (d sc dx) isum + (dmin m) (dx sum_j qx_j)
-//                                       = (d sc dx) isum + (dmin m) s      (s is BlockQ8A's d * sum)
-// so the integer part runs as Q4_1's unsigned maddubs and the minimum costs one scalar
-// multiply-add per 32 elements. Q6_K has two sub-blocks of 16 per activation block with int8
-// scales: the 16-bit pair sums of maddubs are multiplied by their scale with madd (the low
-// 128-bit lane holds elements 0-15, the high lane 16-31), d * dx is applied in float.
+// Q4_K/Q5_K, sub-block g (32 elements) with scale d sc_g and minimum dmin m_g:
+//   sum_j (d sc_g q_j - dmin m_g) (dx qx_j) = d dx sum_g sc_g isum_g - dmin dx sum_g m_g (b_2g + b_2g+1)
+// with isum_g the integer dot product of the sub-block and b the activation's 16-element sums.
+// Q6_K, sub-block k (16 elements), scale d sc_k, quants q - 32 with q in 0..63:
+//   d dx (sum_k sc_k isum_k - 32 sum_k sc_k b_k)
+// Everything inside the parentheses is integer: in AVX2, maddubs (unsigned weight bytes times
+// signed activation bytes, pairs summed to int16) and madd with the sub-block scales (to int32).
+// Bounds: Q6_K's pairs reach 2 * 63 * 127 = 16002 < 2^15; the int32 sums stay below 2^27.
 
 template <int NC>
-static void dot_q4_K_ref(const BlockQ4_K* w, const BlockQ8A* const* x, int nsb, float* out) {
+static void dot_q4_K_ref(const BlockQ4_K* w, const BlockQ8K* const* x, int nsb, float* out) {
     for (int c = 0; c < NC; c++) {
         float s = 0.0f;
         for (int i = 0; i < nsb; i++) {
-            const float d = fp16_to_fp32(w[i].d), dmin = fp16_to_fp32(w[i].dmin);
+            const BlockQ8K& xb = x[c][i];
+            int isum = 0, msum = 0;
             for (int g = 0; g < 8; g++) {
-                const BlockQ8A& xb = x[c][8 * i + g];
-                int sc, m, isum = 0;
+                int sc, m, part = 0;
                 kq_scale_min(g, w[i].scales, &sc, &m);
-                for (int l = 0; l < 32; l++) isum += ((w[i].qs[32 * (g / 2) + l] >> (4 * (g % 2))) & 0xf) * xb.qs[l];
-                s += d * (float)sc * xb.d * (float)isum - dmin * (float)m * xb.s;
+                for (int l = 0; l < 32; l++) part += ((w[i].qs[32 * (g / 2) + l] >> (4 * (g % 2))) & 0xf) * xb.qs[32 * g + l];
+                isum += sc * part;
+                msum += m * (xb.bsums[2 * g] + xb.bsums[2 * g + 1]);
             }
+            s += fp16_to_fp32(w[i].d) * xb.d * (float)isum - fp16_to_fp32(w[i].dmin) * xb.d * (float)msum;
         }
         out[c] = s;
     }
 }
 
 template <int NC>
-static void dot_q5_K_ref(const BlockQ5_K* w, const BlockQ8A* const* x, int nsb, float* out) {
+static void dot_q5_K_ref(const BlockQ5_K* w, const BlockQ8K* const* x, int nsb, float* out) {
     for (int c = 0; c < NC; c++) {
         float s = 0.0f;
         for (int i = 0; i < nsb; i++) {
-            const float d = fp16_to_fp32(w[i].d), dmin = fp16_to_fp32(w[i].dmin);
+            const BlockQ8K& xb = x[c][i];
+            int isum = 0, msum = 0;
             for (int g = 0; g < 8; g++) {
-                const BlockQ8A& xb = x[c][8 * i + g];
-                int sc, m, isum = 0;
+                int sc, m, part = 0;
                 kq_scale_min(g, w[i].scales, &sc, &m);
                 for (int l = 0; l < 32; l++) {
                     int q = ((w[i].qs[32 * (g / 2) + l] >> (4 * (g % 2))) & 0xf) | (((w[i].qh[l] >> g) & 1) << 4);
-                    isum += q * xb.qs[l];
+                    part += q * xb.qs[32 * g + l];
                 }
-                s += d * (float)sc * xb.d * (float)isum - dmin * (float)m * xb.s;
+                isum += sc * part;
+                msum += m * (xb.bsums[2 * g] + xb.bsums[2 * g + 1]);
             }
+            s += fp16_to_fp32(w[i].d) * xb.d * (float)isum - fp16_to_fp32(w[i].dmin) * xb.d * (float)msum;
         }
         out[c] = s;
     }
 }
 
 template <int NC>
-static void dot_q6_K_ref(const BlockQ6_K* w, const BlockQ8A* const* x, int nsb, float* out) {
+static void dot_q6_K_ref(const BlockQ6_K* w, const BlockQ8K* const* x, int nsb, float* out) {
     for (int c = 0; c < NC; c++) {
         float s = 0.0f;
         for (int i = 0; i < nsb; i++) {
-            const float d = fp16_to_fp32(w[i].d);
+            const BlockQ8K& xb = x[c][i];
+            int isum = 0;
             for (int g = 0; g < 8; g++) {
-                const BlockQ8A& xb = x[c][8 * i + g];
                 const uint8_t *ql = w[i].ql + 64 * (g / 4), *qh = w[i].qh + 32 * (g / 4);
-                int isum = 0;
                 for (int h = 0; h < 2; h++) {
                     int part = 0;
-                    for (int l = 16 * h; l < 16 * h + 16; l++) part += (q6_quant(ql, qh, g % 4, l) - 32) * xb.qs[l];
+                    for (int l = 16 * h; l < 16 * h + 16; l++) part += (q6_quant(ql, qh, g % 4, l) - 32) * xb.qs[32 * g + l];
                     isum += w[i].scales[2 * g + h] * part;
                 }
-                s += d * xb.d * (float)isum;
             }
+            s += fp16_to_fp32(w[i].d) * xb.d * (float)isum;
         }
         out[c] = s;
     }
@@ -999,43 +1060,39 @@ static void dot_q6_K_ref(const BlockQ6_K* w, const BlockQ8A* const* x, int nsb, 
 #ifdef VICUNA_AVX2
 // The 8 scales and 8 minimums of a Q4_K/Q5_K block (kq_scale_min) at once: as four 32-bit words,
 // sc[0..3] = word 0 & 0x3f.., sc[4..7] = low nibbles of word 2 | top 2 bits of word 0 << 4,
-// m[0..3] = word 1 & 0x3f.., m[4..7] = high nibbles of word 2 | top 2 bits of word 1 << 4;
-// returned as floats times d and dmin.
-static inline void kq_scales_f32x8(const uint8_t* s, float d, float dmin, __m256* sc, __m256* m) {
+// m[0..3] = word 1 & 0x3f.., m[4..7] = high nibbles of word 2 | top 2 bits of word 1 << 4.
+// Returns the 8 scale bytes then the 8 minimum bytes.
+static inline __m128i kq_scales_mins_u8(const uint8_t* s) {
     uint32_t u[3], v[4];
     memcpy(u, s, 12);
     v[0] = u[0] & 0x3f3f3f3fu;
     v[1] = (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4);
     v[2] = u[1] & 0x3f3f3f3fu;
     v[3] = ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4);
-    __m128i b = _mm_loadu_si128((const __m128i*)v);  // 8 scale bytes, then 8 minimum bytes
-    *sc = _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)));
-    *m = _mm256_mul_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8))));
+    return _mm_loadu_si128((const __m128i*)v);
 }
 
 // One kernel for Q4_K and Q5_K: 32 bytes of qs hold two sub-blocks (low and high nibbles);
-// Q5_K ORs in bit g of each qh byte, moved to 0x10. Per super-block and token, the 8 sub-block
-// scales times the 8 activation scales are one vector multiply, and the minimums' term
-// dmin m . s is one vector multiply-add: no scalar work per 32 elements beyond a broadcast.
-// Two accumulators per token (even and odd sub-blocks) halve the multiply-add chain.
+// Q5_K ORs in bit g of each qh byte, moved to 0x10.
 template <class Block, bool five, int NC>
-static void dot_q45_K_avx2(const Block* w, const BlockQ8A* const* x, int nsb, float* out) {
-    __m256 acc[NC][2], macc[NC];
-    for (int c = 0; c < NC; c++) acc[c][0] = acc[c][1] = macc[c] = _mm256_setzero_ps();
-    const __m256i low4 = _mm256_set1_epi8(0x0f), ones16 = _mm256_set1_epi16(1);
-    alignas(32) float scale[NC][8];  // d sc[g] times the activation block's d
+static void dot_q45_K_avx2(const Block* w, const BlockQ8K* const* x, int nsb, float* out) {
+    __m256 acc[NC];
+    for (int c = 0; c < NC; c++) acc[c] = _mm256_setzero_ps();
+    const __m256i low4 = _mm256_set1_epi8(0x0f);
+    // each minimum twice, for the 16-element sums: bytes 8, 8, 9, 9, ..., 15, 15
+    const __m128i twice = _mm_setr_epi8(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
     for (int i = 0; i < nsb; i++) {
-        __m256 sc, m;
-        kq_scales_f32x8(w[i].scales, fp16_to_fp32(w[i].d), fp16_to_fp32(w[i].dmin), &sc, &m);
-        for (int c = 0; c < NC; c++) {
-            const BlockQ8A* xb = &x[c][8 * i];
-            __m256 xd = _mm256_setr_ps(xb[0].d, xb[1].d, xb[2].d, xb[3].d, xb[4].d, xb[5].d, xb[6].d, xb[7].d);
-            __m256 xs = _mm256_setr_ps(xb[0].s, xb[1].s, xb[2].s, xb[3].s, xb[4].s, xb[5].s, xb[6].s, xb[7].s);
-            _mm256_store_ps(scale[c], _mm256_mul_ps(sc, xd));
-            macc[c] = _mm256_fmadd_ps(m, xs, macc[c]);
-        }
+        const __m128i sm = kq_scales_mins_u8(w[i].scales);
+        const __m256i mins2 = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(sm, twice));  // 16 x int16
+        const __m256i sc16 = _mm256_cvtepu8_epi16(sm);  // scales in int16 lanes 0..7
+        alignas(32) uint16_t s16[16];
+        _mm256_store_si256((__m256i*)s16, sc16);
+        __m256i scale_g[8];  // each sub-block's scale in every int16 lane
+        for (int g = 0; g < 8; g++) scale_g[g] = _mm256_set1_epi16((short)s16[g]);
         __m256i qh = _mm256_setzero_si256();
         if constexpr (five) qh = _mm256_loadu_si256((const __m256i*)((const BlockQ5_K*)&w[i])->qh);
+        __m256i isum[NC];
+        for (int c = 0; c < NC; c++) isum[c] = _mm256_setzero_si256();
         for (int p = 0; p < 4; p++) {
             __m256i bytes = _mm256_loadu_si256((const __m256i*)(w[i].qs + 32 * p));
             __m256i q2[2] = {_mm256_and_si256(bytes, low4), _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4)};
@@ -1048,33 +1105,37 @@ static void dot_q45_K_avx2(const Block* w, const BlockQ8A* const* x, int nsb, fl
                                                             _mm256_set1_epi8(0x10)));
                 }
                 for (int c = 0; c < NC; c++) {
-                    __m256i xq = _mm256_loadu_si256((const __m256i*)x[c][8 * i + g].qs);
-                    __m256i p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xq), ones16);
-                    acc[c][h] = _mm256_fmadd_ps(_mm256_broadcast_ss(&scale[c][g]), _mm256_cvtepi32_ps(p32), acc[c][h]);
+                    __m256i xq = _mm256_loadu_si256((const __m256i*)(x[c][i].qs + 32 * g));
+                    isum[c] = _mm256_add_epi32(isum[c], _mm256_madd_epi16(_mm256_maddubs_epi16(q, xq), scale_g[g]));
                 }
             }
         }
+        const float d = fp16_to_fp32(w[i].d), dmin = fp16_to_fp32(w[i].dmin);
+        for (int c = 0; c < NC; c++) {
+            const BlockQ8K& xb = x[c][i];
+            __m256i msum = _mm256_madd_epi16(mins2, _mm256_loadu_si256((const __m256i*)xb.bsums));
+            acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(isum[c]), acc[c]);
+            acc[c] = _mm256_fnmadd_ps(_mm256_set1_ps(dmin * xb.d), _mm256_cvtepi32_ps(msum), acc[c]);
+        }
     }
-    for (int c = 0; c < NC; c++) out[c] = hsum_f32x8(_mm256_add_ps(acc[c][0], acc[c][1])) - hsum_f32x8(macc[c]);
+    for (int c = 0; c < NC; c++) out[c] = hsum_f32x8(acc[c]);
 }
 
 template <int NC>
-static void dot_q6_K_avx2(const BlockQ6_K* w, const BlockQ8A* const* x, int nsb, float* out) {
-    __m256 acc[NC][2];
-    for (int c = 0; c < NC; c++) acc[c][0] = acc[c][1] = _mm256_setzero_ps();
-    const __m256i low4 = _mm256_set1_epi8(0x0f), high2 = _mm256_set1_epi8(0x30), off = _mm256_set1_epi8(32);
+static void dot_q6_K_avx2(const BlockQ6_K* w, const BlockQ8K* const* x, int nsb, float* out) {
+    __m256 acc[NC];
+    for (int c = 0; c < NC; c++) acc[c] = _mm256_setzero_ps();
+    const __m256i low4 = _mm256_set1_epi8(0x0f), high2 = _mm256_set1_epi8(0x30);
     // the int16 pair (scale 2g, scale 2g+1) of 32-bit word g, spread: low lane 2g, high lane 2g+1
     const __m256i pair_lo_hi = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,  //
                                                 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3);
-    alignas(32) float scale[NC][8];  // d times the activation block's d
     for (int i = 0; i < nsb; i++) {
-        const __m256 d = _mm256_set1_ps(fp16_to_fp32(w[i].d));
-        for (int c = 0; c < NC; c++) {
-            const BlockQ8A* xb = &x[c][8 * i];
-            __m256 xd = _mm256_setr_ps(xb[0].d, xb[1].d, xb[2].d, xb[3].d, xb[4].d, xb[5].d, xb[6].d, xb[7].d);
-            _mm256_store_ps(scale[c], _mm256_mul_ps(d, xd));
-        }
         const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)w[i].scales));  // 16 x int16
+        __m256i isum[NC];
+        for (int c = 0; c < NC; c++) {  // the -32 offset: -32 sum_k sc_k b_k
+            __m256i off = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i*)x[c][i].bsums));
+            isum[c] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(off, 5));
+        }
         for (int k = 0; k < 2; k++) {
             __m256i ql0 = _mm256_loadu_si256((const __m256i*)(w[i].ql + 64 * k));
             __m256i ql1 = _mm256_loadu_si256((const __m256i*)(w[i].ql + 64 * k + 32));
@@ -1089,23 +1150,22 @@ static void dot_q6_K_avx2(const BlockQ6_K* w, const BlockQ8A* const* x, int nsb,
                                 _mm256_and_si256(_mm256_srli_epi16(qh, 2), high2))};
             for (int gg = 0; gg < 4; gg++) {
                 const int g = 4 * k + gg;
-                __m256i q = _mm256_sub_epi8(q4[gg], off);  // -32..31
-                __m256i qabs = _mm256_sign_epi8(q, q);
                 __m256i scales = _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(sc16, _mm256_set1_epi32(g)), pair_lo_hi);
                 for (int c = 0; c < NC; c++) {
-                    __m256i xq = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)x[c][8 * i + g].qs), q);
-                    __m256i p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(qabs, xq), scales);
-                    acc[c][gg & 1] = _mm256_fmadd_ps(_mm256_broadcast_ss(&scale[c][g]), _mm256_cvtepi32_ps(p32), acc[c][gg & 1]);
+                    __m256i xq = _mm256_loadu_si256((const __m256i*)(x[c][i].qs + 32 * g));
+                    isum[c] = _mm256_add_epi32(isum[c], _mm256_madd_epi16(_mm256_maddubs_epi16(q4[gg], xq), scales));
                 }
             }
         }
+        const float d = fp16_to_fp32(w[i].d);
+        for (int c = 0; c < NC; c++) acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(d * x[c][i].d), _mm256_cvtepi32_ps(isum[c]), acc[c]);
     }
-    for (int c = 0; c < NC; c++) out[c] = hsum_f32x8(_mm256_add_ps(acc[c][0], acc[c][1]));
+    for (int c = 0; c < NC; c++) out[c] = hsum_f32x8(acc[c]);
 }
 #endif
 
 template <int NC>
-static void dot_q4_K(const BlockQ4_K* w, const BlockQ8A* const* x, int nsb, float* out) {
+static void dot_q4_K(const BlockQ4_K* w, const BlockQ8K* const* x, int nsb, float* out) {
 #ifdef VICUNA_AVX2
     dot_q45_K_avx2<BlockQ4_K, false, NC>(w, x, nsb, out);
 #else
@@ -1113,7 +1173,7 @@ static void dot_q4_K(const BlockQ4_K* w, const BlockQ8A* const* x, int nsb, floa
 #endif
 }
 template <int NC>
-static void dot_q5_K(const BlockQ5_K* w, const BlockQ8A* const* x, int nsb, float* out) {
+static void dot_q5_K(const BlockQ5_K* w, const BlockQ8K* const* x, int nsb, float* out) {
 #ifdef VICUNA_AVX2
     dot_q45_K_avx2<BlockQ5_K, true, NC>(w, x, nsb, out);
 #else
@@ -1121,7 +1181,7 @@ static void dot_q5_K(const BlockQ5_K* w, const BlockQ8A* const* x, int nsb, floa
 #endif
 }
 template <int NC>
-static void dot_q6_K(const BlockQ6_K* w, const BlockQ8A* const* x, int nsb, float* out) {
+static void dot_q6_K(const BlockQ6_K* w, const BlockQ8K* const* x, int nsb, float* out) {
 #ifdef VICUNA_AVX2
     dot_q6_K_avx2<NC>(w, x, nsb, out);
 #else

@@ -164,6 +164,21 @@ static void test_kernels() {
     std::vector<float> xdq((size_t)B * cols);  // the activations as the int8 kernels see them
     for (size_t i = 0; i < xq.size(); i++)
         for (int j = 0; j < QK; j++) xdq[i * QK + j] = xq[i].d * xq[i].qs[j];
+    // the K-quants' activation blocks (one scale per 256, sums of 16)
+    std::vector<BlockQ8K> xqk((size_t)B * cols / QK_K), xqk_ref((size_t)B * cols / QK_K);
+    quantize_act_k(x.data(), xqk.data(), (int64_t)B * cols);
+    quantize_act_k_ref(x.data(), xqk_ref.data(), (int64_t)B * cols);
+    CHECK(memcmp(xqk.data(), xqk_ref.data(), xqk.size() * sizeof(BlockQ8K)) == 0,
+          "quantize_act_k differs from quantize_act_k_ref");
+    std::vector<float> xdqk((size_t)B * cols);
+    for (size_t i = 0; i < xqk.size(); i++) {
+        for (int g = 0; g < QK_K / 16; g++) {
+            int sum = 0;
+            for (int j = 16 * g; j < 16 * g + 16; j++) sum += xqk[i].qs[j];
+            CHECK(sum == xqk[i].bsums[g], "quantize_act_k: bsums[%d] = %d, the quants sum to %d", g, xqk[i].bsums[g], sum);
+        }
+        for (int j = 0; j < QK_K; j++) xdqk[i * QK_K + j] = xqk[i].d * xqk[i].qs[j];
+    }
 
     struct {
         uint32_t type;
@@ -186,20 +201,21 @@ static void test_kernels() {
         for (int r = 0; r < rows; r++) {
             float o4[4], o1 = 0.0f, oref = 0.0f;
             for (int b = 0; b < B; b++) {
-                dot_row<1>(c.type, &wq[r * rb], x.data(), xq.data(), b, cols, &o1);
-                dot_row_ref<1>(c.type, &wq[r * rb], x.data(), xq.data(), b, cols, &oref);
+                dot_row<1>(c.type, &wq[r * rb], x.data(), xq.data(), xqk.data(), b, cols, &o1);
+                dot_row_ref<1>(c.type, &wq[r * rb], x.data(), xq.data(), xqk.data(), b, cols, &oref);
                 CHECK(std::fabs(o1 - oref) <= 1e-5f * (1.0f + std::fabs(oref)), "%s: SIMD kernel %g, portable %g",
                       ggml_type_info(c.type).name, o1, oref);
                 if (b + 4 <= B && b % 4 == 0) {
-                    dot_row<4>(c.type, &wq[r * rb], x.data(), xq.data(), b, cols, o4);
+                    dot_row<4>(c.type, &wq[r * rb], x.data(), xq.data(), xqk.data(), b, cols, o4);
                     for (int k = 0; k < 4; k++) {
                         float ok = 0.0f;
-                        dot_row<1>(c.type, &wq[r * rb], x.data(), xq.data(), b + k, cols, &ok);
+                        dot_row<1>(c.type, &wq[r * rb], x.data(), xq.data(), xqk.data(), b + k, cols, &ok);
                         CHECK(o4[k] == ok, "%s: 4-column kernel %g differs from 1-column %g",
                               ggml_type_info(c.type).name, o4[k], ok);
                     }
                 }
-                const float* xs = &(qt ? xdq : x)[(size_t)b * cols];
+                bool kq = c.type == GGML_TYPE_Q4_K || c.type == GGML_TYPE_Q5_K || c.type == GGML_TYPE_Q6_K;
+                const float* xs = &(kq ? xdqk : qt ? xdq : x)[(size_t)b * cols];
                 double norm = std::sqrt(dot_exact(&wdq[(size_t)r * cols], &wdq[(size_t)r * cols], cols) *
                                         dot_exact(&x[(size_t)b * cols], &x[(size_t)b * cols], cols));
                 double exact_same = dot_exact(&wdq[(size_t)r * cols], xs, cols);
@@ -686,7 +702,9 @@ static void test_kernels_read_only() {
     const int cols = 512, B = 5;
     std::vector<float> x = randn((size_t)B * cols, 21);
     std::vector<BlockQ8A> xq((size_t)B * cols / QK);
+    std::vector<BlockQ8K> xqk((size_t)B * cols / QK_K);
     quantize_act(x.data(), xq.data(), (int64_t)B * cols);
+    quantize_act_k(x.data(), xqk.data(), (int64_t)B * cols);
     std::mt19937_64 rng(5);
     for (uint32_t t : {GGML_TYPE_Q2_K, GGML_TYPE_Q3_K}) {
         std::vector<uint8_t> w(row_size(t, cols));
@@ -705,14 +723,14 @@ static void test_kernels_read_only() {
         dequantize_row(t, w.data(), wdq.data(), cols);
         for (int b = 0; b < B; b++) {
             float o = 0.0f, oref = 0.0f, o4[4];
-            dot_row<1>(t, w.data(), x.data(), xq.data(), b, cols, &o);
-            dot_row_ref<1>(t, w.data(), x.data(), xq.data(), b, cols, &oref);
+            dot_row<1>(t, w.data(), x.data(), xq.data(), xqk.data(), b, cols, &o);
+            dot_row_ref<1>(t, w.data(), x.data(), xq.data(), xqk.data(), b, cols, &oref);
             double exact = dot_exact(wdq.data(), &x[(size_t)b * cols], cols);
             double norm = std::sqrt(dot_exact(wdq.data(), wdq.data(), cols) * dot_exact(&x[(size_t)b * cols], &x[(size_t)b * cols], cols));
             CHECK(std::fabs(o - exact) <= MAX_KERNEL_ERR * norm && std::fabs(oref - exact) <= MAX_KERNEL_ERR * norm,
                   "%s: kernel %g, portable %g, exact %g", ggml_type_info(t).name, o, oref, exact);
             if (b == 0) {
-                dot_row<4>(t, w.data(), x.data(), xq.data(), 0, cols, o4);
+                dot_row<4>(t, w.data(), x.data(), xq.data(), xqk.data(), 0, cols, o4);
                 CHECK(o4[0] == o, "%s: 4-column kernel %g differs from 1-column %g", ggml_type_info(t).name, o4[0], o);
             }
         }
