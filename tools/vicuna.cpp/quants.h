@@ -1084,11 +1084,10 @@ static void dot_q45_K_avx2(const Block* w, const BlockQ8K* const* x, int nsb, fl
     for (int i = 0; i < nsb; i++) {
         const __m128i sm = kq_scales_mins_u8(w[i].scales);
         const __m256i mins2 = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(sm, twice));  // 16 x int16
-        const __m256i sc16 = _mm256_cvtepu8_epi16(sm);  // scales in int16 lanes 0..7
-        alignas(32) uint16_t s16[16];
-        _mm256_store_si256((__m256i*)s16, sc16);
-        __m256i scale_g[8];  // each sub-block's scale in every int16 lane
-        for (int g = 0; g < 8; g++) scale_g[g] = _mm256_set1_epi16((short)s16[g]);
+        // the scales as int16 in both 128-bit lanes; sub-block g's in every lane is one byte shuffle
+        const __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));
+        __m256i scale_g[8];
+        for (int g = 0; g < 8; g++) scale_g[g] = _mm256_shuffle_epi8(sc16, _mm256_set1_epi16((short)(0x0100 + 0x0202 * g)));
         __m256i qh = _mm256_setzero_si256();
         if constexpr (five) qh = _mm256_loadu_si256((const __m256i*)((const BlockQ5_K*)&w[i])->qh);
         __m256i isum[NC];
@@ -1110,12 +1109,12 @@ static void dot_q45_K_avx2(const Block* w, const BlockQ8K* const* x, int nsb, fl
                 }
             }
         }
-        const float d = fp16_to_fp32(w[i].d), dmin = fp16_to_fp32(w[i].dmin);
-        for (int c = 0; c < NC; c++) {
+        const __m256 d = _mm256_set1_ps(fp16_to_fp32(w[i].d)), dmin = _mm256_set1_ps(fp16_to_fp32(w[i].dmin));
+        for (int c = 0; c < NC; c++) {  // acc += dx (d isum - dmin msum)
             const BlockQ8K& xb = x[c][i];
             __m256i msum = _mm256_madd_epi16(mins2, _mm256_loadu_si256((const __m256i*)xb.bsums));
-            acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(isum[c]), acc[c]);
-            acc[c] = _mm256_fnmadd_ps(_mm256_set1_ps(dmin * xb.d), _mm256_cvtepi32_ps(msum), acc[c]);
+            __m256 f = _mm256_fmsub_ps(d, _mm256_cvtepi32_ps(isum[c]), _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(msum)));
+            acc[c] = _mm256_fmadd_ps(_mm256_broadcast_ss(&xb.d), f, acc[c]);
         }
     }
     for (int c = 0; c < NC; c++) out[c] = hsum_f32x8(acc[c]);
