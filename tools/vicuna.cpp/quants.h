@@ -20,9 +20,10 @@
 // BlockQ8A (int8 with a float scale, like ggml's Q8_0/Q8_1), so every block's dot product runs
 // in int8 with int32 accumulation: 32 multiply-adds per AVX2 instruction instead of 8 in f32.
 // This costs some accuracy (about 1e-2 relative on logits); models stored as F32/F16 take the
-// float path instead, which is what the 1e-3 tests against transformers use. The K-quants'
-// sub-blocks (32, or 16 for Q6_K) sit inside one 32-element activation block, so the weight's
-// sub-block scale and the activation's block scale multiply once per 32 elements.
+// float path instead, which is what the 1e-3 tests against transformers use. K-quant weights
+// take BlockQ8K instead (one float scale per 256 and the sums of each 16 quants, like ggml's
+// Q8_K): their sub-block scales then apply in integer arithmetic, one float multiply-add per
+// super-block (see "K-quant dot products"). A per-32 scale would work too, at 1.5x the work.
 #pragma once
 
 #include <algorithm>
