@@ -324,8 +324,20 @@ static void matmul_worker(void* p, int ith, int nth) {
         if (w->lora) lora_prefetch_panels(w->lora, r0, r1);
         // The chunk's rows (<= ~16 KB) stay in L1 while four tokens at a time stream past them;
         // each weight block is unpacked once per four tokens (prefill).
-        float o[4];
+        float o[8];
         int b = 0;
+#ifdef __AVX512VL__
+        // K-quant kernels keep eight tokens' integer sums in registers when there are 32 of them
+        // (AVX-512VL): the weights and their scales are unpacked once per eight tokens
+        if (w->type == GGML_TYPE_Q4_K || w->type == GGML_TYPE_Q5_K || w->type == GGML_TYPE_Q6_K) {
+            for (; b + 8 <= t->B; b += 8) {
+                for (int64_t r = r0; r < r1; r++) {
+                    dot_row<8>(w->type, w->data + (size_t)r * w->row_bytes, t->x, t->xq, t->xqk, b, t->cols, o);
+                    for (int k = 0; k < 8; k++) out[(size_t)(b + k) * w->rows + r] = o[k];
+                }
+            }
+        }
+#endif
         for (; b + 4 <= t->B; b += 4) {
             for (int64_t r = r0; r < r1; r++) {
                 dot_row<4>(w->type, w->data + (size_t)r * w->row_bytes, t->x, t->xq, t->xqk, b, t->cols, o);

@@ -676,6 +676,28 @@ static uint64_t fnv1a(const uint8_t* p, size_t n) {
     return h;
 }
 
+// The eight-token K-quant kernels (prefill on AVX-512VL machines) against the one-token ones:
+// each token's sum is computed in the same order, so the results are equal.
+static void test_kernels_8_tokens() {
+    const int cols = 512, B = 8;
+    std::vector<float> w = randn(cols, 41), x = randn((size_t)B * cols, 42);
+    std::vector<BlockQ8A> xq((size_t)B * cols / QK);
+    std::vector<BlockQ8K> xqk((size_t)B * cols / QK_K);
+    quantize_act(x.data(), xq.data(), (int64_t)B * cols);
+    quantize_act_k(x.data(), xqk.data(), (int64_t)B * cols);
+    for (uint32_t t : {GGML_TYPE_Q4_K, GGML_TYPE_Q5_K, GGML_TYPE_Q6_K}) {
+        std::vector<uint8_t> wq(row_size(t, cols));
+        quantize_row(t, w.data(), wq.data(), cols);
+        float o8[8];
+        dot_row<8>(t, wq.data(), x.data(), xq.data(), xqk.data(), 0, cols, o8);
+        for (int b = 0; b < B; b++) {
+            float o1 = 0.0f;
+            dot_row<1>(t, wq.data(), x.data(), xq.data(), xqk.data(), b, cols, &o1);
+            CHECK(o8[b] == o1, "%s: 8-token kernel %g differs from 1-token %g (token %d)", ggml_type_info(t).name, o8[b], o1, b);
+        }
+    }
+}
+
 // The K-quant and Q5 quantizers against llama.cpp's own quantize_row_*_ref (vendored ggml-quants.c
 // of llama-cpp-python 0.3.36, compiled and run on golden_input(4096)): FNV-1a of the blocks.
 // tests/test_vicuna_kquants.py checks whole files against llama_model_quantize as well.
@@ -746,6 +768,7 @@ static int run_unit() {
     test_kernels();
     test_quant_golden();
     test_kernels_read_only();
+    test_kernels_8_tokens();
     test_lora();
     test_lora_merge_kquants();
     test_pretokenizer();
