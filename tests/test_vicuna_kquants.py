@@ -9,11 +9,13 @@ against code we did not write:
   the _m mixes' attn_v/ffn_down choices differ by layer) and on the embedded SmolLM2-135M (hidden
   576: llama.cpp's fallbacks to Q5_0, Q5_1 and Q8_0);
 - logits: the engine on K-quant files against its own f32 logits, and on llama.cpp's files
-  (Q2_K and Q3_K mixes included) against llama.cpp's logits.
+  (Q2_K and Q3_K mixes included) against llama.cpp's logits;
+- LoRA on q6_k, q5_0 and q4_k_m bases: merged at load (requantized rows) against run time.
 
-The C++ side (AVX2 against portable kernels, golden blocks from llama.cpp's quantize_row_*_ref,
-round-trip and dot error budgets, LoRA merge on these bases) is in `vicuna-test unit`, which
-tests/test_vicuna_cpp.py runs on the optimized, scalar and sanitizer builds.
+The C++ side (AVX2 against portable kernels, 8- and 4-token kernels against 1-token ones, golden
+blocks from llama.cpp's quantize_row_*_ref, round-trip and dot error budgets, LoRA merge on these
+bases) is in `vicuna-test unit`, which tests/test_vicuna_cpp.py runs on the optimized, scalar and
+sanitizer builds.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import numpy as np
 import pytest
 
 from conftest import NEEDS_CPP
-from test_vicuna_cpp import PROMPTS, gguf_spec, rel_err, run, vicuna_logits, write_gguf
+from test_vicuna_cpp import PROMPTS, gguf_spec, rel_err, run, write_gguf
 
 pytestmark = NEEDS_CPP
 
@@ -280,8 +282,8 @@ def test_quantize_refuses_q2_q3(vicuna, kq_model, tmp_path):
 @pytest.mark.parametrize("qtype", list(KQ_LOGITS_RTOL))
 def test_kquant_logits_close_to_f32(vicuna, kq_model, kq_files, kq_prompts, qtype, tmp_path):
     for ids in kq_prompts:
-        ref = vicuna_logits(vicuna, kq_model[1], ids, tmp_path)
-        got = vicuna_logits(vicuna, kq_files[qtype], ids, tmp_path)
+        ref = logits(vicuna, kq_model[1], ids, tmp_path)
+        got = logits(vicuna, kq_files[qtype], ids, tmp_path)
         assert rel_err(got, ref) < KQ_LOGITS_RTOL[qtype], (qtype, rel_err(got, ref))
 
 
@@ -296,7 +298,7 @@ def test_engine_matches_llama_cpp_on_its_files(vicuna, kq_model, kq_prompts, qty
         llm.reset()
         llm.eval(ids)
         theirs = np.array(llm.scores[len(ids) - 1], dtype=np.float32)
-        ours = vicuna_logits(vicuna, path, ids, tmp_path)
+        ours = logits(vicuna, path, ids, tmp_path)
         assert rel_err(ours, theirs) < LLAMA_LOGITS_RTOL, (qtype, rel_err(ours, theirs))
 
 
