@@ -581,8 +581,8 @@ def corrupt_files(tiny_sp_gguf: str, tiny_sp_dir: str, root) -> dict[str, str]:
     variant("arch_qwen2", lambda s: s.update(arch="qwen2"))
     variant("missing_tensor", lambda s: s["tensors"].pop("blk.1.ffn_down.weight"))
     variant("wrong_shape", lambda s: s["tensors"].update({"blk.0.attn_q.weight": np.zeros((64, 32), np.float32)}))
-    variant("q6_k_tensor", lambda s: s["tensors"].update(
-        {"extra.weight": (np.zeros(210, np.uint8), None, gguf.GGMLQuantizationType.Q6_K)}))
+    variant("iq4_nl_tensor", lambda s: s["tensors"].update(  # a type vicuna does not run
+        {"extra.weight": (np.zeros(18, np.uint8), None, gguf.GGMLQuantizationType.IQ4_NL)}))
     variant("alignment_3", set_kv("general.alignment", 3, T.UINT32))
     variant("bos_out_of_range", set_kv("tokenizer.ggml.bos_token_id", 10**6, T.UINT32))
     variant("tokenizer_bert", set_kv("tokenizer.ggml.model", "bert", T.STRING))

@@ -53,8 +53,11 @@ static const char* const USAGE =
     "  perplexity -m F.gguf -f TEXT.txt [-c CTX] [--chunks N]\n"
     "             perplexity over a text (the first N chunks of CTX tokens), as llama.cpp computes it\n"
     "  quantize   IN.gguf OUT.gguf TYPE [--pure] [--allow-requantize] [--overwrite]\n"
-    "             f32/f16 tensors -> q8_0, q4_0, q4_1 (or f16); for 4-bit types the classifier stays\n"
-    "             q8_0 unless --pure; --allow-requantize also converts already quantized tensors;\n"
+    "             f32/f16 matrices -> q8_0, q6_k, q5_k_m, q5_k_s, q5_1, q5_0, q4_k_m, q4_k_s, q4_1,\n"
+    "             q4_0, f16 or f32, in llama.cpp's per-tensor mixes (classifier Q6_K, more bits for attn_v\n"
+    "             and ffn_down in the _m mixes; rows not a multiple of 256 fall back to Q5_0/Q5_1/\n"
+    "             Q8_0); --pure: one type for every matrix; --allow-requantize also converts\n"
+    "             already quantized tensors;\n"
     "             an existing OUT is replaced only with --overwrite\n"
     "\n"
     "run, chat, eval, bench and perplexity also take --lora ADAPTER.gguf [--lora-scale S]\n"
@@ -508,11 +511,16 @@ static int cmd_perplexity(const Options& o) {
 }
 
 static int cmd_quantize(const Options& o) {
-    if (o.positional.size() != 3) FAIL("usage: vicuna quantize IN.gguf OUT.gguf TYPE (TYPE: q8_0, q4_0, q4_1, f16)");
-    const std::string& t = o.positional[2];
-    uint32_t type = t == "q8_0" ? GGML_TYPE_Q8_0 : t == "q4_0" ? GGML_TYPE_Q4_0 : t == "q4_1" ? GGML_TYPE_Q4_1
-                  : t == "f16" ? GGML_TYPE_F16 : 0xffffffffu;
-    if (type == 0xffffffffu) FAIL("unknown quantization type '%s' (q8_0, q4_0, q4_1, f16)", printable(t).c_str());
+    const char* types = "q8_0, q6_k, q5_k_m, q5_k_s, q5_1, q5_0, q4_k_m, q4_k_s, q4_1, q4_0, f16, f32";
+    if (o.positional.size() != 3) FAIL("usage: vicuna quantize IN.gguf OUT.gguf TYPE (TYPE: %s)", types);
+    std::string t = o.positional[2];
+    for (char& ch : t) ch = (char)tolower((unsigned char)ch);
+    const QuantTarget* target = quant_target(t);
+    if (!target && (t.rfind("q2_k", 0) == 0 || t.rfind("q3_k", 0) == 0)) {
+        FAIL("vicuna quantize does not write '%s' (it runs Q2_K/Q3_K files but has no quantizer for them); "
+             "use llama.cpp's llama-quantize, or one of %s", printable(t).c_str(), types);
+    }
+    if (!target) FAIL("unknown quantization type '%s' (%s)", printable(t).c_str(), types);
     if (o.positional[0] == o.positional[1]) FAIL("the output must not overwrite the input '%s'", printable(o.positional[0]).c_str());
     struct stat st;
     const char* out = o.positional[1].c_str();
@@ -520,7 +528,7 @@ static int cmd_quantize(const Options& o) {
         if (S_ISDIR(st.st_mode)) FAIL("the output '%s' is a directory; name a .gguf file", printable(out).c_str());
         if (!o.overwrite) FAIL("the output '%s' exists; pass --overwrite to replace it", printable(out).c_str());
     }
-    quantize_file(o.positional[0].c_str(), o.positional[1].c_str(), type, o.pure, o.requantize);
+    quantize_file(o.positional[0].c_str(), o.positional[1].c_str(), *target, o.pure, o.requantize);
     return 0;
 }
 

@@ -65,6 +65,7 @@ struct RunState {
     std::vector<float> rope_cos;  // (B, rope_dim/2)
     std::vector<float> rope_sin;  // (B, rope_dim/2)
     std::vector<BlockQ8A> xq;     // (B, max(dim, q_dim, hidden_dim)/32) quantized matmul input
+    std::vector<BlockQ8K> xqk;    // (B, max(dim, q_dim, hidden_dim)/256) the same for K-quant weights
     std::vector<float> logits;    // (B, vocab)
     std::vector<float> lora_t;    // (B, rank) A x of each LoRA pair in one matmul; sized on first use
 };
@@ -86,6 +87,7 @@ static void state_init(RunState* s, const Config* c, int max_batch, int n_ctx, i
     s->rope_sin.assign(B * (c->rope_dim / 2), 0.0f);
     int max_in = std::max(std::max(c->dim, q_dim), c->hidden_dim);
     s->xq.resize(B * ((max_in + QK - 1) / QK));
+    s->xqk.resize(B * ((max_in + QK_K - 1) / QK_K));
     s->logits.assign(B * c->vocab_size, 0.0f);
 }
 
@@ -117,20 +119,36 @@ struct MatmulTask {
     int chunk_end[MATMUL_MAX_JOBS];  // cumulative chunk counts
     int lora_chunks = 0;             // chunks of the A products: [0, lora_chunks) of the counter
     const float* x;       // (B, cols)
-    const BlockQ8A* xq;   // (B, cols/32), when a weight is quantized
+    const BlockQ8A* xq;   // (B, cols/32), when a weight has a 32-element block type
+    const BlockQ8K* xqk;  // (B, cols/256), when a weight is Q4_K/Q5_K/Q6_K
     int B, cols;
     std::atomic<int> next{0};
     std::atomic<int> lora_done{0};   // A chunks finished
 };
 
 template <int NC>
-static inline void dot_row(uint32_t type, const uint8_t* row, const float* x, const BlockQ8A* xq, int b, int cols,
-                           float* out) {
+static inline void dot_row(uint32_t type, const uint8_t* row, const float* x, const BlockQ8A* xq,
+                           const BlockQ8K* xqk, int b, int cols, float* out) {
     if (type == GGML_TYPE_F32 || type == GGML_TYPE_F16) {
         const float* xs[NC];
         for (int c = 0; c < NC; c++) xs[c] = x + (size_t)(b + c) * cols;
         if (type == GGML_TYPE_F32) dot_f32<NC>((const float*)row, xs, cols, out);
         else dot_f16<NC>((const uint16_t*)row, xs, cols, out);
+        return;
+    }
+    if (type == GGML_TYPE_Q2_K || type == GGML_TYPE_Q3_K) {  // the float path (quants.h)
+        const float* xs[NC];
+        for (int c = 0; c < NC; c++) xs[c] = x + (size_t)(b + c) * cols;
+        dot_dequant_f32<NC, false>(type, row, xs, cols, out);
+        return;
+    }
+    if (type == GGML_TYPE_Q4_K || type == GGML_TYPE_Q5_K || type == GGML_TYPE_Q6_K) {
+        const int nsb = cols / QK_K;
+        const BlockQ8K* xs[NC];
+        for (int c = 0; c < NC; c++) xs[c] = xqk + (size_t)(b + c) * nsb;
+        if (type == GGML_TYPE_Q4_K) dot_q4_K<NC>((const BlockQ4_K*)row, xs, nsb, out);
+        else if (type == GGML_TYPE_Q5_K) dot_q5_K<NC>((const BlockQ5_K*)row, xs, nsb, out);
+        else dot_q6_K<NC>((const BlockQ6_K*)row, xs, nsb, out);
         return;
     }
     int nb = cols / QK;
@@ -140,18 +158,22 @@ static inline void dot_row(uint32_t type, const uint8_t* row, const float* x, co
         case GGML_TYPE_Q8_0: dot_blocks<Q8_0Kind, NC>((const BlockQ8_0*)row, xs, nb, out); break;
         case GGML_TYPE_Q4_0: dot_blocks<Q4_0Kind, NC>((const BlockQ4_0*)row, xs, nb, out); break;
         case GGML_TYPE_Q4_1: dot_blocks<Q4_1Kind, NC>((const BlockQ4_1*)row, xs, nb, out); break;
+        case GGML_TYPE_Q5_0: dot_blocks<Q5_0Kind, NC>((const BlockQ5_0*)row, xs, nb, out); break;
+        case GGML_TYPE_Q5_1: dot_blocks<Q5_1Kind, NC>((const BlockQ5_1*)row, xs, nb, out); break;
     }
 }
 
 // the same with the portable kernels (the unit test's reference)
 template <int NC>
-[[maybe_unused]] static void dot_row_ref(uint32_t type, const uint8_t* row, const float* x, const BlockQ8A* xq, int b,
-                                         int cols, float* out) {
+[[maybe_unused]] static void dot_row_ref(uint32_t type, const uint8_t* row, const float* x, const BlockQ8A* xq,
+                                         const BlockQ8K* xqk, int b, int cols, float* out) {
     const float* xs[NC];
     const BlockQ8A* xqs[NC];
+    const BlockQ8K* xks[NC];
     for (int c = 0; c < NC; c++) {
         xs[c] = x + (size_t)(b + c) * cols;
         xqs[c] = xq + (size_t)(b + c) * (cols / QK);
+        xks[c] = xqk + (size_t)(b + c) * (cols / QK_K);
     }
     switch (type) {
         case GGML_TYPE_F32: dot_f32_ref<NC>((const float*)row, xs, cols, out); break;
@@ -159,6 +181,13 @@ template <int NC>
         case GGML_TYPE_Q8_0: dot_blocks_ref<Q8_0Kind, NC>((const BlockQ8_0*)row, xqs, cols / QK, out); break;
         case GGML_TYPE_Q4_0: dot_blocks_ref<Q4_0Kind, NC>((const BlockQ4_0*)row, xqs, cols / QK, out); break;
         case GGML_TYPE_Q4_1: dot_blocks_ref<Q4_1Kind, NC>((const BlockQ4_1*)row, xqs, cols / QK, out); break;
+        case GGML_TYPE_Q5_0: dot_blocks_ref<Q5_0Kind, NC>((const BlockQ5_0*)row, xqs, cols / QK, out); break;
+        case GGML_TYPE_Q5_1: dot_blocks_ref<Q5_1Kind, NC>((const BlockQ5_1*)row, xqs, cols / QK, out); break;
+        case GGML_TYPE_Q4_K: dot_q4_K_ref<NC>((const BlockQ4_K*)row, xks, cols / QK_K, out); break;
+        case GGML_TYPE_Q5_K: dot_q5_K_ref<NC>((const BlockQ5_K*)row, xks, cols / QK_K, out); break;
+        case GGML_TYPE_Q6_K: dot_q6_K_ref<NC>((const BlockQ6_K*)row, xks, cols / QK_K, out); break;
+        case GGML_TYPE_Q2_K:
+        case GGML_TYPE_Q3_K: dot_dequant_f32<NC, true>(type, row, xs, cols, out); break;
     }
 }
 
@@ -295,11 +324,23 @@ static void matmul_worker(void* p, int ith, int nth) {
         if (w->lora) lora_prefetch_panels(w->lora, r0, r1);
         // The chunk's rows (<= ~16 KB) stay in L1 while four tokens at a time stream past them;
         // each weight block is unpacked once per four tokens (prefill).
-        float o[4];
+        float o[8];
         int b = 0;
+#ifdef __AVX512VL__
+        // K-quant kernels keep eight tokens' integer sums in registers when there are 32 of them
+        // (AVX-512VL): the weights and their scales are unpacked once per eight tokens
+        if (w->type == GGML_TYPE_Q4_K || w->type == GGML_TYPE_Q5_K || w->type == GGML_TYPE_Q6_K) {
+            for (; b + 8 <= t->B; b += 8) {
+                for (int64_t r = r0; r < r1; r++) {
+                    dot_row<8>(w->type, w->data + (size_t)r * w->row_bytes, t->x, t->xq, t->xqk, b, t->cols, o);
+                    for (int k = 0; k < 8; k++) out[(size_t)(b + k) * w->rows + r] = o[k];
+                }
+            }
+        }
+#endif
         for (; b + 4 <= t->B; b += 4) {
             for (int64_t r = r0; r < r1; r++) {
-                dot_row<4>(w->type, w->data + (size_t)r * w->row_bytes, t->x, t->xq, b, t->cols, o);
+                dot_row<4>(w->type, w->data + (size_t)r * w->row_bytes, t->x, t->xq, t->xqk, b, t->cols, o);
                 for (int k = 0; k < 4; k++) out[(size_t)(b + k) * w->rows + r] = o[k];
             }
         }
@@ -309,7 +350,7 @@ static void matmul_worker(void* p, int ith, int nth) {
                 continue;
             }
             for (int64_t r = r0; r < r1; r++) {
-                dot_row<1>(w->type, w->data + (size_t)r * w->row_bytes, t->x, t->xq, b, t->cols, o);
+                dot_row<1>(w->type, w->data + (size_t)r * w->row_bytes, t->x, t->xq, t->xqk, b, t->cols, o);
                 out[(size_t)b * w->rows + r] = o[0];
             }
         }
@@ -336,7 +377,7 @@ static void matmul(ThreadPool* pool, RunState* s, const float* x, int B, std::in
     t.x = x;
     t.B = B;
     t.cols = (int)jobs.begin()->w->cols;
-    bool quantized = false;
+    bool quantized = false, kquant = false;  // which activation blocks the weights need
     // LoRA A products first (into s->lora_t), then the weights
     size_t lora_floats = 0;
     for (const MatJob& j : jobs) {
@@ -360,7 +401,10 @@ static void matmul(ThreadPool* pool, RunState* s, const float* x, int B, std::in
     int chunks = 0;
     for (int i = 0; i < t.n_jobs; i++) {
         const Tensor* w = t.jobs[i].w;
-        quantized |= w->type != GGML_TYPE_F32 && w->type != GGML_TYPE_F16;
+        bool k = w->type == GGML_TYPE_Q4_K || w->type == GGML_TYPE_Q5_K || w->type == GGML_TYPE_Q6_K;
+        kquant |= k;
+        quantized |= !k && w->type != GGML_TYPE_F32 && w->type != GGML_TYPE_F16 && w->type != GGML_TYPE_Q2_K &&
+                     w->type != GGML_TYPE_Q3_K;
         t.chunk_rows[i] = matmul_chunk_rows(w, B, pool->n_threads);
         chunks += (int)((w->rows + t.chunk_rows[i] - 1) / t.chunk_rows[i]);
         t.chunk_end[i] = chunks;
@@ -372,6 +416,13 @@ static void matmul(ThreadPool* pool, RunState* s, const float* x, int B, std::in
         t.xq = s->xq.data();
     } else {
         t.xq = nullptr;
+    }
+    if (kquant) {
+        int nsb = t.cols / QK_K;
+        for (int b = 0; b < B; b++) quantize_act_k(x + (size_t)b * t.cols, s->xqk.data() + (size_t)b * nsb, t.cols);
+        t.xqk = s->xqk.data();
+    } else {
+        t.xqk = nullptr;
     }
     pool_run(pool, matmul_worker, &t);
 }

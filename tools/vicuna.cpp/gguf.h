@@ -57,14 +57,21 @@ static const char* const GGUF_TYPE_NAME[GGUF_TYPE_COUNT] = {
     "u8", "i8", "u16", "i16", "u32", "i32", "f32", "bool", "string", "array", "u64", "i64", "f64"};
 static const uint32_t GGUF_TYPE_SIZE[GGUF_TYPE_COUNT] = {1, 1, 2, 2, 4, 4, 4, 1, 0, 0, 8, 8, 8};
 
-// Tensor element types (ggml's numbering). The engine runs the five below; the others are named
+// Tensor element types (ggml's numbering). The engine runs the ones below; the others are named
 // so that the error for an unsupported file says what it found.
 enum GGMLType : uint32_t {
     GGML_TYPE_F32 = 0,
     GGML_TYPE_F16 = 1,
     GGML_TYPE_Q4_0 = 2,
     GGML_TYPE_Q4_1 = 3,
+    GGML_TYPE_Q5_0 = 6,
+    GGML_TYPE_Q5_1 = 7,
     GGML_TYPE_Q8_0 = 8,
+    GGML_TYPE_Q2_K = 10,
+    GGML_TYPE_Q3_K = 11,
+    GGML_TYPE_Q4_K = 12,
+    GGML_TYPE_Q5_K = 13,
+    GGML_TYPE_Q6_K = 14,
 };
 // llama.cpp's general.file_type values for the files `vicuna quantize` writes
 enum GGUFFileType : uint32_t {
@@ -73,6 +80,13 @@ enum GGUFFileType : uint32_t {
     GGUF_FTYPE_MOSTLY_Q4_0 = 2,
     GGUF_FTYPE_MOSTLY_Q4_1 = 3,
     GGUF_FTYPE_MOSTLY_Q8_0 = 7,
+    GGUF_FTYPE_MOSTLY_Q5_0 = 8,
+    GGUF_FTYPE_MOSTLY_Q5_1 = 9,
+    GGUF_FTYPE_MOSTLY_Q4_K_S = 14,
+    GGUF_FTYPE_MOSTLY_Q4_K_M = 15,
+    GGUF_FTYPE_MOSTLY_Q5_K_S = 16,
+    GGUF_FTYPE_MOSTLY_Q5_K_M = 17,
+    GGUF_FTYPE_MOSTLY_Q6_K = 18,
 };
 
 struct TypeInfo {
@@ -89,14 +103,14 @@ static TypeInfo ggml_type_info(uint32_t type) {
         case GGML_TYPE_Q4_0: return {"Q4_0", 32, 18, true};
         case GGML_TYPE_Q4_1: return {"Q4_1", 32, 20, true};
         case GGML_TYPE_Q8_0: return {"Q8_0", 32, 34, true};
-        case 6: return {"Q5_0", 32, 22, false};
-        case 7: return {"Q5_1", 32, 24, false};
+        case GGML_TYPE_Q5_0: return {"Q5_0", 32, 22, true};
+        case GGML_TYPE_Q5_1: return {"Q5_1", 32, 24, true};
         case 9: return {"Q8_1", 32, 36, false};
-        case 10: return {"Q2_K", 256, 84, false};
-        case 11: return {"Q3_K", 256, 110, false};
-        case 12: return {"Q4_K", 256, 144, false};
-        case 13: return {"Q5_K", 256, 176, false};
-        case 14: return {"Q6_K", 256, 210, false};
+        case GGML_TYPE_Q2_K: return {"Q2_K", 256, 84, true};
+        case GGML_TYPE_Q3_K: return {"Q3_K", 256, 110, true};
+        case GGML_TYPE_Q4_K: return {"Q4_K", 256, 144, true};
+        case GGML_TYPE_Q5_K: return {"Q5_K", 256, 176, true};
+        case GGML_TYPE_Q6_K: return {"Q6_K", 256, 210, true};
         case 15: return {"Q8_K", 256, 292, false};
         case 16: return {"IQ2_XXS", 256, 66, false};
         case 17: return {"IQ2_XS", 256, 74, false};
@@ -421,8 +435,8 @@ static void gguf_parse(GGUFFile* f) {
         TypeInfo ti = ggml_type_info(t->type);
         if (!ti.name) FAIL("'%s' is corrupt or too new: %s has unknown tensor type %u", path.c_str(), where, t->type);
         if (!ti.supported) {
-            FAIL("%s in '%s' has type %s, which vicuna does not run (it runs F32, F16, Q8_0, Q4_0, Q4_1); "
-                 "export the model with tools/convert_gguf.py --outtype q8_0 (or q4_0, q4_1)",
+            FAIL("%s in '%s' has type %s, which vicuna does not run (it runs F32, F16, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, "
+                 "Q2_K..Q6_K); export the model with tools/convert_gguf.py --outtype q8_0 (or vicuna quantize to q4_k_m)",
                  where, path.c_str(), ti.name);
         }
         if (t->ne[0] % ti.block != 0) {

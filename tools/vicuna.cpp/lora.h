@@ -330,7 +330,8 @@ static std::string lora_attach(Model* m, const char* path, float scale, LoraMode
     int n_merged = 0;
     ad.merged_data.reserve(adapted.size());
     for (size_t i = 0; i < adapted.size(); i++) {
-        if (ad.merged && adapted[i] != &m->token_embd) {  // the embedding is one row a token: always at run time
+        // the embedding is one row a token, and Q2_K/Q3_K have no quantizer here: always at run time
+        if (ad.merged && adapted[i] != &m->token_embd && can_quantize_row(adapted[i]->type)) {
             LoraWeight& lw = ad.weights[i];
             lora_merge_into(adapted[i], &lw, &ad, pool);
             std::vector<float>().swap(lw.a_f32);  // A and B are in the weights now

@@ -1,21 +1,34 @@
 // quants.h: quantized block formats, the reference quantizers, and the dot-product kernels.
 //
-// Weights: GGUF's 32-element blocks, byte for byte as ggml defines them.
+// Weights: GGUF's blocks, byte for byte as ggml defines them (ggml-common.h). 32-element blocks:
 //   Q8_0  34 bytes  x[j] = d * qs[j]                      qs int8
 //   Q4_0  18 bytes  x[j] = d * (q[j] - 8)                 q 4-bit, unsigned
 //   Q4_1  20 bytes  x[j] = d * q[j] + m                   q 4-bit, unsigned
-// In the 4-bit formats byte qs[j] holds element j in its low nibble and element j+16 in its high
+//   Q5_0  22 bytes  x[j] = d * (q[j] - 16)                q 5-bit: a nibble + bit j of qh
+//   Q5_1  24 bytes  x[j] = d * q[j] + m                   q 5-bit: a nibble + bit j of qh
+// In these formats byte qs[j] holds element j in its low nibble and element j+16 in its high
 // nibble. d and m are fp16.
+// K-quants: 256-element super-blocks (QK_K) of sub-blocks with their own 6- or 8-bit scales:
+//   Q2_K   84 bytes  16 x 16: x = d * sc * q - dmin * m   q 2-bit, sc and m 4-bit   (read only)
+//   Q3_K  110 bytes  16 x 16: x = d * (sc - 32) * q        q 3-bit signed, sc 6-bit  (read only)
+//   Q4_K  144 bytes   8 x 32: x = d * sc * q - dmin * m   q 4-bit, sc and m 6-bit
+//   Q5_K  176 bytes   8 x 32: x = d * sc * q - dmin * m   q 5-bit, sc and m 6-bit
+//   Q6_K  210 bytes  16 x 16: x = d * sc * (q - 32)        q 6-bit, sc int8
+// (the bit layouts are spelled out at each dequantizer below).
 //
 // Activations: before a matmul with quantized weights, each activation row is quantized to
 // BlockQ8A (int8 with a float scale, like ggml's Q8_0/Q8_1), so every block's dot product runs
 // in int8 with int32 accumulation: 32 multiply-adds per AVX2 instruction instead of 8 in f32.
 // This costs some accuracy (about 1e-2 relative on logits); models stored as F32/F16 take the
-// float path instead, which is what the 1e-3 tests against transformers use.
+// float path instead, which is what the 1e-3 tests against transformers use. K-quant weights
+// take BlockQ8K instead (one float scale per 256 and the sums of each 16 quants, like ggml's
+// Q8_K): their sub-block scales then apply in integer arithmetic, one float multiply-add per
+// super-block (see "K-quant dot products"). A per-32 scale would work too, at 1.5x the work.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "common.h"
 #include "gguf.h"
@@ -40,7 +53,56 @@ struct BlockQ8A {        // activations, our own (never written to a file)
     float s;             // d * sum(qs): the Q4_1 minimum multiplies this
     int8_t qs[QK];
 };
+struct BlockQ5_0 {
+    uint16_t d;          // fp16 scale
+    uint8_t qh[4];       // bit j: the fifth bit of element j (little-endian uint32)
+    uint8_t qs[QK / 2];  // nibbles: element j low, element j+16 high
+};
+struct BlockQ5_1 {
+    uint16_t d;          // fp16 scale
+    uint16_t m;          // fp16 minimum
+    uint8_t qh[4];       // bit j: the fifth bit of element j
+    uint8_t qs[QK / 2];  // nibbles: element j low, element j+16 high
+};
+
+static const int QK_K = 256;  // elements per K-quant super-block
+
+struct BlockQ2_K {
+    uint8_t scales[QK_K / 16];  // sub-block j: scale in the low nibble, minimum in the high one
+    uint8_t qs[QK_K / 4];       // 2-bit quants, see dequantize_row_q2_K
+    uint16_t d;                 // fp16 scale of the scales
+    uint16_t dmin;              // fp16 scale of the minimums
+};
+struct BlockQ3_K {
+    uint8_t hmask[QK_K / 8];  // third bit of each quant (set: q - 0, clear: q - 4)
+    uint8_t qs[QK_K / 4];     // low 2 bits of each quant
+    uint8_t scales[12];       // 16 6-bit scales, see kq3_scale
+    uint16_t d;               // fp16 scale of the scales
+};
+struct BlockQ4_K {
+    uint16_t d;               // fp16 scale of the scales
+    uint16_t dmin;            // fp16 scale of the minimums
+    uint8_t scales[12];       // 8 6-bit scales and 8 6-bit minimums, see kq_scale_min
+    uint8_t qs[QK_K / 2];     // 32 bytes per 64 elements: sub-block 2i low nibbles, 2i+1 high
+};
+struct BlockQ5_K {
+    uint16_t d;
+    uint16_t dmin;
+    uint8_t scales[12];
+    uint8_t qh[QK_K / 8];     // bit j of qh[k]: the fifth bit of element k of sub-block j
+    uint8_t qs[QK_K / 2];     // low nibbles, as Q4_K
+};
+struct BlockQ6_K {
+    uint8_t ql[QK_K / 2];     // low 4 bits, see dequantize_row_q6_K
+    uint8_t qh[QK_K / 4];     // high 2 bits
+    int8_t scales[QK_K / 16]; // one int8 scale per 16 elements
+    uint16_t d;               // fp16 scale of the scales
+};
 static_assert(sizeof(BlockQ8_0) == 34, "Q8_0 block must be 34 bytes as in GGUF");
+static_assert(sizeof(BlockQ5_0) == 22 && sizeof(BlockQ5_1) == 24, "Q5 blocks must be 22 and 24 bytes as in GGUF");
+static_assert(sizeof(BlockQ2_K) == 84 && sizeof(BlockQ3_K) == 110, "Q2_K/Q3_K blocks as in GGUF");
+static_assert(sizeof(BlockQ4_K) == 144 && sizeof(BlockQ5_K) == 176 && sizeof(BlockQ6_K) == 210,
+              "Q4_K/Q5_K/Q6_K blocks as in GGUF");
 static_assert(sizeof(BlockQ4_0) == 18, "Q4_0 block must be 18 bytes as in GGUF");
 static_assert(sizeof(BlockQ4_1) == 20, "Q4_1 block must be 20 bytes as in GGUF");
 
@@ -101,7 +163,428 @@ static void quantize_row_q4_1(const float* x, BlockQ4_1* y, int64_t n) {
     }
 }
 
-// Quantizes one row of n floats (n % 32 == 0 for the block types) to `type`.
+// Q5_0/Q5_1: Q4_0/Q4_1 with a fifth bit per element gathered in qh (llama.cpp's
+// quantize_row_q5_0_ref / _q5_1_ref; gguf-py has the same quantizers).
+static void quantize_row_q5_0(const float* x, BlockQ5_0* y, int64_t n) {
+    for (int64_t b = 0; b < n / QK; b++, x += QK) {
+        float amax = 0.0f, max = 0.0f;  // the element of largest magnitude, with its sign
+        for (int j = 0; j < QK; j++) {
+            if (amax < std::fabs(x[j])) {
+                amax = std::fabs(x[j]);
+                max = x[j];
+            }
+        }
+        float d = max / -16.0f;  // max maps to q = 0, i.e. -16
+        float id = d != 0.0f ? 1.0f / d : 0.0f;
+        y[b].d = fp32_to_fp16(d);
+        uint32_t qh = 0;
+        for (int j = 0; j < QK / 2; j++) {
+            uint8_t q0 = (uint8_t)std::min(31, (int)(x[j] * id + 16.5f));
+            uint8_t q1 = (uint8_t)std::min(31, (int)(x[j + QK / 2] * id + 16.5f));
+            y[b].qs[j] = (uint8_t)((q0 & 0xf) | ((q1 & 0xf) << 4));
+            qh |= (uint32_t)((q0 >> 4) & 1) << j;
+            qh |= (uint32_t)((q1 >> 4) & 1) << (j + QK / 2);
+        }
+        memcpy(y[b].qh, &qh, 4);
+    }
+}
+
+static void quantize_row_q5_1(const float* x, BlockQ5_1* y, int64_t n) {
+    for (int64_t b = 0; b < n / QK; b++, x += QK) {
+        float min = x[0], max = x[0];
+        for (int j = 1; j < QK; j++) {
+            min = std::min(min, x[j]);
+            max = std::max(max, x[j]);
+        }
+        float d = (max - min) / 31.0f;
+        float id = d != 0.0f ? 1.0f / d : 0.0f;
+        y[b].d = fp32_to_fp16(d);
+        y[b].m = fp32_to_fp16(min);
+        uint32_t qh = 0;
+        for (int j = 0; j < QK / 2; j++) {
+            // no clamp to 31, as in ggml: a rounding up to 32 keeps only its low bits
+            uint8_t q0 = (uint8_t)(int)((x[j] - min) * id + 0.5f);
+            uint8_t q1 = (uint8_t)(int)((x[j + QK / 2] - min) * id + 0.5f);
+            y[b].qs[j] = (uint8_t)((q0 & 0xf) | ((q1 & 0xf) << 4));
+            qh |= (uint32_t)((q0 >> 4) & 1) << j;
+            qh |= (uint32_t)((q1 >> 4) & 1) << (j + QK / 2);
+        }
+        memcpy(y[b].qh, &qh, 4);
+    }
+}
+
+// ----------------------------------------------------------------------------
+// K-quant reference quantizers, bit-identical to llama.cpp's quantize_row_q{4,5,6}_K_ref (what
+// llama_model_quantize runs without an importance matrix). Their search for scales is float
+// arithmetic whose every rounding decides a bit, so the expressions below keep ggml's operand
+// order (a * b * c is (a * b) * c) and -ffp-contract=off keeps them unfused.
+
+// ggml's nearest_int: adding 1.5 * 2^23 leaves no fraction bits, so the float adder rounds half
+// to even; the integer is read back from the mantissa. Valid for |x| < 2^22.
+static inline int nearest_int(float x) {
+    float v = x + 12582912.0f;
+    int32_t i;
+    memcpy(&i, &v, 4);
+    return (i & 0x007fffff) - 0x00400000;
+}
+
+// Fits x[i] ~= scale * L[i] - the_min with L in [0, nmax], weighted by w, minimising the squared
+// error: a first guess from the range, then nstep + 1 trial scales (rmin + rdelta * is + nmax) /
+// range, each refined by weighted least squares (ggml's make_qkx2_quants). Returns the scale.
+static float kq_fit_scale_min(int n, int nmax, const float* x, const float* w, uint8_t* L, float* the_min,
+                              float rmin, float rdelta, int nstep) {
+    float min = x[0], max = x[0];
+    float sum_w = w[0], sum_x = sum_w * x[0];
+    for (int i = 1; i < n; i++) {
+        if (x[i] < min) min = x[i];
+        if (x[i] > max) max = x[i];
+        sum_w += w[i];
+        sum_x += w[i] * x[i];
+    }
+    if (min > 0.0f) min = 0.0f;
+    if (max == min) {
+        for (int i = 0; i < n; i++) L[i] = 0;
+        *the_min = -min;
+        return 0.0f;
+    }
+    float iscale = (float)nmax / (max - min);
+    float scale = 1.0f / iscale;
+    float best_error = 0.0f;
+    for (int i = 0; i < n; i++) {
+        int l = nearest_int(iscale * (x[i] - min));
+        L[i] = (uint8_t)std::max(0, std::min(nmax, l));
+        float diff = scale * (float)L[i] + min - x[i];
+        best_error += w[i] * (diff * diff);
+    }
+    uint8_t Laux[32];
+    for (int is = 0; is <= nstep; is++) {
+        iscale = (rmin + rdelta * (float)is + (float)nmax) / (max - min);
+        float sum_l = 0.0f, sum_l2 = 0.0f, sum_xl = 0.0f;
+        for (int i = 0; i < n; i++) {
+            int l = std::max(0, std::min(nmax, nearest_int(iscale * (x[i] - min))));
+            Laux[i] = (uint8_t)l;
+            float fl = (float)l;
+            sum_l += w[i] * fl;
+            sum_l2 += w[i] * fl * fl;
+            sum_xl += w[i] * fl * x[i];
+        }
+        float D = sum_w * sum_l2 - sum_l * sum_l;
+        if (D > 0.0f) {
+            float this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
+            float this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
+            if (this_min > 0.0f) {
+                this_min = 0.0f;
+                this_scale = sum_xl / sum_l2;
+            }
+            float cur_error = 0.0f;
+            for (int i = 0; i < n; i++) {
+                float diff = this_scale * (float)Laux[i] + this_min - x[i];
+                cur_error += w[i] * (diff * diff);
+            }
+            if (cur_error < best_error) {
+                for (int i = 0; i < n; i++) L[i] = Laux[i];
+                best_error = cur_error;
+                scale = this_scale;
+                min = this_min;
+            }
+        }
+    }
+    *the_min = -min;
+    return scale;
+}
+
+// Q4_K/Q5_K's 12 scale bytes: sub-blocks 0-3 keep scale and minimum in the low 6 bits of bytes
+// j and j+4; sub-blocks 4-7 keep their low 4 bits in the nibbles of byte j+4 and their top 2
+// bits in the top bits of bytes j-4 (scale) and j (minimum).
+static inline void kq_scale_min(int j, const uint8_t* s, int* sc, int* m) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *m = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 0xf) | ((s[j - 4] >> 6) << 4);
+        *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+// Q4_K and Q5_K share everything but nmax (15, 31), the scale search and the bit packing.
+// L (256,) receives the quants in element order; the scales go into the block.
+template <class Block>
+static void kq_quantize_scales_mins(const float* x, Block* y, uint8_t* L, int nmax, float rmin, int nstep) {
+    float scales[8], mins[8], weights[32];
+    float max_scale = 0.0f, max_min = 0.0f;  // the minimum is subtracted, so scales are positive
+    for (int j = 0; j < 8; j++) {
+        const float* xj = x + 32 * j;
+        float sum_x2 = 0.0f;
+        for (int l = 0; l < 32; l++) sum_x2 += xj[l] * xj[l];
+        float av_x = std::sqrt(sum_x2 / 32.0f);
+        for (int l = 0; l < 32; l++) weights[l] = av_x + std::fabs(xj[l]);
+        scales[j] = kq_fit_scale_min(32, nmax, xj, weights, L + 32 * j, &mins[j], rmin, 0.1f, nstep);
+        if (scales[j] > max_scale) max_scale = scales[j];
+        if (mins[j] > max_min) max_min = mins[j];
+    }
+    float inv_scale = max_scale > 0.0f ? 63.0f / max_scale : 0.0f;
+    float inv_min = max_min > 0.0f ? 63.0f / max_min : 0.0f;
+    for (int j = 0; j < 8; j++) {
+        uint8_t ls = (uint8_t)nearest_int(inv_scale * scales[j]), lm = (uint8_t)nearest_int(inv_min * mins[j]);
+        ls = std::min<uint8_t>(63, ls);
+        lm = std::min<uint8_t>(63, lm);
+        if (j < 4) {
+            y->scales[j] = ls;
+            y->scales[j + 4] = lm;
+        } else {
+            y->scales[j + 4] = (uint8_t)((ls & 0xf) | ((lm & 0xf) << 4));
+            y->scales[j - 4] |= (uint8_t)((ls >> 4) << 6);
+            y->scales[j] |= (uint8_t)((lm >> 4) << 6);
+        }
+    }
+    y->d = fp32_to_fp16(max_scale / 63.0f);
+    y->dmin = fp32_to_fp16(max_min / 63.0f);
+    // requantize against the scales as stored (6-bit, fp16)
+    for (int j = 0; j < 8; j++) {
+        int sc, m;
+        kq_scale_min(j, y->scales, &sc, &m);
+        const float d = fp16_to_fp32(y->d) * (float)sc;
+        if (d == 0.0f) continue;  // keeps the fit's quants, as ggml does
+        const float dm = fp16_to_fp32(y->dmin) * (float)m;
+        for (int l = 0; l < 32; l++) {
+            int q = nearest_int((x[32 * j + l] + dm) / d);
+            L[32 * j + l] = (uint8_t)std::max(0, std::min(nmax, q));
+        }
+    }
+}
+
+static void quantize_row_q4_K(const float* x, BlockQ4_K* y, int64_t n) {
+    uint8_t L[QK_K];
+    for (int64_t b = 0; b < n / QK_K; b++, x += QK_K) {
+        kq_quantize_scales_mins(x, &y[b], L, 15, -1.0f, 20);
+        for (int c = 0; c < 4; c++) {  // 64 elements -> 32 bytes: the first 32 low, the next 32 high
+            for (int l = 0; l < 32; l++) y[b].qs[32 * c + l] = (uint8_t)(L[64 * c + l] | (L[64 * c + 32 + l] << 4));
+        }
+    }
+}
+
+static void quantize_row_q5_K(const float* x, BlockQ5_K* y, int64_t n) {
+    uint8_t L[QK_K];
+    for (int64_t b = 0; b < n / QK_K; b++, x += QK_K) {
+        kq_quantize_scales_mins(x, &y[b], L, 31, -0.5f, 15);
+        memset(y[b].qh, 0, sizeof(y[b].qh));
+        for (int c = 0; c < 4; c++) {
+            for (int l = 0; l < 32; l++) {
+                int l1 = L[64 * c + l], l2 = L[64 * c + 32 + l];
+                y[b].qs[32 * c + l] = (uint8_t)((l1 & 0xf) | ((l2 & 0xf) << 4));
+                y[b].qh[l] |= (uint8_t)(((l1 >> 4) << (2 * c)) | ((l2 >> 4) << (2 * c + 1)));
+            }
+        }
+    }
+}
+
+// Fits x[i] ~= scale * (L[i] - 32) for 16 values, L in [0, 63], weights x^2: the scale from the
+// largest magnitude, then 18 nearby trial scales kept when they improve the weighted
+// least-squares fit (ggml's make_qx_quants with nmax = 32, rmse_type = 1). Returns the scale.
+static float kq_fit_scale_q6(const float* x, int8_t* L) {
+    const int n = 16, nmax = 32;
+    float max = 0.0f, amax = 0.0f;
+    for (int i = 0; i < n; i++) {
+        float ax = std::fabs(x[i]);
+        if (ax > amax) {
+            amax = ax;
+            max = x[i];
+        }
+    }
+    if (amax < 1e-15f) {  // all zero
+        for (int i = 0; i < n; i++) L[i] = 0;
+        return 0.0f;
+    }
+    float iscale = (float)-nmax / max;
+    float sumlx = 0.0f, suml2 = 0.0f;
+    for (int i = 0; i < n; i++) {
+        int l = std::max(-nmax, std::min(nmax - 1, nearest_int(iscale * x[i])));
+        L[i] = (int8_t)(l + nmax);
+        float w = x[i] * x[i], fl = (float)l;
+        sumlx += w * x[i] * fl;
+        suml2 += w * fl * fl;
+    }
+    float scale = suml2 != 0.0f ? sumlx / suml2 : 0.0f;
+    float best = scale * sumlx;
+    for (int is = -9; is <= 9; is++) {
+        if (is == 0) continue;
+        iscale = -((float)nmax + 0.1f * (float)is) / max;
+        sumlx = suml2 = 0.0f;
+        for (int i = 0; i < n; i++) {
+            int l = std::max(-nmax, std::min(nmax - 1, nearest_int(iscale * x[i])));
+            float w = x[i] * x[i], fl = (float)l;
+            sumlx += w * x[i] * fl;
+            suml2 += w * fl * fl;
+        }
+        if (suml2 > 0.0f && sumlx * sumlx > best * suml2) {
+            for (int i = 0; i < n; i++) {
+                L[i] = (int8_t)(nmax + std::max(-nmax, std::min(nmax - 1, nearest_int(iscale * x[i]))));
+            }
+            scale = sumlx / suml2;
+            best = scale * sumlx;
+        }
+    }
+    return scale;
+}
+
+static void quantize_row_q6_K(const float* x, BlockQ6_K* y, int64_t n) {
+    int8_t L[QK_K];
+    float scales[QK_K / 16];
+    for (int64_t b = 0; b < n / QK_K; b++, x += QK_K) {
+        float max_scale = 0.0f, max_abs_scale = 0.0f;
+        for (int j = 0; j < QK_K / 16; j++) {
+            scales[j] = kq_fit_scale_q6(x + 16 * j, L + 16 * j);
+            if (std::fabs(scales[j]) > max_abs_scale) {
+                max_abs_scale = std::fabs(scales[j]);
+                max_scale = scales[j];
+            }
+        }
+        if (max_abs_scale < 1e-15f) {
+            memset(&y[b], 0, sizeof(BlockQ6_K));
+            continue;
+        }
+        float iscale = -128.0f / max_scale;
+        y[b].d = fp32_to_fp16(1.0f / iscale);
+        for (int j = 0; j < QK_K / 16; j++) y[b].scales[j] = (int8_t)std::min(127, nearest_int(iscale * scales[j]));
+        for (int j = 0; j < QK_K / 16; j++) {  // requantize against the stored scales
+            float d = fp16_to_fp32(y[b].d) * (float)y[b].scales[j];
+            if (d == 0.0f) continue;
+            for (int l = 0; l < 16; l++) {
+                int q = std::max(-32, std::min(31, nearest_int(x[16 * j + l] / d)));
+                L[16 * j + l] = (int8_t)(q + 32);
+            }
+        }
+        for (int c = 0; c < 2; c++) {  // 128 elements: 64 bytes of ql, 32 of qh (see dequantize_row_q6_K)
+            const int8_t* Lc = L + 128 * c;
+            uint8_t* ql = y[b].ql + 64 * c;
+            uint8_t* qh = y[b].qh + 32 * c;
+            for (int l = 0; l < 32; l++) {
+                ql[l] = (uint8_t)((Lc[l] & 0xf) | ((Lc[l + 64] & 0xf) << 4));
+                ql[l + 32] = (uint8_t)((Lc[l + 32] & 0xf) | ((Lc[l + 96] & 0xf) << 4));
+                qh[l] = (uint8_t)((Lc[l] >> 4) | ((Lc[l + 32] >> 4) << 2) | ((Lc[l + 64] >> 4) << 4) |
+                                  ((Lc[l + 96] >> 4) << 6));
+            }
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// dequantizers for the 5-bit and K-quant formats (the same float operations as ggml's
+// dequantize_row_*, so gguf-py's numpy dequantizers agree bit for bit)
+
+static inline int q5_bit(const uint8_t* qh, int j) { return (qh[j / 8] >> (j % 8)) & 1; }
+
+static void dequantize_row_q5(uint32_t type, const void* src, float* y, int64_t n) {
+    for (int64_t i = 0; i < n / QK; i++, y += QK) {
+        const uint8_t *qs, *qh;
+        float d, m;
+        if (type == GGML_TYPE_Q5_0) {
+            const BlockQ5_0& b = ((const BlockQ5_0*)src)[i];
+            qs = b.qs, qh = b.qh, d = fp16_to_fp32(b.d), m = 0.0f;
+        } else {
+            const BlockQ5_1& b = ((const BlockQ5_1*)src)[i];
+            qs = b.qs, qh = b.qh, d = fp16_to_fp32(b.d), m = fp16_to_fp32(b.m);
+        }
+        for (int j = 0; j < QK; j++) {
+            int q = ((qs[j % 16] >> (4 * (j / 16))) & 0xf) | (q5_bit(qh, j) << 4);
+            y[j] = type == GGML_TYPE_Q5_0 ? (float)(q - 16) * d : (float)q * d + m;
+        }
+    }
+}
+
+// Q2_K: per 128 elements, 32 bytes of qs; bits 2i..2i+1 of qs[l] are element l of 32-group i,
+// groups of 16 have their own scale byte (scale low nibble, minimum high nibble).
+static void dequantize_row_q2_K(const BlockQ2_K* x, float* y, int64_t n) {
+    for (int64_t i = 0; i < n / QK_K; i++) {
+        const float d = fp16_to_fp32(x[i].d), dmin = fp16_to_fp32(x[i].dmin);
+        const uint8_t* q = x[i].qs;
+        int is = 0;
+        for (int c = 0; c < 2; c++, q += 32) {
+            for (int g = 0; g < 4; g++) {
+                for (int h = 0; h < 2; h++) {
+                    uint8_t sc = x[i].scales[is++];
+                    float dl = d * (float)(sc & 0xf), ml = dmin * (float)(sc >> 4);
+                    for (int l = 0; l < 16; l++) *y++ = dl * (float)((q[16 * h + l] >> (2 * g)) & 3) - ml;
+                }
+            }
+        }
+    }
+}
+
+// Q3_K's 16 6-bit scales: low 4 bits in the nibbles of bytes 0-7 (j < 8 low, j >= 8 high),
+// top 2 bits in bits 2*(j/4) of byte 8 + j%4.
+static inline int kq3_scale(const uint8_t* s, int j) {
+    int lo = j < 8 ? s[j] & 0xf : s[j - 8] >> 4;
+    int hi = (s[8 + j % 4] >> (2 * (j / 4))) & 3;
+    return (lo | (hi << 4)) - 32;
+}
+
+// Q3_K: the low 2 bits as Q2_K's; bit (4c + g) of hmask[l] is the third bit of element l of
+// 32-group g in 128-chunk c, and a clear bit means q - 4.
+static void dequantize_row_q3_K(const BlockQ3_K* x, float* y, int64_t n) {
+    for (int64_t i = 0; i < n / QK_K; i++) {
+        const float d = fp16_to_fp32(x[i].d);
+        const uint8_t* q = x[i].qs;
+        int is = 0;
+        uint8_t m = 1;
+        for (int c = 0; c < 2; c++, q += 32) {
+            for (int g = 0; g < 4; g++, m = (uint8_t)(m << 1)) {
+                for (int h = 0; h < 2; h++) {
+                    float dl = d * (float)kq3_scale(x[i].scales, is++);
+                    for (int l = 16 * h; l < 16 * h + 16; l++) {
+                        *y++ = dl * (float)(((q[l] >> (2 * g)) & 3) - ((x[i].hmask[l] & m) ? 0 : 4));
+                    }
+                }
+            }
+        }
+    }
+}
+
+// Q4_K/Q5_K: per 64 elements, 32 bytes of qs; sub-block 2c takes the low nibbles, 2c+1 the high
+// ones; Q5_K's fifth bit of element l of sub-block j is bit j of qh[l].
+template <class Block, bool five>
+static void dequantize_row_q45_K(const Block* x, float* y, int64_t n) {
+    for (int64_t i = 0; i < n / QK_K; i++) {
+        const float d = fp16_to_fp32(x[i].d), dmin = fp16_to_fp32(x[i].dmin);
+        for (int j = 0; j < 8; j++) {
+            int sc, m;
+            kq_scale_min(j, x[i].scales, &sc, &m);
+            const float dj = d * (float)sc, mj = dmin * (float)m;
+            const uint8_t* q = x[i].qs + 32 * (j / 2);
+            for (int l = 0; l < 32; l++) {
+                int v = (q[l] >> (4 * (j % 2))) & 0xf;
+                if constexpr (five) v += ((((const BlockQ5_K*)&x[i])->qh[l] >> j) & 1) << 4;
+                *y++ = dj * (float)v - mj;
+            }
+        }
+    }
+}
+
+// Q6_K: per 128 elements, 64 bytes of ql and 32 of qh. Element l of 32-group g (0..3):
+// low 4 bits from ql[l + 32 * (g % 2)] (low nibble for g < 2, high for g >= 2), high 2 bits
+// from bits 2g..2g+1 of qh[l]; scale scales[2g + l / 16] (scales advance 8 per 128 elements).
+static inline int q6_quant(const uint8_t* ql, const uint8_t* qh, int g, int l) {
+    return ((ql[l + 32 * (g % 2)] >> (4 * (g / 2))) & 0xf) | (((qh[l] >> (2 * g)) & 3) << 4);
+}
+
+static void dequantize_row_q6_K(const BlockQ6_K* x, float* y, int64_t n) {
+    for (int64_t i = 0; i < n / QK_K; i++) {
+        const float d = fp16_to_fp32(x[i].d);
+        for (int c = 0; c < 2; c++) {
+            const uint8_t *ql = x[i].ql + 64 * c, *qh = x[i].qh + 32 * c;
+            const int8_t* sc = x[i].scales + 8 * c;
+            for (int g = 0; g < 4; g++) {
+                for (int l = 0; l < 32; l++) *y++ = d * (float)sc[2 * g + l / 16] * (float)(q6_quant(ql, qh, g, l) - 32);
+            }
+        }
+    }
+}
+
+// the types quantize_row writes (the engine reads Q2_K and Q3_K too, but has no quantizer for them)
+static bool can_quantize_row(uint32_t type) { return type != GGML_TYPE_Q2_K && type != GGML_TYPE_Q3_K; }
+
+// Quantizes one row of n floats (n % 32 == 0 for the block types, n % 256 == 0 for the K-quants)
+// to `type`.
 static void quantize_row(uint32_t type, const float* x, void* y, int64_t n) {
     switch (type) {
         case GGML_TYPE_F32: memcpy(y, x, (size_t)n * 4); break;
@@ -111,7 +594,14 @@ static void quantize_row(uint32_t type, const float* x, void* y, int64_t n) {
         case GGML_TYPE_Q8_0: quantize_row_q8_0(x, (BlockQ8_0*)y, n); break;
         case GGML_TYPE_Q4_0: quantize_row_q4_0(x, (BlockQ4_0*)y, n); break;
         case GGML_TYPE_Q4_1: quantize_row_q4_1(x, (BlockQ4_1*)y, n); break;
-        default: FAIL("cannot quantize to type %u", type);
+        case GGML_TYPE_Q5_0: quantize_row_q5_0(x, (BlockQ5_0*)y, n); break;
+        case GGML_TYPE_Q5_1: quantize_row_q5_1(x, (BlockQ5_1*)y, n); break;
+        case GGML_TYPE_Q4_K: quantize_row_q4_K(x, (BlockQ4_K*)y, n); break;
+        case GGML_TYPE_Q5_K: quantize_row_q5_K(x, (BlockQ5_K*)y, n); break;
+        case GGML_TYPE_Q6_K: quantize_row_q6_K(x, (BlockQ6_K*)y, n); break;
+        default:
+            FAIL("cannot quantize to type %s (vicuna writes F16, Q8_0, Q6_K, Q5_K, Q5_1, Q5_0, Q4_K, Q4_1, Q4_0; "
+                 "it only reads Q2_K and Q3_K)", ggml_type_info(type).name ? ggml_type_info(type).name : "?");
     }
 }
 
@@ -153,6 +643,13 @@ static void dequantize_row(uint32_t type, const void* src, float* y, int64_t n) 
             }
             break;
         }
+        case GGML_TYPE_Q5_0:
+        case GGML_TYPE_Q5_1: dequantize_row_q5(type, src, y, n); break;
+        case GGML_TYPE_Q2_K: dequantize_row_q2_K((const BlockQ2_K*)src, y, n); break;
+        case GGML_TYPE_Q3_K: dequantize_row_q3_K((const BlockQ3_K*)src, y, n); break;
+        case GGML_TYPE_Q4_K: dequantize_row_q45_K<BlockQ4_K, false>((const BlockQ4_K*)src, y, n); break;
+        case GGML_TYPE_Q5_K: dequantize_row_q45_K<BlockQ5_K, true>((const BlockQ5_K*)src, y, n); break;
+        case GGML_TYPE_Q6_K: dequantize_row_q6_K((const BlockQ6_K*)src, y, n); break;
         default: FAIL("cannot dequantize type %u", type);
     }
 }
@@ -221,6 +718,64 @@ static void quantize_act(const float* x, BlockQ8A* y, int64_t n) {
     }
 #else
     quantize_act_ref(x, y, n);
+#endif
+}
+
+// K-quant weights get their own activation blocks, one scale per 256 elements (like ggml's Q8_K):
+// with a single activation scale per super-block, the sub-block scales apply in integer
+// arithmetic and each super-block costs one int -> float conversion and multiply-add per token
+// instead of eight, and the weight minimums need only the sums of 16 quants (bsums).
+struct BlockQ8K {                // our own (never written to a file)
+    float d;                     // scale: x[j] ~= d * qs[j]
+    int8_t qs[QK_K];
+    int16_t bsums[QK_K / 16];    // sums of qs in groups of 16
+};
+
+[[maybe_unused]] static void quantize_act_k_ref(const float* x, BlockQ8K* y, int64_t n) {
+    for (int64_t b = 0; b < n / QK_K; b++, x += QK_K) {
+        float amax = 0.0f;
+        for (int j = 0; j < QK_K; j++) amax = std::max(amax, std::fabs(x[j]));
+        float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+        for (int g = 0; g < QK_K / 16; g++) {
+            int sum = 0;
+            for (int j = 16 * g; j < 16 * g + 16; j++) {
+                int q = (int)std::nearbyintf(x[j] * id);
+                y[b].qs[j] = (int8_t)q;
+                sum += q;
+            }
+            y[b].bsums[g] = (int16_t)sum;
+        }
+        y[b].d = amax / 127.0f;
+    }
+}
+
+static void quantize_act_k(const float* x, BlockQ8K* y, int64_t n) {
+#ifdef VICUNA_AVX2
+    const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+    const int mode = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    for (int64_t b = 0; b < n / QK_K; b++, x += QK_K) {
+        __m256 m = _mm256_setzero_ps();
+        for (int j = 0; j < QK_K; j += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign_bit, _mm256_loadu_ps(x + j)));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        float amax = _mm_cvtss_f32(m4);
+        __m256 id = _mm256_set1_ps(amax != 0.0f ? 127.0f / amax : 0.0f);
+        for (int j = 0; j < QK_K; j += 32) {
+            __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + j), id), mode));
+            __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + j + 8), id), mode));
+            __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + j + 16), id), mode));
+            __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + j + 24), id), mode));
+            y[b].bsums[j / 16] = (int16_t)hsum_i32x8(_mm256_add_epi32(i0, i1));
+            y[b].bsums[j / 16 + 1] = (int16_t)hsum_i32x8(_mm256_add_epi32(i2, i3));
+            __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+            p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256((__m256i*)(y[b].qs + j), p);
+        }
+        y[b].d = amax / 127.0f;
+    }
+#else
+    quantize_act_k_ref(x, y, n);
 #endif
 }
 
@@ -346,6 +901,41 @@ struct Q4_1Kind {
 #endif
 };
 
+// Q5_0/Q5_1: a nibble plus the fifth bit from qh
+static inline int q5_weight(const uint8_t* qs, const uint8_t* qh, int j) { return nibble(qs, j) | (q5_bit(qh, j) << 4); }
+#ifdef VICUNA_AVX2
+// the 32 bits of qh as 32 bytes, 0x10 where the bit is set (the fifth bit in place)
+static inline __m256i q5_high_bits(const uint8_t* qh) {
+    uint32_t bits;
+    memcpy(&bits, qh, 4);
+    // byte k of the result looks at byte k/8 of bits (shuffles stay within 128-bit lanes, each of
+    // which holds all four bytes), then at bit k%8 of it
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,  //
+                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ull);
+    __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), spread);
+    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit), _mm256_set1_epi8(0x10));
+}
+#endif
+struct Q5_0Kind {
+    typedef BlockQ5_0 Block;
+    static const bool is_unsigned = false, has_min = false;
+    static int weight(const Block& b, int j) { return q5_weight(b.qs, b.qh, j) - 16; }
+#ifdef VICUNA_AVX2
+    static __m256i load(const Block& b) {
+        return _mm256_sub_epi8(_mm256_or_si256(unpack_nibbles(b.qs), q5_high_bits(b.qh)), _mm256_set1_epi8(16));
+    }
+#endif
+};
+struct Q5_1Kind {
+    typedef BlockQ5_1 Block;
+    static const bool is_unsigned = true, has_min = true;
+    static int weight(const Block& b, int j) { return q5_weight(b.qs, b.qh, j); }
+#ifdef VICUNA_AVX2
+    static __m256i load(const Block& b) { return _mm256_or_si256(unpack_nibbles(b.qs), q5_high_bits(b.qh)); }
+#endif
+};
+
 template <class K, int NC>
 static void dot_blocks_ref(const typename K::Block* w, const BlockQ8A* const* x, int nb, float* out) {
     for (int c = 0; c < NC; c++) {
@@ -390,6 +980,224 @@ static void dot_blocks(const typename K::Block* w, const BlockQ8A* const* x, int
 #else
     dot_blocks_ref<K, NC>(w, x, nb, out);
 #endif
+}
+
+// ----------------------------------------------------------------------------
+// K-quant dot products, against BlockQ8K activations (one scale dx per 256)
+//
+// Q4_K/Q5_K, sub-block g (32 elements) with scale d sc_g and minimum dmin m_g:
+//   sum_j (d sc_g q_j - dmin m_g) (dx qx_j) = d dx sum_g sc_g isum_g - dmin dx sum_g m_g (b_2g + b_2g+1)
+// with isum_g the integer dot product of the sub-block and b the activation's 16-element sums.
+// Q6_K, sub-block k (16 elements), scale d sc_k, quants q - 32 with q in 0..63:
+//   d dx (sum_k sc_k isum_k - 32 sum_k sc_k b_k)
+// Everything inside the parentheses is integer: in AVX2, maddubs (unsigned weight bytes times
+// signed activation bytes, pairs summed to int16) and madd with the sub-block scales (to int32).
+// Bounds: Q6_K's pairs reach 2 * 63 * 127 = 16002 < 2^15; the int32 sums stay below 2^27.
+
+template <int NC>
+static void dot_q4_K_ref(const BlockQ4_K* w, const BlockQ8K* const* x, int nsb, float* out) {
+    for (int c = 0; c < NC; c++) {
+        float s = 0.0f;
+        for (int i = 0; i < nsb; i++) {
+            const BlockQ8K& xb = x[c][i];
+            int isum = 0, msum = 0;
+            for (int g = 0; g < 8; g++) {
+                int sc, m, part = 0;
+                kq_scale_min(g, w[i].scales, &sc, &m);
+                for (int l = 0; l < 32; l++) part += ((w[i].qs[32 * (g / 2) + l] >> (4 * (g % 2))) & 0xf) * xb.qs[32 * g + l];
+                isum += sc * part;
+                msum += m * (xb.bsums[2 * g] + xb.bsums[2 * g + 1]);
+            }
+            s += fp16_to_fp32(w[i].d) * xb.d * (float)isum - fp16_to_fp32(w[i].dmin) * xb.d * (float)msum;
+        }
+        out[c] = s;
+    }
+}
+
+template <int NC>
+static void dot_q5_K_ref(const BlockQ5_K* w, const BlockQ8K* const* x, int nsb, float* out) {
+    for (int c = 0; c < NC; c++) {
+        float s = 0.0f;
+        for (int i = 0; i < nsb; i++) {
+            const BlockQ8K& xb = x[c][i];
+            int isum = 0, msum = 0;
+            for (int g = 0; g < 8; g++) {
+                int sc, m, part = 0;
+                kq_scale_min(g, w[i].scales, &sc, &m);
+                for (int l = 0; l < 32; l++) {
+                    int q = ((w[i].qs[32 * (g / 2) + l] >> (4 * (g % 2))) & 0xf) | (((w[i].qh[l] >> g) & 1) << 4);
+                    part += q * xb.qs[32 * g + l];
+                }
+                isum += sc * part;
+                msum += m * (xb.bsums[2 * g] + xb.bsums[2 * g + 1]);
+            }
+            s += fp16_to_fp32(w[i].d) * xb.d * (float)isum - fp16_to_fp32(w[i].dmin) * xb.d * (float)msum;
+        }
+        out[c] = s;
+    }
+}
+
+template <int NC>
+static void dot_q6_K_ref(const BlockQ6_K* w, const BlockQ8K* const* x, int nsb, float* out) {
+    for (int c = 0; c < NC; c++) {
+        float s = 0.0f;
+        for (int i = 0; i < nsb; i++) {
+            const BlockQ8K& xb = x[c][i];
+            int isum = 0;
+            for (int g = 0; g < 8; g++) {
+                const uint8_t *ql = w[i].ql + 64 * (g / 4), *qh = w[i].qh + 32 * (g / 4);
+                for (int h = 0; h < 2; h++) {
+                    int part = 0;
+                    for (int l = 16 * h; l < 16 * h + 16; l++) part += (q6_quant(ql, qh, g % 4, l) - 32) * xb.qs[32 * g + l];
+                    isum += w[i].scales[2 * g + h] * part;
+                }
+            }
+            s += fp16_to_fp32(w[i].d) * xb.d * (float)isum;
+        }
+        out[c] = s;
+    }
+}
+
+#ifdef VICUNA_AVX2
+// The 8 scales and 8 minimums of a Q4_K/Q5_K block (kq_scale_min) at once: as four 32-bit words,
+// sc[0..3] = word 0 & 0x3f.., sc[4..7] = low nibbles of word 2 | top 2 bits of word 0 << 4,
+// m[0..3] = word 1 & 0x3f.., m[4..7] = high nibbles of word 2 | top 2 bits of word 1 << 4.
+// Returns the 8 scale bytes then the 8 minimum bytes.
+static inline __m128i kq_scales_mins_u8(const uint8_t* s) {
+    uint32_t u[3], v[4];
+    memcpy(u, s, 12);
+    v[0] = u[0] & 0x3f3f3f3fu;
+    v[1] = (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4);
+    v[2] = u[1] & 0x3f3f3f3fu;
+    v[3] = ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4);
+    return _mm_loadu_si128((const __m128i*)v);
+}
+
+// One kernel for Q4_K and Q5_K: 32 bytes of qs hold two sub-blocks (low and high nibbles);
+// Q5_K ORs in bit g of each qh byte, moved to 0x10.
+template <class Block, bool five, int NC>
+static void dot_q45_K_avx2(const Block* w, const BlockQ8K* const* x, int nsb, float* out) {
+    __m256 acc[NC];
+    for (int c = 0; c < NC; c++) acc[c] = _mm256_setzero_ps();
+    const __m256i low4 = _mm256_set1_epi8(0x0f);
+    // each minimum twice, for the 16-element sums: bytes 8, 8, 9, 9, ..., 15, 15
+    const __m128i twice = _mm_setr_epi8(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
+    for (int i = 0; i < nsb; i++) {
+        const __m128i sm = kq_scales_mins_u8(w[i].scales);
+        const __m256i mins2 = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(sm, twice));  // 16 x int16
+        // the scales as int16 in both 128-bit lanes; sub-block g's in every lane is one byte shuffle
+        const __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));
+        __m256i scale_g[8];
+        for (int g = 0; g < 8; g++) scale_g[g] = _mm256_shuffle_epi8(sc16, _mm256_set1_epi16((short)(0x0100 + 0x0202 * g)));
+        __m256i qh = _mm256_setzero_si256();
+        if constexpr (five) qh = _mm256_loadu_si256((const __m256i*)((const BlockQ5_K*)&w[i])->qh);
+        __m256i isum[NC];
+        for (int c = 0; c < NC; c++) isum[c] = _mm256_setzero_si256();
+        for (int p = 0; p < 4; p++) {
+            __m256i bytes = _mm256_loadu_si256((const __m256i*)(w[i].qs + 32 * p));
+            __m256i q2[2] = {_mm256_and_si256(bytes, low4), _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4)};
+            for (int h = 0; h < 2; h++) {
+                const int g = 2 * p + h;
+                __m256i q = q2[h];
+                if constexpr (five) {
+                    const __m256i bit = _mm256_set1_epi8((char)(1 << g));
+                    q = _mm256_or_si256(q, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit),
+                                                            _mm256_set1_epi8(0x10)));
+                }
+                for (int c = 0; c < NC; c++) {
+                    __m256i xq = _mm256_loadu_si256((const __m256i*)(x[c][i].qs + 32 * g));
+                    isum[c] = _mm256_add_epi32(isum[c], _mm256_madd_epi16(_mm256_maddubs_epi16(q, xq), scale_g[g]));
+                }
+            }
+        }
+        const __m256 d = _mm256_set1_ps(fp16_to_fp32(w[i].d)), dmin = _mm256_set1_ps(fp16_to_fp32(w[i].dmin));
+        for (int c = 0; c < NC; c++) {  // acc += dx (d isum - dmin msum)
+            const BlockQ8K& xb = x[c][i];
+            __m256i msum = _mm256_madd_epi16(mins2, _mm256_loadu_si256((const __m256i*)xb.bsums));
+            __m256 f = _mm256_fmsub_ps(d, _mm256_cvtepi32_ps(isum[c]), _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(msum)));
+            acc[c] = _mm256_fmadd_ps(_mm256_broadcast_ss(&xb.d), f, acc[c]);
+        }
+    }
+    for (int c = 0; c < NC; c++) out[c] = hsum_f32x8(acc[c]);
+}
+
+template <int NC>
+static void dot_q6_K_avx2(const BlockQ6_K* w, const BlockQ8K* const* x, int nsb, float* out) {
+    __m256 acc[NC];
+    for (int c = 0; c < NC; c++) acc[c] = _mm256_setzero_ps();
+    const __m256i low4 = _mm256_set1_epi8(0x0f), high2 = _mm256_set1_epi8(0x30);
+    // the int16 pair (scale 2g, scale 2g+1) of 32-bit word g, spread: low lane 2g, high lane 2g+1
+    const __m256i pair_lo_hi = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,  //
+                                                2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3);
+    for (int i = 0; i < nsb; i++) {
+        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)w[i].scales));  // 16 x int16
+        __m256i isum[NC];
+        for (int c = 0; c < NC; c++) {  // the -32 offset: -32 sum_k sc_k b_k
+            __m256i off = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i*)x[c][i].bsums));
+            isum[c] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(off, 5));
+        }
+        for (int k = 0; k < 2; k++) {
+            __m256i ql0 = _mm256_loadu_si256((const __m256i*)(w[i].ql + 64 * k));
+            __m256i ql1 = _mm256_loadu_si256((const __m256i*)(w[i].ql + 64 * k + 32));
+            __m256i qh = _mm256_loadu_si256((const __m256i*)(w[i].qh + 32 * k));
+            // the four 32-groups of this 128: low nibbles of ql0, ql1, then their high nibbles;
+            // the 2 high bits come from bits 0-1, 2-3, 4-5, 6-7 of qh, moved to bits 4-5
+            __m256i q4[4] = {
+                _mm256_or_si256(_mm256_and_si256(ql0, low4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), high2)),
+                _mm256_or_si256(_mm256_and_si256(ql1, low4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), high2)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low4), _mm256_and_si256(qh, high2)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low4),
+                                _mm256_and_si256(_mm256_srli_epi16(qh, 2), high2))};
+            for (int gg = 0; gg < 4; gg++) {
+                const int g = 4 * k + gg;
+                __m256i scales = _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(sc16, _mm256_set1_epi32(g)), pair_lo_hi);
+                for (int c = 0; c < NC; c++) {
+                    __m256i xq = _mm256_loadu_si256((const __m256i*)(x[c][i].qs + 32 * g));
+                    isum[c] = _mm256_add_epi32(isum[c], _mm256_madd_epi16(_mm256_maddubs_epi16(q4[gg], xq), scales));
+                }
+            }
+        }
+        const float d = fp16_to_fp32(w[i].d);
+        for (int c = 0; c < NC; c++) acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(d * x[c][i].d), _mm256_cvtepi32_ps(isum[c]), acc[c]);
+    }
+    for (int c = 0; c < NC; c++) out[c] = hsum_f32x8(acc[c]);
+}
+#endif
+
+template <int NC>
+static void dot_q4_K(const BlockQ4_K* w, const BlockQ8K* const* x, int nsb, float* out) {
+#ifdef VICUNA_AVX2
+    dot_q45_K_avx2<BlockQ4_K, false, NC>(w, x, nsb, out);
+#else
+    dot_q4_K_ref<NC>(w, x, nsb, out);
+#endif
+}
+template <int NC>
+static void dot_q5_K(const BlockQ5_K* w, const BlockQ8K* const* x, int nsb, float* out) {
+#ifdef VICUNA_AVX2
+    dot_q45_K_avx2<BlockQ5_K, true, NC>(w, x, nsb, out);
+#else
+    dot_q5_K_ref<NC>(w, x, nsb, out);
+#endif
+}
+template <int NC>
+static void dot_q6_K(const BlockQ6_K* w, const BlockQ8K* const* x, int nsb, float* out) {
+#ifdef VICUNA_AVX2
+    dot_q6_K_avx2<NC>(w, x, nsb, out);
+#else
+    dot_q6_K_ref<NC>(w, x, nsb, out);
+#endif
+}
+
+// Q2_K and Q3_K (read for completeness; llama.cpp's q2_k/q3_k mixes) take the float path: the
+// row is dequantized into a per-thread buffer, then dotted with the f32 activations.
+template <int NC, bool ref>
+static void dot_dequant_f32(uint32_t type, const uint8_t* row, const float* const* x, int n, float* out) {
+    thread_local std::vector<float> buf;
+    if ((int)buf.size() < n) buf.resize((size_t)n);
+    dequantize_row(type, row, buf.data(), n);
+    if constexpr (ref) dot_f32_ref<NC>(buf.data(), x, n, out);
+    else dot_f32<NC>(buf.data(), x, n, out);
 }
 
 // ----------------------------------------------------------------------------

@@ -31,20 +31,32 @@ static int g_failures = 0;
 //
 // Round trip: rms(x - dequantize(quantize(x))) / rms(x) on seeded N(0, 1) data, so there is
 // no noise. Measured: F16 0.00021, Q8_0 0.0053, Q4_1 0.078, Q4_0 0.086 (the 4-bit types spend
-// one of 16 levels on the sign or the minimum). The budgets leave 15-50 % headroom: they are
+// one of 16 levels on the sign or the minimum), Q6_K 0.0177, Q5_K 0.0360, Q5_1 0.0378, Q5_0 0.0425,
+// Q4_K 0.0711 (the K-quants' searched scales beat the 32-block types of the same bits). The budgets leave 15-50 % headroom: they are
 // broken by a real bug (wrong rounding, wrong nibble order), not by a harmless change.
 static const double MAX_ROUNDTRIP_ERR_F16 = 0.0005;
 static const double MAX_ROUNDTRIP_ERR_Q8_0 = 0.008;
 static const double MAX_ROUNDTRIP_ERR_Q4_1 = 0.09;
 static const double MAX_ROUNDTRIP_ERR_Q4_0 = 0.10;
+static const double MAX_ROUNDTRIP_ERR_Q6_K = 0.025;
+static const double MAX_ROUNDTRIP_ERR_Q5_K = 0.045;
+static const double MAX_ROUNDTRIP_ERR_Q5_1 = 0.045;
+static const double MAX_ROUNDTRIP_ERR_Q5_0 = 0.05;
+static const double MAX_ROUNDTRIP_ERR_Q4_K = 0.085;
 // Kernels against an exact (double) dot of the same dequantized operands, relative to
 // ||w|| ||x||: only float summation order differs.
 static const double MAX_KERNEL_ERR = 1e-5;
 // Quantized dot (int8 activations) against the exact float dot of the original weights and
-// activations, relative to ||w|| ||x||: the quantization error of both operands.
+// activations, relative to ||w|| ||x||: the quantization error of both operands. Measured for the
+// newer types: Q6_K 0.0024, Q5_K 0.0039, Q5_1 0.0046, Q5_0 0.0044, Q4_K 0.0073.
 static const double MAX_DOT_ERR_Q8_0 = 0.004;
 static const double MAX_DOT_ERR_Q4_1 = 0.03;
 static const double MAX_DOT_ERR_Q4_0 = 0.035;
+static const double MAX_DOT_ERR_Q6_K = 0.005;
+static const double MAX_DOT_ERR_Q5_K = 0.008;
+static const double MAX_DOT_ERR_Q5_1 = 0.009;
+static const double MAX_DOT_ERR_Q5_0 = 0.009;
+static const double MAX_DOT_ERR_Q4_K = 0.015;
 
 static std::vector<float> randn(size_t n, uint64_t seed) {
     std::mt19937_64 rng(seed);
@@ -111,20 +123,26 @@ static void test_quant_roundtrip() {
     } cases[] = {{GGML_TYPE_F16, MAX_ROUNDTRIP_ERR_F16},
                  {GGML_TYPE_Q8_0, MAX_ROUNDTRIP_ERR_Q8_0},
                  {GGML_TYPE_Q4_1, MAX_ROUNDTRIP_ERR_Q4_1},
-                 {GGML_TYPE_Q4_0, MAX_ROUNDTRIP_ERR_Q4_0}};
+                 {GGML_TYPE_Q4_0, MAX_ROUNDTRIP_ERR_Q4_0},
+                 {GGML_TYPE_Q6_K, MAX_ROUNDTRIP_ERR_Q6_K},
+                 {GGML_TYPE_Q5_K, MAX_ROUNDTRIP_ERR_Q5_K},
+                 {GGML_TYPE_Q5_1, MAX_ROUNDTRIP_ERR_Q5_1},
+                 {GGML_TYPE_Q5_0, MAX_ROUNDTRIP_ERR_Q5_0},
+                 {GGML_TYPE_Q4_K, MAX_ROUNDTRIP_ERR_Q4_K}};
     for (auto& c : cases) {
         double e = roundtrip_error(c.type, x);
         printf("roundtrip %-5s rms error %.5f (budget %.5f)\n", ggml_type_info(c.type).name, e, c.budget);
         CHECK(e <= c.budget, "%s round trip error %.5f exceeds %.5f", ggml_type_info(c.type).name, e, c.budget);
     }
     // edge cases: all zeros, constant blocks, one huge value
-    std::vector<float> z(64, 0.0f), k(64, 3.5f);
-    for (uint32_t t : {GGML_TYPE_Q8_0, GGML_TYPE_Q4_0, GGML_TYPE_Q4_1}) {
+    std::vector<float> z(256, 0.0f), k(256, 3.5f);
+    for (uint32_t t : {GGML_TYPE_Q8_0, GGML_TYPE_Q4_0, GGML_TYPE_Q4_1, GGML_TYPE_Q5_0, GGML_TYPE_Q5_1, GGML_TYPE_Q4_K,
+                       GGML_TYPE_Q5_K, GGML_TYPE_Q6_K}) {
         CHECK(roundtrip_error(t, k) < 1e-2, "%s: a constant block does not survive", ggml_type_info(t).name);
-        std::vector<uint8_t> q(row_size(t, 64));
-        std::vector<float> y(64, 1.0f);
-        quantize_row(t, z.data(), q.data(), 64);
-        dequantize_row(t, q.data(), y.data(), 64);
+        std::vector<uint8_t> q(row_size(t, 256));
+        std::vector<float> y(256, 1.0f);
+        quantize_row(t, z.data(), q.data(), 256);
+        dequantize_row(t, q.data(), y.data(), 256);
         for (float v : y) CHECK(v == 0.0f, "%s: zeros do not stay zero", ggml_type_info(t).name);
     }
 }
@@ -146,12 +164,30 @@ static void test_kernels() {
     std::vector<float> xdq((size_t)B * cols);  // the activations as the int8 kernels see them
     for (size_t i = 0; i < xq.size(); i++)
         for (int j = 0; j < QK; j++) xdq[i * QK + j] = xq[i].d * xq[i].qs[j];
+    // the K-quants' activation blocks (one scale per 256, sums of 16)
+    std::vector<BlockQ8K> xqk((size_t)B * cols / QK_K), xqk_ref((size_t)B * cols / QK_K);
+    quantize_act_k(x.data(), xqk.data(), (int64_t)B * cols);
+    quantize_act_k_ref(x.data(), xqk_ref.data(), (int64_t)B * cols);
+    CHECK(memcmp(xqk.data(), xqk_ref.data(), xqk.size() * sizeof(BlockQ8K)) == 0,
+          "quantize_act_k differs from quantize_act_k_ref");
+    std::vector<float> xdqk((size_t)B * cols);
+    for (size_t i = 0; i < xqk.size(); i++) {
+        for (int g = 0; g < QK_K / 16; g++) {
+            int sum = 0;
+            for (int j = 16 * g; j < 16 * g + 16; j++) sum += xqk[i].qs[j];
+            CHECK(sum == xqk[i].bsums[g], "quantize_act_k: bsums[%d] = %d, the quants sum to %d", g, xqk[i].bsums[g], sum);
+        }
+        for (int j = 0; j < QK_K; j++) xdqk[i * QK_K + j] = xqk[i].d * xqk[i].qs[j];
+    }
 
     struct {
         uint32_t type;
         double budget;
     } cases[] = {{GGML_TYPE_F32, 1e-6}, {GGML_TYPE_F16, 2e-3}, {GGML_TYPE_Q8_0, MAX_DOT_ERR_Q8_0},
-                 {GGML_TYPE_Q4_1, MAX_DOT_ERR_Q4_1}, {GGML_TYPE_Q4_0, MAX_DOT_ERR_Q4_0}};
+                 {GGML_TYPE_Q4_1, MAX_DOT_ERR_Q4_1}, {GGML_TYPE_Q4_0, MAX_DOT_ERR_Q4_0},
+                 {GGML_TYPE_Q6_K, MAX_DOT_ERR_Q6_K}, {GGML_TYPE_Q5_K, MAX_DOT_ERR_Q5_K},
+                 {GGML_TYPE_Q5_1, MAX_DOT_ERR_Q5_1}, {GGML_TYPE_Q5_0, MAX_DOT_ERR_Q5_0},
+                 {GGML_TYPE_Q4_K, MAX_DOT_ERR_Q4_K}};
     for (auto& c : cases) {
         size_t rb = row_size(c.type, cols);
         std::vector<uint8_t> wq(rb * rows);
@@ -165,20 +201,21 @@ static void test_kernels() {
         for (int r = 0; r < rows; r++) {
             float o4[4], o1 = 0.0f, oref = 0.0f;
             for (int b = 0; b < B; b++) {
-                dot_row<1>(c.type, &wq[r * rb], x.data(), xq.data(), b, cols, &o1);
-                dot_row_ref<1>(c.type, &wq[r * rb], x.data(), xq.data(), b, cols, &oref);
+                dot_row<1>(c.type, &wq[r * rb], x.data(), xq.data(), xqk.data(), b, cols, &o1);
+                dot_row_ref<1>(c.type, &wq[r * rb], x.data(), xq.data(), xqk.data(), b, cols, &oref);
                 CHECK(std::fabs(o1 - oref) <= 1e-5f * (1.0f + std::fabs(oref)), "%s: SIMD kernel %g, portable %g",
                       ggml_type_info(c.type).name, o1, oref);
                 if (b + 4 <= B && b % 4 == 0) {
-                    dot_row<4>(c.type, &wq[r * rb], x.data(), xq.data(), b, cols, o4);
+                    dot_row<4>(c.type, &wq[r * rb], x.data(), xq.data(), xqk.data(), b, cols, o4);
                     for (int k = 0; k < 4; k++) {
                         float ok = 0.0f;
-                        dot_row<1>(c.type, &wq[r * rb], x.data(), xq.data(), b + k, cols, &ok);
+                        dot_row<1>(c.type, &wq[r * rb], x.data(), xq.data(), xqk.data(), b + k, cols, &ok);
                         CHECK(o4[k] == ok, "%s: 4-column kernel %g differs from 1-column %g",
                               ggml_type_info(c.type).name, o4[k], ok);
                     }
                 }
-                const float* xs = &(qt ? xdq : x)[(size_t)b * cols];
+                bool kq = c.type == GGML_TYPE_Q4_K || c.type == GGML_TYPE_Q5_K || c.type == GGML_TYPE_Q6_K;
+                const float* xs = &(kq ? xdqk : qt ? xdq : x)[(size_t)b * cols];
                 double norm = std::sqrt(dot_exact(&wdq[(size_t)r * cols], &wdq[(size_t)r * cols], cols) *
                                         dot_exact(&x[(size_t)b * cols], &x[(size_t)b * cols], cols));
                 double exact_same = dot_exact(&wdq[(size_t)r * cols], xs, cols);
@@ -561,6 +598,167 @@ static void test_lora() {
     pool_free(&pool);
 }
 
+// The merge on K-quant and Q5 bases (lora.h requantizes each updated row in W's type): the
+// merged weights against W + scale B A in double, as an rms error relative to the result, within
+// the type's round-trip budget (one more rounding on the same grid).
+static void test_lora_merge_kquants() {
+    ThreadPool pool;
+    pool_init(&pool, 2);
+    const int cols = 512, rows = 9, rank = 4;
+    struct {
+        uint32_t type;
+        double budget;
+    } cases[] = {{GGML_TYPE_Q4_K, MAX_ROUNDTRIP_ERR_Q4_K}, {GGML_TYPE_Q5_K, MAX_ROUNDTRIP_ERR_Q5_K},
+                 {GGML_TYPE_Q6_K, MAX_ROUNDTRIP_ERR_Q6_K}, {GGML_TYPE_Q5_0, MAX_ROUNDTRIP_ERR_Q5_0},
+                 {GGML_TYPE_Q5_1, MAX_ROUNDTRIP_ERR_Q5_1}};
+    for (auto& c : cases) {
+        size_t rb = row_size(c.type, cols);
+        std::vector<float> w = randn((size_t)rows * cols, 31), a = randn((size_t)rank * cols, 32),
+                           bm = randn((size_t)rows * rank, 33), wdq((size_t)rows * cols);
+        std::vector<uint8_t> wq(rb * rows);
+        for (int r = 0; r < rows; r++) {
+            quantize_row(c.type, &w[(size_t)r * cols], &wq[r * rb], cols);
+            dequantize_row(c.type, &wq[r * rb], &wdq[(size_t)r * cols], cols);
+        }
+        Tensor W;
+        W.type = c.type, W.rows = rows, W.cols = cols, W.row_bytes = rb, W.data = wq.data();
+        LoraWeight L;
+        L.rank = rank;
+        L.scale = 0.5f;
+        L.a.type = GGML_TYPE_F32, L.a.rows = rank, L.a.cols = cols, L.a.row_bytes = 4 * cols;
+        L.a.data = (const uint8_t*)a.data();
+        Tensor Bt;
+        Bt.type = GGML_TYPE_F32, Bt.rows = rows, Bt.cols = rank, Bt.row_bytes = 4 * rank, Bt.data = (const uint8_t*)bm.data();
+        lora_prepare(&L, Bt, "test", 32);
+        Adapter ad;
+        lora_merge_into(&W, &L, &ad, &pool);
+        CHECK(W.data != wq.data() && W.type == c.type, "merge %s: the weight was not replaced", ggml_type_info(c.type).name);
+        double err = 0, ref2 = 0;
+        std::vector<float> row(cols);
+        for (int r = 0; r < rows; r++) {
+            dequantize_row(c.type, W.data + (size_t)r * rb, row.data(), cols);
+            for (int i = 0; i < cols; i++) {
+                double ref = wdq[(size_t)r * cols + i];
+                for (int k = 0; k < rank; k++) ref += (double)L.scale * bm[(size_t)r * rank + k] * a[(size_t)k * cols + i];
+                err += (row[i] - ref) * (row[i] - ref);
+                ref2 += ref * ref;
+            }
+        }
+        double e = std::sqrt(err / ref2);
+        CHECK(e <= c.budget, "merge %s: rms error %.4f exceeds %.4f", ggml_type_info(c.type).name, e, c.budget);
+    }
+    pool_free(&pool);
+}
+
+// Deterministic test data with no libm in it: each value is an Irwin-Hall sum of four xorshift
+// uniforms (exact float operations), in super-blocks of varying scale and offset, some all zero.
+static std::vector<float> golden_input(int n) {
+    uint64_t s = 0x9e3779b97f4a7c15ull;
+    std::vector<float> v((size_t)n);
+    for (int i = 0; i < n; i++) {
+        float acc = 0.0f;
+        for (int k = 0; k < 4; k++) {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            acc += (float)(s >> 40) / 16777216.0f;
+        }
+        int blk = i / 256;
+        float scale = (float)(1 + blk % 5) * 0.25f, offset = blk % 3 == 1 ? 0.5f : 0.0f;
+        v[(size_t)i] = blk % 7 == 6 ? 0.0f : (acc - 2.0f) * scale + offset;
+    }
+    return v;
+}
+
+static uint64_t fnv1a(const uint8_t* p, size_t n) {
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (size_t i = 0; i < n; i++) h = (h ^ p[i]) * 0x100000001b3ull;
+    return h;
+}
+
+// The eight-token K-quant kernels (prefill on AVX-512VL machines) against the one-token ones:
+// each token's sum is computed in the same order, so the results are equal.
+static void test_kernels_8_tokens() {
+    const int cols = 512, B = 8;
+    std::vector<float> w = randn(cols, 41), x = randn((size_t)B * cols, 42);
+    std::vector<BlockQ8A> xq((size_t)B * cols / QK);
+    std::vector<BlockQ8K> xqk((size_t)B * cols / QK_K);
+    quantize_act(x.data(), xq.data(), (int64_t)B * cols);
+    quantize_act_k(x.data(), xqk.data(), (int64_t)B * cols);
+    for (uint32_t t : {GGML_TYPE_Q4_K, GGML_TYPE_Q5_K, GGML_TYPE_Q6_K}) {
+        std::vector<uint8_t> wq(row_size(t, cols));
+        quantize_row(t, w.data(), wq.data(), cols);
+        float o8[8];
+        dot_row<8>(t, wq.data(), x.data(), xq.data(), xqk.data(), 0, cols, o8);
+        for (int b = 0; b < B; b++) {
+            float o1 = 0.0f;
+            dot_row<1>(t, wq.data(), x.data(), xq.data(), xqk.data(), b, cols, &o1);
+            CHECK(o8[b] == o1, "%s: 8-token kernel %g differs from 1-token %g (token %d)", ggml_type_info(t).name, o8[b], o1, b);
+        }
+    }
+}
+
+// The K-quant and Q5 quantizers against llama.cpp's own quantize_row_*_ref (vendored ggml-quants.c
+// of llama-cpp-python 0.3.36, compiled and run on golden_input(4096)): FNV-1a of the blocks.
+// tests/test_vicuna_kquants.py checks whole files against llama_model_quantize as well.
+static void test_quant_golden() {
+    std::vector<float> x = golden_input(4096);
+    struct {
+        uint32_t type;
+        uint64_t hash;
+    } cases[] = {{GGML_TYPE_Q4_K, 0x0cf48cd9b6083e98ull}, {GGML_TYPE_Q5_K, 0xad412512fb7044d1ull},
+                 {GGML_TYPE_Q6_K, 0xaeae92c9d1cc769dull}, {GGML_TYPE_Q5_0, 0x62496631bdbbfe71ull},
+                 {GGML_TYPE_Q5_1, 0xdeb974b8425ae9c9ull}};
+    for (auto& c : cases) {
+        std::vector<uint8_t> q(row_size(c.type, 4096));
+        quantize_row(c.type, x.data(), q.data(), 4096);
+        uint64_t h = fnv1a(q.data(), q.size());
+        CHECK(h == c.hash, "%s blocks differ from llama.cpp's (hash %016llx, expected %016llx)",
+              ggml_type_info(c.type).name, (unsigned long long)h, (unsigned long long)c.hash);
+    }
+}
+
+// Q2_K and Q3_K have no quantizer here: random blocks (with sane fp16 scales) go through the
+// float path, SIMD against portable and against an exact dot of the dequantized row.
+static void test_kernels_read_only() {
+    const int cols = 512, B = 5;
+    std::vector<float> x = randn((size_t)B * cols, 21);
+    std::vector<BlockQ8A> xq((size_t)B * cols / QK);
+    std::vector<BlockQ8K> xqk((size_t)B * cols / QK_K);
+    quantize_act(x.data(), xq.data(), (int64_t)B * cols);
+    quantize_act_k(x.data(), xqk.data(), (int64_t)B * cols);
+    std::mt19937_64 rng(5);
+    for (uint32_t t : {GGML_TYPE_Q2_K, GGML_TYPE_Q3_K}) {
+        std::vector<uint8_t> w(row_size(t, cols));
+        for (uint8_t& b : w) b = (uint8_t)rng();
+        for (int i = 0; i < cols / QK_K; i++) {
+            uint8_t* blk = &w[(size_t)i * ggml_type_info(t).block_size];
+            uint16_t d = fp32_to_fp16(0.01f), dmin = fp32_to_fp16(0.02f);
+            if (t == GGML_TYPE_Q2_K) {
+                memcpy(blk + offsetof(BlockQ2_K, d), &d, 2);
+                memcpy(blk + offsetof(BlockQ2_K, dmin), &dmin, 2);
+            } else {
+                memcpy(blk + offsetof(BlockQ3_K, d), &d, 2);
+            }
+        }
+        std::vector<float> wdq(cols);
+        dequantize_row(t, w.data(), wdq.data(), cols);
+        for (int b = 0; b < B; b++) {
+            float o = 0.0f, oref = 0.0f, o4[4];
+            dot_row<1>(t, w.data(), x.data(), xq.data(), xqk.data(), b, cols, &o);
+            dot_row_ref<1>(t, w.data(), x.data(), xq.data(), xqk.data(), b, cols, &oref);
+            double exact = dot_exact(wdq.data(), &x[(size_t)b * cols], cols);
+            double norm = std::sqrt(dot_exact(wdq.data(), wdq.data(), cols) * dot_exact(&x[(size_t)b * cols], &x[(size_t)b * cols], cols));
+            CHECK(std::fabs(o - exact) <= MAX_KERNEL_ERR * norm && std::fabs(oref - exact) <= MAX_KERNEL_ERR * norm,
+                  "%s: kernel %g, portable %g, exact %g", ggml_type_info(t).name, o, oref, exact);
+            if (b == 0) {
+                dot_row<4>(t, w.data(), x.data(), xq.data(), xqk.data(), 0, cols, o4);
+                CHECK(o4[0] == o, "%s: 4-column kernel %g differs from 1-column %g", ggml_type_info(t).name, o4[0], o);
+            }
+        }
+    }
+}
+
 static int run_unit() {
     test_worst_of();
     test_gguf_layout_checks();
@@ -568,7 +766,11 @@ static int run_unit() {
     test_fp16();
     test_quant_roundtrip();
     test_kernels();
+    test_quant_golden();
+    test_kernels_read_only();
+    test_kernels_8_tokens();
     test_lora();
+    test_lora_merge_kquants();
     test_pretokenizer();
     test_printer();
     test_templates();
