@@ -78,12 +78,18 @@ from errors import UserError, cli_errors, logger, one_line, setup_logging  # noq
 from model_folder import SavedWeights, read_model_config, resolve_model_folder  # noqa: E402
 from models import resolve_prompt_type  # noqa: E402
 
-OUTTYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")
+# --outtype: (llama.cpp's LLAMA_FTYPE_* name, written as general.file_type; the tensor type of the
+# 2-D weights before pick_type's per-tensor rules)
+FILE_TYPES = {"f32": ("ALL_F32", "F32"), "f16": ("MOSTLY_F16", "F16"), "q8_0": ("MOSTLY_Q8_0", "Q8_0"),
+              "q6_k": ("MOSTLY_Q6_K", "Q6_K"), "q5_k_m": ("MOSTLY_Q5_K_M", "Q5_K"),
+              "q5_1": ("MOSTLY_Q5_1", "Q5_1"), "q5_0": ("MOSTLY_Q5_0", "Q5_0"),
+              "q4_k_m": ("MOSTLY_Q4_K_M", "Q4_K"), "q4_1": ("MOSTLY_Q4_1", "Q4_1"), "q4_0": ("MOSTLY_Q4_0", "Q4_0")}
+OUTTYPES = tuple(FILE_TYPES)
+ENGINE_OUTTYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")  # what tools/vicuna.cpp reads (--verify runs it on these)
 ENGINE = os.path.join(ROOT, "tools", "vicuna.cpp", "build", "vicuna")
 VERIFY_MAX_PARAMS = 1_000_000_000  # --verify is on by default below this size
 F32_MAX_REL_DIFF = 1e-3  # an f32 export must match the HF logits this closely (max |d| / max |logit|)
 PROMPT_TYPE_KEY = "vicuna.prompt_type"  # instruct | chat | chat_template
-QK = 32  # block size of q8_0 / q4_0 / q4_1: rows must be a multiple of it
 ARCHITECTURES = ("llama", "mistral")  # model_type values llama.cpp runs as general.architecture=llama
 VERIFY_QUESTIONS = ["Give three tips for staying healthy.", "用一句话介绍你自己。",
                     "Translate to English: 我明天要去图书馆还书。"]
@@ -277,7 +283,29 @@ class TensorPlan:
     permute_heads: int = 0  # 0: as is; else permute_qk with this many heads
 
 
-def pick_type(gguf_name: str, shape: tuple[int, ...], outtype: str, tied: bool):
+K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}  # llama.cpp's for rows not a multiple of 256
+
+
+def use_more_bits(i_layer: int, n_layer: int) -> bool:
+    """llama.cpp's choice of the layers whose attn_v and ffn_down get 6 bits in Q4_K_M / Q5_K_M: the
+    first and last eighth, and every third layer between."""
+    return i_layer < n_layer // 8 or i_layer >= 7 * n_layer // 8 or (i_layer - n_layer // 8) % 3 == 2
+
+
+def pick_type(gguf_name: str, shape: tuple[int, ...], outtype: str, tied: bool, hp: HParams | None = None):
+    """The GGML type of one tensor: llama.cpp's llama_tensor_get_type (llama-quant.cpp) for a llama-
+    architecture model without an importance matrix, so that --outtype X writes the tensor types
+    llama-quantize writes for X from an f32 export.
+
+    1-D tensors stay F32. The output projection (token_embd when tied) is Q6_K, or Q8_0 when its rows
+    do not split into the type's blocks, or stays Q8_0 for q8_0 -- and for q4_0 / q4_1, our one
+    departure: Q8_0 always, as the embedded SmolLM2 Q4_1 file and vicuna.cpp's quantize keep it
+    (llama.cpp gives those Q6_K when rows are a multiple of 256). q4_k_m / q5_k_m give attn_v and
+    ffn_down Q6_K on the layers use_more_bits picks (hp: the layer count); a LLaMA-70B-shaped model
+    (80 layers, grouped KV heads) gets attn_v at least Q5_K. Rows that do not split into the type's
+    blocks fall back as llama.cpp's tensor_type_fallback does: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K ->
+    Q8_0, and F16 when even blocks of 32 do not fit.
+    """
     import gguf
 
     T = gguf.GGMLQuantizationType
@@ -285,13 +313,26 @@ def pick_type(gguf_name: str, shape: tuple[int, ...], outtype: str, tied: bool):
         return T.F32
     if outtype == "f16":
         return T.F16
-    if shape[-1] % QK != 0:
-        return T.F16  # llama.cpp's fallback when a row does not split into blocks
-    wanted = {"q8_0": T.Q8_0, "q4_0": T.Q4_0, "q4_1": T.Q4_1}[outtype]
-    is_output = gguf_name == "output.weight" or (tied and gguf_name == "token_embd.weight")
-    if is_output and outtype in ("q4_0", "q4_1"):
-        return T.Q8_0  # the output projection is the most sensitive tensor; keep it at 8 bits
-    return wanted
+    default = T[FILE_TYPES[outtype][1]]
+    n_cols = shape[-1]  # ne[0]: the values of one row
+    qtype = default
+    layer = re.match(r"blk\.(\d+)\.(attn_v|ffn_down)\.weight$", gguf_name)
+    if gguf_name == "output.weight" or (tied and gguf_name == "token_embd.weight"):
+        if outtype in ("q4_0", "q4_1") or n_cols % gguf.GGML_QUANT_SIZES[default][0]:
+            qtype = T.Q8_0
+        elif default != T.Q8_0:
+            qtype = T.Q6_K
+    elif layer and outtype in ("q4_k_m", "q5_k_m"):
+        n_layer = hp.n_layer if hp else 0
+        if use_more_bits(int(layer.group(1)), n_layer):
+            qtype = T.Q6_K
+        if layer.group(2) == "attn_v" and hp and n_layer == 80 and hp.n_head != hp.n_head_kv and qtype == T.Q4_K:
+            qtype = T.Q5_K  # llama.cpp's LLM_TYPE_70B rule: 8 heads share each attn_v row
+    if n_cols % gguf.GGML_QUANT_SIZES[qtype][0]:
+        qtype = T[K_FALLBACK.get(qtype.name, qtype.name)]
+        if n_cols % gguf.GGML_QUANT_SIZES[qtype][0]:
+            qtype = T.F16
+    return qtype
 
 
 def plan_tensors(base, hp: HParams, outtype: str, model_dir: str) -> list[TensorPlan]:
@@ -317,7 +358,7 @@ def plan_tensors(base, hp: HParams, outtype: str, model_dir: str) -> list[Tensor
             heads = hp.n_head
         elif re.search(r"\.k_proj\.(weight|bias)$", hf_name):
             heads = hp.n_head_kv
-        plans.append(TensorPlan(gguf_name, hf_name, shape, pick_type(gguf_name, shape, outtype, tied), heads))
+        plans.append(TensorPlan(gguf_name, hf_name, shape, pick_type(gguf_name, shape, outtype, tied, hp), heads))
     if hp.rope_scaling and hp.rope_scaling["rope_type"] == "llama3":
         plans.append(TensorPlan("rope_freqs.weight", None, (hp.head_dim // 2,), gguf.GGMLQuantizationType.F32))
     if not any(p.gguf_name == "token_embd.weight" for p in plans):
@@ -336,6 +377,8 @@ def tensor_data(plan: TensorPlan, base, hp: HParams):
     import gguf
     import numpy as np
 
+    import kquants
+
     if plan.hf_name is None:
         data = llama3_rope_factors(hp)
     else:
@@ -348,7 +391,7 @@ def tensor_data(plan: TensorPlan, base, hp: HParams):
         data = permute_qk(data, plan.permute_heads)
     data = np.ascontiguousarray(data, dtype=np.float32)
     with np.errstate(over="ignore"):  # an F16 overflow is reported below, as one line
-        out = gguf.quants.quantize(data, plan.qtype)
+        out = kquants.quantize(data, plan.qtype)
     if plan.qtype == gguf.GGMLQuantizationType.F16 and not np.isfinite(out).all():
         raise UserError(f"{plan.hf_name} has values beyond float16's range (65504); export with --outtype f32 or "
                         "q8_0")
@@ -629,9 +672,7 @@ def convert(model_path: str, outfile: str, outtype: str = "f16", prompt_type: st
     base = SavedWeights(model_dir)
     plans = plan_tensors(base, hp, outtype, model_dir)
 
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
-                 "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}[outtype]
+    file_type = gguf.LlamaFileType[FILE_TYPES[outtype][0]]
     try:
         with staging_file(outfile) as tmp:  # removed unless published: an error, Ctrl-C
             writer = gguf.GGUFWriter(tmp, "llama")
@@ -668,7 +709,7 @@ def convert(model_path: str, outfile: str, outtype: str = "f16", prompt_type: st
     if modelfile_text is not None:
         write_modelfile(modelfile_path, modelfile_text, outfile)
     info = {"model_dir": model_dir, "prompt_type": prompt_type, "n_params": n_params, "outfile": outfile}
-    if outtype in ("q8_0", "q4_0", "q4_1"):
+    if outtype not in ("f32", "f16"):
         info["lora_kept"] = warn_if_quantization_undoes_lora(model_dir, base, plans, outtype, outfile)
     return info
 
@@ -687,6 +728,7 @@ def warn_if_quantization_undoes_lora(model_dir: str, merged, plans: list[TensorP
     import gguf
     import numpy as np
 
+    import kquants
     from models import load_training_config
 
     merged_from = load_training_config(model_dir).get("merged_from") or {}
@@ -711,9 +753,9 @@ def warn_if_quantization_undoes_lora(model_dir: str, merged, plans: list[TensorP
         d2 = float((delta * delta).sum())
         if d2 == 0.0:
             continue  # not a LoRA target
-        qm = gguf.quants.dequantize(gguf.quants.quantize(np.ascontiguousarray(m, dtype=np.float32), plan.qtype),
+        qm = gguf.quants.dequantize(kquants.quantize(np.ascontiguousarray(m, dtype=np.float32), plan.qtype),
                                     plan.qtype)
-        qb = gguf.quants.dequantize(gguf.quants.quantize(np.ascontiguousarray(b, dtype=np.float32), plan.qtype),
+        qb = gguf.quants.dequantize(kquants.quantize(np.ascontiguousarray(b, dtype=np.float32), plan.qtype),
                                     plan.qtype)
         num += float(((qm - qb).astype(np.float64) * delta).sum())
         den += d2
@@ -1067,18 +1109,22 @@ def compare_logits(ref, got) -> dict:
             "max_rel_diff": float(rel.max())}
 
 
-def verify(model_dir: str, gguf_path: str, prompt_type: str, engine: str | None = None) -> tuple[dict, str]:
+def verify(model_dir: str, gguf_path: str, prompt_type: str, engine: str | None = None,
+           outtype: str = "f32") -> tuple[dict, str]:
     """(report, which runtime read the GGUF): logits of a few prompts and token ids of a few texts,
-    the GGUF through vicuna.cpp when it is built, else through transformers, against the HF model."""
+    the GGUF through vicuna.cpp when it is built and reads `outtype`, else through transformers,
+    against the HF model."""
     engine = engine or ENGINE
     prompts, texts, want_ids = verify_prompts(model_dir, prompt_type)
     ref = hf_logits(model_dir, prompts)
-    if os.path.isfile(engine) and os.access(engine, os.X_OK):
+    built = os.path.isfile(engine) and os.access(engine, os.X_OK)
+    if built and outtype in ENGINE_OUTTYPES:
         used = f"vicuna.cpp ({os.path.relpath(engine, ROOT)})"
         got = engine_logits(gguf_path, prompts, engine)
         got_ids = engine_tokenize(gguf_path, texts, engine)
     else:
-        used = "transformers' GGUF loader (tools/vicuna.cpp/build/vicuna not built; run `make cpp`)"
+        used = ("transformers' GGUF loader (" + (f"vicuna.cpp does not read {outtype}" if built else
+                "tools/vicuna.cpp/build/vicuna not built; run `make cpp`") + ")")
         got = transformers_gguf_logits(gguf_path, prompts)
         got_ids = transformers_gguf_tokenize(gguf_path, texts)
     report = compare_logits(ref, got)
@@ -1142,7 +1188,7 @@ def main(argv=None) -> int:
     print(args.outfile)
     if not do_verify:
         return 0
-    report, used = verify(info["model_dir"], args.outfile, info["prompt_type"])
+    report, used = verify(info["model_dir"], args.outfile, info["prompt_type"], outtype=args.outtype)
     print(f"verify ({used}): top-1 agreement {report['top1_agree']}/{report['n']} prompts, "
           f"max logit diff {report['max_abs_diff']:.3g} (relative {report['max_rel_diff']:.3g}); "
           f"tokenizer: {report['tokens_agree']}/{report['n_texts']} texts give the same ids")
