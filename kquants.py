@@ -12,8 +12,9 @@ importance matrix.
 by `gguf.quants.quantize` (Q8_0, Q5_0, Q5_1, Q4_0, Q4_1 there are bit-identical to llama.cpp too).
 
 Bit-exactness rests on doing llama.cpp's float32 arithmetic in its order. Every loop over the 32 (or
-16) values of a sub-block is vectorized over all sub-blocks at once; the sums are accumulated left
-to right as C's loops add (np.add.accumulate, never numpy's pairwise .sum()); each product and
+16) values of a sub-block is vectorized over all sub-blocks at once (values on the first axis,
+sub-blocks on the second); the sums are accumulated left to right as C's loops add, one
+vectorized add per value (never numpy's pairwise .sum()); each product and
 quotient is rounded to float32 where C rounds it; `nearest_int` is ggml's own float trick (round
 half to even inside its range); float16 conversions round to nearest even, as GGML_FP32_TO_FP16
 does. llama.cpp's CPU-independent ggml-base compiles these functions for baseline x86-64, without
@@ -43,27 +44,32 @@ def _nearest_int(f: np.ndarray) -> np.ndarray:
     return (v & 0x007FFFFF) - 0x00400000
 
 
-def _seq_sum(a: np.ndarray) -> np.ndarray:
-    """C's `float s = 0; for (i...) s += a[i];` over the last axis: left to right, from +0."""
-    return np.add.accumulate(a, axis=-1)[..., -1] + F32(0)  # + 0: an all -0 sum is +0, as in C
+def _seq_sum(a: np.ndarray, start_at_zero: bool = True) -> np.ndarray:
+    """C's `float s = 0; for (i...) s += a[i];` over the first axis (the values of each group; the
+    groups are the second axis, so each step is one vectorized add): left to right, from +0 (an
+    all -0 sum is +0, as in C), or from a[0] when C starts there."""
+    s = a[0] + F32(0) if start_at_zero else a[0].copy()
+    for row in a[1:]:
+        s += row
+    return s
 
 
 def _make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
-    """make_qkx2_quants for each row of x (groups, n) with weights w: (scale, the_min, L uint8)."""
-    mn = np.minimum(x.min(axis=1), F32(0))  # C: the smallest value, then `if (min > 0) min = 0`
-    mx = x.max(axis=1)
+    """make_qkx2_quants for each column of x (n, groups) with weights w: (scale, the_min, L uint8)."""
+    mn = np.minimum(x.min(axis=0), F32(0))  # C: the smallest value, then `if (min > 0) min = 0`
+    mx = x.max(axis=0)
     flat = mx == mn
-    sum_w = np.add.accumulate(w, axis=1)[:, -1]  # C starts these two from the first element
-    sum_x = np.add.accumulate(w * x, axis=1)[:, -1]
+    sum_w = _seq_sum(w, start_at_zero=False)
+    sum_x = _seq_sum(w * x, start_at_zero=False)
     iscale = F32(nmax) / (mx - mn)
     scale = F32(1) / iscale
-    L = np.clip(_nearest_int(iscale[:, None] * (x - mn[:, None])), 0, nmax).astype(np.uint8)
-    diff = scale[:, None] * L.astype(F32) + mn[:, None] - x
+    L = np.clip(_nearest_int(iscale * (x - mn)), 0, nmax).astype(np.uint8)
+    diff = scale * L.astype(F32) + mn - x
     best_error = _seq_sum(w * (diff * diff))
     for step in range(nstep + 1):
         # C reuses `min` here, which the search below may have moved: so do we
         iscale = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / (mx - mn)
-        laux = np.clip(_nearest_int(iscale[:, None] * (x - mn[:, None])), 0, nmax)
+        laux = np.clip(_nearest_int(iscale * (x - mn)), 0, nmax)
         lf = laux.astype(F32)
         wl = w * lf
         sum_l, sum_l2, sum_xl = _seq_sum(wl), _seq_sum(wl * lf), _seq_sum(wl * x)
@@ -73,30 +79,30 @@ def _make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdel
         positive = this_min > 0
         this_min = np.where(positive, F32(0), this_min)
         this_scale = np.where(positive, sum_xl / sum_l2, this_scale)
-        diff = this_scale[:, None] * lf + this_min[:, None] - x
+        diff = this_scale * lf + this_min - x
         cur_error = _seq_sum(w * (diff * diff))
         better = (D > 0) & (cur_error < best_error) & ~flat
-        L = np.where(better[:, None], laux.astype(np.uint8), L)
+        L = np.where(better, laux.astype(np.uint8), L)
         best_error = np.where(better, cur_error, best_error)
         scale = np.where(better, this_scale, scale)
         mn = np.where(better, this_min, mn)
-    L[flat] = 0
+    L[:, flat] = 0
     scale = np.where(flat, F32(0), scale)
     return scale, -mn, L
 
 
 def _make_qx_quants(x: np.ndarray, nmax: int):
-    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL) for each row of x (groups, n):
+    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL) for each column of x (n, groups):
     (scale, L uint8 in [0, 2 nmax))."""
-    rows = np.arange(len(x))
-    at = np.abs(x).argmax(axis=1)  # the first largest |x|, as C's strict `>` keeps
-    amax, mx = np.abs(x[rows, at]), x[rows, at]
+    cols = np.arange(x.shape[1])
+    at = np.abs(x).argmax(axis=0)  # the first largest |x|, as C's strict `>` keeps
+    amax, mx = np.abs(x[at, cols]), x[at, cols]
     zero = amax < GROUP_MAX_EPS
     w = x * x
     wx = w * x
 
     def try_scale(iscale):
-        l = np.clip(_nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
+        l = np.clip(_nearest_int(iscale * x), -nmax, nmax - 1)
         lf = l.astype(F32)
         return l, _seq_sum(wx * lf), _seq_sum(w * lf * lf)
 
@@ -109,12 +115,17 @@ def _make_qx_quants(x: np.ndarray, nmax: int):
             continue
         l, sumlx, suml2 = try_scale(-(F32(nmax) + F32(0.1) * F32(step)) / mx)
         better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        L = np.where(better[:, None], (l + nmax).astype(np.uint8), L)
+        L = np.where(better, (l + nmax).astype(np.uint8), L)
         new_scale = sumlx / suml2
         scale = np.where(better, new_scale, scale)
         best = np.where(better, new_scale * sumlx, best)
-    L[zero] = 0
+    L[:, zero] = 0
     return np.where(zero, F32(0), scale), L
+
+
+def _groups(blocks: np.ndarray, n: int) -> np.ndarray:
+    """(nb, 256) super-blocks -> (n, nb * 256 / n): one group of n values per column."""
+    return np.ascontiguousarray(blocks.reshape(-1, n).T)
 
 
 def _f16_bytes(v: np.ndarray) -> np.ndarray:
@@ -124,11 +135,11 @@ def _f16_bytes(v: np.ndarray) -> np.ndarray:
 def _qkx_super_blocks(blocks: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
     """The shared part of quantize_row_q4_K_ref / _q5_K_ref: (d, dmin, packed scales, L (nb, 256))."""
     nb = len(blocks)
-    x = blocks.reshape(nb * 8, 32)
+    x = _groups(blocks, 32)
     av_x = np.sqrt(_seq_sum(x * x) / F32(32))
-    weights = av_x[:, None] + np.abs(x)
+    weights = av_x + np.abs(x)
     scales, mins, L = _make_qkx2_quants(x, weights, nmax, rmin, rdelta, nstep)
-    scales, mins, L = scales.reshape(nb, 8), mins.reshape(nb, 8), L.reshape(nb, 8, 32)
+    scales, mins, L = scales.reshape(nb, 8), mins.reshape(nb, 8), L.T.reshape(nb, 8, 32)
     max_scale = scales.max(axis=1)
     max_scale = np.where(max_scale > 0, max_scale, F32(0))
     max_min = mins.max(axis=1)
@@ -146,7 +157,7 @@ def _qkx_super_blocks(blocks: np.ndarray, nmax: int, rmin: float, rdelta: float,
     # requantize with the rounded scales (get_scale_min_k4 unpacks exactly ls and lm)
     sd = d.astype(F32)[:, None] * ls.astype(F32)
     sm = dmin.astype(F32)[:, None] * lm.astype(F32)
-    l = np.clip(_nearest_int((x.reshape(nb, 8, 32) + sm[..., None]) / sd[..., None]), 0, nmax).astype(np.uint8)
+    l = np.clip(_nearest_int((blocks.reshape(nb, 8, 32) + sm[..., None]) / sd[..., None]), 0, nmax).astype(np.uint8)
     L = np.where((sd == 0)[..., None], L, l)  # C skips a sub-block whose scale is 0, keeping its L
     return _f16_bytes(d), _f16_bytes(dmin), packed, L.reshape(nb, QK_K)
 
@@ -174,9 +185,8 @@ def quantize_q5_k_blocks(blocks: np.ndarray) -> np.ndarray:
 def quantize_q6_k_blocks(blocks: np.ndarray) -> np.ndarray:
     """quantize_row_q6_K_ref: float32 (nb, 256) -> uint8 (nb, 210): ql[128], qh[64], scales[16] (int8), d."""
     nb = len(blocks)
-    x = blocks.reshape(nb * 16, 16)
-    scales, L = _make_qx_quants(x, 32)
-    scales, L = scales.reshape(nb, 16), L.reshape(nb, 16, 16)
+    scales, L = _make_qx_quants(_groups(blocks, 16), 32)
+    scales, L = scales.reshape(nb, 16), L.T.reshape(nb, 16, 16)
     rows = np.arange(nb)
     at = np.abs(scales).argmax(axis=1)
     max_scale, max_abs = scales[rows, at], np.abs(scales[rows, at])
@@ -186,7 +196,7 @@ def quantize_q6_k_blocks(blocks: np.ndarray) -> np.ndarray:
     # C: int8_t scales[ib] = MIN(127, nearest_int(iscale * scales[ib]))
     sc = (np.minimum(_nearest_int(iscale[:, None] * scales), 127) & 0xFF).astype(np.uint8).view(np.int8)
     sd = d.astype(F32)[:, None] * sc.astype(F32)
-    l = (np.clip(_nearest_int(x.reshape(nb, 16, 16) / sd[..., None]), -32, 31) + 32).astype(np.uint8)
+    l = (np.clip(_nearest_int(blocks.reshape(nb, 16, 16) / sd[..., None]), -32, 31) + 32).astype(np.uint8)
     L = np.where((sd == 0)[..., None], L, l).reshape(nb, 2, 4, 32)  # 128-value halves, 4 quarters of 32
     ql = np.concatenate([(L[:, :, 0] & 0xF) | ((L[:, :, 2] & 0xF) << 4),
                          (L[:, :, 1] & 0xF) | ((L[:, :, 3] & 0xF) << 4)], axis=2).reshape(nb, QK_K // 2)

@@ -935,7 +935,7 @@ def convert_adapter(lora_path: str, outfile: str, model_path: str | None = None,
 
     if outtype not in ADAPTER_OUTTYPES:
         raise UserError(f"--outtype {outtype}: an adapter is written as {', '.join(ADAPTER_OUTTYPES)} (its tensors "
-                        "are small, and a 4-bit B would lose the update)")
+                        "are small, and a coarser grid would round the update away)")
     modelfile_path = check_outputs(outfile, overwrite, modelfile)
     modules, adapter_config = read_lora_modules(lora_path)
     if not model_path:
