@@ -2,6 +2,7 @@
 
     python tools/convert_gguf.py --model_path vicuna-merged --outfile vicuna.q8_0.gguf --outtype q8_0
     python tools/convert_gguf.py --model_path vicuna-merged --outfile vicuna.f16.gguf --outtype f16 --modelfile
+    python tools/convert_gguf.py --model_path vicuna-merged --outfile vicuna.q4_k_m.gguf --outtype q4_k_m
 
 The file carries what llama.cpp, ollama and tools/vicuna.cpp need: the `llama.*` hyperparameters
 (context length, sizes, heads and KV heads, rope theta and scaling, RMSNorm epsilon), the tensors
@@ -13,11 +14,20 @@ with (instruct or chat, as prompt.py renders them; `chat_template` keeps the tok
 The prompt type defaults to the one in the merged folder's training_config.json (tools/merge_lora.py
 copies it there), else instruct.
 
-Tensor types (--outtype): 1-D tensors (norms) stay F32. f16 stores the 2-D weights as F16; q8_0,
-q4_0 and q4_1 quantize them with the gguf package's quantizers (bit-identical to llama.cpp's
-reference), except weights whose rows are not a multiple of 32 values (F16 instead, as llama.cpp
-does) and, for the q4 types, the output projection (token_embd when tied) which stays Q8_0, the
-way the embedded SmolLM2 Q4_1 file ships it.
+Tensor types (--outtype): what llama.cpp's llama-quantize writes from an f32 export of the same
+model, tensor for tensor and byte for byte (tests/test_kquants_export.py checks it against
+llama-cpp-python), with general.file_type its LLAMA_FTYPE_*. 1-D tensors (norms) stay F32; f16
+stores the 2-D weights as F16. q8_0, q5_0, q5_1, q4_0 and q4_1 quantize them with the gguf
+package's quantizers, q6_k, q5_k_m and q4_k_m with kquants.py's (numpy ports of llama.cpp's
+reference K-quant quantizers, without an importance matrix), in llama.cpp's per-tensor mix
+(pick_type): the output projection (token_embd when tied) Q6_K; q4_k_m / q5_k_m keep attn_v and
+ffn_down at Q6_K on the first and last eighth of the layers and every third between, the rest
+Q4_K / Q5_K. Rows that do not split into blocks of 256 fall back as llama.cpp does (Q4_K -> Q5_0,
+Q5_K -> Q5_1, Q6_K -> Q8_0; the embedded SmolLM2's 576-wide rows mostly do), and rows that do not
+split into blocks of 32 are F16. One departure: q4_0 and q4_1 keep the output projection at Q8_0,
+the way the embedded SmolLM2 Q4_1 file ships it and vicuna.cpp's quantize writes it (llama.cpp
+gives it Q6_K when its rows are a multiple of 256). vicuna.cpp reads f32, f16, q8_0, q4_0 and q4_1;
+--verify reads the other types with transformers' GGUF loader.
 
 `--verify` (default: on for models under 1B parameters) runs a few prompts through the Hugging Face
 model and through the written GGUF -- with tools/vicuna.cpp/build/vicuna when it has been built
@@ -26,7 +36,7 @@ largest logit difference. An f32 export that disagrees (top-1 mismatch or max re
 over 1e-3), or any export whose logits are NaN or infinite, exits with status 1. `--modelfile`
 writes an ollama Modelfile beside the GGUF.
 
-A quantized export (q8_0, q4_0, q4_1) of a merged folder whose training_config.json names its base
+A quantized export (any type but f32 and f16) of a merged folder whose training_config.json names its base
 (tools/merge_lora.py writes it) quantizes the base's weights the same way and logs how much of the
 merged-minus-base change survives; under 50 % it warns that the fine-tune is mostly lost (a base
 dequantized from that grid, like the embedded Q4_1 SmolLM2, rounds small LoRA deltas back onto it)
@@ -116,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --lora_path: the base model's GGUF the adapter is for (checked against it, the "
                         "Modelfile's FROM line, --verify); default: --model_path if a .gguf, or the embedded file")
     p.add_argument("--outfile", required=True, help="GGUF file to write")
-    p.add_argument("--outtype", choices=OUTTYPES, default="f16", help="tensor type of the 2-D weights (default: f16)")
+    p.add_argument("--outtype", choices=OUTTYPES, default="f16",
+                   help="tensor type of the 2-D weights, or llama.cpp's mix of that name (q4_k_m, q5_k_m) "
+                        "(default: f16)")
     p.add_argument("--prompt_type", choices=PROMPT_TYPES, default=None,
                    help="template stored as tokenizer.chat_template (default: the training_config.json one, "
                         "else instruct)")
