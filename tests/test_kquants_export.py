@@ -162,6 +162,10 @@ def test_mix_matches_llama_quant_rules():
         assert convert_gguf.pick_type("blk.5.attn_q.weight", (48, 48), outtype, True, hp).name == "F16"
         assert convert_gguf.pick_type("token_embd.weight", (49152, 576), outtype, True, hp).name == "Q8_0"
     assert convert_gguf.pick_type("blk.0.attn_v.weight", (64, 576), "q4_k_m", True, hp).name == "Q8_0"  # Q6_K's
+    # q8_0 keeps its output at Q8_0 as llama.cpp does; q4_0 / q4_1 too (our documented departure: Q6_K there)
+    for outtype in ("q8_0", "q4_0", "q4_1"):
+        assert convert_gguf.pick_type("output.weight", (32000, 4096), outtype, False, hp).name == "Q8_0"
+        assert set(layer_types(outtype, hp, "attn_v")) == {outtype.upper()}
 
 
 # --- exports -----------------------------------------------------------------------------------------

@@ -36,11 +36,11 @@ largest logit difference. An f32 export that disagrees (top-1 mismatch or max re
 over 1e-3), or any export whose logits are NaN or infinite, exits with status 1. `--modelfile`
 writes an ollama Modelfile beside the GGUF.
 
-A quantized export (any type but f32 and f16) of a merged folder whose training_config.json names its base
-(tools/merge_lora.py writes it) quantizes the base's weights the same way and logs how much of the
-merged-minus-base change survives; under 50 % it warns that the fine-tune is mostly lost (a base
-dequantized from that grid, like the embedded Q4_1 SmolLM2, rounds small LoRA deltas back onto it)
-and points to the adapter export below.
+A quantized export (any type but f32 and f16) of a merged folder whose training_config.json names
+its base (tools/merge_lora.py writes it) quantizes the base's weights the same way and logs how
+much of the merged-minus-base change survives; under 50 % it warns that the fine-tune is mostly
+lost (a base dequantized from that grid, like the embedded Q4_1 SmolLM2, rounds small LoRA deltas
+back onto it) and points to the adapter export below.
 
 `--lora_path ADAPTER` writes the adapter itself instead, as a GGUF LoRA adapter in llama.cpp's format
 (what its convert_lora_to_gguf.py writes, loaded by `vicuna --lora`, llama.cpp's `--lora` and ollama's
@@ -304,7 +304,7 @@ def use_more_bits(i_layer: int, n_layer: int) -> bool:
     return i_layer < n_layer // 8 or i_layer >= 7 * n_layer // 8 or (i_layer - n_layer // 8) % 3 == 2
 
 
-def pick_type(gguf_name: str, shape: tuple[int, ...], outtype: str, tied: bool, hp: HParams | None = None):
+def pick_type(gguf_name: str, shape: tuple[int, ...], outtype: str, tied: bool, hp: HParams):
     """The GGML type of one tensor: llama.cpp's llama_tensor_get_type (llama-quant.cpp) for a llama-
     architecture model without an importance matrix, so that --outtype X writes the tensor types
     llama-quantize writes for X from an f32 export.
@@ -313,7 +313,7 @@ def pick_type(gguf_name: str, shape: tuple[int, ...], outtype: str, tied: bool, 
     do not split into the type's blocks, or stays Q8_0 for q8_0 -- and for q4_0 / q4_1, our one
     departure: Q8_0 always, as the embedded SmolLM2 Q4_1 file and vicuna.cpp's quantize keep it
     (llama.cpp gives those Q6_K when rows are a multiple of 256). q4_k_m / q5_k_m give attn_v and
-    ffn_down Q6_K on the layers use_more_bits picks (hp: the layer count); a LLaMA-70B-shaped model
+    ffn_down Q6_K on the layers use_more_bits picks (of hp.n_layer); a LLaMA-70B-shaped model
     (80 layers, grouped KV heads) gets attn_v at least Q5_K. Rows that do not split into the type's
     blocks fall back as llama.cpp's tensor_type_fallback does: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K ->
     Q8_0, and F16 when even blocks of 32 do not fit.
@@ -335,11 +335,10 @@ def pick_type(gguf_name: str, shape: tuple[int, ...], outtype: str, tied: bool, 
         elif default != T.Q8_0:
             qtype = T.Q6_K
     elif layer and outtype in ("q4_k_m", "q5_k_m"):
-        n_layer = hp.n_layer if hp else 0
-        if use_more_bits(int(layer.group(1)), n_layer):
+        if use_more_bits(int(layer.group(1)), hp.n_layer):
             qtype = T.Q6_K
-        if layer.group(2) == "attn_v" and hp and n_layer == 80 and hp.n_head != hp.n_head_kv and qtype == T.Q4_K:
-            qtype = T.Q5_K  # llama.cpp's LLM_TYPE_70B rule: 8 heads share each attn_v row
+        if layer.group(2) == "attn_v" and hp.n_layer == 80 and hp.n_head != hp.n_head_kv and qtype == T.Q4_K:
+            qtype = T.Q5_K  # llama.cpp's LLM_TYPE_70B rule: several heads share each attn_v row
     if n_cols % gguf.GGML_QUANT_SIZES[qtype][0]:
         qtype = T[K_FALLBACK.get(qtype.name, qtype.name)]
         if n_cols % gguf.GGML_QUANT_SIZES[qtype][0]:
@@ -858,7 +857,7 @@ def plan_adapter(modules, hp: HParams, base, outtype: str, alpha: float, lora_pa
                 raise UserError(f"--lora_path {lora_path}: {m.module}{suffix} is not finite after scaling by "
                                 f"{factor:g} (per-module alpha / rsLoRA); the adapter is broken")
             name = weight + suffix
-            out.append(AdapterTensor(name, data, pick_type(name, data.shape, outtype, tied=False)))
+            out.append(AdapterTensor(name, data, pick_type(name, data.shape, outtype, False, hp)))
     return out
 
 
