@@ -41,9 +41,9 @@ import kquants  # noqa: E402
 
 KTYPES = ("Q4_K", "Q5_K", "Q6_K")
 OUTTYPES = ("q4_k_m", "q5_k_m", "q6_k", "q5_0", "q5_1")
-# Relative RMS error of quantize -> dequantize on standard normal data (measured: Q4_K 0.0715,
-# Q5_K 0.0363, Q6_K 0.0178, Q5_0 0.0413, Q5_1 0.0345)
-RMS_BUDGET = {"Q4_K": 0.08, "Q5_K": 0.04, "Q6_K": 0.02, "Q5_0": 0.045, "Q5_1": 0.04}
+# Relative RMS error of quantize -> dequantize on the standard normal data below (measured: Q4_K
+# 0.0714, Q5_K 0.0364, Q6_K 0.0178, Q5_0 0.0428, Q5_1 0.0381)
+RMS_BUDGET = {"Q4_K": 0.08, "Q5_K": 0.04, "Q6_K": 0.02, "Q5_0": 0.05, "Q5_1": 0.045}
 
 # One super-block, x[i] = ((37 i) mod 64 - 32) / 32 with values 32..63 set to 0, and its bytes as
 # llama.cpp's ggml_quantize_chunk (llama-cpp-python 0.3.36, libggml-base) wrote them; generated once
