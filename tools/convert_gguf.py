@@ -2,6 +2,7 @@
 
     python tools/convert_gguf.py --model_path vicuna-merged --outfile vicuna.q8_0.gguf --outtype q8_0
     python tools/convert_gguf.py --model_path vicuna-merged --outfile vicuna.f16.gguf --outtype f16 --modelfile
+    python tools/convert_gguf.py --model_path vicuna-merged --outfile vicuna.q4_k_m.gguf --outtype q4_k_m
 
 The file carries what llama.cpp, ollama and tools/vicuna.cpp need: the `<arch>.*` hyperparameters
 (context length, sizes, heads and KV heads, rope theta and scaling, RMSNorm epsilon), the tensors
@@ -31,11 +32,20 @@ Architectures (config.json's model_type), written as llama.cpp's convert_hf_to_g
 Other model types, layer_types mixing attention kinds, and rope scalings other than linear and
 llama3 are refused in one line.
 
-Tensor types (--outtype): 1-D tensors (norms) stay F32. f16 stores the 2-D weights as F16; q8_0,
-q4_0 and q4_1 quantize them with the gguf package's quantizers (bit-identical to llama.cpp's
-reference), except weights whose rows are not a multiple of 32 values (F16 instead, as llama.cpp
-does) and, for the q4 types, the output projection (token_embd when tied) which stays Q8_0, the
-way the embedded SmolLM2 Q4_1 file ships it.
+Tensor types (--outtype): what llama.cpp's llama-quantize writes from an f32 export of the same
+model, tensor for tensor and byte for byte (tests/test_kquants_export.py checks it against
+llama-cpp-python), with general.file_type its LLAMA_FTYPE_*. 1-D tensors (norms) stay F32; f16
+stores the 2-D weights as F16. q8_0, q5_0, q5_1, q4_0 and q4_1 quantize them with the gguf
+package's quantizers, q6_k, q5_k_m and q4_k_m with kquants.py's (numpy ports of llama.cpp's
+reference K-quant quantizers, without an importance matrix), in llama.cpp's per-tensor mix
+(pick_type): the output projection (token_embd when tied) Q6_K; q4_k_m / q5_k_m keep attn_v and
+ffn_down at Q6_K on the first and last eighth of the layers and every third between, the rest
+Q4_K / Q5_K. Rows that do not split into blocks of 256 fall back as llama.cpp does (Q4_K -> Q5_0,
+Q5_K -> Q5_1, Q6_K -> Q8_0; the embedded SmolLM2's 576-wide rows mostly do), and rows that do not
+split into blocks of 32 are F16. One departure: q4_0 and q4_1 keep the output projection at Q8_0,
+the way the embedded SmolLM2 Q4_1 file ships it and vicuna.cpp's quantize writes it (llama.cpp
+gives it Q6_K when its rows are a multiple of 256). vicuna.cpp reads f32, f16, q8_0, q4_0 and q4_1;
+--verify reads the other types with transformers' GGUF loader.
 
 `--verify` (default: on for models under 1B parameters) runs a few prompts through the Hugging Face
 model and through the written GGUF -- with tools/vicuna.cpp/build/vicuna when it has been built
@@ -44,11 +54,11 @@ largest logit difference. An f32 export that disagrees (top-1 mismatch or max re
 over 1e-3), or any export whose logits are NaN or infinite, exits with status 1. `--modelfile`
 writes an ollama Modelfile beside the GGUF.
 
-A quantized export (q8_0, q4_0, q4_1) of a merged folder whose training_config.json names its base
-(tools/merge_lora.py writes it) quantizes the base's weights the same way and logs how much of the
-merged-minus-base change survives; under 50 % it warns that the fine-tune is mostly lost (a base
-dequantized from that grid, like the embedded Q4_1 SmolLM2, rounds small LoRA deltas back onto it)
-and points to the adapter export below.
+A quantized export (any type but f32 and f16) of a merged folder whose training_config.json names
+its base (tools/merge_lora.py writes it) quantizes the base's weights the same way and logs how
+much of the merged-minus-base change survives; under 50 % it warns that the fine-tune is mostly
+lost (a base dequantized from that grid, like the embedded Q4_1 SmolLM2, rounds small LoRA deltas
+back onto it) and points to the adapter export below.
 
 `--lora_path ADAPTER` writes the adapter itself instead, as a GGUF LoRA adapter in llama.cpp's format
 (what its convert_lora_to_gguf.py writes, loaded by `vicuna --lora`, llama.cpp's `--lora` and ollama's
@@ -96,12 +106,18 @@ from errors import UserError, cli_errors, logger, one_line, setup_logging  # noq
 from model_folder import SavedWeights, read_model_config, resolve_model_folder  # noqa: E402
 from models import resolve_prompt_type  # noqa: E402
 
-OUTTYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")
+# --outtype: (llama.cpp's LLAMA_FTYPE_* name, written as general.file_type; the tensor type of the
+# 2-D weights before pick_type's per-tensor rules)
+FILE_TYPES = {"f32": ("ALL_F32", "F32"), "f16": ("MOSTLY_F16", "F16"), "q8_0": ("MOSTLY_Q8_0", "Q8_0"),
+              "q6_k": ("MOSTLY_Q6_K", "Q6_K"), "q5_k_m": ("MOSTLY_Q5_K_M", "Q5_K"),
+              "q5_1": ("MOSTLY_Q5_1", "Q5_1"), "q5_0": ("MOSTLY_Q5_0", "Q5_0"),
+              "q4_k_m": ("MOSTLY_Q4_K_M", "Q4_K"), "q4_1": ("MOSTLY_Q4_1", "Q4_1"), "q4_0": ("MOSTLY_Q4_0", "Q4_0")}
+OUTTYPES = tuple(FILE_TYPES)
+ENGINE_OUTTYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")  # what tools/vicuna.cpp reads (--verify runs it on these)
 ENGINE = os.path.join(ROOT, "tools", "vicuna.cpp", "build", "vicuna")
 VERIFY_MAX_PARAMS = 1_000_000_000  # --verify is on by default below this size
 F32_MAX_REL_DIFF = 1e-3  # an f32 export must match the HF logits this closely (max |d| / max |logit|)
 PROMPT_TYPE_KEY = "vicuna.prompt_type"  # instruct | chat | chat_template
-QK = 32  # block size of q8_0 / q4_0 / q4_1: rows must be a multiple of it
 ARCHITECTURES = ("llama", "mistral")  # model_type values llama.cpp runs as general.architecture=llama
 VERIFY_QUESTIONS = ["Give three tips for staying healthy.", "用一句话介绍你自己。",
                     "Translate to English: 我明天要去图书馆还书。"]
@@ -129,7 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --lora_path: the base model's GGUF the adapter is for (checked against it, the "
                         "Modelfile's FROM line, --verify); default: --model_path if a .gguf, or the embedded file")
     p.add_argument("--outfile", required=True, help="GGUF file to write")
-    p.add_argument("--outtype", choices=OUTTYPES, default="f16", help="tensor type of the 2-D weights (default: f16)")
+    p.add_argument("--outtype", choices=OUTTYPES, default="f16",
+                   help="tensor type of the 2-D weights, or llama.cpp's mix of that name (q4_k_m, q5_k_m) "
+                        "(default: f16)")
     p.add_argument("--prompt_type", choices=PROMPT_TYPES, default=None,
                    help="template stored as tokenizer.chat_template (default: the training_config.json one, "
                         "else instruct)")
@@ -337,7 +355,29 @@ class TensorPlan:
     permute_heads: int = 0  # 0: as is; else permute_qk with this many heads
 
 
-def pick_type(gguf_name: str, shape: tuple[int, ...], outtype: str, tied: bool):
+K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}  # llama.cpp's for rows not a multiple of 256
+
+
+def use_more_bits(i_layer: int, n_layer: int) -> bool:
+    """llama.cpp's choice of the layers whose attn_v and ffn_down get 6 bits in Q4_K_M / Q5_K_M: the
+    first and last eighth, and every third layer between."""
+    return i_layer < n_layer // 8 or i_layer >= 7 * n_layer // 8 or (i_layer - n_layer // 8) % 3 == 2
+
+
+def pick_type(gguf_name: str, shape: tuple[int, ...], outtype: str, tied: bool, hp: HParams):
+    """The GGML type of one tensor: llama.cpp's llama_tensor_get_type (llama-quant.cpp) for a llama-
+    architecture model without an importance matrix, so that --outtype X writes the tensor types
+    llama-quantize writes for X from an f32 export.
+
+    1-D tensors stay F32. The output projection (token_embd when tied) is Q6_K, or Q8_0 when its rows
+    do not split into the type's blocks, or stays Q8_0 for q8_0 -- and for q4_0 / q4_1, our one
+    departure: Q8_0 always, as the embedded SmolLM2 Q4_1 file and vicuna.cpp's quantize keep it
+    (llama.cpp gives those Q6_K when rows are a multiple of 256). q4_k_m / q5_k_m give attn_v and
+    ffn_down Q6_K on the layers use_more_bits picks (of hp.n_layer); a LLaMA-70B-shaped model
+    (80 layers, grouped KV heads) gets attn_v at least Q5_K. Rows that do not split into the type's
+    blocks fall back as llama.cpp's tensor_type_fallback does: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K ->
+    Q8_0, and F16 when even blocks of 32 do not fit.
+    """
     import gguf
 
     T = gguf.GGMLQuantizationType
@@ -345,13 +385,25 @@ def pick_type(gguf_name: str, shape: tuple[int, ...], outtype: str, tied: bool):
         return T.F32
     if outtype == "f16":
         return T.F16
-    if shape[-1] % QK != 0:
-        return T.F16  # llama.cpp's fallback when a row does not split into blocks
-    wanted = {"q8_0": T.Q8_0, "q4_0": T.Q4_0, "q4_1": T.Q4_1}[outtype]
-    is_output = gguf_name == "output.weight" or (tied and gguf_name == "token_embd.weight")
-    if is_output and outtype in ("q4_0", "q4_1"):
-        return T.Q8_0  # the output projection is the most sensitive tensor; keep it at 8 bits
-    return wanted
+    default = T[FILE_TYPES[outtype][1]]
+    n_cols = shape[-1]  # ne[0]: the values of one row
+    qtype = default
+    layer = re.match(r"blk\.(\d+)\.(attn_v|ffn_down)\.weight$", gguf_name)
+    if gguf_name == "output.weight" or (tied and gguf_name == "token_embd.weight"):
+        if outtype in ("q4_0", "q4_1") or n_cols % gguf.GGML_QUANT_SIZES[default][0]:
+            qtype = T.Q8_0
+        elif default != T.Q8_0:
+            qtype = T.Q6_K
+    elif layer and outtype in ("q4_k_m", "q5_k_m"):
+        if use_more_bits(int(layer.group(1)), hp.n_layer):
+            qtype = T.Q6_K
+        if layer.group(2) == "attn_v" and hp.n_layer == 80 and hp.n_head != hp.n_head_kv and qtype == T.Q4_K:
+            qtype = T.Q5_K  # llama.cpp's LLM_TYPE_70B rule: several heads share each attn_v row
+    if n_cols % gguf.GGML_QUANT_SIZES[qtype][0]:
+        qtype = T[K_FALLBACK.get(qtype.name, qtype.name)]
+        if n_cols % gguf.GGML_QUANT_SIZES[qtype][0]:
+            qtype = T.F16
+    return qtype
 
 
 def gguf_arch(hp: HParams):
@@ -384,7 +436,7 @@ def plan_tensors(base, hp: HParams, outtype: str, model_dir: str) -> list[Tensor
             heads = hp.n_head
         elif hp.permute and re.search(r"\.k_proj\.(weight|bias)$", hf_name):
             heads = hp.n_head_kv
-        plans.append(TensorPlan(gguf_name, hf_name, shape, pick_type(gguf_name, shape, outtype, tied), heads))
+        plans.append(TensorPlan(gguf_name, hf_name, shape, pick_type(gguf_name, shape, outtype, tied, hp), heads))
     if hp.rope_scaling and hp.rope_scaling["rope_type"] == "llama3":
         plans.append(TensorPlan("rope_freqs.weight", None, (hp.head_dim // 2,), gguf.GGMLQuantizationType.F32))
     if not any(p.gguf_name == "token_embd.weight" for p in plans):
@@ -403,6 +455,8 @@ def tensor_data(plan: TensorPlan, base, hp: HParams):
     import gguf
     import numpy as np
 
+    import kquants
+
     if plan.hf_name is None:
         data = llama3_rope_factors(hp)
     else:
@@ -415,7 +469,7 @@ def tensor_data(plan: TensorPlan, base, hp: HParams):
         data = permute_qk(data, plan.permute_heads)
     data = np.ascontiguousarray(data, dtype=np.float32)
     with np.errstate(over="ignore"):  # an F16 overflow is reported below, as one line
-        out = gguf.quants.quantize(data, plan.qtype)
+        out = kquants.quantize(data, plan.qtype)
     if plan.qtype == gguf.GGMLQuantizationType.F16 and not np.isfinite(out).all():
         raise UserError(f"{plan.hf_name} has values beyond float16's range (65504); export with --outtype f32 or "
                         "q8_0")
@@ -698,9 +752,7 @@ def convert(model_path: str, outfile: str, outtype: str = "f16", prompt_type: st
     base = SavedWeights(model_dir)
     plans = plan_tensors(base, hp, outtype, model_dir)
 
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
-                 "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}[outtype]
+    file_type = gguf.LlamaFileType[FILE_TYPES[outtype][0]]
     try:
         with staging_file(outfile) as tmp:  # removed unless published: an error, Ctrl-C
             writer = gguf.GGUFWriter(tmp, hp.arch)
@@ -737,7 +789,7 @@ def convert(model_path: str, outfile: str, outtype: str = "f16", prompt_type: st
     if modelfile_text is not None:
         write_modelfile(modelfile_path, modelfile_text, outfile)
     info = {"model_dir": model_dir, "prompt_type": prompt_type, "n_params": n_params, "outfile": outfile}
-    if outtype in ("q8_0", "q4_0", "q4_1"):
+    if outtype not in ("f32", "f16"):
         info["lora_kept"] = warn_if_quantization_undoes_lora(model_dir, base, plans, outtype, outfile)
     return info
 
@@ -756,6 +808,7 @@ def warn_if_quantization_undoes_lora(model_dir: str, merged, plans: list[TensorP
     import gguf
     import numpy as np
 
+    import kquants
     from models import load_training_config
 
     merged_from = load_training_config(model_dir).get("merged_from") or {}
@@ -780,9 +833,9 @@ def warn_if_quantization_undoes_lora(model_dir: str, merged, plans: list[TensorP
         d2 = float((delta * delta).sum())
         if d2 == 0.0:
             continue  # not a LoRA target
-        qm = gguf.quants.dequantize(gguf.quants.quantize(np.ascontiguousarray(m, dtype=np.float32), plan.qtype),
+        qm = gguf.quants.dequantize(kquants.quantize(np.ascontiguousarray(m, dtype=np.float32), plan.qtype),
                                     plan.qtype)
-        qb = gguf.quants.dequantize(gguf.quants.quantize(np.ascontiguousarray(b, dtype=np.float32), plan.qtype),
+        qb = gguf.quants.dequantize(kquants.quantize(np.ascontiguousarray(b, dtype=np.float32), plan.qtype),
                                     plan.qtype)
         num += float(((qm - qb).astype(np.float64) * delta).sum())
         den += d2
@@ -873,7 +926,7 @@ def plan_adapter(modules, hp: HParams, base, outtype: str, alpha: float, lora_pa
                 raise UserError(f"--lora_path {lora_path}: {m.module}{suffix} is not finite after scaling by "
                                 f"{factor:g} (per-module alpha / rsLoRA); the adapter is broken")
             name = weight + suffix
-            out.append(AdapterTensor(name, data, pick_type(name, data.shape, outtype, tied=False)))
+            out.append(AdapterTensor(name, data, pick_type(name, data.shape, outtype, False, hp)))
     return out
 
 
@@ -963,7 +1016,7 @@ def convert_adapter(lora_path: str, outfile: str, model_path: str | None = None,
 
     if outtype not in ADAPTER_OUTTYPES:
         raise UserError(f"--outtype {outtype}: an adapter is written as {', '.join(ADAPTER_OUTTYPES)} (its tensors "
-                        "are small, and a 4-bit B would lose the update)")
+                        "are small, and a coarser grid would round the update away)")
     modelfile_path = check_outputs(outfile, overwrite, modelfile)
     modules, adapter_config = read_lora_modules(lora_path)
     if not model_path:
@@ -1137,18 +1190,22 @@ def compare_logits(ref, got) -> dict:
             "max_rel_diff": float(rel.max())}
 
 
-def verify(model_dir: str, gguf_path: str, prompt_type: str, engine: str | None = None) -> tuple[dict, str]:
+def verify(model_dir: str, gguf_path: str, prompt_type: str, engine: str | None = None,
+           outtype: str = "f32") -> tuple[dict, str]:
     """(report, which runtime read the GGUF): logits of a few prompts and token ids of a few texts,
-    the GGUF through vicuna.cpp when it is built, else through transformers, against the HF model."""
+    the GGUF through vicuna.cpp when it is built and reads `outtype`, else through transformers,
+    against the HF model."""
     engine = engine or ENGINE
     prompts, texts, want_ids = verify_prompts(model_dir, prompt_type)
     ref = hf_logits(model_dir, prompts)
-    if os.path.isfile(engine) and os.access(engine, os.X_OK):
+    built = os.path.isfile(engine) and os.access(engine, os.X_OK)
+    if built and outtype in ENGINE_OUTTYPES:
         used = f"vicuna.cpp ({os.path.relpath(engine, ROOT)})"
         got = engine_logits(gguf_path, prompts, engine)
         got_ids = engine_tokenize(gguf_path, texts, engine)
     else:
-        used = "transformers' GGUF loader (tools/vicuna.cpp/build/vicuna not built; run `make cpp`)"
+        used = ("transformers' GGUF loader (" + (f"vicuna.cpp does not read {outtype}" if built else
+                "tools/vicuna.cpp/build/vicuna not built; run `make cpp`") + ")")
         got = transformers_gguf_logits(gguf_path, prompts)
         got_ids = transformers_gguf_tokenize(gguf_path, texts)
     report = compare_logits(ref, got)
@@ -1212,7 +1269,7 @@ def main(argv=None) -> int:
     print(args.outfile)
     if not do_verify:
         return 0
-    report, used = verify(info["model_dir"], args.outfile, info["prompt_type"])
+    report, used = verify(info["model_dir"], args.outfile, info["prompt_type"], outtype=args.outtype)
     print(f"verify ({used}): top-1 agreement {report['top1_agree']}/{report['n']} prompts, "
           f"max logit diff {report['max_abs_diff']:.3g} (relative {report['max_rel_diff']:.3g}); "
           f"tokenizer: {report['tokens_agree']}/{report['n_texts']} texts give the same ids")
