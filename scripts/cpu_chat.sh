@@ -29,7 +29,8 @@
 #   LORA_PATH    adapter folder; empty: chat with the base model as is
 #   MERGE        1: merge and export one GGUF instead of base + adapter GGUF (default: empty)
 #   OUT_DIR      where exports go (default: outputs/cpu-chat)
-#   OUTTYPE      merged / base export: f32, f16, q8_0, q4_0 or q4_1 (default: q8_0);
+#   OUTTYPE      merged / base export: f32, f16, q8_0, q6_k, q5_k_m, q5_1, q5_0, q4_k_m, q4_1 or q4_0
+#                (default: q8_0);
 #                the adapter GGUF: f32, f16 or q8_0 (default: f16)
 #   PROMPT_TYPE  instruct, chat or chat_template (default: the adapter's, from its training_config.json)
 #   THREADS      engine threads (default: all cores)

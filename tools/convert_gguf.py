@@ -113,7 +113,6 @@ FILE_TYPES = {"f32": ("ALL_F32", "F32"), "f16": ("MOSTLY_F16", "F16"), "q8_0": (
               "q5_1": ("MOSTLY_Q5_1", "Q5_1"), "q5_0": ("MOSTLY_Q5_0", "Q5_0"),
               "q4_k_m": ("MOSTLY_Q4_K_M", "Q4_K"), "q4_1": ("MOSTLY_Q4_1", "Q4_1"), "q4_0": ("MOSTLY_Q4_0", "Q4_0")}
 OUTTYPES = tuple(FILE_TYPES)
-ENGINE_OUTTYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")  # what tools/vicuna.cpp reads (--verify runs it on these)
 ENGINE = os.path.join(ROOT, "tools", "vicuna.cpp", "build", "vicuna")
 VERIFY_MAX_PARAMS = 1_000_000_000  # --verify is on by default below this size
 F32_MAX_REL_DIFF = 1e-3  # an f32 export must match the HF logits this closely (max |d| / max |logit|)
@@ -1190,22 +1189,20 @@ def compare_logits(ref, got) -> dict:
             "max_rel_diff": float(rel.max())}
 
 
-def verify(model_dir: str, gguf_path: str, prompt_type: str, engine: str | None = None,
-           outtype: str = "f32") -> tuple[dict, str]:
+def verify(model_dir: str, gguf_path: str, prompt_type: str, engine: str | None = None) -> tuple[dict, str]:
     """(report, which runtime read the GGUF): logits of a few prompts and token ids of a few texts,
-    the GGUF through vicuna.cpp when it is built and reads `outtype`, else through transformers,
-    against the HF model."""
+    the GGUF through vicuna.cpp when it is built (it reads every --outtype), else through
+    transformers, against the HF model."""
     engine = engine or ENGINE
     prompts, texts, want_ids = verify_prompts(model_dir, prompt_type)
     ref = hf_logits(model_dir, prompts)
     built = os.path.isfile(engine) and os.access(engine, os.X_OK)
-    if built and outtype in ENGINE_OUTTYPES:
+    if built:
         used = f"vicuna.cpp ({os.path.relpath(engine, ROOT)})"
         got = engine_logits(gguf_path, prompts, engine)
         got_ids = engine_tokenize(gguf_path, texts, engine)
     else:
-        used = ("transformers' GGUF loader (" + (f"vicuna.cpp does not read {outtype}" if built else
-                "tools/vicuna.cpp/build/vicuna not built; run `make cpp`") + ")")
+        used = "transformers' GGUF loader (tools/vicuna.cpp/build/vicuna not built; run `make cpp`)"
         got = transformers_gguf_logits(gguf_path, prompts)
         got_ids = transformers_gguf_tokenize(gguf_path, texts)
     report = compare_logits(ref, got)
@@ -1269,7 +1266,7 @@ def main(argv=None) -> int:
     print(args.outfile)
     if not do_verify:
         return 0
-    report, used = verify(info["model_dir"], args.outfile, info["prompt_type"], outtype=args.outtype)
+    report, used = verify(info["model_dir"], args.outfile, info["prompt_type"])
     print(f"verify ({used}): top-1 agreement {report['top1_agree']}/{report['n']} prompts, "
           f"max logit diff {report['max_abs_diff']:.3g} (relative {report['max_rel_diff']:.3g}); "
           f"tokenizer: {report['tokens_agree']}/{report['n_texts']} texts give the same ids")
