@@ -21,13 +21,14 @@ sanitizer builds.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections import Counter
 
 import numpy as np
 import pytest
 
-from conftest import NEEDS_CPP
+from conftest import NEEDS_CPP, ROOT
 from test_vicuna_cpp import PROMPTS, gguf_spec, rel_err, run, write_gguf
 
 pytestmark = NEEDS_CPP
@@ -333,3 +334,46 @@ def test_lora_merge_on_kquant_base(vicuna, kq_files, kq_prompts, kq_adapter, qty
         merged = logits(vicuna, kq_files[qtype], ids, tmp_path, "--lora", kq_adapter, "--lora-mode", "merge")
         assert rel_err(runtime, base) > 0.6  # the adapter does something
         assert rel_err(merged, runtime) < LORA_MERGE_RTOL[qtype], (qtype, rel_err(merged, runtime))
+
+
+# ---------------------------------------------------------------------------------------------
+# accuracy against llama.cpp on the embedded model
+#
+# What quantization costs, measured the way llama.cpp measures it (perplexity --kl-divergence):
+# the mean KL divergence of each quantized file's next-token distribution from the f32 model's,
+# over the scored half of a 512-token chunk of held-out text (sample/ppl/en.txt, 255 positions),
+# and how often the top token is the same. llama.cpp's figures, on the same files (made by
+# `vicuna quantize`, byte-identical to llama_model_quantize's), the same token ids and an f32 KV
+# cache, made with
+#   python tools/vicuna.cpp/ppl_table.py --text sample/ppl/en.txt --chunks 1
+# (llama-cpp-python 0.3.36, 2026-12-01). The perplexity ratio of one chunk is not compared: a
+# single flipped activation rounding moves it by tenths of a percent either way, where KL moves
+# by a few percent (docs/performance.md, "Quantized accuracy").
+LLAMA_CPP_KL = {"q8_0": (0.00360, 0.9725), "q6_k": (0.01006, 0.9569), "q5_k_m": (0.07291, 0.8353),
+                "q5_1": (0.10212, 0.8235), "q5_0": (0.07046, 0.8431), "q4_k_m": (0.05417, 0.8824),
+                "q4_1": (0.00275, 0.9765), "q4_0": (0.25363, 0.6980)}
+KL_SLACK = 1.10    # ours <= 1.10 x llama.cpp's KL
+TOP1_SLACK = 0.02  # and the same top token at most 2 points less often (5 of 255 positions)
+
+
+@pytest.mark.parametrize("qtype", list(LLAMA_CPP_KL))
+def test_quantized_accuracy_at_least_llama_cpps(vicuna, embedded_f32_gguf, qtype, tmp_path):
+    held_out_en = os.path.join(ROOT, "sample", "ppl", "en.txt")
+    path = str(tmp_path / f"smollm2.{qtype}.gguf")
+    run([vicuna, "quantize", embedded_f32_gguf, path, qtype])
+    out = run([vicuna, "perplexity", "-m", path, "--ref", embedded_f32_gguf, "-f", held_out_en, "-c", "512",
+               "--chunks", "1"]).stdout.decode()
+    kl = float(re.search(r"KL divergence: mean ([0-9.e-]+)", out).group(1))
+    top1 = float(re.search(r"same top token: ([0-9.]+) %", out).group(1)) / 100
+    ref_ppl = float(re.search(r"reference: PPL = ([0-9.]+)", out).group(1))
+    assert abs(ref_ppl - 20.6403) < 2e-3, f"the f32 reference changed: PPL {ref_ppl}, was 20.6403"
+    theirs_kl, theirs_top1 = LLAMA_CPP_KL[qtype]
+    assert kl <= KL_SLACK * theirs_kl, f"{qtype}: KL {kl:.5f}, llama.cpp {theirs_kl:.5f}"
+    assert top1 >= theirs_top1 - TOP1_SLACK, f"{qtype}: same top token {top1:.4f}, llama.cpp {theirs_top1:.4f}"
+
+
+def test_perplexity_ref_must_be_the_same_model(vicuna, embedded_f32_gguf, kq_model):
+    proc = run([vicuna, "perplexity", "-m", embedded_f32_gguf, "--ref", kq_model[1], "-f",
+                os.path.join(ROOT, "sample", "ppl", "en.txt"), "-c", "64", "--chunks", "1"], check=False)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and err.count("\n") == 1 and "--ref" in err and "same model" in err, err

@@ -50,8 +50,9 @@ static const char* const USAGE =
     "  bench      -m F.gguf [-t THREADS] [-p 512] [-n 128] [-v]\n"
     "             time a prompt and a generation: prints 'prefill: X tok/s' and 'decode: Y tok/s'\n"
     "             (-v adds wall and CPU seconds per phase on stderr)\n"
-    "  perplexity -m F.gguf -f TEXT.txt [-c CTX] [--chunks N]\n"
-    "             perplexity over a text (the first N chunks of CTX tokens), as llama.cpp computes it\n"
+    "  perplexity -m F.gguf -f TEXT.txt [-c CTX] [--chunks N] [--ref REF.gguf]\n"
+    "             perplexity over a text (the first N chunks of CTX tokens), as llama.cpp computes it;\n"
+    "             --ref: the same model in a more exact type, for the KL divergence and top-token agreement\n"
     "  quantize   IN.gguf OUT.gguf TYPE [--pure] [--allow-requantize] [--overwrite]\n"
     "             f32/f16 matrices -> q8_0, q6_k, q5_k_m, q5_k_s, q5_1, q5_0, q4_k_m, q4_k_s, q4_1,\n"
     "             q4_0, f16 or f32, in llama.cpp's per-tensor mixes (classifier Q6_K, more bits for attn_v\n"
@@ -69,7 +70,7 @@ static const char* const USAGE =
 struct Options {
     std::string command;
     std::vector<std::string> positional;
-    std::string model, prompt, file, ids, dump_logits;
+    std::string model, prompt, file, ids, dump_logits, ref;
     std::string lora;         // --lora ADAPTER.gguf
     float lora_scale = 1.0f;  // --lora-scale
     bool lora_scale_set = false;
@@ -131,7 +132,7 @@ static Options parse_args(int argc, char** argv) {
         {"tokenize", " -m -p -f --lines --prompt-type --no-bos "},
         {"eval", " -m -p --ids --dump-logits -t --lora --lora-scale --lora-mode "},
         {"bench", " -m -p -n -t -v --lora --lora-scale --lora-mode "},
-        {"perplexity", " -m -f -c -t --chunks --lora --lora-scale --lora-mode "},
+        {"perplexity", " -m -f -c -t --chunks --ref --lora --lora-scale --lora-mode "},
         {"quantize", " --pure --allow-requantize --overwrite "},
     };
     auto cmd = allowed.find(o.command);
@@ -171,6 +172,7 @@ static Options parse_args(int argc, char** argv) {
         else if (a == "--seed") o.seed = parse_int(a, v, -1, INT32_MAX);
         else if (a == "--ids") o.ids = v;
         else if (a == "--dump-logits") o.dump_logits = v;
+        else if (a == "--ref") o.ref = v;
         else if (a == "--lora") o.lora = v;
         else if (a == "--lora-scale") { o.lora_scale = parse_float(a, v, -1000.0f, 1000.0f); o.lora_scale_set = true; }
         else if (a == "--lora-mode") {
@@ -505,8 +507,22 @@ static int cmd_perplexity(const Options& o) {
         FAIL("'%s' is %zu tokens, less than one context of %d; use a longer text or a smaller -c",
              printable(o.file).c_str(), tokens.size(), n_ctx);
     }
-    Perplexity r = perplexity(&e, tokens, n_chunks, stdout);
+    Engine ref;
+    if (!o.ref.empty()) {
+        engine_init(&ref, o.ref.c_str(), n_ctx, o.threads);
+        if (tokenizer_encode(&ref.tok, text, true) != tokens) {
+            FAIL("--ref '%s' tokenizes '%s' differently from '%s'; the reference must be the same model in "
+                 "another tensor type", printable(o.ref).c_str(), printable(o.file).c_str(), printable(o.model).c_str());
+        }
+    }
+    Perplexity r = perplexity(&e, tokens, n_chunks, stdout, o.ref.empty() ? nullptr : &ref);
     printf("\nFinal estimate: PPL = %.4f +/- %.5f\n", r.ppl, r.err);
+    if (!o.ref.empty()) {
+        printf("reference: PPL = %.4f (%s)\n", r.ref_ppl, printable(o.ref).c_str());
+        printf("PPL ratio: %.5f (%+.3f %%)\n", r.ppl / r.ref_ppl, 100.0 * (r.ppl / r.ref_ppl - 1.0));
+        printf("KL divergence: mean %.6f, 99th percentile %.6f\n", r.kl_mean, r.kl_p99);
+        printf("same top token: %.2f %% of %ld positions\n", 100.0 * r.top1, r.n_scored);
+    }
     return 0;
 }
 

