@@ -111,6 +111,89 @@ def default_models() -> list[str]:
     return [q4_1, q8_0]
 
 
+RANDOM_SHAPES = {  # name: (dim, ffn hidden, layers, heads, kv heads); vocab: the embedded model's 49152
+    "llama-1024": (1024, 2816, 8, 16, 16),
+    "llama-7b": (4096, 11008, 32, 32, 32),
+}
+
+
+def make_random_llama(shape: str, dtype: str = "f16") -> str:
+    """A LLaMA GGUF of the given shape with random weights (normal, std 0.02; norms 1), written tensor
+    by tensor (never held whole in memory), with the embedded model's tokenizer (vocab 49152)."""
+    import gguf
+    import numpy as np
+
+    from models import embedded_gguf_path
+
+    dim, ffn, layers, heads, kv_heads = RANDOM_SHAPES[shape]
+    path = os.path.join(HERE, "build", f"random-{shape}.{dtype}.gguf")
+    if os.path.isfile(path):
+        return path
+    reader = gguf.GGUFReader(embedded_gguf_path())
+    vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+    w = gguf.GGUFWriter(path + ".partial", "llama")
+    w.add_name(f"random {shape}")
+    w.add_block_count(layers)
+    w.add_context_length(4096)
+    w.add_embedding_length(dim)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_dimension_count(dim // heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(vocab)
+    w.add_file_type(1 if dtype == "f16" else 0)
+    for key, field in reader.fields.items():  # the tokenizer, as the embedded file has it
+        if not key.startswith("tokenizer."):
+            continue
+        vtype = field.types[0]
+        if vtype == gguf.GGUFValueType.ARRAY:
+            w.add_key_value(key, field.contents(), vtype, sub_type=field.types[1])
+        else:
+            w.add_key_value(key, field.contents(), vtype)
+    np_dtype = np.float16 if dtype == "f16" else np.float32
+    tensors = [("token_embd.weight", (vocab, dim))]
+    for i in range(layers):
+        tensors += [(f"blk.{i}.attn_norm.weight", (dim,)), (f"blk.{i}.attn_q.weight", (dim, dim)),
+                    (f"blk.{i}.attn_k.weight", (dim * kv_heads // heads, dim)),
+                    (f"blk.{i}.attn_v.weight", (dim * kv_heads // heads, dim)),
+                    (f"blk.{i}.attn_output.weight", (dim, dim)), (f"blk.{i}.ffn_norm.weight", (dim,)),
+                    (f"blk.{i}.ffn_gate.weight", (ffn, dim)), (f"blk.{i}.ffn_up.weight", (ffn, dim)),
+                    (f"blk.{i}.ffn_down.weight", (dim, ffn))]
+    tensors += [("output_norm.weight", (dim,)), ("output.weight", (vocab, dim))]
+    for name, shp in tensors:
+        dt = np.float32 if len(shp) == 1 else np_dtype  # norms stay f32, as converters write them
+        w.add_tensor_info(name, shp, np.dtype(dt), int(np.prod(shp)) * np.dtype(dt).itemsize)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    rng = np.random.default_rng(0)
+    pool = (rng.standard_normal(1 << 24, dtype=np.float32) * 0.02).astype(np_dtype)  # 16M values, reused
+    for name, shp in tensors:
+        n = int(np.prod(shp))
+        if len(shp) == 1:
+            w.write_tensor_data(np.ones(shp, dtype=np.float32))
+            continue
+        start = int(rng.integers(0, pool.size))  # a rotation of the pool, so rows differ
+        w.write_tensor_data(np.resize(np.roll(pool, -start), n).reshape(shp))
+    w.close()
+    os.replace(path + ".partial", path)
+    return path
+
+
+def make_quant(src: str, qtype: str, extra: tuple[str, ...] = ()) -> str:
+    """SRC quantized to QTYPE by `vicuna quantize` (cached in the build folder)."""
+    stem = os.path.splitext(os.path.basename(src))[0]
+    for suffix in (".f32", ".f16"):
+        stem = stem.removesuffix(suffix)
+    out = os.path.join(HERE, "build", f"{stem}.{qtype}{'-pure' if '--pure' in extra else ''}.gguf")
+    if not os.path.isfile(out):
+        subprocess.run([VICUNA, "quantize", src, out, qtype, "--allow-requantize", *extra], check=True,
+                       stdout=subprocess.DEVNULL)
+    return out
+
+
 def median_of(runs: list[tuple[float, float]]) -> tuple[float, float]:
     return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
