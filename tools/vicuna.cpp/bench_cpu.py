@@ -194,6 +194,41 @@ def make_quant(src: str, qtype: str, extra: tuple[str, ...] = ()) -> str:
     return out
 
 
+def decode_bytes_per_token(path: str) -> int:
+    """Bytes of weights one decoded token reads: every tensor but token_embd (one row of it)."""
+    import gguf
+
+    r = gguf.GGUFReader(path)
+    total = 0
+    for t in r.tensors:
+        if t.name == "token_embd.weight":
+            total += int(t.n_bytes) // int(t.shape[-1] if len(t.shape) > 1 else 1)
+        else:
+            total += int(t.n_bytes)
+    return total
+
+
+def memory_bandwidth(threads: int, mib: int = 1024, repeat: int = 5) -> float:
+    """Streaming read bandwidth in GB/s: numpy sums over a buffer far larger than the caches,
+    split over `threads` threads (numpy releases the GIL in the reduction); best of `repeat`."""
+    import threading
+
+    import numpy as np
+
+    buf = np.ones(mib * (1 << 20) // 8, dtype=np.int64)
+    parts = np.array_split(buf, threads)
+    best = 0.0
+    for _ in range(repeat):
+        ths = [threading.Thread(target=np.add.reduce, args=(part,)) for part in parts]
+        t0 = time.perf_counter()
+        for th in ths:
+            th.start()
+        for th in ths:
+            th.join()
+        best = max(best, buf.nbytes / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
 def median_of(runs: list[tuple[float, float]]) -> tuple[float, float]:
     return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
@@ -278,12 +313,36 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def llama_cpp_flags() -> str:
+    """How the installed llama.cpp was built (its system info line), or why it is not there."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return "llama-cpp-python not installed"
+    info = llama_cpp.llama_print_system_info()
+    info = info.decode() if isinstance(info, bytes) else str(info)
+    return f"llama-cpp-python {llama_cpp.__version__}: {info.strip()}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--threads", type=int, default=2, help="threads for every engine")
+    p.add_argument("--threads", default="2", help="threads for every engine; a comma list (1,2) runs each")
     p.add_argument("--prompt", type=int, default=512, help="prompt tokens (prefill)")
     p.add_argument("--gen", type=int, default=128, help="generated tokens (decode)")
     p.add_argument("--models", nargs="*", help="GGUF files (default: embedded Q4_1 and a Q8_0 made from it)")
+    p.add_argument("--make-quant", default="", metavar="TYPES",
+                   help="comma list of `vicuna quantize` types (q4_k_m,q6_k,...): quantize each --quant-from file "
+                        "(and each --random model) to each, cached in the build folder, and time those files")
+    p.add_argument("--quant-from", nargs="*", default=[], metavar="F32.gguf",
+                   help="f32/f16 GGUF files for --make-quant (default, when no --random either: an f32 file of "
+                        "the embedded model, dequantized from its Q4_1)")
+    p.add_argument("--random", default="", metavar="SHAPES",
+                   help=f"comma list of random-weight LLaMA shapes to write as --make-quant sources: "
+                        f"{', '.join(RANDOM_SHAPES)} (the embedded tokenizer, vocab 49152; llama-7b is written as f16 "
+                        f"and deleted once quantized)")
+    p.add_argument("--bandwidth", action="store_true",
+                   help="measure streaming read bandwidth at each thread count and print how close each "
+                        "engine's decode gets to it (weight bytes per token x tok/s / bandwidth)")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers reference row")
     p.add_argument("--repeat", type=int, default=1, help="runs of each configuration, interleaved; medians shown")
     p.add_argument("--lora", action="append", default=[], metavar="ADAPTER.gguf[=MERGED.gguf]",
@@ -297,38 +356,88 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: --repeat must be at least 1")
     if not os.path.isfile(VICUNA):
         raise SystemExit(f"error: {VICUNA} is not built; run `make cpp`")
+    thread_counts = [int(t) for t in str(args.threads).split(",") if t]
+    args.threads = thread_counts[0]  # the LoRA table and transformers run at the first count
+    shapes = [x for x in args.random.split(",") if x]
+    for shape in shapes:
+        if shape not in RANDOM_SHAPES:
+            raise SystemExit(f"error: --random {shape}: known shapes are {', '.join(RANDOM_SHAPES)}")
+    qtypes = [x for x in args.make_quant.split(",") if x]
+    if shapes and not qtypes:
+        raise SystemExit("error: --random needs --make-quant TYPES (the random file is only a source)")
 
-    print(f"# {datetime.date.today()}  {cpu_name()}  {os.cpu_count()} cores  threads={args.threads}  "
-          f"prompt={args.prompt}  gen={args.gen}")
-    print(f"# command: python tools/vicuna.cpp/bench_cpu.py --threads {args.threads} --prompt {args.prompt} "
-          f"--gen {args.gen}" + (f" --repeat {args.repeat}" if args.repeat > 1 else "")
-          + "".join(f" --make-lora {m}" for m in args.make_lora) + "".join(f" --lora {x}" for x in args.lora))
+    cmd = " ".join(sys.argv[1:]) if argv is None else " ".join(argv)
+    print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  {cpu_name()}  {os.cpu_count()} cores  "
+          f"threads={','.join(map(str, thread_counts))}  prompt={args.prompt}  gen={args.gen}  "
+          f"medians of {args.repeat} interleaved runs")
+    print(f"# command: python tools/vicuna.cpp/bench_cpu.py {cmd}")
+    print(f"# llama.cpp: {llama_cpp_flags()}")
+    models = list(args.models or [])
+    if qtypes:
+        sources = list(args.quant_from)
+        for shape in shapes:
+            src = make_random_llama(shape, "f16" if shape == "llama-7b" else "f32")
+            outs = [make_quant(src, q) for q in qtypes]
+            if shape == "llama-7b":
+                os.remove(src)  # 13.5 GB; the quantized files are cached
+            models += outs
+        if not sources and not shapes:
+            from models import embedded_gguf_path
+
+            f32 = os.path.join(HERE, "build", "SmolLM2-135M-Instruct.f32.gguf")
+            if not os.path.isfile(f32):
+                subprocess.run([VICUNA, "quantize", embedded_gguf_path(), f32, "f32", "--allow-requantize"],
+                               check=True, stdout=subprocess.DEVNULL)
+            sources = [f32]
+        models += [make_quant(src, q) for src in sources for q in qtypes]
+    if not models:
+        models = default_models()
     loras = list(args.lora) + [make_lora(spec) for spec in args.make_lora]
-    models = args.models or default_models()
     if args.no_baseline:
         lora_table(models, loras, args)
         return 0
-    print("| model | engine | prefill tok/s | decode tok/s | prefill vs llama.cpp | decode vs llama.cpp |")
-    print("|---|---|---|---|---|---|")
+    bw = {}
+    if args.bandwidth:
+        for t in thread_counts:
+            bw[t] = memory_bandwidth(t)
+        print("# streaming read bandwidth (numpy int64 sums over 1 GiB, best of 5): "
+              + ", ".join(f"{t} thread{'s' if t > 1 else ''} {bw[t]:.1f} GB/s" for t in thread_counts))
+    head = "| model | threads | engine | prefill tok/s | decode tok/s | prefill vs llama.cpp | decode vs llama.cpp |"
+    if bw:
+        head += " decode weight GB/s | of bandwidth |"
+    print(head)
+    print("|---" * (head.count("|") - 1) + "|")
     for model in models:
         name = os.path.basename(model)
-        ours, theirs_runs = [], []
-        for _ in range(args.repeat):
-            ours.append(vicuna_bench(model, args.threads, args.prompt, args.gen))
-            theirs_runs.append(llama_cpp_bench(model, args.threads, args.prompt, args.gen))
-        ours = median_of(ours)
-        theirs = median_of(theirs_runs) if all(theirs_runs) else None
-        if theirs:
-            print(f"| {name} | vicuna.cpp | {ours[0]:.1f} | {ours[1]:.1f} | {ours[0] / theirs[0]:.2f}x | "
-                  f"{ours[1] / theirs[1]:.2f}x |")
-            print(f"| {name} | llama.cpp | {theirs[0]:.1f} | {theirs[1]:.1f} | 1.00x | 1.00x |")
-        else:
-            print(f"| {name} | vicuna.cpp | {ours[0]:.1f} | {ours[1]:.1f} | n/a | n/a |")
-            print(f"| {name} | llama.cpp | n/a (pip install llama-cpp-python) | n/a | | |")
-        sys.stdout.flush()
+        per_tok = decode_bytes_per_token(model) if bw else 0
+        for threads in thread_counts:
+            ours, theirs_runs = [], []
+            for _ in range(args.repeat):
+                ours.append(vicuna_bench(model, threads, args.prompt, args.gen))
+                theirs_runs.append(llama_cpp_bench(model, threads, args.prompt, args.gen))
+            ours = median_of(ours)
+            theirs = median_of(theirs_runs) if all(theirs_runs) else None
+
+            def extra(dec: float | None) -> str:
+                if not bw:
+                    return ""
+                if dec is None:
+                    return " | |"
+                gbs = dec * per_tok / 1e9
+                return f" {gbs:.1f} | {gbs / bw[threads]:.0%} |"
+
+            if theirs:
+                print(f"| {name} | {threads} | vicuna.cpp | {ours[0]:.1f} | {ours[1]:.2f} | {ours[0] / theirs[0]:.2f}x | "
+                      f"{ours[1] / theirs[1]:.2f}x |" + extra(ours[1]))
+                print(f"| {name} | {threads} | llama.cpp | {theirs[0]:.1f} | {theirs[1]:.2f} | 1.00x | 1.00x |"
+                      + extra(theirs[1]))
+            else:
+                print(f"| {name} | {threads} | vicuna.cpp | {ours[0]:.1f} | {ours[1]:.2f} | n/a | n/a |" + extra(ours[1]))
+                print(f"| {name} | {threads} | llama.cpp | n/a (pip install llama-cpp-python) | n/a | | |" + extra(None))
+            sys.stdout.flush()
     if not args.no_transformers:
         tf = transformers_bench(args.threads, args.prompt, args.gen)
-        print(f"| SmolLM2-135M-Instruct (f32) | transformers | {tf[0]:.1f} | {tf[1]:.1f} | | |")
+        print(f"| SmolLM2-135M-Instruct (f32) | {args.threads} | transformers | {tf[0]:.1f} | {tf[1]:.1f} | | |")
     if loras:
         lora_table(models, loras, args)
     return 0

@@ -334,16 +334,16 @@ static void matmul_worker(void* p, int ith, int nth) {
         // each weight block is unpacked once per four tokens (prefill).
         float o[8];
         int b = 0;
-        if (!lora_a && w->packed && t->B >= 4) {  // Q4_K repacked: 8 rows x NP tokens a call
+        if (!lora_a && w->packed && t->B >= 4) {  // Q4_K/Q6_K repacked: 8 rows x NP tokens a call
             const int nsb = t->cols / QK_K;
-            const BlockQ4_Kx8* pk = (const BlockQ4_Kx8*)w->packed->data();
+            const uint8_t* pk = w->packed->data();
             const BlockQ8K* xs[Q4_KX8_TOKENS];
             auto run = [&](auto np) {
                 constexpr int NP = decltype(np)::value;
                 for (; b + NP <= t->B; b += NP) {
                     for (int c = 0; c < NP; c++) xs[c] = t->xqk + (size_t)(b + c) * nsb;
                     for (int64_t r = r0; r < r1; r += 8)
-                        dot_q4_Kx8<NP>(pk + (size_t)(r / 8) * nsb, xs, nsb, out + (size_t)b * w->rows + r, (size_t)w->rows);
+                        dot_packed_x8<NP>(w->type, pk, r / 8, xs, nsb, out + (size_t)b * w->rows + r, (size_t)w->rows);
                 }
             };
             run(std::integral_constant<int, Q4_KX8_TOKENS>());
@@ -396,9 +396,9 @@ static int matmul_chunk_rows(const Tensor* w, int B, int n_threads) {
     return w->lora || (w->packed && B >= 4) ? (cr + 7) / 8 * 8 : cr;
 }
 
-// Q4_K weights are repacked (BlockQ4_Kx8) for multiplies of 4 or more tokens, once, on the first
+// Q4_K and Q6_K weights are repacked (BlockQ4_Kx8, BlockQ6_Kx8) for multiplies of 4 or more tokens, once, on the first
 // such multiply; VICUNA_NO_REPACK=1 keeps the row kernels (for comparison)
-static bool q4_K_repack_enabled() {
+static bool repack_enabled() {
     static const bool on = [] {
         const char* e = getenv("VICUNA_NO_REPACK");
         return !(e && *e && strcmp(e, "0") != 0);
@@ -406,12 +406,16 @@ static bool q4_K_repack_enabled() {
     return on;
 }
 
-static void repack_q4_K(const Tensor* w) {
+static void repack_x8(const Tensor* w) {
     const int nsb = (int)(w->cols / QK_K);
-    auto buf = std::make_shared<std::vector<uint8_t>>((size_t)(w->rows / 8) * nsb * sizeof(BlockQ4_Kx8));
-    BlockQ4_Kx8* y = (BlockQ4_Kx8*)buf->data();
-    for (int64_t g = 0; g < w->rows / 8; g++)
-        repack_q4_K_x8(w->data + (size_t)g * 8 * w->row_bytes, w->row_bytes, nsb, y + (size_t)g * nsb);
+    const bool q4 = w->type == GGML_TYPE_Q4_K;
+    const size_t group = (size_t)nsb * (q4 ? sizeof(BlockQ4_Kx8) : sizeof(BlockQ6_Kx8));
+    auto buf = std::make_shared<std::vector<uint8_t>>((size_t)(w->rows / 8) * group);
+    for (int64_t g = 0; g < w->rows / 8; g++) {
+        const uint8_t* src = w->data + (size_t)g * 8 * w->row_bytes;
+        if (q4) repack_q4_K_x8(src, w->row_bytes, nsb, (BlockQ4_Kx8*)(buf->data() + g * group));
+        else repack_q6_K_x8(src, w->row_bytes, nsb, (BlockQ6_Kx8*)(buf->data() + g * group));
+    }
     w->packed = std::move(buf);
 }
 
@@ -444,9 +448,9 @@ static void matmul(ThreadPool* pool, RunState* s, const float* x, int B, std::in
     int chunks = 0;
     for (int i = 0; i < t.n_jobs; i++) {
         const Tensor* w = t.jobs[i].w;
-        if (B >= 4 && i >= n_lora && w->type == GGML_TYPE_Q4_K && !w->packed && w->rows % 8 == 0 &&
-            w->cols % QK_K == 0 && q4_K_repack_enabled())
-            repack_q4_K(w);
+        if (B >= 4 && i >= n_lora && (w->type == GGML_TYPE_Q4_K || w->type == GGML_TYPE_Q6_K) && !w->packed &&
+            w->rows % 8 == 0 && w->cols % QK_K == 0 && repack_enabled())
+            repack_x8(w);
         bool k = w->type == GGML_TYPE_Q4_K || w->type == GGML_TYPE_Q5_K || w->type == GGML_TYPE_Q6_K;
         kquant |= k;
         quantized |= !k && w->type != GGML_TYPE_F32 && w->type != GGML_TYPE_F16 && w->type != GGML_TYPE_Q2_K &&
