@@ -14,6 +14,18 @@ CMAKE_ARGS="-DGGML_NATIVE=ON" for this CPU's SIMD). Without it, its columns say 
 Numbers move a lot when other jobs share the cores: compare rows from one run only, and pass
 --repeat N to run every configuration N times, interleaved, and print medians.
 
+K-quant files: --make-quant q4_k_m,q6_k quantizes each --quant-from file (f32/f16; `embedded`, the
+default: an f32 file of the embedded model) with `vicuna quantize`, and --random llama-1024 or
+llama-7b first writes a LLaMA of that shape with random weights (the embedded tokenizer, vocab
+49152; the 7B f16 source, 13.5 GB, is deleted once quantized); all cached in the build folder.
+--threads 1,2 runs each thread count; --bandwidth measures the streaming read bandwidth (numpy,
+1 GiB) and prints how much of it each engine's decode uses (weight bytes per token x tok/s):
+
+    python tools/vicuna.cpp/bench_cpu.py --threads 1,2 --prompt 512 --gen 128 --repeat 3 --no-transformers \
+        --make-quant q4_k_m,q6_k --quant-from embedded
+    python tools/vicuna.cpp/bench_cpu.py --threads 1,2 --prompt 64 --gen 32 --repeat 3 --no-transformers \
+        --random llama-7b --make-quant q4_k_m --bandwidth
+
 LoRA adapters (a second table): --lora ADAPTER.gguf[=MERGED.gguf] times each model with the
 adapter applied by `vicuna --lora` (--lora-mode auto, and runtime when auto merges), next to the
 merged model's own file when given; --make-lora R:TARGETS makes such a pair for the embedded
@@ -334,8 +346,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma list of `vicuna quantize` types (q4_k_m,q6_k,...): quantize each --quant-from file "
                         "(and each --random model) to each, cached in the build folder, and time those files")
     p.add_argument("--quant-from", nargs="*", default=[], metavar="F32.gguf",
-                   help="f32/f16 GGUF files for --make-quant (default, when no --random either: an f32 file of "
-                        "the embedded model, dequantized from its Q4_1)")
+                   help="f32/f16 GGUF files for --make-quant; `embedded`: an f32 file of the embedded model, "
+                        "dequantized from its Q4_1 (the default when no --random is given either)")
     p.add_argument("--random", default="", metavar="SHAPES",
                    help=f"comma list of random-weight LLaMA shapes to write as --make-quant sources: "
                         f"{', '.join(RANDOM_SHAPES)} (the embedded tokenizer, vocab 49152; llama-7b is written as f16 "
@@ -382,14 +394,16 @@ def main(argv: list[str] | None = None) -> int:
                 os.remove(src)  # 13.5 GB; the quantized files are cached
             models += outs
         if not sources and not shapes:
+            sources = ["embedded"]
+        if "embedded" in sources:
             from models import embedded_gguf_path
 
             f32 = os.path.join(HERE, "build", "SmolLM2-135M-Instruct.f32.gguf")
             if not os.path.isfile(f32):
                 subprocess.run([VICUNA, "quantize", embedded_gguf_path(), f32, "f32", "--allow-requantize"],
                                check=True, stdout=subprocess.DEVNULL)
-            sources = [f32]
-        models += [make_quant(src, q) for src in sources for q in qtypes]
+            sources = [f32 if src == "embedded" else src for src in sources]
+        models = [make_quant(src, q) for src in sources for q in qtypes] + models
     if not models:
         models = default_models()
     loras = list(args.lora) + [make_lora(spec) for spec in args.make_lora]

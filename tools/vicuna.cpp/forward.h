@@ -334,7 +334,7 @@ static void matmul_worker(void* p, int ith, int nth) {
         // each weight block is unpacked once per four tokens (prefill).
         float o[8];
         int b = 0;
-        if (!lora_a && w->packed && t->B >= 4) {  // Q4_K/Q6_K repacked: 8 rows x NP tokens a call
+        if (!lora_a && w->packed && t->B >= 4) {  // K-quants repacked: 8 rows x NP tokens a call
             const int nsb = t->cols / QK_K;
             const uint8_t* pk = w->packed->data();
             const BlockQ8K* xs[Q4_KX8_TOKENS];
@@ -396,7 +396,7 @@ static int matmul_chunk_rows(const Tensor* w, int B, int n_threads) {
     return w->lora || (w->packed && B >= 4) ? (cr + 7) / 8 * 8 : cr;
 }
 
-// Q4_K and Q6_K weights are repacked (BlockQ4_Kx8, BlockQ6_Kx8) for multiplies of 4 or more tokens, once, on the first
+// Q4_K, Q5_K and Q6_K weights are repacked (BlockQ4_Kx8, Q5_Kx8, Q6_Kx8) for multiplies of 4 or more tokens, once, on the first
 // such multiply; VICUNA_NO_REPACK=1 keeps the row kernels (for comparison)
 static bool repack_enabled() {
     static const bool on = [] {
@@ -408,13 +408,17 @@ static bool repack_enabled() {
 
 static void repack_x8(const Tensor* w) {
     const int nsb = (int)(w->cols / QK_K);
-    const bool q4 = w->type == GGML_TYPE_Q4_K;
-    const size_t group = (size_t)nsb * (q4 ? sizeof(BlockQ4_Kx8) : sizeof(BlockQ6_Kx8));
+    const uint32_t t = w->type;
+    const size_t group = (size_t)nsb * (t == GGML_TYPE_Q4_K   ? sizeof(BlockQ4_Kx8)
+                                        : t == GGML_TYPE_Q5_K ? sizeof(BlockQ5_Kx8)
+                                                              : sizeof(BlockQ6_Kx8));
     auto buf = std::make_shared<std::vector<uint8_t>>((size_t)(w->rows / 8) * group);
     for (int64_t g = 0; g < w->rows / 8; g++) {
         const uint8_t* src = w->data + (size_t)g * 8 * w->row_bytes;
-        if (q4) repack_q4_K_x8(src, w->row_bytes, nsb, (BlockQ4_Kx8*)(buf->data() + g * group));
-        else repack_q6_K_x8(src, w->row_bytes, nsb, (BlockQ6_Kx8*)(buf->data() + g * group));
+        uint8_t* dst = buf->data() + g * group;
+        if (t == GGML_TYPE_Q4_K) repack_q4_K_x8(src, w->row_bytes, nsb, (BlockQ4_Kx8*)dst);
+        else if (t == GGML_TYPE_Q5_K) repack_q5_K_x8(src, w->row_bytes, nsb, (BlockQ5_Kx8*)dst);
+        else repack_q6_K_x8(src, w->row_bytes, nsb, (BlockQ6_Kx8*)dst);
     }
     w->packed = std::move(buf);
 }
@@ -448,7 +452,8 @@ static void matmul(ThreadPool* pool, RunState* s, const float* x, int B, std::in
     int chunks = 0;
     for (int i = 0; i < t.n_jobs; i++) {
         const Tensor* w = t.jobs[i].w;
-        if (B >= 4 && i >= n_lora && (w->type == GGML_TYPE_Q4_K || w->type == GGML_TYPE_Q6_K) && !w->packed &&
+        if (B >= 4 && i >= n_lora && (w->type == GGML_TYPE_Q4_K || w->type == GGML_TYPE_Q5_K || w->type == GGML_TYPE_Q6_K) &&
+            !w->packed &&
             w->rows % 8 == 0 && w->cols % QK_K == 0 && repack_enabled())
             repack_x8(w);
         bool k = w->type == GGML_TYPE_Q4_K || w->type == GGML_TYPE_Q5_K || w->type == GGML_TYPE_Q6_K;

@@ -53,7 +53,7 @@ struct Tensor {
     size_t row_bytes = 0;
     const uint8_t* data = nullptr;  // points into the mmap'ed file
     const LoraWeight* lora = nullptr;  // a LoRA pair applied at run time (lora.h), or none
-    // Q4_K/Q6_K: the rows repacked in groups of 8 (quants.h's BlockQ4_Kx8/Q6_Kx8) for multiplies of 4 or
+    // K-quants: the rows repacked in groups of 8 (quants.h's BlockQ4_Kx8/Q5_Kx8/Q6_Kx8) for multiplies of 4 or
     // more tokens, made by forward.h on the first such multiply; decode keeps reading `data`
     mutable std::shared_ptr<std::vector<uint8_t>> packed;
 };

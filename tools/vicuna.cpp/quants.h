@@ -1442,6 +1442,121 @@ static void dot_q6_Kx8(const BlockQ6_Kx8* w, const BlockQ8K* const* x, int nsb, 
 #endif
 }
 
+// Q5_K rows repacked in groups of 8: Q4_K's scales and minimums, the 5-bit quants stored whole,
+// one byte each (Q6_K's layout). 2304 bytes per 8 x 256 weights against 1408 in the file (1.64x
+// the Q5_K tensors, held in addition to the file).
+struct BlockQ5_Kx8 {
+    float d[8], dmin[8];
+    uint8_t sc[8][8];          // [g][r]
+    uint8_t m[8][8][2];        // [g][r][0..1]
+    uint8_t q[8][8][8][4];     // [g][k][r][4]: row r's quants (0..31) of elements 32g + 4k .. +4
+};
+static_assert(sizeof(BlockQ5_Kx8) == 2304, "BlockQ5_Kx8 layout");
+
+static void repack_q5_K_x8(const uint8_t* rows8, size_t row_bytes, int nsb, BlockQ5_Kx8* y) {
+    for (int i = 0; i < nsb; i++) {
+        BlockQ5_Kx8& o = y[i];
+        for (int r = 0; r < 8; r++) {
+            const BlockQ5_K& b = ((const BlockQ5_K*)(rows8 + (size_t)r * row_bytes))[i];
+            o.d[r] = fp16_to_fp32(b.d);
+            o.dmin[r] = fp16_to_fp32(b.dmin);
+            for (int g = 0; g < 8; g++) {
+                int sc, m;
+                kq_scale_min(g, b.scales, &sc, &m);
+                o.sc[g][r] = (uint8_t)sc;
+                o.m[g][r][0] = o.m[g][r][1] = (uint8_t)m;
+                for (int l = 0; l < 32; l++)
+                    o.q[g][l / 4][r][l % 4] =
+                        (uint8_t)(((b.qs[32 * (g / 2) + l] >> (4 * (g % 2))) & 0xf) | (((b.qh[l] >> g) & 1) << 4));
+            }
+        }
+    }
+}
+
+template <int NC>
+static void dot_q5_Kx8_ref(const BlockQ5_Kx8* w, const BlockQ8K* const* x, int nsb, float* out, size_t ld) {
+    for (int c = 0; c < NC; c++) {
+        for (int r = 0; r < 8; r++) {
+            float acc = 0.0f;
+            for (int i = 0; i < nsb; i++) {
+                const BlockQ8K& xb = x[c][i];
+                int isum = 0, msum = 0;
+                for (int g = 0; g < 8; g++) {
+                    int part = 0;
+                    for (int l = 0; l < 32; l++) part += w[i].q[g][l / 4][r][l % 4] * xb.qs[32 * g + l];
+                    isum += w[i].sc[g][r] * part;
+                    msum += w[i].m[g][r][0] * (xb.bsums[2 * g] + xb.bsums[2 * g + 1]);
+                }
+                acc = std::fmaf(xb.d * w[i].d[r], (float)isum, acc);
+                acc = std::fmaf(-(xb.d * w[i].dmin[r]), (float)msum, acc);
+            }
+            out[(size_t)c * ld + r] = acc;
+        }
+    }
+}
+
+#ifdef VICUNA_AVX2
+template <int NC>
+static void dot_q5_Kx8_avx2(const BlockQ5_Kx8* w, const BlockQ8K* const* x, int nsb, float* out, size_t ld) {
+    __m256 acc[NC];
+    for (int c = 0; c < NC; c++) acc[c] = _mm256_setzero_ps();
+    for (int i = 0; i < nsb; i++) {
+        const BlockQ5_Kx8& b = w[i];
+        __m256i iacc[NC];
+        for (int c = 0; c < NC; c++) iacc[c] = _mm256_setzero_si256();
+        for (int g = 0; g < 8; g++) {
+            __m256i sc = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)b.sc[g]));
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+            __m256i is0[NC], is1[NC];
+            for (int c = 0; c < NC; c++) is0[c] = is1[c] = _mm256_setzero_si256();
+            for (int k = 0; k < 4; k++) {
+                __m256i q0 = _mm256_loadu_si256((const __m256i*)b.q[g][k]);
+                __m256i q1 = _mm256_loadu_si256((const __m256i*)b.q[g][k + 4]);
+                for (int c = 0; c < NC; c++) {
+                    const int8_t* xq = x[c][i].qs + 32 * g + 4 * k;
+                    is0[c] = _mm256_dpbusd_epi32(is0[c], q0, _mm256_set1_epi32(*(const int32_t*)xq));
+                    is1[c] = _mm256_dpbusd_epi32(is1[c], q1, _mm256_set1_epi32(*(const int32_t*)(xq + 16)));
+                }
+            }
+            for (int c = 0; c < NC; c++)
+                iacc[c] = _mm256_add_epi32(iacc[c], _mm256_mullo_epi32(_mm256_add_epi32(is0[c], is1[c]), sc));
+#else
+            sc = _mm256_or_si256(sc, _mm256_slli_epi32(sc, 16));
+            for (int k = 0; k < 8; k++) {
+                __m256i q = _mm256_loadu_si256((const __m256i*)b.q[g][k]);
+                for (int c = 0; c < NC; c++) {
+                    const int8_t* xq = x[c][i].qs + 32 * g + 4 * k;
+                    iacc[c] = _mm256_add_epi32(iacc[c], _mm256_madd_epi16(_mm256_maddubs_epi16(q, _mm256_set1_epi32(*(const int32_t*)xq)), sc));
+                }
+            }
+#endif
+        }
+        __m256i m16[8];
+        for (int g = 0; g < 8; g++) m16[g] = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)b.m[g]));
+        const __m256 d = _mm256_loadu_ps(b.d), dmin = _mm256_loadu_ps(b.dmin);
+        for (int c = 0; c < NC; c++) {
+            const BlockQ8K& xb = x[c][i];
+            __m256i msum = _mm256_setzero_si256();
+            for (int g = 0; g < 8; g++)
+                msum = _mm256_add_epi32(msum, _mm256_madd_epi16(m16[g], _mm256_set1_epi32(*(const int32_t*)(xb.bsums + 2 * g))));
+            const __m256 dx = _mm256_set1_ps(xb.d);
+            acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(dx, d), _mm256_cvtepi32_ps(iacc[c]), acc[c]);
+            acc[c] = _mm256_fnmadd_ps(_mm256_mul_ps(dx, dmin), _mm256_cvtepi32_ps(msum), acc[c]);
+        }
+    }
+    for (int c = 0; c < NC; c++) _mm256_storeu_ps(out + (size_t)c * ld, acc[c]);
+}
+#endif
+
+template <int NC>
+static void dot_q5_Kx8(const BlockQ5_Kx8* w, const BlockQ8K* const* x, int nsb, float* out, size_t ld) {
+#ifdef VICUNA_AVX2
+    dot_q5_Kx8_avx2<NC>(w, x, nsb, out, ld);
+#else
+    dot_q5_Kx8_ref<NC>(w, x, nsb, out, ld);
+#endif
+}
+
 // the repacked kernels by type (forward.h): `packed` holds the 8-row groups of one matrix
 template <int NC, bool ref = false>
 static void dot_packed_x8(uint32_t type, const uint8_t* packed, int64_t group, const BlockQ8K* const* x, int nsb,
@@ -1450,6 +1565,10 @@ static void dot_packed_x8(uint32_t type, const uint8_t* packed, int64_t group, c
         const BlockQ4_Kx8* w = (const BlockQ4_Kx8*)packed + (size_t)group * nsb;
         if constexpr (ref) dot_q4_Kx8_ref<NC>(w, x, nsb, out, ld);
         else dot_q4_Kx8<NC>(w, x, nsb, out, ld);
+    } else if (type == GGML_TYPE_Q5_K) {
+        const BlockQ5_Kx8* w = (const BlockQ5_Kx8*)packed + (size_t)group * nsb;
+        if constexpr (ref) dot_q5_Kx8_ref<NC>(w, x, nsb, out, ld);
+        else dot_q5_Kx8<NC>(w, x, nsb, out, ld);
     } else {
         const BlockQ6_Kx8* w = (const BlockQ6_Kx8*)packed + (size_t)group * nsb;
         if constexpr (ref) dot_q6_Kx8_ref<NC>(w, x, nsb, out, ld);

@@ -698,7 +698,7 @@ static void test_kernels_8_tokens() {
     }
 }
 
-// The repacked Q4_K/Q6_K kernels (8 rows a call, prefill): the AVX2 / AVX-512 VNNI kernel equals
+// The repacked Q4_K/Q5_K/Q6_K kernels (8 rows a call, prefill): the AVX2 / AVX-512 VNNI kernel equals
 // its portable twin exactly (same integer sums, same fma order), and both agree with the row
 // kernels on the file's layout to float rounding.
 static void test_kernels_x8() {
@@ -710,13 +710,15 @@ static void test_kernels_x8() {
     quantize_act_k(x.data(), xqk.data(), (int64_t)B * cols);
     const BlockQ8K* xs[B];
     for (int b = 0; b < B; b++) xs[b] = xqk.data() + (size_t)b * nsb;
-    for (uint32_t t : {GGML_TYPE_Q4_K, GGML_TYPE_Q6_K}) {
+    for (uint32_t t : {GGML_TYPE_Q4_K, GGML_TYPE_Q5_K, GGML_TYPE_Q6_K}) {
         const char* name = ggml_type_info(t).name;
         const size_t rb = row_size(t, cols);
         std::vector<uint8_t> wq(rows * rb);
         for (int r = 0; r < rows; r++) quantize_row(t, &w[(size_t)r * cols], &wq[r * rb], cols);
-        std::vector<uint8_t> pk((size_t)nsb * (t == GGML_TYPE_Q4_K ? sizeof(BlockQ4_Kx8) : sizeof(BlockQ6_Kx8)));
+        std::vector<uint8_t> pk((size_t)nsb * (t == GGML_TYPE_Q4_K ? sizeof(BlockQ4_Kx8)
+                                               : t == GGML_TYPE_Q5_K ? sizeof(BlockQ5_Kx8) : sizeof(BlockQ6_Kx8)));
         if (t == GGML_TYPE_Q4_K) repack_q4_K_x8(wq.data(), rb, nsb, (BlockQ4_Kx8*)pk.data());
+        else if (t == GGML_TYPE_Q5_K) repack_q5_K_x8(wq.data(), rb, nsb, (BlockQ5_Kx8*)pk.data());
         else repack_q6_K_x8(wq.data(), rb, nsb, (BlockQ6_Kx8*)pk.data());
         std::vector<float> fast((size_t)B * rows), fast4((size_t)B * rows), ref((size_t)B * rows);
         dot_packed_x8<8>(t, pk.data(), 0, xs, nsb, fast.data(), rows);
