@@ -194,12 +194,16 @@ def make_random_llama(shape: str, dtype: str = "f16") -> str:
     return path
 
 
-def make_quant(src: str, qtype: str, extra: tuple[str, ...] = ()) -> str:
-    """SRC quantized to QTYPE by `vicuna quantize` (cached in the build folder)."""
+def quant_path(src: str, qtype: str, extra: tuple[str, ...] = ()) -> str:
     stem = os.path.splitext(os.path.basename(src))[0]
     for suffix in (".f32", ".f16"):
         stem = stem.removesuffix(suffix)
-    out = os.path.join(HERE, "build", f"{stem}.{qtype}{'-pure' if '--pure' in extra else ''}.gguf")
+    return os.path.join(HERE, "build", f"{stem}.{qtype}{'-pure' if '--pure' in extra else ''}.gguf")
+
+
+def make_quant(src: str, qtype: str, extra: tuple[str, ...] = ()) -> str:
+    """SRC quantized to QTYPE by `vicuna quantize` (cached in the build folder)."""
+    out = quant_path(src, qtype, extra)
     if not os.path.isfile(out):
         subprocess.run([VICUNA, "quantize", src, out, qtype, "--allow-requantize", *extra], check=True,
                        stdout=subprocess.DEVNULL)
@@ -388,7 +392,12 @@ def main(argv: list[str] | None = None) -> int:
     if qtypes:
         sources = list(args.quant_from)
         for shape in shapes:
-            src = make_random_llama(shape, "f16" if shape == "llama-7b" else "f32")
+            dtype = "f16" if shape == "llama-7b" else "f32"
+            src = os.path.join(HERE, "build", f"random-{shape}.{dtype}.gguf")
+            if all(os.path.isfile(quant_path(src, q)) for q in qtypes):
+                models += [quant_path(src, q) for q in qtypes]
+                continue
+            src = make_random_llama(shape, dtype)
             outs = [make_quant(src, q) for q in qtypes]
             if shape == "llama-7b":
                 os.remove(src)  # 13.5 GB; the quantized files are cached
