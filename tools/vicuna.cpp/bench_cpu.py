@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: --random needs --make-quant TYPES (the random file is only a source)")
 
     cmd = " ".join(sys.argv[1:]) if argv is None else " ".join(argv)
-    print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  {cpu_name()}  {os.cpu_count()} cores  "
+    print(f"# {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC  {cpu_name()}  {os.cpu_count()} cores  "
           f"threads={','.join(map(str, thread_counts))}  prompt={args.prompt}  gen={args.gen}  "
           f"medians of {args.repeat} interleaved runs")
     print(f"# command: python tools/vicuna.cpp/bench_cpu.py {cmd}")
@@ -441,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
             ours = median_of(ours)
             theirs = median_of(theirs_runs) if all(theirs_runs) else None
 
-            def extra(dec: float | None) -> str:
+            def extra(dec: float | None, per_tok: int = per_tok, threads: int = threads) -> str:
                 if not bw:
                     return ""
                 if dec is None:
