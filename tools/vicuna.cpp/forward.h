@@ -13,7 +13,10 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <initializer_list>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -110,7 +113,12 @@ struct MatJob {
     const float* lora_t = nullptr;  // (B, rank) A x when w has a LoRA pair
 };
 
-static const int MATMUL_MAX_JOBS = 6;  // three weights and their LoRA A products
+static const int MATMUL_MAX_JOBS = 6;
+#ifdef __AVX512VL__
+static const int Q4_KX8_TOKENS = 8;  // tokens a repacked Q4_K call keeps in registers (32 of them)
+#else
+static const int Q4_KX8_TOKENS = 4;  // 16 registers
+#endif  // three weights and their LoRA A products
 
 struct MatmulTask {
     MatJob jobs[MATMUL_MAX_JOBS];  // the LoRA A products first, then the weights
@@ -326,6 +334,21 @@ static void matmul_worker(void* p, int ith, int nth) {
         // each weight block is unpacked once per four tokens (prefill).
         float o[8];
         int b = 0;
+        if (!lora_a && w->packed && t->B >= 4) {  // K-quants repacked: 8 rows x NP tokens a call
+            const int nsb = t->cols / QK_K;
+            const uint8_t* pk = w->packed->data();
+            const BlockQ8K* xs[Q4_KX8_TOKENS];
+            auto run = [&](auto np) {
+                constexpr int NP = decltype(np)::value;
+                for (; b + NP <= t->B; b += NP) {
+                    for (int c = 0; c < NP; c++) xs[c] = t->xqk + (size_t)(b + c) * nsb;
+                    for (int64_t r = r0; r < r1; r += 8)
+                        dot_packed_x8<NP>(w->type, pk, r / 8, xs, nsb, out + (size_t)b * w->rows + r, (size_t)w->rows);
+                }
+            };
+            run(std::integral_constant<int, Q4_KX8_TOKENS>());
+            run(std::integral_constant<int, 1>());
+        }
 #ifdef __AVX512VL__
         // K-quant kernels keep eight tokens' integer sums in registers when there are 32 of them
         // (AVX-512VL): the weights and their scales are unpacked once per eight tokens
@@ -369,7 +392,35 @@ static void matmul_worker(void* p, int ith, int nth) {
 static int matmul_chunk_rows(const Tensor* w, int B, int n_threads) {
     int rows = (int)w->rows;
     int cr = B >= 4 ? std::max(4, (int)(16384 / w->row_bytes)) : std::max(4, (rows + n_threads * 8 - 1) / (n_threads * 8));
-    return w->lora ? (cr + 7) / 8 * 8 : cr;  // whole panels of B (lora_b_add)
+    // whole panels of B (lora_b_add), whole groups of 8 repacked rows
+    return w->lora || (w->packed && B >= 4) ? (cr + 7) / 8 * 8 : cr;
+}
+
+// Q4_K, Q5_K and Q6_K weights are repacked (BlockQ4_Kx8, Q5_Kx8, Q6_Kx8) for multiplies of 4 or more tokens, once, on the first
+// such multiply; VICUNA_NO_REPACK=1 keeps the row kernels (for comparison)
+static bool repack_enabled() {
+    static const bool on = [] {
+        const char* e = getenv("VICUNA_NO_REPACK");
+        return !(e && *e && strcmp(e, "0") != 0);
+    }();
+    return on;
+}
+
+static void repack_x8(const Tensor* w) {
+    const int nsb = (int)(w->cols / QK_K);
+    const uint32_t t = w->type;
+    const size_t group = (size_t)nsb * (t == GGML_TYPE_Q4_K   ? sizeof(BlockQ4_Kx8)
+                                        : t == GGML_TYPE_Q5_K ? sizeof(BlockQ5_Kx8)
+                                                              : sizeof(BlockQ6_Kx8));
+    auto buf = std::make_shared<std::vector<uint8_t>>((size_t)(w->rows / 8) * group);
+    for (int64_t g = 0; g < w->rows / 8; g++) {
+        const uint8_t* src = w->data + (size_t)g * 8 * w->row_bytes;
+        uint8_t* dst = buf->data() + g * group;
+        if (t == GGML_TYPE_Q4_K) repack_q4_K_x8(src, w->row_bytes, nsb, (BlockQ4_Kx8*)dst);
+        else if (t == GGML_TYPE_Q5_K) repack_q5_K_x8(src, w->row_bytes, nsb, (BlockQ5_Kx8*)dst);
+        else repack_q6_K_x8(src, w->row_bytes, nsb, (BlockQ6_Kx8*)dst);
+    }
+    w->packed = std::move(buf);
 }
 
 static void matmul(ThreadPool* pool, RunState* s, const float* x, int B, std::initializer_list<MatJob> jobs) {
@@ -401,6 +452,10 @@ static void matmul(ThreadPool* pool, RunState* s, const float* x, int B, std::in
     int chunks = 0;
     for (int i = 0; i < t.n_jobs; i++) {
         const Tensor* w = t.jobs[i].w;
+        if (B >= 4 && i >= n_lora && (w->type == GGML_TYPE_Q4_K || w->type == GGML_TYPE_Q5_K || w->type == GGML_TYPE_Q6_K) &&
+            !w->packed &&
+            w->rows % 8 == 0 && w->cols % QK_K == 0 && repack_enabled())
+            repack_x8(w);
         bool k = w->type == GGML_TYPE_Q4_K || w->type == GGML_TYPE_Q5_K || w->type == GGML_TYPE_Q6_K;
         kquant |= k;
         quantized |= !k && w->type != GGML_TYPE_F32 && w->type != GGML_TYPE_F16 && w->type != GGML_TYPE_Q2_K &&

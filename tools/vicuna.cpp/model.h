@@ -15,6 +15,7 @@
 
 #include <cinttypes>
 #include <cmath>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -52,6 +53,9 @@ struct Tensor {
     size_t row_bytes = 0;
     const uint8_t* data = nullptr;  // points into the mmap'ed file
     const LoraWeight* lora = nullptr;  // a LoRA pair applied at run time (lora.h), or none
+    // K-quants: the rows repacked in groups of 8 (quants.h's BlockQ4_Kx8/Q5_Kx8/Q6_Kx8) for multiplies of 4 or
+    // more tokens, made by forward.h on the first such multiply; decode keeps reading `data`
+    mutable std::shared_ptr<std::vector<uint8_t>> packed;
 };
 
 // A LoRA adapter's pair on one weight W (rows, cols): forward.h computes

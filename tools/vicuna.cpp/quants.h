@@ -1189,6 +1189,393 @@ static void dot_q6_K(const BlockQ6_K* w, const BlockQ8K* const* x, int nsb, floa
 #endif
 }
 
+// ----------------------------------------------------------------------------
+// Q4_K rows repacked in groups of 8 (prefill). The row kernels above hold one row's 32 bytes of
+// a sub-block in a register: after the byte products, every lane holds a piece of the same row's
+// sum and each token pays a multiply by that row's scale (madd) per 32 elements. Here a register
+// holds 4 bytes of each of 8 rows, so one product instruction (dpbusd with AVX-512 VNNI, else
+// maddubs + madd) against 4 activation bytes broadcast leaves one row's partial sum per lane:
+// no horizontal sums, and the scales of 8 rows are applied by one multiply per sub-block and
+// token (VNNI) or folded into the madd (AVX2). Scales and minimums are unpacked once at repack
+// time, d and dmin are stored as float. Built in memory (forward.h, on the first multiply of 4 or
+// more tokens) next to the mmap'ed file, which decode keeps reading: 1280 bytes per 8 x 256
+// weights against 1152 in the file (1.11x the Q4_K tensors, held in addition to the file).
+struct BlockQ4_Kx8 {
+    float d[8], dmin[8];        // row r's d and dmin
+    uint8_t sc[8][8];           // [g][r]: scale of sub-block g of row r (6 bits)
+    uint8_t m[8][8][2];         // [g][r][0..1]: its minimum, twice (multiplied into the two 16-sums)
+    uint8_t qs[4][8][8][4];     // [p][k][r][4]: row r's qs[32p + 4k .. +4]: sub-block 2p low nibbles, 2p+1 high
+};
+static_assert(sizeof(BlockQ4_Kx8) == 1280, "BlockQ4_Kx8 layout");
+
+// rows 8G..8G+8 of a Q4_K matrix (row_bytes apart) into nsb blocks
+static void repack_q4_K_x8(const uint8_t* rows8, size_t row_bytes, int nsb, BlockQ4_Kx8* y) {
+    for (int i = 0; i < nsb; i++) {
+        BlockQ4_Kx8& o = y[i];
+        for (int r = 0; r < 8; r++) {
+            const BlockQ4_K& b = ((const BlockQ4_K*)(rows8 + (size_t)r * row_bytes))[i];
+            o.d[r] = fp16_to_fp32(b.d);
+            o.dmin[r] = fp16_to_fp32(b.dmin);
+            for (int g = 0; g < 8; g++) {
+                int sc, m;
+                kq_scale_min(g, b.scales, &sc, &m);
+                o.sc[g][r] = (uint8_t)sc;
+                o.m[g][r][0] = o.m[g][r][1] = (uint8_t)m;
+            }
+            for (int p = 0; p < 4; p++)
+                for (int k = 0; k < 8; k++) memcpy(o.qs[p][k][r], b.qs + 32 * p + 4 * k, 4);
+        }
+    }
+}
+
+// out[c * ld + r] = row r . token c for the 8 rows of w (nsb blocks), tokens x[0..NC). The portable
+// twin of dot_q4_Kx8: integer sums, then per block acc = fma(dx d, isum, acc), acc = fma(-dx dmin,
+// msum, acc) in the same order, so both give the same floats.
+template <int NC>
+static void dot_q4_Kx8_ref(const BlockQ4_Kx8* w, const BlockQ8K* const* x, int nsb, float* out, size_t ld) {
+    for (int c = 0; c < NC; c++) {
+        for (int r = 0; r < 8; r++) {
+            float acc = 0.0f;
+            for (int i = 0; i < nsb; i++) {
+                const BlockQ8K& xb = x[c][i];
+                int isum = 0, msum = 0;
+                for (int g = 0; g < 8; g++) {
+                    int part = 0;
+                    for (int l = 0; l < 32; l++) {
+                        int q = (w[i].qs[g / 2][l / 4][r][l % 4] >> (4 * (g % 2))) & 0xf;
+                        part += q * xb.qs[32 * g + l];
+                    }
+                    isum += w[i].sc[g][r] * part;
+                    msum += w[i].m[g][r][0] * (xb.bsums[2 * g] + xb.bsums[2 * g + 1]);
+                }
+                acc = std::fmaf(xb.d * w[i].d[r], (float)isum, acc);
+                acc = std::fmaf(-(xb.d * w[i].dmin[r]), (float)msum, acc);
+            }
+            out[(size_t)c * ld + r] = acc;
+        }
+    }
+}
+
+#ifdef VICUNA_AVX2
+template <int NC>
+static void dot_q4_Kx8_avx2(const BlockQ4_Kx8* w, const BlockQ8K* const* x, int nsb, float* out, size_t ld) {
+    __m256 acc[NC];
+    for (int c = 0; c < NC; c++) acc[c] = _mm256_setzero_ps();
+    const __m256i low4 = _mm256_set1_epi8(0x0f);
+    for (int i = 0; i < nsb; i++) {
+        const BlockQ4_Kx8& b = w[i];
+        __m256i iacc[NC];
+        for (int c = 0; c < NC; c++) iacc[c] = _mm256_setzero_si256();
+        for (int p = 0; p < 4; p++) {
+            __m256i sc0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)b.sc[2 * p]));
+            __m256i sc1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)b.sc[2 * p + 1]));
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+            __m256i is0[NC], is1[NC];
+            for (int c = 0; c < NC; c++) is0[c] = is1[c] = _mm256_setzero_si256();
+            for (int k = 0; k < 8; k++) {
+                __m256i bytes = _mm256_loadu_si256((const __m256i*)b.qs[p][k]);
+                __m256i q0 = _mm256_and_si256(bytes, low4), q1 = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+                for (int c = 0; c < NC; c++) {
+                    const int8_t* xq = x[c][i].qs + 64 * p + 4 * k;
+                    is0[c] = _mm256_dpbusd_epi32(is0[c], q0, _mm256_set1_epi32(*(const int32_t*)xq));
+                    is1[c] = _mm256_dpbusd_epi32(is1[c], q1, _mm256_set1_epi32(*(const int32_t*)(xq + 32)));
+                }
+            }
+            for (int c = 0; c < NC; c++)
+                iacc[c] = _mm256_add_epi32(iacc[c], _mm256_add_epi32(_mm256_mullo_epi32(is0[c], sc0),
+                                                                     _mm256_mullo_epi32(is1[c], sc1)));
+#else
+            // the scale in both int16 halves of each row's 32-bit lane: madd applies it to both pairs
+            sc0 = _mm256_or_si256(sc0, _mm256_slli_epi32(sc0, 16));
+            sc1 = _mm256_or_si256(sc1, _mm256_slli_epi32(sc1, 16));
+            for (int k = 0; k < 8; k++) {
+                __m256i bytes = _mm256_loadu_si256((const __m256i*)b.qs[p][k]);
+                __m256i q0 = _mm256_and_si256(bytes, low4), q1 = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+                for (int c = 0; c < NC; c++) {
+                    const int8_t* xq = x[c][i].qs + 64 * p + 4 * k;
+                    __m256i s0 = _mm256_madd_epi16(_mm256_maddubs_epi16(q0, _mm256_set1_epi32(*(const int32_t*)xq)), sc0);
+                    __m256i s1 = _mm256_madd_epi16(_mm256_maddubs_epi16(q1, _mm256_set1_epi32(*(const int32_t*)(xq + 32))), sc1);
+                    iacc[c] = _mm256_add_epi32(iacc[c], _mm256_add_epi32(s0, s1));
+                }
+            }
+#endif
+        }
+        __m256i m16[8];  // row r's minimum of sub-block g twice, as int16 pairs
+        for (int g = 0; g < 8; g++) m16[g] = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)b.m[g]));
+        const __m256 d = _mm256_loadu_ps(b.d), dmin = _mm256_loadu_ps(b.dmin);
+        for (int c = 0; c < NC; c++) {
+            const BlockQ8K& xb = x[c][i];
+            __m256i msum = _mm256_setzero_si256();
+            for (int g = 0; g < 8; g++)
+                msum = _mm256_add_epi32(msum, _mm256_madd_epi16(m16[g], _mm256_set1_epi32(*(const int32_t*)(xb.bsums + 2 * g))));
+            const __m256 dx = _mm256_set1_ps(xb.d);
+            acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(dx, d), _mm256_cvtepi32_ps(iacc[c]), acc[c]);
+            acc[c] = _mm256_fnmadd_ps(_mm256_mul_ps(dx, dmin), _mm256_cvtepi32_ps(msum), acc[c]);
+        }
+    }
+    for (int c = 0; c < NC; c++) _mm256_storeu_ps(out + (size_t)c * ld, acc[c]);
+}
+#endif
+
+template <int NC>
+static void dot_q4_Kx8(const BlockQ4_Kx8* w, const BlockQ8K* const* x, int nsb, float* out, size_t ld) {
+#ifdef VICUNA_AVX2
+    dot_q4_Kx8_avx2<NC>(w, x, nsb, out, ld);
+#else
+    dot_q4_Kx8_ref<NC>(w, x, nsb, out, ld);
+#endif
+}
+
+// Q6_K rows repacked in groups of 8 the same way: the 6-bit quants stored whole, one byte each
+// (no unpacking left in the kernel), the int8 scales spread per row. 2336 bytes per 8 x 256
+// weights against 1680 in the file (1.39x the Q6_K tensors, held in addition to the file).
+struct BlockQ6_Kx8 {
+    float d[8];
+    int8_t sc[16][8];        // [s][r]: scale of the 16 elements s of row r
+    int8_t scp[8][8][2];     // [j][r][0..1]: scales 2j and 2j+1 of row r (the -32 offset's madd)
+    uint8_t q[8][8][8][4];   // [G][k][r][4]: row r's quants (0..63) of elements 32G + 4k .. +4
+};
+static_assert(sizeof(BlockQ6_Kx8) == 2336, "BlockQ6_Kx8 layout");
+
+static void repack_q6_K_x8(const uint8_t* rows8, size_t row_bytes, int nsb, BlockQ6_Kx8* y) {
+    for (int i = 0; i < nsb; i++) {
+        BlockQ6_Kx8& o = y[i];
+        for (int r = 0; r < 8; r++) {
+            const BlockQ6_K& b = ((const BlockQ6_K*)(rows8 + (size_t)r * row_bytes))[i];
+            o.d[r] = fp16_to_fp32(b.d);
+            for (int s = 0; s < 16; s++) o.sc[s][r] = b.scales[s];
+            for (int j = 0; j < 8; j++) o.scp[j][r][0] = b.scales[2 * j], o.scp[j][r][1] = b.scales[2 * j + 1];
+            for (int e = 0; e < QK_K; e++) {
+                const int c = e / 128, g = (e % 128) / 32, l = e % 32;
+                o.q[e / 32][(e % 32) / 4][r][e % 4] = (uint8_t)q6_quant(b.ql + 64 * c, b.qh + 32 * c, g, l);
+            }
+        }
+    }
+}
+
+template <int NC>
+static void dot_q6_Kx8_ref(const BlockQ6_Kx8* w, const BlockQ8K* const* x, int nsb, float* out, size_t ld) {
+    for (int c = 0; c < NC; c++) {
+        for (int r = 0; r < 8; r++) {
+            float acc = 0.0f;
+            for (int i = 0; i < nsb; i++) {
+                const BlockQ8K& xb = x[c][i];
+                int isum = 0, msum = 0;
+                for (int s = 0; s < 16; s++) {
+                    int part = 0;
+                    for (int l = 16 * s; l < 16 * s + 16; l++) part += w[i].q[l / 32][(l % 32) / 4][r][l % 4] * xb.qs[l];
+                    isum += w[i].sc[s][r] * part;
+                    msum += w[i].sc[s][r] * xb.bsums[s];
+                }
+                acc = std::fmaf(xb.d * w[i].d[r], (float)(isum - 32 * msum), acc);
+            }
+            out[(size_t)c * ld + r] = acc;
+        }
+    }
+}
+
+#ifdef VICUNA_AVX2
+template <int NC>
+static void dot_q6_Kx8_avx2(const BlockQ6_Kx8* w, const BlockQ8K* const* x, int nsb, float* out, size_t ld) {
+    __m256 acc[NC];
+    for (int c = 0; c < NC; c++) acc[c] = _mm256_setzero_ps();
+    for (int i = 0; i < nsb; i++) {
+        const BlockQ6_Kx8& b = w[i];
+        __m256i iacc[NC];
+        for (int c = 0; c < NC; c++) iacc[c] = _mm256_setzero_si256();
+        for (int G = 0; G < 8; G++) {
+            __m256i sca = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)b.sc[2 * G]));
+            __m256i scb = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)b.sc[2 * G + 1]));
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+            __m256i is0[NC], is1[NC];
+            for (int c = 0; c < NC; c++) is0[c] = is1[c] = _mm256_setzero_si256();
+            for (int k = 0; k < 4; k++) {
+                __m256i q0 = _mm256_loadu_si256((const __m256i*)b.q[G][k]);
+                __m256i q1 = _mm256_loadu_si256((const __m256i*)b.q[G][k + 4]);
+                for (int c = 0; c < NC; c++) {
+                    const int8_t* xq = x[c][i].qs + 32 * G + 4 * k;
+                    is0[c] = _mm256_dpbusd_epi32(is0[c], q0, _mm256_set1_epi32(*(const int32_t*)xq));
+                    is1[c] = _mm256_dpbusd_epi32(is1[c], q1, _mm256_set1_epi32(*(const int32_t*)(xq + 16)));
+                }
+            }
+            for (int c = 0; c < NC; c++)
+                iacc[c] = _mm256_add_epi32(iacc[c], _mm256_add_epi32(_mm256_mullo_epi32(is0[c], sca),
+                                                                     _mm256_mullo_epi32(is1[c], scb)));
+#else
+            const __m256i lo16 = _mm256_set1_epi32(0xffff);
+            sca = _mm256_or_si256(_mm256_and_si256(sca, lo16), _mm256_slli_epi32(sca, 16));
+            scb = _mm256_or_si256(_mm256_and_si256(scb, lo16), _mm256_slli_epi32(scb, 16));
+            for (int k = 0; k < 4; k++) {
+                __m256i q0 = _mm256_loadu_si256((const __m256i*)b.q[G][k]);
+                __m256i q1 = _mm256_loadu_si256((const __m256i*)b.q[G][k + 4]);
+                for (int c = 0; c < NC; c++) {
+                    const int8_t* xq = x[c][i].qs + 32 * G + 4 * k;
+                    __m256i s0 = _mm256_madd_epi16(_mm256_maddubs_epi16(q0, _mm256_set1_epi32(*(const int32_t*)xq)), sca);
+                    __m256i s1 = _mm256_madd_epi16(_mm256_maddubs_epi16(q1, _mm256_set1_epi32(*(const int32_t*)(xq + 16))), scb);
+                    iacc[c] = _mm256_add_epi32(iacc[c], _mm256_add_epi32(s0, s1));
+                }
+            }
+#endif
+        }
+        __m256i scp[8];  // scales 2j, 2j+1 of each row as int16 pairs
+        for (int j = 0; j < 8; j++) scp[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)b.scp[j]));
+        const __m256 d = _mm256_loadu_ps(b.d);
+        for (int c = 0; c < NC; c++) {
+            const BlockQ8K& xb = x[c][i];
+            __m256i msum = _mm256_setzero_si256();
+            for (int j = 0; j < 8; j++)
+                msum = _mm256_add_epi32(msum, _mm256_madd_epi16(scp[j], _mm256_set1_epi32(*(const int32_t*)(xb.bsums + 2 * j))));
+            __m256i isum = _mm256_sub_epi32(iacc[c], _mm256_slli_epi32(msum, 5));
+            acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(xb.d), d), _mm256_cvtepi32_ps(isum), acc[c]);
+        }
+    }
+    for (int c = 0; c < NC; c++) _mm256_storeu_ps(out + (size_t)c * ld, acc[c]);
+}
+#endif
+
+template <int NC>
+static void dot_q6_Kx8(const BlockQ6_Kx8* w, const BlockQ8K* const* x, int nsb, float* out, size_t ld) {
+#ifdef VICUNA_AVX2
+    dot_q6_Kx8_avx2<NC>(w, x, nsb, out, ld);
+#else
+    dot_q6_Kx8_ref<NC>(w, x, nsb, out, ld);
+#endif
+}
+
+// Q5_K rows repacked in groups of 8: Q4_K's scales and minimums, the 5-bit quants stored whole,
+// one byte each (Q6_K's layout). 2304 bytes per 8 x 256 weights against 1408 in the file (1.64x
+// the Q5_K tensors, held in addition to the file).
+struct BlockQ5_Kx8 {
+    float d[8], dmin[8];
+    uint8_t sc[8][8];          // [g][r]
+    uint8_t m[8][8][2];        // [g][r][0..1]
+    uint8_t q[8][8][8][4];     // [g][k][r][4]: row r's quants (0..31) of elements 32g + 4k .. +4
+};
+static_assert(sizeof(BlockQ5_Kx8) == 2304, "BlockQ5_Kx8 layout");
+
+static void repack_q5_K_x8(const uint8_t* rows8, size_t row_bytes, int nsb, BlockQ5_Kx8* y) {
+    for (int i = 0; i < nsb; i++) {
+        BlockQ5_Kx8& o = y[i];
+        for (int r = 0; r < 8; r++) {
+            const BlockQ5_K& b = ((const BlockQ5_K*)(rows8 + (size_t)r * row_bytes))[i];
+            o.d[r] = fp16_to_fp32(b.d);
+            o.dmin[r] = fp16_to_fp32(b.dmin);
+            for (int g = 0; g < 8; g++) {
+                int sc, m;
+                kq_scale_min(g, b.scales, &sc, &m);
+                o.sc[g][r] = (uint8_t)sc;
+                o.m[g][r][0] = o.m[g][r][1] = (uint8_t)m;
+                for (int l = 0; l < 32; l++)
+                    o.q[g][l / 4][r][l % 4] =
+                        (uint8_t)(((b.qs[32 * (g / 2) + l] >> (4 * (g % 2))) & 0xf) | (((b.qh[l] >> g) & 1) << 4));
+            }
+        }
+    }
+}
+
+template <int NC>
+static void dot_q5_Kx8_ref(const BlockQ5_Kx8* w, const BlockQ8K* const* x, int nsb, float* out, size_t ld) {
+    for (int c = 0; c < NC; c++) {
+        for (int r = 0; r < 8; r++) {
+            float acc = 0.0f;
+            for (int i = 0; i < nsb; i++) {
+                const BlockQ8K& xb = x[c][i];
+                int isum = 0, msum = 0;
+                for (int g = 0; g < 8; g++) {
+                    int part = 0;
+                    for (int l = 0; l < 32; l++) part += w[i].q[g][l / 4][r][l % 4] * xb.qs[32 * g + l];
+                    isum += w[i].sc[g][r] * part;
+                    msum += w[i].m[g][r][0] * (xb.bsums[2 * g] + xb.bsums[2 * g + 1]);
+                }
+                acc = std::fmaf(xb.d * w[i].d[r], (float)isum, acc);
+                acc = std::fmaf(-(xb.d * w[i].dmin[r]), (float)msum, acc);
+            }
+            out[(size_t)c * ld + r] = acc;
+        }
+    }
+}
+
+#ifdef VICUNA_AVX2
+template <int NC>
+static void dot_q5_Kx8_avx2(const BlockQ5_Kx8* w, const BlockQ8K* const* x, int nsb, float* out, size_t ld) {
+    __m256 acc[NC];
+    for (int c = 0; c < NC; c++) acc[c] = _mm256_setzero_ps();
+    for (int i = 0; i < nsb; i++) {
+        const BlockQ5_Kx8& b = w[i];
+        __m256i iacc[NC];
+        for (int c = 0; c < NC; c++) iacc[c] = _mm256_setzero_si256();
+        for (int g = 0; g < 8; g++) {
+            __m256i sc = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)b.sc[g]));
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+            __m256i is0[NC], is1[NC];
+            for (int c = 0; c < NC; c++) is0[c] = is1[c] = _mm256_setzero_si256();
+            for (int k = 0; k < 4; k++) {
+                __m256i q0 = _mm256_loadu_si256((const __m256i*)b.q[g][k]);
+                __m256i q1 = _mm256_loadu_si256((const __m256i*)b.q[g][k + 4]);
+                for (int c = 0; c < NC; c++) {
+                    const int8_t* xq = x[c][i].qs + 32 * g + 4 * k;
+                    is0[c] = _mm256_dpbusd_epi32(is0[c], q0, _mm256_set1_epi32(*(const int32_t*)xq));
+                    is1[c] = _mm256_dpbusd_epi32(is1[c], q1, _mm256_set1_epi32(*(const int32_t*)(xq + 16)));
+                }
+            }
+            for (int c = 0; c < NC; c++)
+                iacc[c] = _mm256_add_epi32(iacc[c], _mm256_mullo_epi32(_mm256_add_epi32(is0[c], is1[c]), sc));
+#else
+            sc = _mm256_or_si256(sc, _mm256_slli_epi32(sc, 16));
+            for (int k = 0; k < 8; k++) {
+                __m256i q = _mm256_loadu_si256((const __m256i*)b.q[g][k]);
+                for (int c = 0; c < NC; c++) {
+                    const int8_t* xq = x[c][i].qs + 32 * g + 4 * k;
+                    iacc[c] = _mm256_add_epi32(iacc[c], _mm256_madd_epi16(_mm256_maddubs_epi16(q, _mm256_set1_epi32(*(const int32_t*)xq)), sc));
+                }
+            }
+#endif
+        }
+        __m256i m16[8];
+        for (int g = 0; g < 8; g++) m16[g] = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)b.m[g]));
+        const __m256 d = _mm256_loadu_ps(b.d), dmin = _mm256_loadu_ps(b.dmin);
+        for (int c = 0; c < NC; c++) {
+            const BlockQ8K& xb = x[c][i];
+            __m256i msum = _mm256_setzero_si256();
+            for (int g = 0; g < 8; g++)
+                msum = _mm256_add_epi32(msum, _mm256_madd_epi16(m16[g], _mm256_set1_epi32(*(const int32_t*)(xb.bsums + 2 * g))));
+            const __m256 dx = _mm256_set1_ps(xb.d);
+            acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(dx, d), _mm256_cvtepi32_ps(iacc[c]), acc[c]);
+            acc[c] = _mm256_fnmadd_ps(_mm256_mul_ps(dx, dmin), _mm256_cvtepi32_ps(msum), acc[c]);
+        }
+    }
+    for (int c = 0; c < NC; c++) _mm256_storeu_ps(out + (size_t)c * ld, acc[c]);
+}
+#endif
+
+template <int NC>
+static void dot_q5_Kx8(const BlockQ5_Kx8* w, const BlockQ8K* const* x, int nsb, float* out, size_t ld) {
+#ifdef VICUNA_AVX2
+    dot_q5_Kx8_avx2<NC>(w, x, nsb, out, ld);
+#else
+    dot_q5_Kx8_ref<NC>(w, x, nsb, out, ld);
+#endif
+}
+
+// the repacked kernels by type (forward.h): `packed` holds the 8-row groups of one matrix
+template <int NC, bool ref = false>
+static void dot_packed_x8(uint32_t type, const uint8_t* packed, int64_t group, const BlockQ8K* const* x, int nsb,
+                          float* out, size_t ld) {
+    if (type == GGML_TYPE_Q4_K) {
+        const BlockQ4_Kx8* w = (const BlockQ4_Kx8*)packed + (size_t)group * nsb;
+        if constexpr (ref) dot_q4_Kx8_ref<NC>(w, x, nsb, out, ld);
+        else dot_q4_Kx8<NC>(w, x, nsb, out, ld);
+    } else if (type == GGML_TYPE_Q5_K) {
+        const BlockQ5_Kx8* w = (const BlockQ5_Kx8*)packed + (size_t)group * nsb;
+        if constexpr (ref) dot_q5_Kx8_ref<NC>(w, x, nsb, out, ld);
+        else dot_q5_Kx8<NC>(w, x, nsb, out, ld);
+    } else {
+        const BlockQ6_Kx8* w = (const BlockQ6_Kx8*)packed + (size_t)group * nsb;
+        if constexpr (ref) dot_q6_Kx8_ref<NC>(w, x, nsb, out, ld);
+        else dot_q6_Kx8<NC>(w, x, nsb, out, ld);
+    }
+}
+
 // Q2_K and Q3_K (read for completeness; llama.cpp's q2_k/q3_k mixes) take the float path: the
 // row is dequantized into a per-thread buffer, then dotted with the f32 activations.
 template <int NC, bool ref>

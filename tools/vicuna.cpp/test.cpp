@@ -698,6 +698,48 @@ static void test_kernels_8_tokens() {
     }
 }
 
+// The repacked Q4_K/Q5_K/Q6_K kernels (8 rows a call, prefill): the AVX2 / AVX-512 VNNI kernel equals
+// its portable twin exactly (same integer sums, same fma order), and both agree with the row
+// kernels on the file's layout to float rounding.
+static void test_kernels_x8() {
+    const int cols = 768, rows = 8, B = 9, nsb = cols / QK_K;
+    std::vector<float> w = randn((size_t)rows * cols, 51), x = randn((size_t)B * cols, 52);
+    for (int j = 0; j < cols; j++) w[j] += 0.5f;  // row 0 with a large minimum
+    std::vector<BlockQ8K> xqk((size_t)B * nsb);
+    std::vector<BlockQ8A> xq((size_t)B * cols / QK);
+    quantize_act_k(x.data(), xqk.data(), (int64_t)B * cols);
+    const BlockQ8K* xs[B];
+    for (int b = 0; b < B; b++) xs[b] = xqk.data() + (size_t)b * nsb;
+    for (uint32_t t : {GGML_TYPE_Q4_K, GGML_TYPE_Q5_K, GGML_TYPE_Q6_K}) {
+        const char* name = ggml_type_info(t).name;
+        const size_t rb = row_size(t, cols);
+        std::vector<uint8_t> wq(rows * rb);
+        for (int r = 0; r < rows; r++) quantize_row(t, &w[(size_t)r * cols], &wq[r * rb], cols);
+        std::vector<uint8_t> pk((size_t)nsb * (t == GGML_TYPE_Q4_K ? sizeof(BlockQ4_Kx8)
+                                               : t == GGML_TYPE_Q5_K ? sizeof(BlockQ5_Kx8) : sizeof(BlockQ6_Kx8)));
+        if (t == GGML_TYPE_Q4_K) repack_q4_K_x8(wq.data(), rb, nsb, (BlockQ4_Kx8*)pk.data());
+        else if (t == GGML_TYPE_Q5_K) repack_q5_K_x8(wq.data(), rb, nsb, (BlockQ5_Kx8*)pk.data());
+        else repack_q6_K_x8(wq.data(), rb, nsb, (BlockQ6_Kx8*)pk.data());
+        std::vector<float> fast((size_t)B * rows), fast4((size_t)B * rows), ref((size_t)B * rows);
+        dot_packed_x8<8>(t, pk.data(), 0, xs, nsb, fast.data(), rows);
+        dot_packed_x8<4>(t, pk.data(), 0, xs, nsb, fast4.data(), rows);  // tokens 0-3 again, then 8 alone
+        dot_packed_x8<1>(t, pk.data(), 0, xs + 8, nsb, fast.data() + 8 * rows, rows);
+        dot_packed_x8<8, true>(t, pk.data(), 0, xs, nsb, ref.data(), rows);
+        dot_packed_x8<1, true>(t, pk.data(), 0, xs + 8, nsb, ref.data() + 8 * rows, rows);
+        for (int b = 0; b < B; b++) {
+            for (int r = 0; r < rows; r++) {
+                float f = fast[(size_t)b * rows + r], g = ref[(size_t)b * rows + r], row = 0.0f;
+                CHECK(f == g, "%s x8: kernel %g differs from portable %g (token %d row %d)", name, f, g, b, r);
+                if (b < 4) CHECK(fast4[(size_t)b * rows + r] == f, "%s x8: 4-token call %g differs from 8-token %g",
+                                 name, fast4[(size_t)b * rows + r], f);
+                dot_row_ref<1>(t, &wq[r * rb], x.data(), xq.data(), xqk.data(), b, cols, &row);
+                CHECK(std::fabs(f - row) <= 1e-4f * (1.0f + std::fabs(row)), "%s x8: %g vs row kernel %g (token %d row %d)",
+                      name, f, row, b, r);
+            }
+        }
+    }
+}
+
 // The K-quant and Q5 quantizers against llama.cpp's own quantize_row_*_ref (vendored ggml-quants.c
 // of llama-cpp-python 0.3.36, compiled and run on golden_input(4096)): FNV-1a of the blocks.
 // tests/test_vicuna_kquants.py checks whole files against llama_model_quantize as well.
@@ -769,6 +811,7 @@ static int run_unit() {
     test_quant_golden();
     test_kernels_read_only();
     test_kernels_8_tokens();
+    test_kernels_x8();
     test_lora();
     test_lora_merge_kquants();
     test_pretokenizer();
