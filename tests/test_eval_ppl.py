@@ -151,6 +151,8 @@ def test_adapter_differs_from_base_and_equals_merged(tiny_model, adapter, tmp_pa
     [alone] = eval_ppl.main(["--model_path", tiny_model, "--lora_path", adapter, "--text", EN, "--ctx", "64",
                              "--chunks", "2"])
     [m] = eval_ppl.main(["--model_path", merged, "--text", EN, "--ctx", "64", "--chunks", "2"])
+    [plain] = eval_ppl.main(["--model_path", tiny_model, "--text", EN, "--ctx", "64", "--chunks", "2"])
+    assert base["ppl"] == pytest.approx(plain["ppl"], rel=1e-9)  # the adapter switched off is the base
     assert alone["ppl"] == pytest.approx(with_adapter["ppl"], rel=1e-9)
     assert m["ppl"] == pytest.approx(with_adapter["ppl"], rel=1e-5)
     assert "adapter vs base: ppl " in capsys.readouterr().out

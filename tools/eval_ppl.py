@@ -291,6 +291,7 @@ def evaluate(args) -> list[dict]:
 
     label = {"model_path": args.model_path, "lora_path": None, "quant": args.quant}
     if args.engine == "vicuna":
+        read_text(args.text)  # the same one-line errors as the transformers engine
         results = []
         if args.compare_base:
             lora, args.lora_path = args.lora_path, None
@@ -312,7 +313,7 @@ def evaluate(args) -> list[dict]:
     else:
         from models import load_training_config
 
-        trained = load_training_config(args.lora_path)
+        trained = load_training_config(args.lora_path).get("args") or {}  # the flags it was trained with
         args.prompt_type = resolve_prompt_type(args.prompt_type, args.lora_path or path, DEFAULTS["prompt_type"])
         args.cutoff_len = args.cutoff_len or trained.get("cutoff_len") or DEFAULTS["cutoff_len"]
         args.train_on = args.train_on or trained.get("train_on") or DEFAULTS["train_on"]
@@ -331,12 +332,16 @@ def evaluate(args) -> list[dict]:
         return {**data_result(m, examples, tokenizer.pad_token_id, args.batch_size),
                 "prompt_type": args.prompt_type, "cutoff_len": args.cutoff_len, "train_on": args.train_on}
 
+    if not args.lora_path:
+        return [{**label, "engine": "transformers", **score(model)}]
+    # The adapter is loaded (and checked against the base) before anything is scored; the base is
+    # the same weights with the adapter switched off.
+    model = load_adapter(model, args.lora_path, trainable=False)
     results = []
-    if args.compare_base or not args.lora_path:
-        results.append({**label, "engine": "transformers", **score(model)})
-    if args.lora_path:
-        model = load_adapter(model, args.lora_path, trainable=False)
-        results.append({**label, "lora_path": args.lora_path, "engine": "transformers", **score(model)})
+    if args.compare_base:
+        with model.disable_adapter():
+            results.append({**label, "engine": "transformers", **score(model)})
+    results.append({**label, "lora_path": args.lora_path, "engine": "transformers", **score(model)})
     return results
 
 
