@@ -176,6 +176,25 @@ def test_same_ppl_as_vicuna_perplexity_on_the_f32_gguf(kind, tiny_models, vicuna
     assert cpp["ppl"] == pytest.approx(hf["ppl"], rel=1e-3)
 
 
+@NEEDS_CPP
+def test_adapter_same_ppl_in_vicuna_cpp(tiny_model, adapter, vicuna, tmp_path):
+    """Base and adapter in one command, in both engines: the GGUF LoRA on the f32 GGUF base in
+    vicuna.cpp, the peft adapter on the HF folder in transformers."""
+    import convert_gguf
+
+    base_gguf, lora_gguf = str(tmp_path / "base.f32.gguf"), str(tmp_path / "lora.f32.gguf")
+    assert convert_gguf.main(["--model_path", tiny_model, "--outfile", base_gguf, "--outtype", "f32",
+                              "--no-verify"]) == 0
+    assert convert_gguf.main(["--lora_path", adapter, "--model_path", tiny_model, "--outfile", lora_gguf,
+                              "--outtype", "f32", "--no-verify"]) == 0
+    argv = ["--compare_base", "--text", EN, "--ctx", "128", "--chunks", "2"]
+    hf = eval_ppl.main(["--model_path", tiny_model, "--lora_path", adapter] + argv)
+    cpp = eval_ppl.main(["--model_path", base_gguf, "--engine", "vicuna", "--lora_path", lora_gguf] + argv)
+    for h, c in zip(hf, cpp):
+        assert c["ppl"] == pytest.approx(h["ppl"], rel=1e-3)
+    assert abs(cpp[1]["ppl"] / cpp[0]["ppl"] - 1) > 1e-3  # the adapter did something
+
+
 # --- data: responses only ------------------------------------------------------------------------
 
 
