@@ -49,6 +49,9 @@ def quiet_libraries() -> None:
 
     # bitsandbytes on the CPU: an optional faster kernel package is missing; the built-in one runs
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # bitsandbytes 8-bit layers with float32 activations: "inputs will be cast ... to float16" on
+    # every matmul of every forward pass (hundreds of lines for one perplexity chunk)
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     # transformers 5 deprecates a name that peft and the Trainer still call
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
     logging.getLogger("transformers").setLevel(logging.WARNING)
