@@ -207,9 +207,12 @@ def load_model(model_path: str, quant: str = "none", dtype=None, device_map=None
     from transformers import AutoModelForCausalLM
 
     dtype = dtype or pick_dtype()
+    # quantization_config only when asked: an explicit None would override the config.json of an
+    # already quantized folder (tools/quantize.py's GPTQ/AWQ output) and leave its layers random.
+    quant_kwargs = {"quantization_config": quantization_config(quant, dtype)} if quant != "none" else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=dtype, quantization_config=quantization_config(quant, dtype),
+            model_path, dtype=dtype, **quant_kwargs,
             device_map=device_map if device_map is not None else device_map_for(quant),
             trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
