@@ -220,6 +220,19 @@ def load_model(model_path: str, quant: str = "none", dtype=None, device_map=None
     return model
 
 
+def refuse_compressed_base(model_dir: str, model_path: str) -> None:
+    """LoRA training needs layers peft can wrap: the compressed-tensors GPTQ/AWQ folders of
+    tools/quantize.py hold packed int32 weights that peft 0.21 has no LoRA layer for."""
+    config_path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(config_path):
+        return
+    quant = read_json_file(config_path, dict).get("quantization_config")
+    if isinstance(quant, dict) and quant.get("quant_method") == "compressed-tensors":
+        raise UserError(f"--model_path {model_path} is a compressed-tensors (GPTQ/AWQ) model; peft cannot put LoRA "
+                        "on its packed layers: train on the full-precision model (or --quant 4bit), then merge "
+                        "and quantize with tools/quantize.py")
+
+
 # --- adapters --------------------------------------------------------------------------------------
 
 
