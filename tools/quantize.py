@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights per scale along the input dimension; -1 for one scale per output channel "
                         "(default: 128; must divide every layer's input width, SmolLM2-135M's 576 takes 64)")
     p.add_argument("--desc_act", action="store_true",
-                   help="GPTQ: quantize columns in order of decreasing activation (act-order; gptq only)")
+                   help="GPTQ: quantize columns in order of decreasing activation (static act-order: groups stay in place, "
+                        "no g_idx; gptq only)")
     p.add_argument("--calib_data", default=DEFAULT_CALIB,
                    help="calibration data in any of our formats (default: sample/instruct/data_sample.jsonl)")
     p.add_argument("--nsamples", type=int, default=128, help="calibration records used (default: 128)")
@@ -175,13 +176,16 @@ def recipe(method: str, bits: int, group_size: int, desc_act: bool):
     grouped = group_size > 0
     weights = QuantizationArgs(
         num_bits=bits, type="int", symmetric=method == "gptq", strategy="group" if grouped else "channel",
-        group_size=group_size if grouped else None,
-        actorder=(ActivationOrdering.GROUP if grouped else ActivationOrdering.WEIGHT) if desc_act else None)
+        group_size=group_size if grouped else None)
     scheme = QuantizationScheme(targets=["Linear"], weights=weights)
     if method == "gptq":
         from llmcompressor.modifiers.gptq import GPTQModifier
 
-        return GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
+        # act-order as llm-compressor 0.14 has it: columns visited by decreasing Hessian diagonal,
+        # groups kept static (no g_idx; the saved format is the same and every kernel reads it). Its
+        # dynamic "group" order (AutoGPTQ's desc_act with g_idx) is removed from the library.
+        return GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"],
+                            actorder=ActivationOrdering.WEIGHT if desc_act else None)
     from llmcompressor.modifiers.awq import AWQModifier
 
     return AWQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
