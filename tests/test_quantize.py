@@ -146,7 +146,7 @@ def test_awq_tiny(tiny_model, calib, tmp_path):
     out = str(tmp_path / "awq")
     run_main(tiny_args(tiny_model, out, calib, "--method", "awq", "--nsamples", "4", "--seqlen", "32"))
     q = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
-    assert q["config_groups"]["group_0"]["weights"]["symmetric"] is False
+    assert q["config_groups"]["group_0"]["weights"]["symmetric"] is True  # zero points do not load (tools/quantize.py)
     from models import load_for_inference
 
     model, tokenizer = load_for_inference(out)

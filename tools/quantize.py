@@ -169,13 +169,15 @@ def calibration_ids(convs: list, path: str, tokenizer, prompt_type: str, nsample
 
 
 def recipe(method: str, bits: int, group_size: int, desc_act: bool):
-    """llm-compressor's modifier: symmetric int weights for GPTQ (the GPTQ/Marlin layout), asymmetric
-    with zero points for AWQ (as AWQ quantizes); activations stay in full precision (WnA16)."""
+    """llm-compressor's modifier: symmetric int weights with one scale per group, activations in
+    full precision (WnA16, the layout vLLM's Marlin kernels take). AWQ too is symmetric here: its
+    zero points, packed by compressed-tensors 0.19, do not load in transformers 5.24 (the packed
+    [out/8, groups] tensor meets an unpacked [out, groups] parameter: a size-mismatch error)."""
     from compressed_tensors.quantization import ActivationOrdering, QuantizationArgs, QuantizationScheme
 
     grouped = group_size > 0
     weights = QuantizationArgs(
-        num_bits=bits, type="int", symmetric=method == "gptq", strategy="group" if grouped else "channel",
+        num_bits=bits, type="int", symmetric=True, strategy="group" if grouped else "channel",
         group_size=group_size if grouped else None)
     scheme = QuantizationScheme(targets=["Linear"], weights=weights)
     if method == "gptq":
