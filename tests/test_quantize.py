@@ -155,6 +155,17 @@ def test_awq_tiny(tiny_model, calib, tmp_path):
 
 @needs_library
 @pytest.mark.slow
+def test_gptq_3bit_act_order(tiny_model, calib, tmp_path):
+    out = str(tmp_path / "g3")
+    run_main(tiny_args(tiny_model, out, calib, "--bits", "3", "--desc_act"))
+    weights = json.load(open(os.path.join(out, "config.json")))["quantization_config"]["config_groups"]["group_0"]["weights"]
+    assert (weights["num_bits"], weights["actorder"]) == (3, "weight")
+    ref, got = heldout_logits(tiny_model, tiny_model), heldout_logits(out, tiny_model)
+    assert torch.isfinite(got).all() and (got - ref).pow(2).mean() < 0.01
+
+
+@needs_library
+@pytest.mark.slow
 def test_gptq_embedded_model(tmp_path):
     """The embedded SmolLM2-135M (hidden 576: group size 64) with a few samples; 9 minutes on 2 cores."""
     out = str(tmp_path / "smol")

@@ -111,7 +111,7 @@ def input_widths(config: dict) -> dict[str, int]:
     return widths
 
 
-def check_model_config(config: dict, model_path: str, group_size: int, desc_act: bool) -> None:
+def check_model_config(config: dict, model_path: str, group_size: int) -> None:
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "some") if isinstance(
             config["quantization_config"], dict) else "some"
@@ -218,7 +218,7 @@ def quantize(args) -> str:
     data_format, convs = load_conversations(args.calib_data)  # every record checked: one-line DataError
     model_dir = resolve_model_folder(args.model_path)
     config = read_model_config(model_dir)
-    check_model_config(config, args.model_path, args.group_size, args.desc_act)
+    check_model_config(config, args.model_path, args.group_size)
     check_library()
 
     import torch
