@@ -1,6 +1,6 @@
 """tools/quantize.py (issue 15): GPTQ and AWQ through llm-compressor, calibrated on our data.
 
-The quantizing tests need the optional library (`pip install -r requirements-quant.txt`) and are
+The quantizing tests need the optional library (`pip install --no-deps -r requirements-quant.txt`) and are
 skipped without it; the bad-input tests run everywhere (every check comes before the library is
 imported). The method's point is asserted, not just that it runs: on records the calibration did
 not see, a GPTQ model's logits are closer to the float model's than those of a round-to-nearest
@@ -24,12 +24,15 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 import quantize  # noqa: E402
 
 HAVE_LIBRARY = all(importlib.util.find_spec(m) for m in ("llmcompressor", "compressed_tensors"))
-needs_library = pytest.mark.skipif(not HAVE_LIBRARY, reason="needs llm-compressor: pip install -r requirements-quant.txt")
+INSTALL = "pip install --no-deps -r requirements-quant.txt"
+needs_library = pytest.mark.skipif(not HAVE_LIBRARY, reason=f"needs llm-compressor: {INSTALL}")
 
 # Held-out text for the logit comparison (none of it is in the calibration file).
 HELDOUT = [
-    {"instruction": "Describe a llama in one sentence.", "input": "", "output": "A llama is a woolly animal of the Andes."},
-    {"instruction": "把这句话翻译成英文。", "input": "今天天气很好。", "output": "The weather is nice today."},
+    {"instruction": "Describe a llama in one sentence.", "input": "",
+     "output": "A llama is a woolly animal of the Andes."},
+    {"instruction": "把这句话翻译成英文。", "input": "今天天气很好。",
+     "output": "The weather is nice today."},
     {"instruction": "List three fruits.", "input": "", "output": "Apple, banana and cherry."},
 ]
 
@@ -80,7 +83,7 @@ def calib(tmp_path_factory):
 @pytest.fixture(scope="module")
 def gptq_tiny(tiny_model, calib, tmp_path_factory):
     if not HAVE_LIBRARY:
-        pytest.skip("needs llm-compressor: pip install -r requirements-quant.txt")
+        pytest.skip(f"needs llm-compressor: {INSTALL}")
     out = str(tmp_path_factory.mktemp("q") / "gptq")
     run_main(tiny_args(tiny_model, out, calib, "--bits", "4"))
     return out
@@ -158,7 +161,8 @@ def test_awq_tiny(tiny_model, calib, tmp_path):
 def test_gptq_3bit_act_order(tiny_model, calib, tmp_path):
     out = str(tmp_path / "g3")
     run_main(tiny_args(tiny_model, out, calib, "--bits", "3", "--desc_act"))
-    weights = json.load(open(os.path.join(out, "config.json")))["quantization_config"]["config_groups"]["group_0"]["weights"]
+    q = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
+    weights = q["config_groups"]["group_0"]["weights"]
     assert (weights["num_bits"], weights["actorder"]) == (3, "weight")
     ref, got = heldout_logits(tiny_model, tiny_model), heldout_logits(out, tiny_model)
     assert torch.isfinite(got).all() and (got - ref).pow(2).mean() < 0.01
@@ -167,9 +171,11 @@ def test_gptq_3bit_act_order(tiny_model, calib, tmp_path):
 @needs_library
 @pytest.mark.slow
 def test_gptq_embedded_model(tmp_path):
-    """The embedded SmolLM2-135M (hidden 576: group size 64) with a few samples; 9 minutes on 2 cores."""
+    """The embedded SmolLM2-135M (hidden 576: group size 64 chosen) with a few samples; 9 minutes on 2 cores."""
     out = str(tmp_path / "smol")
-    run_main(["--output_path", out, "--group_size", "64", "--nsamples", "4", "--seqlen", "64"])
+    run_main(["--output_path", out, "--nsamples", "4", "--seqlen", "64"])  # defaults: embedded model, sample/
+    assert json.load(open(os.path.join(out, "config.json")))["quantization_config"]["config_groups"]["group_0"][
+        "weights"]["group_size"] == 64
     from models import load_for_inference
 
     model, tokenizer = load_for_inference(out)
@@ -212,7 +218,8 @@ def test_unsupported_bits(capsys, tmp_path, tiny_model, calib, method, bits):
 
 def test_missing_calibration_file(capsys, tmp_path, tiny_model):
     out = str(tmp_path / "out")
-    expect_error(capsys, tiny_args(tiny_model, out, str(tmp_path / "nope.jsonl")), "nope.jsonl", "no such file", out=out)
+    missing = str(tmp_path / "nope.jsonl")
+    expect_error(capsys, tiny_args(tiny_model, out, missing), "nope.jsonl", "no such file", out=out)
 
 
 def test_output_folder_with_files(capsys, tmp_path, tiny_model, calib):
@@ -274,4 +281,4 @@ def test_training_on_compressed_base_is_one_line(tmp_path, tiny_model, instruct_
 @pytest.mark.skipif(HAVE_LIBRARY, reason="the library is installed")
 def test_missing_library_is_one_line(capsys, tmp_path, tiny_model, calib):
     out = str(tmp_path / "out")
-    expect_error(capsys, tiny_args(tiny_model, out, calib), "pip install -r requirements-quant.txt", out=out)
+    expect_error(capsys, tiny_args(tiny_model, out, calib), INSTALL, out=out)

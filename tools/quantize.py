@@ -2,10 +2,10 @@
 
     python tools/quantize.py --method gptq --bits 4 --group_size 128 --model_path vicuna-merged \\
         --calib_data sample/instruct/data_sample.jsonl --nsamples 128 --seqlen 512 --output_path vicuna-gptq
-    python tools/quantize.py --method awq --bits 4 --group_size 64 --output_path smollm2-awq
+    python tools/quantize.py --method awq --output_path smollm2-awq     # the embedded model, sample/ data
 
 The algorithms are llm-compressor's (vLLM's project: GPTQModifier, AWQModifier), an optional
-dependency: `pip install -r requirements-quant.txt`. The output is a compressed-tensors checkpoint
+dependency: `pip install --no-deps -r requirements-quant.txt`. The output is a compressed-tensors checkpoint
 (config.json's `quantization_config`, weights packed in int32, `pack-quantized` format) that
 transformers loads (`--model_path DIR` in generate.py, chat.py, serve.py; with compressed-tensors
 installed) and vLLM serves natively (4 and 8 bits: its WNA16 kernels; 2 and 3 bits load in
@@ -50,7 +50,7 @@ VLLM_BITS = (4, 8)  # vLLM's compressed-tensors WNA16 kernels
 DEFAULT_CALIB = os.path.join(ROOT, "sample", "instruct", "data_sample.jsonl")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
-INSTALL_HINT = "pip install -r requirements-quant.txt"
+INSTALL_HINT = "pip install --no-deps -r requirements-quant.txt"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,12 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", choices=METHODS, default="gptq", help="GPTQ or AWQ (default: gptq)")
     p.add_argument("--bits", type=int, default=4, help="weight bits: gptq 2, 3, 4, 8; awq 4 (default: 4)")
-    p.add_argument("--group_size", type=int, default=128,
-                   help="weights per scale along the input dimension; -1 for one scale per output channel "
-                        "(default: 128; must divide every layer's input width, SmolLM2-135M's 576 takes 64)")
+    p.add_argument("--group_size", type=int, default=None,
+                   help="weights per scale along the input dimension, dividing every layer's input width; -1 for "
+                        "one scale per output channel (default: 128, or the largest of 64, 32, 16 that divides: "
+                        "64 for SmolLM2-135M's 576)")
     p.add_argument("--desc_act", action="store_true",
-                   help="GPTQ: quantize columns in order of decreasing activation (static act-order: groups stay in place, "
-                        "no g_idx; gptq only)")
+                   help="GPTQ: quantize columns in order of decreasing activation (static act-order: "
+                        "groups stay in place, no g_idx; gptq only)")
     p.add_argument("--calib_data", default=DEFAULT_CALIB,
                    help="calibration data in any of our formats (default: sample/instruct/data_sample.jsonl)")
     p.add_argument("--nsamples", type=int, default=128, help="calibration records used (default: 128)")
@@ -73,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="template the calibration text is rendered with (default: the model's training_config.json, "
                         "else instruct for instruct data, chat for conversations)")
     p.add_argument("--model_path", default=EMBEDDED_MODEL,
-                   help=f"model to quantize: a merged or base model folder, hub id or .gguf (default: embedded {EMBEDDED_MODEL})")
+                   help="model to quantize: a merged or base model folder, hub id or .gguf "
+                        f"(default: embedded {EMBEDDED_MODEL})")
     p.add_argument("--output_path", required=True, help="new folder for the quantized model (must not hold files)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample order (default: 0)")
     return p
@@ -86,7 +88,7 @@ def check_args(args) -> None:
     if args.bits not in BITS[args.method]:
         raise UserError(f"--bits {args.bits}: {args.method} supports {', '.join(map(str, BITS[args.method]))} bits here"
                         + ("; use --method gptq for 2, 3 or 8 bits" if args.method == "awq" else ""))
-    if args.group_size == 0 or args.group_size < -1:
+    if args.group_size is not None and (args.group_size == 0 or args.group_size < -1):
         raise UserError(f"--group_size {args.group_size}: pass a positive group size (e.g. 128) or -1 for per-channel")
     if args.desc_act and args.method != "gptq":
         raise UserError("--desc_act is GPTQ's activation order; AWQ has none (drop --desc_act or use --method gptq)")
@@ -111,6 +113,17 @@ def input_widths(config: dict) -> dict[str, int]:
     return widths
 
 
+def fitting_group_sizes(config: dict) -> list[int]:
+    return [g for g in (128, 64, 32, 16) if all(w % g == 0 for w in input_widths(config).values())]
+
+
+def default_group_size(config: dict, model_path: str) -> int:
+    fits = fitting_group_sizes(config)
+    if not fits or fits[0] != 128:
+        logger.info("group size %d: 128 does not divide the layer widths of %s", fits[0] if fits else -1, model_path)
+    return fits[0] if fits else -1
+
+
 def check_model_config(config: dict, model_path: str, group_size: int) -> None:
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "some") if isinstance(
@@ -120,8 +133,7 @@ def check_model_config(config: dict, model_path: str, group_size: int) -> None:
     if group_size > 0:
         for layers, width in input_widths(config).items():
             if width % group_size:
-                fits = [g for g in (128, 64, 32, 16) if width % g == 0 and all(
-                    w % g == 0 for w in input_widths(config).values())]
+                fits = fitting_group_sizes(config)
                 raise UserError(f"--group_size {group_size} does not divide {width}, the input width of {layers} in "
                                 f"{model_path}; pass --group_size {fits[0] if fits else -1}"
                                 f"{' (or -1, per channel)' if fits else ' (per channel)'}")
@@ -132,7 +144,8 @@ def check_library() -> None:
         import compressed_tensors  # noqa: F401
         import llmcompressor  # noqa: F401
     except ImportError as e:
-        raise UserError(f"tools/quantize.py needs llm-compressor ({one_line(e)}); install it with: {INSTALL_HINT}") from None
+        raise UserError(f"tools/quantize.py needs llm-compressor ({one_line(e)}); "
+                        f"install it with: {INSTALL_HINT}") from None
 
 
 # --- calibration -----------------------------------------------------------------------------------
@@ -218,6 +231,8 @@ def quantize(args) -> str:
     data_format, convs = load_conversations(args.calib_data)  # every record checked: one-line DataError
     model_dir = resolve_model_folder(args.model_path)
     config = read_model_config(model_dir)
+    if args.group_size is None:
+        args.group_size = default_group_size(config, args.model_path)
     check_model_config(config, args.model_path, args.group_size)
     check_library()
 
