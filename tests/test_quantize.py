@@ -171,7 +171,7 @@ def test_gptq_3bit_act_order(tiny_model, calib, tmp_path):
 @needs_library
 @pytest.mark.slow
 def test_gptq_embedded_model(tmp_path):
-    """The embedded SmolLM2-135M (hidden 576: group size 64 chosen) with a few samples; 9 minutes on 2 cores."""
+    """The embedded SmolLM2-135M (hidden 576: group size 64 chosen) with a few samples; 4-9 minutes on 2 cores."""
     out = str(tmp_path / "smol")
     run_main(["--output_path", out, "--nsamples", "4", "--seqlen", "64"])  # defaults: embedded model, sample/
     assert json.load(open(os.path.join(out, "config.json")))["quantization_config"]["config_groups"]["group_0"][
