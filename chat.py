@@ -576,7 +576,7 @@ def run(args) -> None:
         check_limit_flag("max_input_chars", args.max_input_chars)
         check_limit_flag("max_history_messages", args.max_history_messages)
         check_save_dir(args.save_dir, args.lora_path)
-    prompt_type = resolve_prompt_type(args.prompt_type, args.lora_path, "chat")
+    prompt_type = resolve_prompt_type(args.prompt_type, args.lora_path or args.model_path, "chat")
     model, tokenizer = load_for_inference(args.model_path, args.lora_path, args.quant,
                                           trust_remote_code=args.trust_remote_code)
     check_max_memory(model, args.max_memory)

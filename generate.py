@@ -152,7 +152,8 @@ def run(args) -> str | None:
     check_utf8("--input", args.input)
     if args.instruction is not None and not args.instruction.strip():
         raise UserError("--instruction is empty; pass the question to answer")
-    prompt_type = resolve_prompt_type(args.prompt_type, args.lora_path, "instruct")
+    # the adapter's template, else a merged or quantized model folder's own training_config.json
+    prompt_type = resolve_prompt_type(args.prompt_type, args.lora_path or args.model_path, "instruct")
     params = GenerationParams.from_args(args)  # validate the flags before loading anything
     if args.instruction is None:
         from webui import check_limit_flag, parse_auth

@@ -207,14 +207,30 @@ def load_model(model_path: str, quant: str = "none", dtype=None, device_map=None
     from transformers import AutoModelForCausalLM
 
     dtype = dtype or pick_dtype()
+    # quantization_config only when asked: an explicit None would override the config.json of an
+    # already quantized folder (tools/quantize.py's GPTQ/AWQ output) and leave its layers random.
+    quant_kwargs = {"quantization_config": quantization_config(quant, dtype)} if quant != "none" else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=dtype, quantization_config=quantization_config(quant, dtype),
+            model_path, dtype=dtype, **quant_kwargs,
             device_map=device_map if device_map is not None else device_map_for(quant),
             trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load a model from {model_path}: {one_line(e)}") from None
     return model
+
+
+def refuse_compressed_base(model_dir: str, model_path: str) -> None:
+    """LoRA training needs layers peft can wrap: the compressed-tensors GPTQ/AWQ folders of
+    tools/quantize.py hold packed int32 weights that peft 0.21 has no LoRA layer for."""
+    config_path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(config_path):
+        return
+    quant = read_json_file(config_path, dict).get("quantization_config")
+    if isinstance(quant, dict) and quant.get("quant_method") == "compressed-tensors":
+        raise UserError(f"--model_path {model_path} is a compressed-tensors (GPTQ/AWQ) model; peft cannot put LoRA "
+                        "on its packed layers: train on the full-precision model (or --quant 4bit), then merge "
+                        "and quantize with tools/quantize.py")
 
 
 # --- adapters --------------------------------------------------------------------------------------

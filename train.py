@@ -34,7 +34,7 @@ from errors import UserError, one_line
 from prompt import IGNORE_INDEX, encode_example
 from errors import logger
 from models import (ADAPTER_CONFIG, adapter_key_report, device_map_for, load_adapter, load_model, load_tokenizer,
-                    pick_dtype, resolve_model_path, save_training_config, target_modules)
+                    pick_dtype, refuse_compressed_base, resolve_model_path, save_training_config, target_modules)
 
 
 def build_examples(convs, args, tokenizer, counts: dict | None = None) -> tuple[list[dict], int]:
@@ -122,6 +122,7 @@ def run(args, data: tuple[str, list] | None = None) -> str | None:
     test_size = args.test_size if args.test_size is not None else min(200, len(convs) // 10)
     train_convs, test_convs = train_test_split(convs, test_size, args.seed, args.data_path)
     model_path = resolve_model_path(args.model_path)
+    refuse_compressed_base(model_path, args.model_path)
     tokenizer = load_tokenizer(model_path, args.trust_remote_code)
     tokenizer.padding_side = "right"
     counts: dict = {}
