@@ -1263,23 +1263,43 @@ static void dot_q45_Kx8_ref(const BlockX8* w, const BlockQ8K* const* x, int nsb,
 }
 
 #ifdef VICUNA_AVX2
+// The integer sums of 8 rows (a row per lane) for each token c: the quant bytes q0 against the 4
+// activation bytes of block i at element e, q1 against those at e + off.
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+// is0[c] and is1[c] get the two unscaled sums (dpbusd)
+template <int NC>
+static inline __attribute__((always_inline)) void kx8_dpbusd2(__m256i q0, __m256i q1, const BlockQ8K* const* x, int i, int e, int off, __m256i* is0, __m256i* is1) {
+    for (int c = 0; c < NC; c++) {
+        const int8_t* xq = x[c][i].qs + e;
+        is0[c] = _mm256_dpbusd_epi32(is0[c], q0, _mm256_set1_epi32(*(const int32_t*)xq));
+        is1[c] = _mm256_dpbusd_epi32(is1[c], q1, _mm256_set1_epi32(*(const int32_t*)(xq + off)));
+    }
+}
+
 // 32-group G of block i (Q5_K and Q6_K repacked, the quants one byte each: q[k][r][4], elements
-// 4k..4k+4 of row r) against each token: is0[c] gets elements 0..15, is1[c] 16..31, a row per lane
+// 4k..4k+4 of row r): is0[c] gets elements 0..15, is1[c] 16..31
 template <int NC>
 static inline __attribute__((always_inline)) void kx8_dpbusd_q32(const uint8_t (*q)[8][4], const BlockQ8K* const* x, int i, int G, __m256i* is0, __m256i* is1) {
     for (int c = 0; c < NC; c++) is0[c] = is1[c] = _mm256_setzero_si256();
-    for (int k = 0; k < 4; k++) {
-        __m256i q0 = _mm256_loadu_si256((const __m256i*)q[k]);
-        __m256i q1 = _mm256_loadu_si256((const __m256i*)q[k + 4]);
-        for (int c = 0; c < NC; c++) {
-            const int8_t* xq = x[c][i].qs + 32 * G + 4 * k;
-            is0[c] = _mm256_dpbusd_epi32(is0[c], q0, _mm256_set1_epi32(*(const int32_t*)xq));
-            is1[c] = _mm256_dpbusd_epi32(is1[c], q1, _mm256_set1_epi32(*(const int32_t*)(xq + 16)));
-        }
+    for (int k = 0; k < 4; k++)
+        kx8_dpbusd2<NC>(_mm256_loadu_si256((const __m256i*)q[k]), _mm256_loadu_si256((const __m256i*)q[k + 4]), x, i,
+                        32 * G + 4 * k, 16, is0, is1);
+}
+#else
+// iacc[c] gets both sums times the scales sc0, sc1 (int16 in both halves of each row's lane):
+// maddubs to int16 pairs, madd with the scales to int32
+template <int NC>
+static inline __attribute__((always_inline)) void kx8_maddubs2(__m256i q0, __m256i q1, __m256i sc0, __m256i sc1, const BlockQ8K* const* x, int i, int e, int off,
+                         __m256i* iacc) {
+    for (int c = 0; c < NC; c++) {
+        const int8_t* xq = x[c][i].qs + e;
+        __m256i s0 = _mm256_madd_epi16(_mm256_maddubs_epi16(q0, _mm256_set1_epi32(*(const int32_t*)xq)), sc0);
+        __m256i s1 = _mm256_madd_epi16(_mm256_maddubs_epi16(q1, _mm256_set1_epi32(*(const int32_t*)(xq + off))), sc1);
+        iacc[c] = _mm256_add_epi32(iacc[c], _mm256_add_epi32(s0, s1));
     }
 }
 #endif
+
 
 template <int NC>
 static inline __attribute__((always_inline)) void kx8_isums_avx2(const BlockQ4_Kx8& b, const BlockQ8K* const* x, int i, __m256i* iacc) {
@@ -1293,11 +1313,7 @@ static inline __attribute__((always_inline)) void kx8_isums_avx2(const BlockQ4_K
         for (int k = 0; k < 8; k++) {
             __m256i bytes = _mm256_loadu_si256((const __m256i*)b.qs[p][k]);
             __m256i q0 = _mm256_and_si256(bytes, low4), q1 = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
-            for (int c = 0; c < NC; c++) {
-                const int8_t* xq = x[c][i].qs + 64 * p + 4 * k;
-                is0[c] = _mm256_dpbusd_epi32(is0[c], q0, _mm256_set1_epi32(*(const int32_t*)xq));
-                is1[c] = _mm256_dpbusd_epi32(is1[c], q1, _mm256_set1_epi32(*(const int32_t*)(xq + 32)));
-            }
+            kx8_dpbusd2<NC>(q0, q1, x, i, 64 * p + 4 * k, 32, is0, is1);
         }
         for (int c = 0; c < NC; c++)
             iacc[c] = _mm256_add_epi32(iacc[c], _mm256_add_epi32(_mm256_mullo_epi32(is0[c], sc0),
@@ -1309,12 +1325,7 @@ static inline __attribute__((always_inline)) void kx8_isums_avx2(const BlockQ4_K
         for (int k = 0; k < 8; k++) {
             __m256i bytes = _mm256_loadu_si256((const __m256i*)b.qs[p][k]);
             __m256i q0 = _mm256_and_si256(bytes, low4), q1 = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
-            for (int c = 0; c < NC; c++) {
-                const int8_t* xq = x[c][i].qs + 64 * p + 4 * k;
-                __m256i s0 = _mm256_madd_epi16(_mm256_maddubs_epi16(q0, _mm256_set1_epi32(*(const int32_t*)xq)), sc0);
-                __m256i s1 = _mm256_madd_epi16(_mm256_maddubs_epi16(q1, _mm256_set1_epi32(*(const int32_t*)(xq + 32))), sc1);
-                iacc[c] = _mm256_add_epi32(iacc[c], _mm256_add_epi32(s0, s1));
-            }
+            kx8_maddubs2<NC>(q0, q1, sc0, sc1, x, i, 64 * p + 4 * k, 32, iacc);
         }
 #endif
     }
@@ -1424,16 +1435,9 @@ static inline __attribute__((always_inline)) void kx8_isums_avx2(const BlockQ6_K
         const __m256i lo16 = _mm256_set1_epi32(0xffff);
         sca = _mm256_or_si256(_mm256_and_si256(sca, lo16), _mm256_slli_epi32(sca, 16));
         scb = _mm256_or_si256(_mm256_and_si256(scb, lo16), _mm256_slli_epi32(scb, 16));
-        for (int k = 0; k < 4; k++) {
-            __m256i q0 = _mm256_loadu_si256((const __m256i*)b.q[G][k]);
-            __m256i q1 = _mm256_loadu_si256((const __m256i*)b.q[G][k + 4]);
-            for (int c = 0; c < NC; c++) {
-                const int8_t* xq = x[c][i].qs + 32 * G + 4 * k;
-                __m256i s0 = _mm256_madd_epi16(_mm256_maddubs_epi16(q0, _mm256_set1_epi32(*(const int32_t*)xq)), sca);
-                __m256i s1 = _mm256_madd_epi16(_mm256_maddubs_epi16(q1, _mm256_set1_epi32(*(const int32_t*)(xq + 16))), scb);
-                iacc[c] = _mm256_add_epi32(iacc[c], _mm256_add_epi32(s0, s1));
-            }
-        }
+        for (int k = 0; k < 4; k++)
+            kx8_maddubs2<NC>(_mm256_loadu_si256((const __m256i*)b.q[G][k]), _mm256_loadu_si256((const __m256i*)b.q[G][k + 4]),
+                             sca, scb, x, i, 32 * G + 4 * k, 16, iacc);
 #endif
     }
 }
