@@ -471,34 +471,24 @@ def rewrite_gguf(src: str, dst: str, arch: str | None = None, set_kv: dict | Non
     """A copy of an f32 GGUF with another general.architecture (its <arch>.* keys renamed), keys set
     or dropped, and tensors added."""
     import gguf
+    from test_vicuna_cpp import write_gguf
 
+    T = gguf.GGUFValueType
     kv, tensors = read_gguf(src)
     old_arch = kv["general.architecture"]
     arch = arch or old_arch
-    writer = gguf.GGUFWriter(dst, arch)
+    kvs = []  # (key, value, type, None) as the writer's add_bool/add_uint32/... would store them
     for key, value in kv.items():
         if key in drop_keys or key == "general.architecture" or key.startswith("GGUF."):
             continue
         if key.startswith(old_arch + "."):
             key = arch + key[len(old_arch):]
-        if isinstance(value, bool):
-            writer.add_bool(key, value)
-        elif isinstance(value, int):
-            writer.add_uint32(key, value)
-        elif isinstance(value, float):
-            writer.add_float32(key, value)
-        elif isinstance(value, str):
-            writer.add_string(key, value)
-        else:
-            writer.add_array(key, value)
-    for key, value in (set_kv or {}).items():
-        (writer.add_string if isinstance(value, str) else writer.add_uint32)(key, value)
-    for name, data in {**tensors, **(extra_tensors or {})}.items():
-        writer.add_tensor(name, np.ascontiguousarray(data, dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+        vtype = (T.BOOL if isinstance(value, bool) else T.UINT32 if isinstance(value, int)
+                 else T.FLOAT32 if isinstance(value, float) else T.STRING if isinstance(value, str) else T.ARRAY)
+        if vtype != T.ARRAY or len(value):  # add_array drops an empty array
+            kvs.append((key, value, vtype, None))
+    kvs += [(key, value, T.STRING if isinstance(value, str) else T.UINT32, None) for key, value in (set_kv or {}).items()]
+    write_gguf(dst, {"arch": arch, "kvs": kvs, "tensors": {**tensors, **(extra_tensors or {})}})
     return dst
 
 

@@ -154,9 +154,7 @@ static inline void dot_row(uint32_t type, const uint8_t* row, const float* x, co
         const int nsb = cols / QK_K;
         const BlockQ8K* xs[NC];
         for (int c = 0; c < NC; c++) xs[c] = xqk + (size_t)(b + c) * nsb;
-        if (type == GGML_TYPE_Q4_K) dot_q4_K<NC>((const BlockQ4_K*)row, xs, nsb, out);
-        else if (type == GGML_TYPE_Q5_K) dot_q5_K<NC>((const BlockQ5_K*)row, xs, nsb, out);
-        else dot_q6_K<NC>((const BlockQ6_K*)row, xs, nsb, out);
+        dot_kquant<NC, false>(type, row, xs, nsb, out);
         return;
     }
     int nb = cols / QK;
@@ -191,9 +189,9 @@ template <int NC>
         case GGML_TYPE_Q4_1: dot_blocks_ref<Q4_1Kind, NC>((const BlockQ4_1*)row, xqs, cols / QK, out); break;
         case GGML_TYPE_Q5_0: dot_blocks_ref<Q5_0Kind, NC>((const BlockQ5_0*)row, xqs, cols / QK, out); break;
         case GGML_TYPE_Q5_1: dot_blocks_ref<Q5_1Kind, NC>((const BlockQ5_1*)row, xqs, cols / QK, out); break;
-        case GGML_TYPE_Q4_K: dot_q4_K_ref<NC>((const BlockQ4_K*)row, xks, cols / QK_K, out); break;
-        case GGML_TYPE_Q5_K: dot_q5_K_ref<NC>((const BlockQ5_K*)row, xks, cols / QK_K, out); break;
-        case GGML_TYPE_Q6_K: dot_q6_K_ref<NC>((const BlockQ6_K*)row, xks, cols / QK_K, out); break;
+        case GGML_TYPE_Q4_K:
+        case GGML_TYPE_Q5_K:
+        case GGML_TYPE_Q6_K: dot_kquant<NC, true>(type, row, xks, cols / QK_K, out); break;
         case GGML_TYPE_Q2_K:
         case GGML_TYPE_Q3_K: dot_dequant_f32<NC, true>(type, row, xs, cols, out); break;
     }

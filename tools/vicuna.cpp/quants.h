@@ -28,6 +28,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -542,6 +543,13 @@ static void dequantize_row_q3_K(const BlockQ3_K* x, float* y, int64_t n) {
 
 // Q4_K/Q5_K: per 64 elements, 32 bytes of qs; sub-block 2c takes the low nibbles, 2c+1 the high
 // ones; Q5_K's fifth bit of element l of sub-block j is bit j of qh[l].
+template <bool five, class Block>
+static inline int q45_quant(const Block& b, int j, int l) {
+    int v = (b.qs[32 * (j / 2) + l] >> (4 * (j % 2))) & 0xf;
+    if constexpr (five) v |= ((((const BlockQ5_K*)&b)->qh[l] >> j) & 1) << 4;
+    return v;
+}
+
 template <class Block, bool five>
 static void dequantize_row_q45_K(const Block* x, float* y, int64_t n) {
     for (int64_t i = 0; i < n / QK_K; i++) {
@@ -550,12 +558,7 @@ static void dequantize_row_q45_K(const Block* x, float* y, int64_t n) {
             int sc, m;
             kq_scale_min(j, x[i].scales, &sc, &m);
             const float dj = d * (float)sc, mj = dmin * (float)m;
-            const uint8_t* q = x[i].qs + 32 * (j / 2);
-            for (int l = 0; l < 32; l++) {
-                int v = (q[l] >> (4 * (j % 2))) & 0xf;
-                if constexpr (five) v += ((((const BlockQ5_K*)&x[i])->qh[l] >> j) & 1) << 4;
-                *y++ = dj * (float)v - mj;
-            }
+            for (int l = 0; l < 32; l++) *y++ = dj * (float)q45_quant<five>(x[i], j, l) - mj;
         }
     }
 }
@@ -994,8 +997,9 @@ static void dot_blocks(const typename K::Block* w, const BlockQ8A* const* x, int
 // signed activation bytes, pairs summed to int16) and madd with the sub-block scales (to int32).
 // Bounds: Q6_K's pairs reach 2 * 63 * 127 = 16002 < 2^15; the int32 sums stay below 2^27.
 
-template <int NC>
-static void dot_q4_K_ref(const BlockQ4_K* w, const BlockQ8K* const* x, int nsb, float* out) {
+// Q4_K and Q5_K (five: the fifth bit of each quant from qh)
+template <class Block, bool five, int NC>
+static void dot_q45_K_ref(const Block* w, const BlockQ8K* const* x, int nsb, float* out) {
     for (int c = 0; c < NC; c++) {
         float s = 0.0f;
         for (int i = 0; i < nsb; i++) {
@@ -1004,30 +1008,7 @@ static void dot_q4_K_ref(const BlockQ4_K* w, const BlockQ8K* const* x, int nsb, 
             for (int g = 0; g < 8; g++) {
                 int sc, m, part = 0;
                 kq_scale_min(g, w[i].scales, &sc, &m);
-                for (int l = 0; l < 32; l++) part += ((w[i].qs[32 * (g / 2) + l] >> (4 * (g % 2))) & 0xf) * xb.qs[32 * g + l];
-                isum += sc * part;
-                msum += m * (xb.bsums[2 * g] + xb.bsums[2 * g + 1]);
-            }
-            s += fp16_to_fp32(w[i].d) * xb.d * (float)isum - fp16_to_fp32(w[i].dmin) * xb.d * (float)msum;
-        }
-        out[c] = s;
-    }
-}
-
-template <int NC>
-static void dot_q5_K_ref(const BlockQ5_K* w, const BlockQ8K* const* x, int nsb, float* out) {
-    for (int c = 0; c < NC; c++) {
-        float s = 0.0f;
-        for (int i = 0; i < nsb; i++) {
-            const BlockQ8K& xb = x[c][i];
-            int isum = 0, msum = 0;
-            for (int g = 0; g < 8; g++) {
-                int sc, m, part = 0;
-                kq_scale_min(g, w[i].scales, &sc, &m);
-                for (int l = 0; l < 32; l++) {
-                    int q = ((w[i].qs[32 * (g / 2) + l] >> (4 * (g % 2))) & 0xf) | (((w[i].qh[l] >> g) & 1) << 4);
-                    part += q * xb.qs[32 * g + l];
-                }
+                for (int l = 0; l < 32; l++) part += q45_quant<five>(w[i], g, l) * xb.qs[32 * g + l];
                 isum += sc * part;
                 msum += m * (xb.bsums[2 * g] + xb.bsums[2 * g + 1]);
             }
@@ -1164,29 +1145,20 @@ static void dot_q6_K_avx2(const BlockQ6_K* w, const BlockQ8K* const* x, int nsb,
 }
 #endif
 
-template <int NC>
-static void dot_q4_K(const BlockQ4_K* w, const BlockQ8K* const* x, int nsb, float* out) {
+// one row of Q4_K, Q5_K or Q6_K against NC tokens: the AVX2 kernels, or the portable ones (always with ref)
+template <int NC, bool ref>
+static void dot_kquant(uint32_t type, const uint8_t* row, const BlockQ8K* const* x, int nsb, float* out) {
 #ifdef VICUNA_AVX2
-    dot_q45_K_avx2<BlockQ4_K, false, NC>(w, x, nsb, out);
-#else
-    dot_q4_K_ref<NC>(w, x, nsb, out);
+    if constexpr (!ref) {
+        if (type == GGML_TYPE_Q4_K) dot_q45_K_avx2<BlockQ4_K, false, NC>((const BlockQ4_K*)row, x, nsb, out);
+        else if (type == GGML_TYPE_Q5_K) dot_q45_K_avx2<BlockQ5_K, true, NC>((const BlockQ5_K*)row, x, nsb, out);
+        else dot_q6_K_avx2<NC>((const BlockQ6_K*)row, x, nsb, out);
+        return;
+    }
 #endif
-}
-template <int NC>
-static void dot_q5_K(const BlockQ5_K* w, const BlockQ8K* const* x, int nsb, float* out) {
-#ifdef VICUNA_AVX2
-    dot_q45_K_avx2<BlockQ5_K, true, NC>(w, x, nsb, out);
-#else
-    dot_q5_K_ref<NC>(w, x, nsb, out);
-#endif
-}
-template <int NC>
-static void dot_q6_K(const BlockQ6_K* w, const BlockQ8K* const* x, int nsb, float* out) {
-#ifdef VICUNA_AVX2
-    dot_q6_K_avx2<NC>(w, x, nsb, out);
-#else
-    dot_q6_K_ref<NC>(w, x, nsb, out);
-#endif
+    if (type == GGML_TYPE_Q4_K) dot_q45_K_ref<BlockQ4_K, false, NC>((const BlockQ4_K*)row, x, nsb, out);
+    else if (type == GGML_TYPE_Q5_K) dot_q45_K_ref<BlockQ5_K, true, NC>((const BlockQ5_K*)row, x, nsb, out);
+    else dot_q6_K_ref<NC>((const BlockQ6_K*)row, x, nsb, out);
 }
 
 // ----------------------------------------------------------------------------
@@ -1208,31 +1180,68 @@ struct BlockQ4_Kx8 {
 };
 static_assert(sizeof(BlockQ4_Kx8) == 1280, "BlockQ4_Kx8 layout");
 
+// row r's d, dmin, scales and minimums of a Q4_K or Q5_K block b into the repacked block o
+template <class BlockX8, class Block>
+static inline void repack_q45_K_scales(const Block& b, int r, BlockX8& o) {
+    o.d[r] = fp16_to_fp32(b.d);
+    o.dmin[r] = fp16_to_fp32(b.dmin);
+    for (int g = 0; g < 8; g++) {
+        int sc, m;
+        kq_scale_min(g, b.scales, &sc, &m);
+        o.sc[g][r] = (uint8_t)sc;
+        o.m[g][r][0] = o.m[g][r][1] = (uint8_t)m;
+    }
+}
+
 // rows 8G..8G+8 of a Q4_K matrix (row_bytes apart) into nsb blocks
 static void repack_q4_K_x8(const uint8_t* rows8, size_t row_bytes, int nsb, BlockQ4_Kx8* y) {
     for (int i = 0; i < nsb; i++) {
         BlockQ4_Kx8& o = y[i];
         for (int r = 0; r < 8; r++) {
             const BlockQ4_K& b = ((const BlockQ4_K*)(rows8 + (size_t)r * row_bytes))[i];
-            o.d[r] = fp16_to_fp32(b.d);
-            o.dmin[r] = fp16_to_fp32(b.dmin);
-            for (int g = 0; g < 8; g++) {
-                int sc, m;
-                kq_scale_min(g, b.scales, &sc, &m);
-                o.sc[g][r] = (uint8_t)sc;
-                o.m[g][r][0] = o.m[g][r][1] = (uint8_t)m;
-            }
+            repack_q45_K_scales(b, r, o);
             for (int p = 0; p < 4; p++)
                 for (int k = 0; k < 8; k++) memcpy(o.qs[p][k][r], b.qs + 32 * p + 4 * k, 4);
         }
     }
 }
 
+// Q5_K rows repacked in groups of 8: Q4_K's scales and minimums, the 5-bit quants stored whole,
+// one byte each (Q6_K's layout, below). 2304 bytes per 8 x 256 weights against 1408 in the file (1.64x
+// the Q5_K tensors, held in addition to the file).
+struct BlockQ5_Kx8 {
+    float d[8], dmin[8];
+    uint8_t sc[8][8];          // [g][r]
+    uint8_t m[8][8][2];        // [g][r][0..1]
+    uint8_t q[8][8][8][4];     // [g][k][r][4]: row r's quants (0..31) of elements 32g + 4k .. +4
+};
+static_assert(sizeof(BlockQ5_Kx8) == 2304, "BlockQ5_Kx8 layout");
+
+static void repack_q5_K_x8(const uint8_t* rows8, size_t row_bytes, int nsb, BlockQ5_Kx8* y) {
+    for (int i = 0; i < nsb; i++) {
+        BlockQ5_Kx8& o = y[i];
+        for (int r = 0; r < 8; r++) {
+            const BlockQ5_K& b = ((const BlockQ5_K*)(rows8 + (size_t)r * row_bytes))[i];
+            repack_q45_K_scales(b, r, o);
+            for (int g = 0; g < 8; g++)
+                for (int l = 0; l < 32; l++) o.q[g][l / 4][r][l % 4] = (uint8_t)q45_quant<true>(b, g, l);
+        }
+    }
+}
+
+// Q4_K and Q5_K repacked share everything but the quants: kx8_quant reads quant l (0..31) of
+// sub-block g of row r, kx8_isums_avx2 adds block i's integer sums sum_g sc_g isum_g of each
+// token to iacc (one lane per row).
+static inline int kx8_quant(const BlockQ4_Kx8& b, int g, int l, int r) {
+    return (b.qs[g / 2][l / 4][r][l % 4] >> (4 * (g % 2))) & 0xf;
+}
+static inline int kx8_quant(const BlockQ5_Kx8& b, int g, int l, int r) { return b.q[g][l / 4][r][l % 4]; }
+
 // out[c * ld + r] = row r . token c for the 8 rows of w (nsb blocks), tokens x[0..NC). The portable
-// twin of dot_q4_Kx8: integer sums, then per block acc = fma(dx d, isum, acc), acc = fma(-dx dmin,
+// twin of dot_Kx8_avx2: integer sums, then per block acc = fma(dx d, isum, acc), acc = fma(-dx dmin,
 // msum, acc) in the same order, so both give the same floats.
-template <int NC>
-static void dot_q4_Kx8_ref(const BlockQ4_Kx8* w, const BlockQ8K* const* x, int nsb, float* out, size_t ld) {
+template <class BlockX8, int NC>
+static void dot_q45_Kx8_ref(const BlockX8* w, const BlockQ8K* const* x, int nsb, float* out, size_t ld) {
     for (int c = 0; c < NC; c++) {
         for (int r = 0; r < 8; r++) {
             float acc = 0.0f;
@@ -1241,10 +1250,7 @@ static void dot_q4_Kx8_ref(const BlockQ4_Kx8* w, const BlockQ8K* const* x, int n
                 int isum = 0, msum = 0;
                 for (int g = 0; g < 8; g++) {
                     int part = 0;
-                    for (int l = 0; l < 32; l++) {
-                        int q = (w[i].qs[g / 2][l / 4][r][l % 4] >> (4 * (g % 2))) & 0xf;
-                        part += q * xb.qs[32 * g + l];
-                    }
+                    for (int l = 0; l < 32; l++) part += kx8_quant(w[i], g, l, r) * xb.qs[32 * g + l];
                     isum += w[i].sc[g][r] * part;
                     msum += w[i].m[g][r][0] * (xb.bsums[2 * g] + xb.bsums[2 * g + 1]);
                 }
@@ -1257,74 +1263,113 @@ static void dot_q4_Kx8_ref(const BlockQ4_Kx8* w, const BlockQ8K* const* x, int n
 }
 
 #ifdef VICUNA_AVX2
-template <int NC>
-static void dot_q4_Kx8_avx2(const BlockQ4_Kx8* w, const BlockQ8K* const* x, int nsb, float* out, size_t ld) {
-    __m256 acc[NC];
-    for (int c = 0; c < NC; c++) acc[c] = _mm256_setzero_ps();
-    const __m256i low4 = _mm256_set1_epi8(0x0f);
-    for (int i = 0; i < nsb; i++) {
-        const BlockQ4_Kx8& b = w[i];
-        __m256i iacc[NC];
-        for (int c = 0; c < NC; c++) iacc[c] = _mm256_setzero_si256();
-        for (int p = 0; p < 4; p++) {
-            __m256i sc0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)b.sc[2 * p]));
-            __m256i sc1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)b.sc[2 * p + 1]));
+// The integer sums of 8 rows (a row per lane) for each token c: the quant bytes q0 against the 4
+// activation bytes of block i at element e, q1 against those at e + off.
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-            __m256i is0[NC], is1[NC];
-            for (int c = 0; c < NC; c++) is0[c] = is1[c] = _mm256_setzero_si256();
-            for (int k = 0; k < 8; k++) {
-                __m256i bytes = _mm256_loadu_si256((const __m256i*)b.qs[p][k]);
-                __m256i q0 = _mm256_and_si256(bytes, low4), q1 = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
-                for (int c = 0; c < NC; c++) {
-                    const int8_t* xq = x[c][i].qs + 64 * p + 4 * k;
-                    is0[c] = _mm256_dpbusd_epi32(is0[c], q0, _mm256_set1_epi32(*(const int32_t*)xq));
-                    is1[c] = _mm256_dpbusd_epi32(is1[c], q1, _mm256_set1_epi32(*(const int32_t*)(xq + 32)));
-                }
-            }
-            for (int c = 0; c < NC; c++)
-                iacc[c] = _mm256_add_epi32(iacc[c], _mm256_add_epi32(_mm256_mullo_epi32(is0[c], sc0),
-                                                                     _mm256_mullo_epi32(is1[c], sc1)));
-#else
-            // the scale in both int16 halves of each row's 32-bit lane: madd applies it to both pairs
-            sc0 = _mm256_or_si256(sc0, _mm256_slli_epi32(sc0, 16));
-            sc1 = _mm256_or_si256(sc1, _mm256_slli_epi32(sc1, 16));
-            for (int k = 0; k < 8; k++) {
-                __m256i bytes = _mm256_loadu_si256((const __m256i*)b.qs[p][k]);
-                __m256i q0 = _mm256_and_si256(bytes, low4), q1 = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
-                for (int c = 0; c < NC; c++) {
-                    const int8_t* xq = x[c][i].qs + 64 * p + 4 * k;
-                    __m256i s0 = _mm256_madd_epi16(_mm256_maddubs_epi16(q0, _mm256_set1_epi32(*(const int32_t*)xq)), sc0);
-                    __m256i s1 = _mm256_madd_epi16(_mm256_maddubs_epi16(q1, _mm256_set1_epi32(*(const int32_t*)(xq + 32))), sc1);
-                    iacc[c] = _mm256_add_epi32(iacc[c], _mm256_add_epi32(s0, s1));
-                }
-            }
-#endif
-        }
-        __m256i m16[8];  // row r's minimum of sub-block g twice, as int16 pairs
-        for (int g = 0; g < 8; g++) m16[g] = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)b.m[g]));
-        const __m256 d = _mm256_loadu_ps(b.d), dmin = _mm256_loadu_ps(b.dmin);
-        for (int c = 0; c < NC; c++) {
-            const BlockQ8K& xb = x[c][i];
-            __m256i msum = _mm256_setzero_si256();
-            for (int g = 0; g < 8; g++)
-                msum = _mm256_add_epi32(msum, _mm256_madd_epi16(m16[g], _mm256_set1_epi32(*(const int32_t*)(xb.bsums + 2 * g))));
-            const __m256 dx = _mm256_set1_ps(xb.d);
-            acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(dx, d), _mm256_cvtepi32_ps(iacc[c]), acc[c]);
-            acc[c] = _mm256_fnmadd_ps(_mm256_mul_ps(dx, dmin), _mm256_cvtepi32_ps(msum), acc[c]);
-        }
+// is0[c] and is1[c] get the two unscaled sums (dpbusd)
+template <int NC>
+static inline __attribute__((always_inline)) void kx8_dpbusd2(__m256i q0, __m256i q1, const BlockQ8K* const* x, int i, int e, int off, __m256i* is0, __m256i* is1) {
+    for (int c = 0; c < NC; c++) {
+        const int8_t* xq = x[c][i].qs + e;
+        is0[c] = _mm256_dpbusd_epi32(is0[c], q0, _mm256_set1_epi32(*(const int32_t*)xq));
+        is1[c] = _mm256_dpbusd_epi32(is1[c], q1, _mm256_set1_epi32(*(const int32_t*)(xq + off)));
     }
-    for (int c = 0; c < NC; c++) _mm256_storeu_ps(out + (size_t)c * ld, acc[c]);
+}
+
+// 32-group G of block i (Q5_K and Q6_K repacked, the quants one byte each: q[k][r][4], elements
+// 4k..4k+4 of row r): is0[c] gets elements 0..15, is1[c] 16..31
+template <int NC>
+static inline __attribute__((always_inline)) void kx8_dpbusd_q32(const uint8_t (*q)[8][4], const BlockQ8K* const* x, int i, int G, __m256i* is0, __m256i* is1) {
+    for (int c = 0; c < NC; c++) is0[c] = is1[c] = _mm256_setzero_si256();
+    for (int k = 0; k < 4; k++)
+        kx8_dpbusd2<NC>(_mm256_loadu_si256((const __m256i*)q[k]), _mm256_loadu_si256((const __m256i*)q[k + 4]), x, i,
+                        32 * G + 4 * k, 16, is0, is1);
+}
+#else
+// iacc[c] gets both sums times the scales sc0, sc1 (int16 in both halves of each row's lane):
+// maddubs to int16 pairs, madd with the scales to int32
+template <int NC>
+static inline __attribute__((always_inline)) void kx8_maddubs2(__m256i q0, __m256i q1, __m256i sc0, __m256i sc1, const BlockQ8K* const* x, int i, int e, int off,
+                         __m256i* iacc) {
+    for (int c = 0; c < NC; c++) {
+        const int8_t* xq = x[c][i].qs + e;
+        __m256i s0 = _mm256_madd_epi16(_mm256_maddubs_epi16(q0, _mm256_set1_epi32(*(const int32_t*)xq)), sc0);
+        __m256i s1 = _mm256_madd_epi16(_mm256_maddubs_epi16(q1, _mm256_set1_epi32(*(const int32_t*)(xq + off))), sc1);
+        iacc[c] = _mm256_add_epi32(iacc[c], _mm256_add_epi32(s0, s1));
+    }
 }
 #endif
 
+
 template <int NC>
-static void dot_q4_Kx8(const BlockQ4_Kx8* w, const BlockQ8K* const* x, int nsb, float* out, size_t ld) {
-#ifdef VICUNA_AVX2
-    dot_q4_Kx8_avx2<NC>(w, x, nsb, out, ld);
+static inline __attribute__((always_inline)) void kx8_isums_avx2(const BlockQ4_Kx8& b, const BlockQ8K* const* x, int i, __m256i* iacc) {
+    const __m256i low4 = _mm256_set1_epi8(0x0f);
+    for (int p = 0; p < 4; p++) {
+        __m256i sc0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)b.sc[2 * p]));
+        __m256i sc1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)b.sc[2 * p + 1]));
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+        __m256i is0[NC], is1[NC];
+        for (int c = 0; c < NC; c++) is0[c] = is1[c] = _mm256_setzero_si256();
+        for (int k = 0; k < 8; k++) {
+            __m256i bytes = _mm256_loadu_si256((const __m256i*)b.qs[p][k]);
+            __m256i q0 = _mm256_and_si256(bytes, low4), q1 = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+            kx8_dpbusd2<NC>(q0, q1, x, i, 64 * p + 4 * k, 32, is0, is1);
+        }
+        for (int c = 0; c < NC; c++)
+            iacc[c] = _mm256_add_epi32(iacc[c], _mm256_add_epi32(_mm256_mullo_epi32(is0[c], sc0),
+                                                                 _mm256_mullo_epi32(is1[c], sc1)));
 #else
-    dot_q4_Kx8_ref<NC>(w, x, nsb, out, ld);
+        // the scale in both int16 halves of each row's 32-bit lane: madd applies it to both pairs
+        sc0 = _mm256_or_si256(sc0, _mm256_slli_epi32(sc0, 16));
+        sc1 = _mm256_or_si256(sc1, _mm256_slli_epi32(sc1, 16));
+        for (int k = 0; k < 8; k++) {
+            __m256i bytes = _mm256_loadu_si256((const __m256i*)b.qs[p][k]);
+            __m256i q0 = _mm256_and_si256(bytes, low4), q1 = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+            kx8_maddubs2<NC>(q0, q1, sc0, sc1, x, i, 64 * p + 4 * k, 32, iacc);
+        }
 #endif
+    }
 }
+
+template <int NC>
+static inline __attribute__((always_inline)) void kx8_isums_avx2(const BlockQ5_Kx8& b, const BlockQ8K* const* x, int i, __m256i* iacc) {
+    for (int g = 0; g < 8; g++) {
+        __m256i sc = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)b.sc[g]));
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+        __m256i is0[NC], is1[NC];
+        kx8_dpbusd_q32<NC>(b.q[g], x, i, g, is0, is1);
+        for (int c = 0; c < NC; c++)
+            iacc[c] = _mm256_add_epi32(iacc[c], _mm256_mullo_epi32(_mm256_add_epi32(is0[c], is1[c]), sc));
+#else
+        sc = _mm256_or_si256(sc, _mm256_slli_epi32(sc, 16));
+        for (int k = 0; k < 8; k++) {
+            __m256i q = _mm256_loadu_si256((const __m256i*)b.q[g][k]);
+            for (int c = 0; c < NC; c++) {
+                const int8_t* xq = x[c][i].qs + 32 * g + 4 * k;
+                iacc[c] = _mm256_add_epi32(iacc[c], _mm256_madd_epi16(_mm256_maddubs_epi16(q, _mm256_set1_epi32(*(const int32_t*)xq)), sc));
+            }
+        }
+#endif
+    }
+}
+
+// Q4_K/Q5_K: acc[c] += dx d iacc[c] - dx dmin msum, msum from the minimums and the token's bsums
+template <int NC, class BlockX8>
+static inline __attribute__((always_inline)) void kx8_accumulate_avx2(const BlockX8& b, const BlockQ8K* const* x, int i, const __m256i* iacc, __m256* acc) {
+    __m256i m16[8];  // row r's minimum of sub-block g twice, as int16 pairs
+    for (int g = 0; g < 8; g++) m16[g] = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)b.m[g]));
+    const __m256 d = _mm256_loadu_ps(b.d), dmin = _mm256_loadu_ps(b.dmin);
+    for (int c = 0; c < NC; c++) {
+        const BlockQ8K& xb = x[c][i];
+        __m256i msum = _mm256_setzero_si256();
+        for (int g = 0; g < 8; g++)
+            msum = _mm256_add_epi32(msum, _mm256_madd_epi16(m16[g], _mm256_set1_epi32(*(const int32_t*)(xb.bsums + 2 * g))));
+        const __m256 dx = _mm256_set1_ps(xb.d);
+        acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(dx, d), _mm256_cvtepi32_ps(iacc[c]), acc[c]);
+        acc[c] = _mm256_fnmadd_ps(_mm256_mul_ps(dx, dmin), _mm256_cvtepi32_ps(msum), acc[c]);
+    }
+}
+#endif
 
 // Q6_K rows repacked in groups of 8 the same way: the 6-bit quants stored whole, one byte each
 // (no unpacking left in the kernel), the int8 scales spread per row. 2336 bytes per 8 x 256
@@ -1376,204 +1421,80 @@ static void dot_q6_Kx8_ref(const BlockQ6_Kx8* w, const BlockQ8K* const* x, int n
 
 #ifdef VICUNA_AVX2
 template <int NC>
-static void dot_q6_Kx8_avx2(const BlockQ6_Kx8* w, const BlockQ8K* const* x, int nsb, float* out, size_t ld) {
-    __m256 acc[NC];
-    for (int c = 0; c < NC; c++) acc[c] = _mm256_setzero_ps();
-    for (int i = 0; i < nsb; i++) {
-        const BlockQ6_Kx8& b = w[i];
-        __m256i iacc[NC];
-        for (int c = 0; c < NC; c++) iacc[c] = _mm256_setzero_si256();
-        for (int G = 0; G < 8; G++) {
-            __m256i sca = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)b.sc[2 * G]));
-            __m256i scb = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)b.sc[2 * G + 1]));
+static inline __attribute__((always_inline)) void kx8_isums_avx2(const BlockQ6_Kx8& b, const BlockQ8K* const* x, int i, __m256i* iacc) {
+    for (int G = 0; G < 8; G++) {
+        __m256i sca = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)b.sc[2 * G]));
+        __m256i scb = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)b.sc[2 * G + 1]));
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-            __m256i is0[NC], is1[NC];
-            for (int c = 0; c < NC; c++) is0[c] = is1[c] = _mm256_setzero_si256();
-            for (int k = 0; k < 4; k++) {
-                __m256i q0 = _mm256_loadu_si256((const __m256i*)b.q[G][k]);
-                __m256i q1 = _mm256_loadu_si256((const __m256i*)b.q[G][k + 4]);
-                for (int c = 0; c < NC; c++) {
-                    const int8_t* xq = x[c][i].qs + 32 * G + 4 * k;
-                    is0[c] = _mm256_dpbusd_epi32(is0[c], q0, _mm256_set1_epi32(*(const int32_t*)xq));
-                    is1[c] = _mm256_dpbusd_epi32(is1[c], q1, _mm256_set1_epi32(*(const int32_t*)(xq + 16)));
-                }
-            }
-            for (int c = 0; c < NC; c++)
-                iacc[c] = _mm256_add_epi32(iacc[c], _mm256_add_epi32(_mm256_mullo_epi32(is0[c], sca),
-                                                                     _mm256_mullo_epi32(is1[c], scb)));
+        __m256i is0[NC], is1[NC];
+        kx8_dpbusd_q32<NC>(b.q[G], x, i, G, is0, is1);
+        for (int c = 0; c < NC; c++)
+            iacc[c] = _mm256_add_epi32(iacc[c], _mm256_add_epi32(_mm256_mullo_epi32(is0[c], sca),
+                                                                 _mm256_mullo_epi32(is1[c], scb)));
 #else
-            const __m256i lo16 = _mm256_set1_epi32(0xffff);
-            sca = _mm256_or_si256(_mm256_and_si256(sca, lo16), _mm256_slli_epi32(sca, 16));
-            scb = _mm256_or_si256(_mm256_and_si256(scb, lo16), _mm256_slli_epi32(scb, 16));
-            for (int k = 0; k < 4; k++) {
-                __m256i q0 = _mm256_loadu_si256((const __m256i*)b.q[G][k]);
-                __m256i q1 = _mm256_loadu_si256((const __m256i*)b.q[G][k + 4]);
-                for (int c = 0; c < NC; c++) {
-                    const int8_t* xq = x[c][i].qs + 32 * G + 4 * k;
-                    __m256i s0 = _mm256_madd_epi16(_mm256_maddubs_epi16(q0, _mm256_set1_epi32(*(const int32_t*)xq)), sca);
-                    __m256i s1 = _mm256_madd_epi16(_mm256_maddubs_epi16(q1, _mm256_set1_epi32(*(const int32_t*)(xq + 16))), scb);
-                    iacc[c] = _mm256_add_epi32(iacc[c], _mm256_add_epi32(s0, s1));
-                }
-            }
+        const __m256i lo16 = _mm256_set1_epi32(0xffff);
+        sca = _mm256_or_si256(_mm256_and_si256(sca, lo16), _mm256_slli_epi32(sca, 16));
+        scb = _mm256_or_si256(_mm256_and_si256(scb, lo16), _mm256_slli_epi32(scb, 16));
+        for (int k = 0; k < 4; k++)
+            kx8_maddubs2<NC>(_mm256_loadu_si256((const __m256i*)b.q[G][k]), _mm256_loadu_si256((const __m256i*)b.q[G][k + 4]),
+                             sca, scb, x, i, 32 * G + 4 * k, 16, iacc);
 #endif
-        }
-        __m256i scp[8];  // scales 2j, 2j+1 of each row as int16 pairs
-        for (int j = 0; j < 8; j++) scp[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)b.scp[j]));
-        const __m256 d = _mm256_loadu_ps(b.d);
-        for (int c = 0; c < NC; c++) {
-            const BlockQ8K& xb = x[c][i];
-            __m256i msum = _mm256_setzero_si256();
-            for (int j = 0; j < 8; j++)
-                msum = _mm256_add_epi32(msum, _mm256_madd_epi16(scp[j], _mm256_set1_epi32(*(const int32_t*)(xb.bsums + 2 * j))));
-            __m256i isum = _mm256_sub_epi32(iacc[c], _mm256_slli_epi32(msum, 5));
-            acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(xb.d), d), _mm256_cvtepi32_ps(isum), acc[c]);
-        }
-    }
-    for (int c = 0; c < NC; c++) _mm256_storeu_ps(out + (size_t)c * ld, acc[c]);
-}
-#endif
-
-template <int NC>
-static void dot_q6_Kx8(const BlockQ6_Kx8* w, const BlockQ8K* const* x, int nsb, float* out, size_t ld) {
-#ifdef VICUNA_AVX2
-    dot_q6_Kx8_avx2<NC>(w, x, nsb, out, ld);
-#else
-    dot_q6_Kx8_ref<NC>(w, x, nsb, out, ld);
-#endif
-}
-
-// Q5_K rows repacked in groups of 8: Q4_K's scales and minimums, the 5-bit quants stored whole,
-// one byte each (Q6_K's layout). 2304 bytes per 8 x 256 weights against 1408 in the file (1.64x
-// the Q5_K tensors, held in addition to the file).
-struct BlockQ5_Kx8 {
-    float d[8], dmin[8];
-    uint8_t sc[8][8];          // [g][r]
-    uint8_t m[8][8][2];        // [g][r][0..1]
-    uint8_t q[8][8][8][4];     // [g][k][r][4]: row r's quants (0..31) of elements 32g + 4k .. +4
-};
-static_assert(sizeof(BlockQ5_Kx8) == 2304, "BlockQ5_Kx8 layout");
-
-static void repack_q5_K_x8(const uint8_t* rows8, size_t row_bytes, int nsb, BlockQ5_Kx8* y) {
-    for (int i = 0; i < nsb; i++) {
-        BlockQ5_Kx8& o = y[i];
-        for (int r = 0; r < 8; r++) {
-            const BlockQ5_K& b = ((const BlockQ5_K*)(rows8 + (size_t)r * row_bytes))[i];
-            o.d[r] = fp16_to_fp32(b.d);
-            o.dmin[r] = fp16_to_fp32(b.dmin);
-            for (int g = 0; g < 8; g++) {
-                int sc, m;
-                kq_scale_min(g, b.scales, &sc, &m);
-                o.sc[g][r] = (uint8_t)sc;
-                o.m[g][r][0] = o.m[g][r][1] = (uint8_t)m;
-                for (int l = 0; l < 32; l++)
-                    o.q[g][l / 4][r][l % 4] =
-                        (uint8_t)(((b.qs[32 * (g / 2) + l] >> (4 * (g % 2))) & 0xf) | (((b.qh[l] >> g) & 1) << 4));
-            }
-        }
     }
 }
 
+// Q6_K: acc[c] += dx d (iacc[c] - 32 sum_k sc_k b_k)
 template <int NC>
-static void dot_q5_Kx8_ref(const BlockQ5_Kx8* w, const BlockQ8K* const* x, int nsb, float* out, size_t ld) {
+static inline __attribute__((always_inline)) void kx8_accumulate_avx2(const BlockQ6_Kx8& b, const BlockQ8K* const* x, int i, const __m256i* iacc, __m256* acc) {
+    __m256i scp[8];  // scales 2j, 2j+1 of each row as int16 pairs
+    for (int j = 0; j < 8; j++) scp[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)b.scp[j]));
+    const __m256 d = _mm256_loadu_ps(b.d);
     for (int c = 0; c < NC; c++) {
-        for (int r = 0; r < 8; r++) {
-            float acc = 0.0f;
-            for (int i = 0; i < nsb; i++) {
-                const BlockQ8K& xb = x[c][i];
-                int isum = 0, msum = 0;
-                for (int g = 0; g < 8; g++) {
-                    int part = 0;
-                    for (int l = 0; l < 32; l++) part += w[i].q[g][l / 4][r][l % 4] * xb.qs[32 * g + l];
-                    isum += w[i].sc[g][r] * part;
-                    msum += w[i].m[g][r][0] * (xb.bsums[2 * g] + xb.bsums[2 * g + 1]);
-                }
-                acc = std::fmaf(xb.d * w[i].d[r], (float)isum, acc);
-                acc = std::fmaf(-(xb.d * w[i].dmin[r]), (float)msum, acc);
-            }
-            out[(size_t)c * ld + r] = acc;
-        }
+        const BlockQ8K& xb = x[c][i];
+        __m256i msum = _mm256_setzero_si256();
+        for (int j = 0; j < 8; j++)
+            msum = _mm256_add_epi32(msum, _mm256_madd_epi16(scp[j], _mm256_set1_epi32(*(const int32_t*)(xb.bsums + 2 * j))));
+        __m256i isum = _mm256_sub_epi32(iacc[c], _mm256_slli_epi32(msum, 5));
+        acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(xb.d), d), _mm256_cvtepi32_ps(isum), acc[c]);
     }
 }
 
-#ifdef VICUNA_AVX2
-template <int NC>
-static void dot_q5_Kx8_avx2(const BlockQ5_Kx8* w, const BlockQ8K* const* x, int nsb, float* out, size_t ld) {
+// out[c * ld + r] = row r . token c for the 8 rows of w (nsb blocks), tokens x[0..NC), for each
+// repacked type: its integer sums (kx8_isums_avx2), then its scales (kx8_accumulate_avx2)
+template <int NC, class BlockX8>
+static void dot_Kx8_avx2(const BlockX8* w, const BlockQ8K* const* x, int nsb, float* out, size_t ld) {
     __m256 acc[NC];
     for (int c = 0; c < NC; c++) acc[c] = _mm256_setzero_ps();
     for (int i = 0; i < nsb; i++) {
-        const BlockQ5_Kx8& b = w[i];
         __m256i iacc[NC];
         for (int c = 0; c < NC; c++) iacc[c] = _mm256_setzero_si256();
-        for (int g = 0; g < 8; g++) {
-            __m256i sc = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)b.sc[g]));
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-            __m256i is0[NC], is1[NC];
-            for (int c = 0; c < NC; c++) is0[c] = is1[c] = _mm256_setzero_si256();
-            for (int k = 0; k < 4; k++) {
-                __m256i q0 = _mm256_loadu_si256((const __m256i*)b.q[g][k]);
-                __m256i q1 = _mm256_loadu_si256((const __m256i*)b.q[g][k + 4]);
-                for (int c = 0; c < NC; c++) {
-                    const int8_t* xq = x[c][i].qs + 32 * g + 4 * k;
-                    is0[c] = _mm256_dpbusd_epi32(is0[c], q0, _mm256_set1_epi32(*(const int32_t*)xq));
-                    is1[c] = _mm256_dpbusd_epi32(is1[c], q1, _mm256_set1_epi32(*(const int32_t*)(xq + 16)));
-                }
-            }
-            for (int c = 0; c < NC; c++)
-                iacc[c] = _mm256_add_epi32(iacc[c], _mm256_mullo_epi32(_mm256_add_epi32(is0[c], is1[c]), sc));
-#else
-            sc = _mm256_or_si256(sc, _mm256_slli_epi32(sc, 16));
-            for (int k = 0; k < 8; k++) {
-                __m256i q = _mm256_loadu_si256((const __m256i*)b.q[g][k]);
-                for (int c = 0; c < NC; c++) {
-                    const int8_t* xq = x[c][i].qs + 32 * g + 4 * k;
-                    iacc[c] = _mm256_add_epi32(iacc[c], _mm256_madd_epi16(_mm256_maddubs_epi16(q, _mm256_set1_epi32(*(const int32_t*)xq)), sc));
-                }
-            }
-#endif
-        }
-        __m256i m16[8];
-        for (int g = 0; g < 8; g++) m16[g] = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)b.m[g]));
-        const __m256 d = _mm256_loadu_ps(b.d), dmin = _mm256_loadu_ps(b.dmin);
-        for (int c = 0; c < NC; c++) {
-            const BlockQ8K& xb = x[c][i];
-            __m256i msum = _mm256_setzero_si256();
-            for (int g = 0; g < 8; g++)
-                msum = _mm256_add_epi32(msum, _mm256_madd_epi16(m16[g], _mm256_set1_epi32(*(const int32_t*)(xb.bsums + 2 * g))));
-            const __m256 dx = _mm256_set1_ps(xb.d);
-            acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(dx, d), _mm256_cvtepi32_ps(iacc[c]), acc[c]);
-            acc[c] = _mm256_fnmadd_ps(_mm256_mul_ps(dx, dmin), _mm256_cvtepi32_ps(msum), acc[c]);
-        }
+        kx8_isums_avx2<NC>(w[i], x, i, iacc);
+        kx8_accumulate_avx2<NC>(w[i], x, i, iacc, acc);
     }
     for (int c = 0; c < NC; c++) _mm256_storeu_ps(out + (size_t)c * ld, acc[c]);
 }
 #endif
-
-template <int NC>
-static void dot_q5_Kx8(const BlockQ5_Kx8* w, const BlockQ8K* const* x, int nsb, float* out, size_t ld) {
-#ifdef VICUNA_AVX2
-    dot_q5_Kx8_avx2<NC>(w, x, nsb, out, ld);
-#else
-    dot_q5_Kx8_ref<NC>(w, x, nsb, out, ld);
-#endif
-}
 
 // the repacked kernels by type (forward.h): `packed` holds the 8-row groups of one matrix
+// one packed type: the AVX2 kernel, or the portable one (always with ref)
+template <int NC, bool ref, class BlockX8>
+static void dot_Kx8(const uint8_t* packed, int64_t group, const BlockQ8K* const* x, int nsb, float* out, size_t ld) {
+    const BlockX8* w = (const BlockX8*)packed + (size_t)group * nsb;
+#ifdef VICUNA_AVX2
+    if constexpr (!ref) {
+        dot_Kx8_avx2<NC>(w, x, nsb, out, ld);
+        return;
+    }
+#endif
+    if constexpr (std::is_same_v<BlockX8, BlockQ6_Kx8>) dot_q6_Kx8_ref<NC>(w, x, nsb, out, ld);
+    else dot_q45_Kx8_ref<BlockX8, NC>(w, x, nsb, out, ld);
+}
+
 template <int NC, bool ref = false>
 static void dot_packed_x8(uint32_t type, const uint8_t* packed, int64_t group, const BlockQ8K* const* x, int nsb,
                           float* out, size_t ld) {
-    if (type == GGML_TYPE_Q4_K) {
-        const BlockQ4_Kx8* w = (const BlockQ4_Kx8*)packed + (size_t)group * nsb;
-        if constexpr (ref) dot_q4_Kx8_ref<NC>(w, x, nsb, out, ld);
-        else dot_q4_Kx8<NC>(w, x, nsb, out, ld);
-    } else if (type == GGML_TYPE_Q5_K) {
-        const BlockQ5_Kx8* w = (const BlockQ5_Kx8*)packed + (size_t)group * nsb;
-        if constexpr (ref) dot_q5_Kx8_ref<NC>(w, x, nsb, out, ld);
-        else dot_q5_Kx8<NC>(w, x, nsb, out, ld);
-    } else {
-        const BlockQ6_Kx8* w = (const BlockQ6_Kx8*)packed + (size_t)group * nsb;
-        if constexpr (ref) dot_q6_Kx8_ref<NC>(w, x, nsb, out, ld);
-        else dot_q6_Kx8<NC>(w, x, nsb, out, ld);
-    }
+    if (type == GGML_TYPE_Q4_K) dot_Kx8<NC, ref, BlockQ4_Kx8>(packed, group, x, nsb, out, ld);
+    else if (type == GGML_TYPE_Q5_K) dot_Kx8<NC, ref, BlockQ5_Kx8>(packed, group, x, nsb, out, ld);
+    else dot_Kx8<NC, ref, BlockQ6_Kx8>(packed, group, x, nsb, out, ld);
 }
 
 // Q2_K and Q3_K (read for completeness; llama.cpp's q2_k/q3_k mixes) take the float path: the
