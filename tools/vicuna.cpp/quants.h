@@ -125,15 +125,29 @@ static void quantize_row_q8_0(const float* x, BlockQ8_0* y, int64_t n) {
     }
 }
 
+// The block scales of the symmetric (Q4_0, Q5_0) and offset (Q4_1, Q5_1) types come from these.
+static inline float block_signed_max(const float* x) {  // the element of largest magnitude, with its sign
+    float amax = 0.0f, max = 0.0f;
+    for (int j = 0; j < QK; j++) {
+        if (amax < std::fabs(x[j])) {
+            amax = std::fabs(x[j]);
+            max = x[j];
+        }
+    }
+    return max;
+}
+
+static inline void block_min_max(const float* x, float* min, float* max) {
+    *min = *max = x[0];
+    for (int j = 1; j < QK; j++) {
+        *min = std::min(*min, x[j]);
+        *max = std::max(*max, x[j]);
+    }
+}
+
 static void quantize_row_q4_0(const float* x, BlockQ4_0* y, int64_t n) {
     for (int64_t b = 0; b < n / QK; b++, x += QK) {
-        float amax = 0.0f, max = 0.0f;  // the element of largest magnitude, with its sign
-        for (int j = 0; j < QK; j++) {
-            if (amax < std::fabs(x[j])) {
-                amax = std::fabs(x[j]);
-                max = x[j];
-            }
-        }
+        float max = block_signed_max(x);
         float d = max / -8.0f;  // so that max maps to q = 0, i.e. -8
         float id = d != 0.0f ? 1.0f / d : 0.0f;
         y[b].d = fp32_to_fp16(d);
@@ -147,11 +161,8 @@ static void quantize_row_q4_0(const float* x, BlockQ4_0* y, int64_t n) {
 
 static void quantize_row_q4_1(const float* x, BlockQ4_1* y, int64_t n) {
     for (int64_t b = 0; b < n / QK; b++, x += QK) {
-        float min = x[0], max = x[0];
-        for (int j = 1; j < QK; j++) {
-            min = std::min(min, x[j]);
-            max = std::max(max, x[j]);
-        }
+        float min, max;
+        block_min_max(x, &min, &max);
         float d = (max - min) / 15.0f;
         float id = d != 0.0f ? 1.0f / d : 0.0f;
         y[b].d = fp32_to_fp16(d);
@@ -168,13 +179,7 @@ static void quantize_row_q4_1(const float* x, BlockQ4_1* y, int64_t n) {
 // quantize_row_q5_0_ref / _q5_1_ref; gguf-py has the same quantizers).
 static void quantize_row_q5_0(const float* x, BlockQ5_0* y, int64_t n) {
     for (int64_t b = 0; b < n / QK; b++, x += QK) {
-        float amax = 0.0f, max = 0.0f;  // the element of largest magnitude, with its sign
-        for (int j = 0; j < QK; j++) {
-            if (amax < std::fabs(x[j])) {
-                amax = std::fabs(x[j]);
-                max = x[j];
-            }
-        }
+        float max = block_signed_max(x);
         float d = max / -16.0f;  // max maps to q = 0, i.e. -16
         float id = d != 0.0f ? 1.0f / d : 0.0f;
         y[b].d = fp32_to_fp16(d);
@@ -192,11 +197,8 @@ static void quantize_row_q5_0(const float* x, BlockQ5_0* y, int64_t n) {
 
 static void quantize_row_q5_1(const float* x, BlockQ5_1* y, int64_t n) {
     for (int64_t b = 0; b < n / QK; b++, x += QK) {
-        float min = x[0], max = x[0];
-        for (int j = 1; j < QK; j++) {
-            min = std::min(min, x[j]);
-            max = std::max(max, x[j]);
-        }
+        float min, max;
+        block_min_max(x, &min, &max);
         float d = (max - min) / 31.0f;
         float id = d != 0.0f ? 1.0f / d : 0.0f;
         y[b].d = fp32_to_fp16(d);
