@@ -48,6 +48,16 @@ INSTRUCT_SCHEDULE=(--prompt_type instruct --cutoff_len 256 --micro_batch_size 4 
                    --learning_rate 3e-4 --warmup_steps 10 --test_size 16 --eval_steps 10 --save_steps 10
                    --save_total_limit 2)
 INSTRUCT_LORA=(--lora_r 8 --lora_alpha 16 --lora_dropout 0.05 --lora_target_modules q_proj,v_proj)  # new adapters
+# QLoRA (finetune_4bit.sh): the instruction recipe with the base model in 4-bit NF4.
+QLORA=(--quant 4bit)
+# The multi-turn chat recipe (finetune_chat.sh): every assistant turn supervised, long context, LoRA on
+# every linear layer, on the shipped chat sample.
+CHAT_RECIPE=(--prompt_type chat --train_on all --cutoff_len 2048 --micro_batch_size 2 --batch_size 16 --num_epochs 3
+             --learning_rate 3e-4 --warmup_steps 5 --lora_r 8 --lora_alpha 16 --lora_dropout 0.05
+             --lora_target_modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --test_size 8
+             --eval_steps 7 --save_steps 7 --save_total_limit 2)
+# The presets of the training page (train_web.py), which reads these arrays from here: name and arrays.
+PRESETS=(instruction "INSTRUCT_SCHEDULE INSTRUCT_LORA" chat "CHAT_RECIPE" QLoRA "INSTRUCT_SCHEDULE INSTRUCT_LORA QLORA")
 
 # launch ENTRY [ARGS...]: run ENTRY with plain python (0 or 1 GPU) or torchrun (2+ GPUs).
 # --model_path goes first, so a --model_path among ARGS (or the caller's "$@") still wins.

@@ -21,5 +21,5 @@ launch finetune_4bit.py \
   --output_path "$OUTPUT_PATH" \
   "${INSTRUCT_SCHEDULE[@]}" \
   "${INSTRUCT_LORA[@]}" \
-  --quant 4bit \
+  "${QLORA[@]}" \
   "$@"

@@ -11,6 +11,7 @@
 #
 # Override from the environment:  TOT_CUDA=0,1 PORT=12345 DATA_PATH=... OUTPUT_PATH=... MODEL_PATH=...
 # and any finetune.py flag by appending it (later flags win):  scripts/finetune_chat.sh --train_on last
+# The recipe is CHAT_RECIPE in scripts/common.sh (also the chat preset of the training page, train_web.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
@@ -21,20 +22,5 @@ OUTPUT_PATH="${OUTPUT_PATH:-lora-Vicuna-chat}"
 launch finetune_chat.py \
   --data_path "$DATA_PATH" \
   --output_path "$OUTPUT_PATH" \
-  --prompt_type chat \
-  --train_on all \
-  --cutoff_len 2048 \
-  --micro_batch_size 2 \
-  --batch_size 16 \
-  --num_epochs 3 \
-  --learning_rate 3e-4 \
-  --warmup_steps 5 \
-  --lora_r 8 \
-  --lora_alpha 16 \
-  --lora_dropout 0.05 \
-  --lora_target_modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj \
-  --test_size 8 \
-  --eval_steps 7 \
-  --save_steps 7 \
-  --save_total_limit 2 \
+  "${CHAT_RECIPE[@]}" \
   "$@"
