@@ -17,7 +17,7 @@ import pytest
 
 from conftest import ROOT
 
-ENTRY_SCRIPTS = {"finetune", "finetune_4bit", "finetune_chat", "generate", "chat"}
+ENTRY_SCRIPTS = {"finetune", "finetune_4bit", "finetune_chat", "generate", "chat", "train_web"}
 
 
 def project_modules() -> dict[str, str]:
@@ -86,7 +86,7 @@ def test_the_graph_is_what_the_readme_says(graph):
     assert not graph["errors"], graph["errors"]  # the bottom of the graph
 
 
-@pytest.mark.parametrize("script", ["finetune.py", "generate.py", "chat.py"])
+@pytest.mark.parametrize("script", ["finetune.py", "generate.py", "chat.py", "train_web.py"])
 def test_help_loads_no_heavy_library(script):
     code = ("import runpy, sys\n"
             f"sys.argv = [{script!r}, '--help']\n"

@@ -28,7 +28,7 @@ if str(ROOT) not in sys.path:
 SCRIPTS_DIR = ROOT / "scripts"
 CONFIG_DIR = ROOT / "config-sample"
 SCRIPTS = sorted(p.name for p in SCRIPTS_DIR.glob("finetune*.sh"))  # training launchers (common.sh)
-SERVE_SCRIPTS = {"generate.sh": "generate", "chat.sh": "chat"}  # page servers: plain python
+SERVE_SCRIPTS = {"generate.sh": "generate", "chat.sh": "chat", "train_web.sh": "train_web"}  # page servers: plain python
 ALL_SH = sorted(p.name for p in SCRIPTS_DIR.glob("*.sh"))
 ENV_VARS = ("TOT_CUDA", "PORT", "PAGE_PORT", "DATA_PATH", "OUTPUT_PATH", "MODEL_PATH", "LORA_PATH", "DS_CONFIG",
             "PYTHON", "TORCHRUN", "CUDA_VISIBLE_DEVICES")
