@@ -254,7 +254,7 @@ def check_data_files(paths: list[str]) -> tuple[list[dict], list[str]]:
                 errors.append(str(e))
                 bad += 1
         if not records:
-            errors.append(f"{os.path.basename(path)}: no records; the file is empty")
+            errors.append(f"{path if path.isprintable() else repr(path)}: no records; the file is empty")
         files.append({"path": path, "format": fmt or "?", "records": len(records), "errors": bad})
     return files, errors
 

@@ -1,0 +1,281 @@
+"""The training page (train_web.py): its pure parts (presets read from scripts/common.sh, path
+confinement, the finetune.py command, the run's log files, the rendered masks), the API, and a
+real headless Chromium that checks data, starts, stops, resumes and finishes a run on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import INSTRUCT_RECORDS, ROOT, run_script, write_jsonl
+
+import train_web
+from errors import UserError
+from train_web import Folders
+
+
+@pytest.fixture
+def folders(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    (tmp_path / "data").mkdir()
+    return Folders(str(work), [str(tmp_path / "data")])
+
+
+@pytest.fixture(scope="module")
+def parser():
+    return train_web.finetune_parser()
+
+
+# --- presets ---------------------------------------------------------------------------------------
+
+
+def script_args(script: str, tmp_path) -> list[str]:
+    """The finetune flags a scripts/*.sh passes (PYTHON=echo), after --data_path/--output_path."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TOT_CUDA", "MODEL_PATH", "PYTHON", "DATA_PATH",
+                                                            "OUTPUT_PATH")}
+    proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", script)], cwd=tmp_path, env=dict(env, PYTHON="echo"),
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    argv = proc.stdout.split()
+    return argv[argv.index("--output_path") + 2:]
+
+
+def test_presets_are_the_scripts_recipes(tmp_path):
+    presets = train_web.read_presets()
+    assert list(presets) == ["instruction", "chat", "QLoRA"]
+    assert presets["instruction"] == script_args("finetune.sh", tmp_path)
+    assert presets["chat"] == script_args("finetune_chat.sh", tmp_path)
+    assert presets["QLoRA"] == script_args("finetune_4bit.sh", tmp_path)
+    assert presets["QLoRA"][-2:] == ["--quant", "4bit"]
+
+
+def test_preset_values_fill_the_flags(parser):
+    values = train_web.flag_values(parser, train_web.read_presets()["chat"])
+    assert values["prompt_type"] == "chat" and values["cutoff_len"] == "2048" and values["packing"] is True
+    defaults = train_web.flag_values(parser)
+    assert defaults["cutoff_len"] == "256" and defaults["test_size"] == ""  # finetune.py's own defaults
+
+
+# --- folders ---------------------------------------------------------------------------------------
+
+
+def test_confine_accepts_inside_and_refuses_escapes(folders, tmp_path):
+    data = tmp_path / "data"
+    assert folders.confine(str(data / "a.jsonl"), "Data file") == str(data / "a.jsonl")
+    assert folders.confine("run1", "Output folder", base=folders.work_dir) == os.path.join(folders.work_dir, "run1")
+    for bad in (str(data / ".." / "x.jsonl"), "/etc/passwd", str(tmp_path), "../../x"):
+        with pytest.raises(UserError, match="outside the folders this page may use"):
+            folders.confine(bad, "Data file", base=folders.work_dir)
+    (data / "link").symlink_to("/etc")
+    with pytest.raises(UserError, match="outside"):
+        folders.confine(str(data / "link" / "passwd"), "Data file")
+    (tmp_path / "data-evil").mkdir()  # a sibling whose name starts like an allowed folder
+    with pytest.raises(UserError, match="outside"):
+        folders.confine(str(tmp_path / "data-evil" / "x"), "Data file")
+    with pytest.raises(UserError, match="empty"):
+        folders.confine("  ", "Data file")
+
+
+def test_model_argument(folders, tmp_path):
+    from models import EMBEDDED_MODEL
+
+    assert train_web.model_argument("", folders) == EMBEDDED_MODEL
+    assert train_web.model_argument("meta-llama/Llama-2-7b-hf", folders) == "meta-llama/Llama-2-7b-hf"
+    model = tmp_path / "data" / "m.gguf"
+    assert train_web.model_argument(str(model), folders) == str(model)
+    for bad in ("/etc", "../x.gguf", "/tmp/model.gguf", "~/models/x"):
+        with pytest.raises(UserError, match="outside"):
+            train_web.model_argument(bad, folders)
+
+
+# --- the command ------------------------------------------------------------------------------------
+
+
+def command(parser, folders, tmp_path, **over):
+    data = write_jsonl(tmp_path / "data" / "d.jsonl", INSTRUCT_RECORDS)
+    values = train_web.flag_values(parser)
+    values.update(over.pop("values", {}))
+    kwargs = dict(model="", quant="none", data=data, output="run", values=values)
+    kwargs.update(over)
+    return train_web.build_command(parser, folders, **kwargs)
+
+
+def test_command_is_finetune_with_the_changed_flags(parser, folders, tmp_path):
+    argv = command(parser, folders, tmp_path, values={"cutoff_len": "128", "num_epochs": "3.0", "packing": False,
+                                                      "test_size": "2"})
+    assert argv[:2] == [sys.executable, os.path.join(ROOT, "finetune.py")]
+    out = os.path.join(folders.work_dir, "run")
+    assert argv[2:] == ["--model_path", "SmolLM2-135M-Instruct", "--data_path", str(tmp_path / "data" / "d.jsonl"),
+                        "--output_path", out, "--cutoff_len", "128", "--no-packing", "--test_size", "2"]
+    assert shlex.split(shlex.join(argv)) == argv  # what the page shows is what runs
+    args = parser.parse_args(argv[2:])
+    assert args.cutoff_len == 128 and args.packing is False and args.num_epochs == 3
+
+
+def test_command_refuses_bad_values_in_one_line(parser, folders, tmp_path):
+    for values, message in (({"cutoff_len": "abc"}, "invalid int value"), ({"cutoff_len": "0"}, "must be > 0"),
+                            ({"batch_size": "5"}, "not a multiple"), ({"prompt_type": "evil"}, "invalid choice")):
+        with pytest.raises(UserError, match=message) as e:
+            command(parser, folders, tmp_path, values=values)
+        assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="outside"):
+        command(parser, folders, tmp_path, output="/tmp/elsewhere")
+    with pytest.raises(UserError, match="outside"):
+        command(parser, folders, tmp_path, data="/etc/passwd")
+    with pytest.raises(UserError, match="give a data file"):
+        command(parser, folders, tmp_path, data=" , ")
+
+
+def test_command_refuses_an_adapter_folder_unless_overwriting(parser, folders, tmp_path):
+    out = os.path.join(folders.work_dir, "run")
+    os.makedirs(out)
+    with open(os.path.join(out, "adapter_config.json"), "w") as f:
+        f.write("{}")
+    with pytest.raises(UserError, match="already holds an adapter"):
+        command(parser, folders, tmp_path)
+    assert command(parser, folders, tmp_path, overwrite=True)[-1] == "--overwrite_output_dir"
+    checkpoint = os.path.join(out, "checkpoint-4")
+    os.makedirs(checkpoint)
+    with pytest.raises(UserError, match="not a complete checkpoint"):  # finetune.py's check of a resume
+        command(parser, folders, tmp_path, resume=checkpoint)
+
+
+def test_newest_checkpoint(tmp_path):
+    for n in (2, 10, 4):
+        (tmp_path / f"checkpoint-{n}").mkdir()
+    assert train_web.newest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
+    with pytest.raises(UserError, match="nothing to resume"):
+        train_web.newest_checkpoint(str(tmp_path / "none"))
+
+
+# --- the run's files ------------------------------------------------------------------------------
+
+
+def test_parse_trainer_log_takes_the_last_value_per_step():
+    events = [
+        {"event": "start", "step": 0, "total_steps": 6},
+        {"event": "log", "step": 1, "total_steps": 6, "loss": 3.0, "tokens_per_s": 100.0, "remaining_s": 50},
+        {"event": "log", "step": 2, "total_steps": 6, "loss": 2.5},
+        {"event": "eval", "step": 2, "total_steps": 6, "eval_loss": 2.7},
+        {"event": "stop", "step": 3, "total_steps": 6, "checkpoint": "out/checkpoint-3"},
+    ]
+    log = train_web.parse_trainer_log(events)
+    assert log["train"] == [(1, 3.0), (2, 2.5)] and log["eval"] == [(2, 2.7)]
+    assert log["stopped"] == 3 and log["checkpoint"] == "out/checkpoint-3" and log["progress"]["step"] == 3
+    resumed = events + [{"event": "start", "step": 3, "total_steps": 6},
+                        {"event": "log", "step": 2, "total_steps": 6, "loss": 2.4},  # a step done again
+                        {"event": "log", "step": 6, "total_steps": 6, "loss": 1.0, "remaining_s": 0},
+                        {"event": "end", "step": 6, "total_steps": 6, "adapter": "out"}]
+    log = train_web.parse_trainer_log(resumed)
+    assert log["train"] == [(1, 3.0), (2, 2.4), (6, 1.0)] and log["adapter"] == "out" and "stopped" not in log
+    assert train_web.parse_trainer_log([]) == {"train": [], "eval": [], "progress": {}}
+
+
+def test_read_jsonl_skips_a_half_written_line(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"event": "log", "step": 1}\n[1]\n{"event": "lo')
+    assert train_web.read_jsonl(str(path)) == [{"event": "log", "step": 1}]
+    assert train_web.read_jsonl(str(tmp_path / "missing.jsonl")) == []
+
+
+def test_samples_table_newest_step_first():
+    samples = [{"step": 2, "index": 0, "prompt": "p0", "answer": "a"}, {"step": 2, "index": 1, "prompt": "p1",
+                                                                        "answer": "b"},
+               {"step": 4, "index": 0, "prompt": "p0", "answer": "c"}, {"step": 4, "index": 0, "prompt": "p0",
+                                                                        "answer": "d"}]
+    assert train_web.latest_samples(samples) == [[4, 0, "p0", "d"], [2, 0, "p0", "a"], [2, 1, "p1", "b"]]
+
+
+def test_log_tail_shows_progress_bars_at_their_latest_state(tmp_path):
+    path = tmp_path / "run.log"
+    path.write_text("start\n 10%|#  | 1/10\r 20%|## | 2/10\r\nstep 2: loss 3\n")
+    assert train_web.log_tail(str(path)) == "start\n 20%|## | 2/10\nstep 2: loss 3\n"
+    assert train_web.log_tail(str(tmp_path / "missing")) == ""
+
+
+def test_progress_html():
+    shown = train_web.progress_html({"step": 5, "total_steps": 10, "tokens_per_s": 1234.5, "remaining_s": 75,
+                                     "elapsed_s": 60}, True)
+    assert "step 5 / 10" in shown and "1,234 tokens/s" in shown and "left 0:01:15" in shown and "width:50.0%" in shown
+
+
+def test_next_steps_are_commands_the_tools_accept():
+    import importlib
+    import re
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    shown = train_web.next_steps("SmolLM2-135M-Instruct", "/runs/lora run")
+    commands = [shlex.split(block) for block in re.findall(r"```\n(.*?)\n```", shown)]
+    assert len(commands) == 4
+    for argv in commands:
+        module = importlib.import_module(os.path.basename(argv[1])[:-3])
+        args = module.build_parser().parse_args(argv[2:])
+        assert (args.lora_path or args.model_path).startswith("/runs/lora run")
+
+
+# --- masks -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["bpe", "sp"])
+def test_token_texts_add_up_to_the_text(kind, tiny_models):
+    from models import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_models[kind])
+    text = "Hello world, 你好，世界。 the quick fox\nnew line"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    pieces = train_web.token_texts(tokenizer, ids)
+    assert len(pieces) == len(ids)
+    assert "".join(pieces).strip() == tokenizer.decode(ids).strip()
+
+
+def test_render_example_marks_supervised_tokens_and_escapes(bpe_tokenizer):
+    ids = bpe_tokenizer("<script>alert(1)</script> answer", add_special_tokens=False)["input_ids"]
+    labels = [-100] * 4 + ids[4:]
+    shown = train_web.render_example(bpe_tokenizer, {"input_ids": ids, "labels": labels, "where": "d.jsonl:3",
+                                                     "length": len(ids) + 5, "cut": True}, len(ids), 1)
+    assert "<script" not in shown and "</script" not in shown and "&lt;/" in shown and "d.jsonl:3" in shown
+    assert shown.count('class="tok unsup"') == 4 and shown.count('class="tok sup"') == len(ids) - 4
+    assert f"cut at --cutoff_len {len(ids)} (the record has {len(ids) + 5} tokens)" in shown
+
+
+def test_token_stats_with_and_without_the_trainers_extra_keys():
+    old = {"examples": [{"input_ids": [1] * 10, "labels": [-100] * 4 + [1] * 6},
+                        {"input_ids": [1] * 16, "labels": [-100] * 8 + [1] * 8}],
+           "dropped": [], "counts": {"kept": 2, "cut": 1, "cutoff_len": 16, "dropped": 1}}
+    stats = train_web.token_stats(old, 16)
+    assert stats == {"examples": 2, "dropped": 1, "cut": 1, "tokens": 26, "supervised": 14, "min": 10, "median": 16,
+                     "max": 16, "mean": 13.0, "over_cutoff": 0}
+    new = {"examples": [{"input_ids": [1] * 16, "labels": [1] * 16, "length": 20, "cut": True, "where": "a:1"}],
+           "dropped": [{"where": "a:2", "length": 40, "dropped": True}], "counts": {}}
+    stats = train_web.token_stats(new, 16)
+    assert (stats["cut"], stats["dropped"], stats["over_cutoff"], stats["max"]) == (1, 1, 2, 40)
+
+
+def test_read_inspect_counts_from_the_log(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text(json.dumps({"input_ids": [1, 2], "labels": [-100, 2]}) + "\n")
+    log = "[12:00:00] wrote 1 examples to x.jsonl (0 cut at --cutoff_len 256; 3 dropped: no supervised token within it)"
+    got = train_web.read_inspect(str(path), log)
+    assert got["counts"] == {"kept": 1, "cut": 0, "cutoff_len": 256, "dropped": 3} and len(got["examples"]) == 1
+
+
+def test_check_data_files_lists_every_error(tmp_path):
+    good = write_jsonl(tmp_path / "good.jsonl", INSTRUCT_RECORDS)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [INSTRUCT_RECORDS[0], {"instruction": "x", "output": 5},
+                                               INSTRUCT_RECORDS[1], {"instruction": "y", "output": ["z"]}])
+    files, errors = train_web.check_data_files([good, bad])
+    assert files[0] == {"path": good, "format": "instruct", "records": len(INSTRUCT_RECORDS), "errors": 0}
+    assert files[1]["errors"] == 2 and len(errors) == 2
+    assert errors[0].startswith(f"{bad}:2: ") and errors[1].startswith(f"{bad}:4: ")
+    with pytest.raises(UserError) as first:  # finetune.py's words for the first one
+        from data import load_conversations
+
+        load_conversations(bad)
+    assert str(first.value) == errors[0]
