@@ -665,11 +665,12 @@ def build_page(args, folders: Folders, presets: dict[str, list[str]]):
     def flag_component(action, value):
         label = f"--{action.dest}"
         info = (action.help or "").replace("%(default)s", as_text(action.default))[:120] or None
+        elem_id = f"flag_{action.dest}"
         if is_switch(action):
-            return gr.Checkbox(value=bool(value), label=label, info=info)
+            return gr.Checkbox(value=bool(value), label=label, info=info, elem_id=elem_id)
         if action.choices:
-            return gr.Dropdown(list(action.choices), value=value, label=label, info=info)
-        return gr.Textbox(value=value, label=label, info=info, max_lines=1)
+            return gr.Dropdown(list(action.choices), value=value, label=label, info=info, elem_id=elem_id)
+        return gr.Textbox(value=value, label=label, info=info, max_lines=1, elem_id=elem_id)
 
     with gr.Blocks(title="Vicuna-LoRA training") as page:
         gr.Markdown(f"## Vicuna-LoRA training\nThe page runs `finetune.py` with the command shown; it reads "
@@ -696,7 +697,7 @@ def build_page(args, folders: Folders, presets: dict[str, list[str]]):
         examples = gr.HTML(elem_id="examples_box")
         gr.Markdown("### Flags")
         with gr.Row():
-            output = gr.Textbox(value=os.path.join(folders.work_dir, "lora-run"), max_lines=1,
+            output = gr.Textbox(value=os.path.join(folders.work_dir, "lora-run"), max_lines=1, elem_id="output",
                                 label="Output folder (relative: inside the work folder)")
             overwrite = gr.Checkbox(value=False, label="Overwrite an earlier run in the output folder")
         flag_boxes = []

@@ -279,3 +279,116 @@ def test_check_data_files_lists_every_error(tmp_path):
 
         load_conversations(bad)
     assert str(first.value) == errors[0]
+
+
+# --- the page in a real browser ----------------------------------------------------------------------
+
+from test_web import Server, browser  # noqa: E402,F401  (the Chromium fixture of the other pages)
+
+QUICK_RUN = {"micro_batch_size": "2", "batch_size": "4", "max_steps": "12", "warmup_steps": "0", "test_size": "4",
+             "eval_steps": "3", "save_steps": "3", "logging_steps": "1", "learning_rate": "1e-2",
+             "eval_max_new_tokens": "8"}
+
+
+def trainer_has_stop_and_log() -> bool:
+    """The trainer side of issue 16 (SIGTERM saves a checkpoint, trainer_log.jsonl) is merged."""
+    import checkpoints
+
+    return hasattr(checkpoints, "TRAINER_LOG")
+
+
+@pytest.fixture(scope="module")
+def train_page(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_page")
+    data = write_jsonl(root / "data.jsonl", INSTRUCT_RECORDS * 4)
+    work = root / "work"
+    server = Server("train_web.py", "--model_path", tiny_model, "--data_path", data, "--work_dir", str(work),
+                    "--allow_dir", str(root), "--allow_dir", os.path.dirname(tiny_model))
+    server.root, server.data, server.work = root, data, work
+    yield server
+    server.stop()
+
+
+def flag_box(page, dest):
+    return page.locator(f"#flag_{dest}").locator("textarea, input").first
+
+
+def shown_command(page) -> list[str]:
+    return shlex.split(page.locator("#command .cm-content").inner_text())
+
+
+def wait_text(page, selector: str, text: str, timeout: float = 120):
+    page.wait_for_function("([s, t]) => (document.querySelector(s) || {innerText: ''}).innerText.includes(t)",
+                           arg=[selector, text], timeout=timeout * 1000)
+
+
+def test_api_refuses_paths_outside_the_folders(train_page):
+    from gradio_client import Client
+
+    client = Client(train_page.url, verbose=False)
+    flags = train_web.flag_values(train_web.finetune_parser(), train_web.read_presets()["instruction"])
+    values = [flags[a.dest] for a in train_web.page_actions(train_web.finetune_parser())]
+    report, examples = client.predict("", "none", "/etc/passwd", "run", "", False, *values, api_name="/check_data")
+    assert "outside the folders this page may use" in report and examples == ""
+    status, _ = client.predict("", "none", train_page.data, "../../escaped", "", False, *values, api_name="/start")
+    assert status.startswith("Not started: Output folder ../../escaped is outside")
+    status, _ = client.predict("/etc", "none", train_page.data, "run", "", False, *values, api_name="/start")
+    assert status.startswith("Not started: Model /etc is outside")
+    assert not os.path.exists(train_page.root / "escaped")
+
+
+def test_train_page_in_browser(browser, train_page, tiny_model, tmp_path):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(train_page.url)
+    page.get_by_role("button", name="Check data").click()
+    page.locator("#examples .tok").first.wait_for(timeout=120_000)
+    assert f"{train_page.data}: instruct format, {4 * len(INSTRUCT_RECORDS)} records" in \
+        page.locator("#data_report").inner_text()
+    # the masks shown are --inspect_data's, for the command shown
+    argv = shown_command(page)
+    assert argv[1] == os.path.join(ROOT, "finetune.py")
+    inspect = tmp_path / "inspect.jsonl"
+    proc = subprocess.run(argv + ["--inspect_data", str(inspect)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    expected = [json.loads(line) for line in inspect.read_text().splitlines()[:3]]
+    shown = page.evaluate("""() => [...document.querySelectorAll('#examples .example')].map(
+        e => [...e.querySelectorAll('.tok')].map(t => [Number(t.dataset.id), t.classList.contains('sup')]))""")
+    assert shown == [[[t, lab != -100] for t, lab in zip(e["input_ids"], e["labels"])] for e in expected]
+
+    for dest, value in QUICK_RUN.items():
+        if page.locator(f"#flag_{dest}").count():
+            flag_box(page, dest).fill(value)
+    page.wait_for_function("() => document.querySelector('#command .cm-content').innerText.includes('--max_steps 12')",
+                           timeout=20_000)
+    out = os.path.join(train_page.work, "lora-run")
+    page.get_by_role("button", name="Start").click()
+    wait_text(page, "#status", "Started:", 30)
+    page.get_by_role("button", name="Start").click()  # one run at a time
+    wait_text(page, "#status", "Not started: a run is going already", 30)
+    if not trainer_has_stop_and_log():
+        page.close()
+        pytest.skip("needs the trainer side of issue 16 (trainer_log.jsonl, SIGTERM saves a checkpoint)")
+    wait_text(page, "#progress", "step 2 /", 180)  # the loss curve has points
+    page.wait_for_function("() => !!document.querySelector('#loss_plot canvas, #loss_plot svg')", timeout=30_000)
+    page.get_by_role("button", name="Stop").click()
+    wait_text(page, "#result", "Stopped.", 180)
+    assert train_web.newest_checkpoint(out)
+    assert not os.path.exists(os.path.join(out, "adapter_config.json"))
+    page.get_by_role("button", name="Resume").click()
+    wait_text(page, "#status", "Resumed from", 30)
+    wait_text(page, "#result", "Finished.", 300)
+    page.wait_for_function("() => document.querySelectorAll('#samples tbody tr td').length >= 4 && "
+                           "document.querySelector('#samples tbody').innerText.trim() !== ''", timeout=30_000)
+    assert f"Adapter: {out}" in page.locator("#result").inner_text()
+    assert "merge_lora.py" in page.locator("#result").inner_text()
+    shot = os.environ.get("TRAIN_PAGE_SCREENSHOT") or str(tmp_path / "train_page.png")
+    page.screenshot(path=shot, full_page=True)
+    # the finished run's folder holds an adapter: a new start there is refused unless overwriting
+    page.get_by_role("button", name="Start").click()
+    wait_text(page, "#status", "already holds an adapter", 30)
+    page.close()
+
+    from models import load_for_inference
+
+    model, _ = load_for_inference(tiny_model, out)
+    assert any("lora_" in name for name, _ in model.named_parameters())
