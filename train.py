@@ -11,9 +11,13 @@ Imported by the entry scripts after argument parsing, so `--help` and flag error
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import signal
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +32,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.utils import is_flash_attn_2_available
 
-from checkpoints import ADAPTER_FILES, publish_files, remove_earlier_checkpoints, staging_folder
+from checkpoints import (ADAPTER_FILES, TRAINER_LOG, publish_files, remove_earlier_checkpoints, reset_run_logs,
+                         staging_folder)
 from data import load_conversations, train_test_split
 from errors import UserError, one_line
 from prompt import IGNORE_INDEX, encode_example
@@ -158,15 +163,23 @@ def run(args, data: tuple[str, list] | None = None) -> str | None:
     }
     if args.overwrite_output_dir and plan.rank == 0 and os.path.isdir(args.output_path):
         remove_earlier_checkpoints(args.output_path)
-    lr_watch = LearningRateWatch()
-    for callback in (SaveConfig(config), lr_watch, FiniteGradients(args.learning_rate)):
+        reset_run_logs(args.output_path)
+    lr_watch, progress, stop = LearningRateWatch(), ProgressLog(args.output_path), GracefulStop()
+    for callback in (SaveConfig(config), lr_watch, FiniteGradients(args.learning_rate), progress, stop):
         trainer.add_callback(callback)
     try:
         trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-        if plan.rank == 0:
+        if stop.stopped_at is not None:
+            checkpoint = os.path.join(args.output_path, f"checkpoint-{stop.stopped_at}")
+            progress.write(trainer.state, "stop", checkpoint=checkpoint)
+            if plan.rank == 0:
+                logger.info("stopped at step %d: checkpoint saved to %s; continue with --resume_from_checkpoint %s",
+                            stop.stopped_at, checkpoint, checkpoint)
+        elif plan.rank == 0:
             # lora_B starts at zero: still zero after steps at a positive learning rate means a broken
             # run; after steps at rate 0 only (one step inside the warmup) it is what the user asked for
             save_final_adapter(trainer, args.output_path, config, updated=lr_watch.max_lr > 0)
+            progress.write(trainer.state, "end", adapter=args.output_path)
     except Exception as e:
         close_progress_bars(trainer)  # so the error starts a line of its own
         if not is_write_failure(e):
@@ -174,6 +187,8 @@ def run(args, data: tuple[str, list] | None = None) -> str | None:
         where = getattr(e, "filename", None) or args.output_path
         raise UserError(f"writing {where} failed ({getattr(e, 'strerror', None) or one_line(e)}); free disk space "
                         "or pass another --output_path (checkpoints written completely before are kept)") from None
+    finally:
+        stop.restore_handlers()
     return args.output_path
 
 
@@ -281,6 +296,10 @@ def load_trainable_model(args, model_path: str, plan: Plan):
     # name the base as the user did (the embedded model's name, a hub id), not the cache folder it
     # resolved to: adapter_config.json travels to other machines
     model.peft_config["default"].base_model_name_or_path = args.model_path
+    # We never resize the vocabulary, so every save (checkpoint-N, final) leaves the base's embeddings
+    # out. peft's default ("auto") finds that out by reading config.json of base_model_name_or_path,
+    # which names the user's base, not a folder: it asks the hub and warns offline.
+    model.save_pretrained = functools.partial(model.save_pretrained, save_embedding_layers=False)
     trainable, total = model.get_nb_trainable_parameters()
     logger.info("trainable parameters: %s of %s (%.3f%%), dtype %s, quant %s",
                 f"{trainable:,}", f"{total:,}", 100 * trainable / total, dtype, args.quant)
@@ -331,6 +350,9 @@ def make_trainer(args, plan: Plan, model, tokenizer, train_examples: list[dict],
         ddp_find_unused_parameters=False if ddp else None,
         ddp_backend=None if on_gpu or not ddp else "gloo",
         use_cpu=not on_gpu,
+        # tokens/s in trainer_log.jsonl: a packed row has no padding (and may hold the pad id as a
+        # real token: EOS), a padded batch counts its attention mask
+        include_num_input_tokens_seen="all" if args.packing else "non_padding",
         train_sampling_strategy="group_by_length" if (args.group_by_length and not args.packing) else "random",
         dataloader_num_workers=0,
         deepspeed=args.deepspeed,
@@ -476,6 +498,105 @@ class FiniteGradients(TrainerCallback):
             raise UserError(f"step {state.global_step + 1}: the gradients hold NaN or infinite values: training "
                             f"diverged; lower --learning_rate (now {self.learning_rate:g}) or check the data "
                             "(checkpoints written so far are kept)")
+
+
+class GracefulStop(TrainerCallback):
+    """SIGTERM or SIGINT (the training page's Stop, Ctrl-C) ends the run at the end of the current
+    optimizer step with a normal checkpoint-N (the Trainer's own save), which --resume_from_checkpoint
+    continues exactly; `stopped_at` is then that step and the final adapter is not written.
+
+    The handlers live while train() runs, in the main thread of every process (torchrun forwards a
+    signal to all of them; the request is shared at each step end, so all processes stop at the
+    same step). A second signal gets the default behaviour back: it kills at once.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.requested = False
+        self.stopped_at: int | None = None
+        self._previous: dict = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._request) for s in self.SIGNALS}
+
+    def _request(self, signum, frame):
+        self.requested = True
+        for s in self.SIGNALS:
+            signal.signal(s, signal.SIG_DFL)  # the next one is not caught
+        logger.info("%s: stopping after this optimizer step and saving a checkpoint (send it again to kill "
+                    "at once)", signal.Signals(signum).name)
+
+    def restore_handlers(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        requested = self.requested
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([int(requested)], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            requested = bool(flag.item())
+        if requested:
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.restore_handlers()
+
+
+class ProgressLog(TrainerCallback):
+    """OUTPUT/trainer_log.jsonl (LLaMA-Factory's name): one JSON line per event, appended by the
+    main process, for the training page and scripts. Every line has "event" ("start", "log",
+    "eval", "save", "stop", "end"), "step", "total_steps", "epoch", "elapsed_s" and "remaining_s"
+    (this process's training time so far and the estimate for the steps left, at its pace),
+    "tokens_per_s" (input tokens per second of training in this process) and "learning_rate";
+    "log" adds "loss", "eval" adds "eval_loss", "save" and "stop" add "checkpoint" (the folder),
+    "end" adds "adapter" (the output folder). A resumed run appends: the last line of a step wins."""
+
+    def __init__(self, folder: str):
+        self.path = os.path.join(folder, TRAINER_LOG)
+        self.started = time.monotonic()
+        self.first_step, self.first_tokens, self.learning_rate = 0, 0, None
+
+    def write(self, state, event: str, **values) -> None:
+        if not state.is_world_process_zero:
+            return
+        elapsed = time.monotonic() - self.started
+        done = state.global_step - self.first_step
+        tokens = state.num_input_tokens_seen - self.first_tokens
+        line = {"event": event, "step": state.global_step, "total_steps": state.max_steps, "epoch": state.epoch,
+                "elapsed_s": round(elapsed, 3),
+                "remaining_s": round(elapsed / done * (state.max_steps - state.global_step), 3) if done > 0 else None,
+                "tokens_per_s": round(tokens / elapsed, 1) if elapsed > 0 and tokens else None,
+                "learning_rate": self.learning_rate, **values}
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def on_train_begin(self, args, state, control, lr_scheduler=None, **kwargs):
+        self.started = time.monotonic()
+        self.first_step, self.first_tokens = state.global_step, state.num_input_tokens_seen
+        self._scheduler_rate(lr_scheduler)
+        self.write(state, "start")
+
+    def _scheduler_rate(self, lr_scheduler) -> None:
+        if lr_scheduler is not None:
+            self.learning_rate = lr_scheduler.get_last_lr()[0]
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" in logs:
+            self.learning_rate = logs.get("learning_rate", self.learning_rate)
+            self.write(state, "log", loss=logs["loss"])
+        elif "eval_loss" in logs:
+            self.write(state, "eval", eval_loss=logs["eval_loss"])
+
+    def on_save(self, args, state, control, **kwargs):
+        self.write(state, "save", checkpoint=os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
 
 
 class LearningRateWatch(TrainerCallback):

@@ -1,0 +1,144 @@
+"""What the training page relies on: trainer_log.jsonl, a graceful stop on SIGTERM and its resume,
+the run's own log files under --overwrite_output_dir, and quiet adapter saves."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import finetune
+from conftest import INSTRUCT_RECORDS, ROOT, train_args, write_jsonl
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def wait_for(predicate, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path, tiny_models):
+    from safetensors.torch import load_file
+
+    model = tiny_models["sp"]  # small vocabulary: fast steps
+    data = write_jsonl(tmp_path / "d.jsonl", INSTRUCT_RECORDS * 4)
+    common = ["--max_steps", "40", "--save_steps", "1000", "--lora_dropout", "0.1", "--learning_rate", "1e-3",
+              "--warmup_steps", "3", "--seed", "7"]
+    full = str(tmp_path / "full")
+    finetune.main(train_args(data, full, model, *common))
+
+    out = str(tmp_path / "stopped")
+    log = os.path.join(out, "trainer_log.jsonl")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "finetune.py"), *train_args(data, out, model, *common)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert wait_for(lambda: os.path.isfile(log) and any(e["event"] == "log" for e in read_jsonl(log)), proc)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-3000:]
+    events = read_jsonl(log)
+    stop = events[-1]
+    n = stop["step"]
+    checkpoint = os.path.join(out, f"checkpoint-{n}")
+    assert stop["event"] == "stop" and stop["checkpoint"] == checkpoint and 1 <= n < 40
+    assert f"stopped at step {n}: checkpoint saved to {checkpoint}; continue with --resume_from_checkpoint " \
+           f"{checkpoint}" in output
+    assert "Traceback" not in output
+    assert json.load(open(os.path.join(checkpoint, "trainer_state.json")))["global_step"] == n
+    assert os.path.isfile(os.path.join(checkpoint, "training_config.json"))
+    assert not os.path.exists(os.path.join(out, "adapter_config.json"))
+    assert [e["event"] for e in events if e["event"] in ("start", "save", "stop")] == ["start", "save", "stop"]
+    assert events[0]["total_steps"] == 40 and events[0]["step"] == 0
+
+    finetune.main(train_args(data, out, model, *common, "--resume_from_checkpoint", checkpoint))
+    resumed = read_jsonl(log)[len(events):]  # appended
+    assert resumed[0]["event"] == "start" and resumed[0]["step"] == n
+    assert resumed[-1] == {**resumed[-1], "event": "end", "step": 40, "adapter": out}
+    a = load_file(os.path.join(full, "adapter_model.safetensors"))
+    b = load_file(os.path.join(out, "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
+    from models import load_adapter
+    from transformers import AutoModelForCausalLM
+
+    load_adapter(AutoModelForCausalLM.from_pretrained(model), out)  # the final adapter loads
+
+
+def test_trainer_log_lines(tmp_path, tiny_models):
+    data = write_jsonl(tmp_path / "d.jsonl", INSTRUCT_RECORDS * 2)
+    out = str(tmp_path / "out")
+    finetune.main(train_args(data, out, tiny_models["sp"], "--test_size", "4", "--eval_steps", "2"))
+    events = read_jsonl(os.path.join(out, "trainer_log.jsonl"))
+    assert [(e["event"], e["step"]) for e in events] == [
+        ("start", 0), ("log", 1), ("log", 2), ("eval", 2), ("save", 2), ("log", 3), ("log", 4), ("eval", 4),
+        ("save", 4), ("end", 4)]
+    history = json.load(open(os.path.join(out, "checkpoint-4", "trainer_state.json")))["log_history"]
+    losses = {h["step"]: h["loss"] for h in history if "loss" in h}
+    eval_losses = {h["step"]: h["eval_loss"] for h in history if "eval_loss" in h}
+    rates = {h["step"]: h["learning_rate"] for h in history if "loss" in h}
+    for e in events:
+        assert e["total_steps"] == 4
+        if e["event"] == "log":
+            assert e["loss"] == losses[e["step"]] and e["learning_rate"] == rates[e["step"]]
+            assert e["epoch"] > 0 and e["elapsed_s"] > 0 and e["remaining_s"] >= 0 and e["tokens_per_s"] > 0
+        if e["event"] == "eval":
+            assert e["eval_loss"] == eval_losses[e["step"]]
+        if e["event"] == "save":
+            assert e["checkpoint"] == os.path.join(out, f"checkpoint-{e['step']}")
+    assert events[-1]["adapter"] == out and events[-1]["remaining_s"] == 0
+
+
+def test_overwrite_empties_our_logs_and_keeps_foreign_files(tmp_path, tiny_models):
+    data = write_jsonl(tmp_path / "d.jsonl", INSTRUCT_RECORDS)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "trainer_log.jsonl").write_text('{"event": "old"}\n')
+    (out / "notes.jsonl").write_text("mine\n")
+    with pytest.raises(SystemExit):  # not empty, not ours to replace without the flag
+        finetune.main(train_args(data, str(out), tiny_models["sp"], "--max_steps", "1"))
+    finetune.main(train_args(data, str(out), tiny_models["sp"], "--max_steps", "1", "--overwrite_output_dir"))
+    assert [e["event"] for e in read_jsonl(out / "trainer_log.jsonl")] == ["start", "log", "save", "end"]
+    assert (out / "notes.jsonl").read_text() == "mine\n"
+
+
+def test_overwrite_refuses_a_log_name_that_is_not_a_file(tmp_path, tiny_models, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", INSTRUCT_RECORDS)
+    out = tmp_path / "out"
+    (out / "samples.jsonl").mkdir(parents=True)
+    with pytest.raises(SystemExit) as e:
+        finetune.main(train_args(data, str(out), tiny_models["sp"], "--overwrite_output_dir"))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--output_path {out}: samples.jsonl is not a file a run of finetune.py wrote" in err
+    assert os.path.isdir(out / "samples.jsonl")
+
+
+def test_adapter_saves_do_not_ask_the_hub(tmp_path, tiny_models, monkeypatch, recwarn):
+    """The base is named as the user did (the embedded model's name, not a folder): peft must not
+    look that name up on the hub at each save, and adapter_config.json keeps the name."""
+    import train
+
+    name = "SmolLM2-135M-Instruct"
+    monkeypatch.setattr(train, "resolve_model_path", lambda path: tiny_models["sp"] if path == name else path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    data = write_jsonl(tmp_path / "d.jsonl", INSTRUCT_RECORDS)
+    out = str(tmp_path / "out")
+    finetune.main(train_args(data, out, name, "--max_steps", "2", "--save_steps", "1"))
+    shown = [str(w.message) for w in recwarn]
+    for warning in ("Unable to fetch remote file", "Could not find a config file"):
+        assert not [w for w in shown if warning in w]
+    for folder in (out, os.path.join(out, "checkpoint-1"), os.path.join(out, "checkpoint-2")):
+        assert json.load(open(os.path.join(folder, "adapter_config.json")))["base_model_name_or_path"] == name
