@@ -56,6 +56,7 @@ PAGE_FLAGS = ("prompt_type", "train_on", "cutoff_len", "micro_batch_size", "batc
 PATH_FLAGS = {"eval_prompts"}  # a file: confined like the data ("none" switches the samples off)
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 UPLOAD_NAME = re.compile(r"[^\w.-]+")
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # tqdm's cursor moves in the log
 EXAMPLES_SHOWN = 3
 TOKENS_SHOWN = 1024  # per rendered example
 
@@ -400,6 +401,7 @@ def log_tail(path: str, lines: int = 30) -> str:
             text = f.read().decode("utf-8", "replace")
     except OSError:
         return ""
+    text = ANSI_ESCAPE.sub("", text)
     shown = [line.rsplit("\r", 1)[-1] for line in (s.rstrip("\r") for s in text.split("\n"))]
     return "\n".join(shown[-lines:])
 
@@ -638,14 +640,18 @@ def build_page(args, folders: Folders, presets: dict[str, list[str]]):
             return "Stopping: the run finishes its step, saves a checkpoint and exits (Resume continues it)"
         return "Nothing is running."
 
-    def refresh():
+    def refresh(shown_curves):
         running = runner.running()
         rc = runner.poll()
         out = runner.output
         log = parse_trainer_log(read_jsonl(os.path.join(out, TRAINER_LOG))) if out else parse_trainer_log([])
         points = [{"step": s, "loss": v, "curve": "train"} for s, v in log["train"]] + \
                  [{"step": s, "loss": v, "curve": "eval"} for s, v in log["eval"]]
-        frame = pd.DataFrame(points, columns=["step", "loss", "curve"])
+        curves = [log["train"], log["eval"]]
+        if curves == shown_curves:
+            frame = gr.update()  # unchanged: the browser keeps the plot as drawn
+        else:  # None when empty: a LinePlot whose first frame is empty draws no lines of its colors
+            frame = pd.DataFrame(points, columns=["step", "loss", "curve"]) if points else None
         samples = latest_samples(read_jsonl(os.path.join(out, SAMPLES))) if out else []
         result = ""
         if out and not running and rc is not None:
@@ -660,7 +666,7 @@ def build_page(args, folders: Folders, presets: dict[str, list[str]]):
                 result = f"**Failed** (exit status {rc}): `{errors[-1] if errors else 'see the log'}`"
         return (progress_html(log["progress"], running), frame,
                 pd.DataFrame(samples, columns=["step", "index", "prompt", "answer"]),
-                log_tail(runner.log_path) if runner.log_path else "", result)
+                log_tail(runner.log_path) if runner.log_path else "", result, curves)
 
     def flag_component(action, value):
         label = f"--{action.dest}"
@@ -690,7 +696,7 @@ def build_page(args, folders: Folders, presets: dict[str, list[str]]):
                 data = gr.Textbox(value=args.data_path, label="Data files (comma-separated)", max_lines=1,
                                   elem_id="data_path")
                 uploads = gr.File(label="Or upload data (.json / .jsonl)", file_count="multiple",
-                                  file_types=[".json", ".jsonl"], type="filepath")
+                                  file_types=[".json", ".jsonl"], type="filepath", elem_id="uploads")
                 check = gr.Button("Check data")
                 data_report = gr.Markdown(elem_id="data_report")
         gr.Markdown("### What the model will see (green: supervised, grey: not trained on)")
@@ -713,8 +719,9 @@ def build_page(args, folders: Folders, presets: dict[str, list[str]]):
         status = gr.Markdown(elem_id="status")
         gr.Markdown("### Progress")
         progress = gr.HTML(progress_html({}, False))
-        plot = gr.LinePlot(pd.DataFrame(columns=["step", "loss", "curve"]), x="step", y="loss", color="curve",
+        plot = gr.LinePlot(None, x="step", y="loss", color="curve", color_map={"train": "#1f77b4", "eval": "#d62728"},
                            label="Loss", elem_id="loss_plot", height=280)
+        shown_curves = gr.State(None)
         samples = gr.Dataframe(headers=["step", "index", "prompt", "answer"], label="Samples at each evaluation",
                                wrap=True, elem_id="samples")
         log = gr.Textbox(label="Log (tail)", lines=12, max_lines=12, autoscroll=True, elem_id="log")
@@ -731,7 +738,8 @@ def build_page(args, folders: Folders, presets: dict[str, list[str]]):
         resume_btn.click(resume, inputs=inputs, outputs=[status, command], api_name="resume", concurrency_limit=None)
         stop_btn.click(stop, outputs=status, api_name="stop", queue=False)
         timer = gr.Timer(1.5)
-        timer.tick(refresh, outputs=[progress, plot, samples, log, result], queue=False, api_visibility="private")
+        timer.tick(refresh, inputs=shown_curves, outputs=[progress, plot, samples, log, result, shown_curves],
+                   queue=False, api_visibility="private")
         page.load(show_command, inputs=inputs, outputs=command, queue=False, api_visibility="private")
     return guard_requests(page, max_chars)
 
