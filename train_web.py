@@ -413,6 +413,16 @@ def duration(seconds) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def curve_points(log: dict) -> list[dict]:
+    """The loss plot's rows (step, loss, curve); a curve without points yet gets one NaN row, so the
+    plot knows both curves from its first frame (it draws no curve it learns of later)."""
+    points = []
+    for curve in ("train", "eval"):
+        rows = [{"step": s, "loss": v, "curve": curve} for s, v in log[curve]]
+        points += rows or [{"step": 0, "loss": float("nan"), "curve": curve}]
+    return points if log["train"] or log["eval"] else []
+
+
 def progress_html(progress: dict, running: bool) -> str:
     step, total = progress.get("step") or 0, progress.get("total_steps") or 0
     share = min(1.0, step / total) if total else 0.0
@@ -645,8 +655,7 @@ def build_page(args, folders: Folders, presets: dict[str, list[str]]):
         rc = runner.poll()
         out = runner.output
         log = parse_trainer_log(read_jsonl(os.path.join(out, TRAINER_LOG))) if out else parse_trainer_log([])
-        points = [{"step": s, "loss": v, "curve": "train"} for s, v in log["train"]] + \
-                 [{"step": s, "loss": v, "curve": "eval"} for s, v in log["eval"]]
+        points = curve_points(log)
         curves = [log["train"], log["eval"]]
         if curves == shown_curves:
             frame = gr.update()  # unchanged: the browser keeps the plot as drawn

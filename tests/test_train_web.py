@@ -178,6 +178,15 @@ def test_parse_trainer_log_takes_the_last_value_per_step():
     assert train_web.parse_trainer_log([]) == {"train": [], "eval": [], "progress": {}}
 
 
+def test_curve_points_name_both_curves_from_the_start():
+    import math
+
+    rows = train_web.curve_points({"train": [(1, 3.0), (2, 2.5)], "eval": []})
+    assert rows[:2] == [{"step": 1, "loss": 3.0, "curve": "train"}, {"step": 2, "loss": 2.5, "curve": "train"}]
+    assert rows[2]["curve"] == "eval" and math.isnan(rows[2]["loss"])
+    assert train_web.curve_points({"train": [], "eval": []}) == []
+
+
 def test_read_jsonl_skips_a_half_written_line(tmp_path):
     path = tmp_path / "log.jsonl"
     path.write_text('{"event": "log", "step": 1}\n[1]\n{"event": "lo')
@@ -335,6 +344,13 @@ def test_api_refuses_paths_outside_the_folders(train_page):
     status, _ = client.predict("/etc", "none", train_page.data, "run", "", False, *values, api_name="/start")
     assert status.startswith("Not started: Model /etc is outside")
     assert not os.path.exists(train_page.root / "escaped")
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="must be text"):  # webui.guard_requests checks every posted value
+        client.predict("", "none", {"path": "/etc/passwd"}, "run", "", False, *values, api_name="/start")
+    with pytest.raises(AppError, match="Quantization must be one of"):
+        client.predict("", "2bit", train_page.data, "run", "", False, *values, api_name="/start")
+    assert "Traceback" not in train_page.output()
 
 
 def test_train_page_in_browser(browser, train_page, tiny_model, tmp_path):
