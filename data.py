@@ -450,6 +450,21 @@ def load_prompts(path: str, flag: str = "--eval_prompts") -> list[Conversation]:
     return [as_prompt(conv) for conv in load_conversations(path, flag, open_end=True)[1]]
 
 
+def read_eval_prompts(spec: str | None, prompt_type: str) -> list[Conversation] | None:
+    """--eval_prompts: its prompts read and checked, [] for "none", None for the default (chosen by
+    train.py once the held-out split is made)."""
+    if spec is None:
+        return None
+    if spec == "none":
+        return []
+    prompts = load_prompts(spec)
+    for conv in prompts:
+        if prompt_type == "instruct" and not conv.is_single_turn:
+            raise DataError(f"--eval_prompts {conv.where}: {len(conv.turns)} turns, but the instruct template holds "
+                            "one instruction; pass single-turn prompts or --prompt_type chat")
+    return prompts
+
+
 def mix(per_file: list[list], shares: list[float] | None, seed: int) -> list[list]:
     """Each file's training examples as the mix takes them: all of them without `shares`; with
     them, share_i of the total from file i, a random subset (no repeats) when the file has more

@@ -34,12 +34,12 @@ from transformers.utils import is_flash_attn_2_available
 
 from checkpoints import (ADAPTER_FILES, SAMPLES_LOG, TRAINER_LOG, publish_files, remove_earlier_checkpoints, reset_run_logs,
                          staging_folder)
-from data import DataFile, as_prompt, load_data_files, load_prompts, mix, parse_shares, split_files
+from data import (DataFile, as_prompt, load_data_files, load_prompts, mix, parse_shares, read_eval_prompts,
+                  split_files)
 from errors import UserError, logger, one_line
 from generation import GenerationParams, generate_text
 from prompt import IGNORE_INDEX, STOP_STRINGS, build_prompt_ids, encode_example, extract_response, measure_example, \
     question_text
-from train_args import read_eval_prompts
 from models import (ADAPTER_CONFIG, adapter_key_report, device_map_for, load_adapter, load_model, load_tokenizer,
                     pick_dtype, refuse_compressed_base, resolve_model_path, save_training_config, target_modules)
 
@@ -127,7 +127,7 @@ class Plan:
 def run(args, data: tuple[list[DataFile], list | None] | None = None) -> str | None:
     """The run for flags that train_args.check_args passed: data, model, training, final save.
     `data`: train_args.preflight's ([DataFile], --eval_prompts prompts) (read here when None)."""
-    files, prompts = data or (load_data_files(args.data_path), read_eval_prompts(args))
+    files, prompts = data or (load_data_files(args.data_path), read_eval_prompts(args.eval_prompts, args.prompt_type))
     if args.inspect_data:
         return inspect_data(args, files)
     n_records = sum(len(f.conversations) for f in files)

@@ -15,7 +15,7 @@ import math
 import os
 
 from checkpoints import check_output_folder, check_resume_checkpoint
-from data import data_paths, load_data_files, load_prompts, parse_shares
+from data import data_paths, load_data_files, parse_shares, read_eval_prompts
 from errors import UserError, cli_errors, setup_logging
 from models import EMBEDDED_MODEL, QUANT_CHOICES, target_modules
 from prompt import PROMPT_TYPES
@@ -169,24 +169,7 @@ def preflight(args) -> tuple[list, list | None]:
     prompts or None for the default)."""
     check_args(args)
     files = load_data_files(args.data_path)
-    return files, read_eval_prompts(args)
-
-
-def read_eval_prompts(args) -> list | None:
-    """--eval_prompts: its prompts read and checked, [] for none, None for the default (the first
-    held-out records; chosen in train.py once the split is made)."""
-    if args.eval_prompts is None or args.inspect_data:
-        return None
-    if args.eval_prompts == "none":
-        return []
-    prompts = load_prompts(args.eval_prompts)
-    for conv in prompts:
-        if args.prompt_type == "instruct" and not conv.is_single_turn:
-            raise UserError(f"--eval_prompts {conv.where}: {len(conv.turns)} turns, but the instruct template holds "
-                            "one instruction; pass single-turn prompts or --prompt_type chat")
-    return prompts
-
-
+    return files, None if args.inspect_data else read_eval_prompts(args.eval_prompts, args.prompt_type)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
