@@ -32,14 +32,20 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.utils import is_flash_attn_2_available
 
-from checkpoints import (ADAPTER_FILES, TRAINER_LOG, publish_files, remove_earlier_checkpoints, reset_run_logs,
+from checkpoints import (ADAPTER_FILES, SAMPLES_LOG, TRAINER_LOG, publish_files, remove_earlier_checkpoints, reset_run_logs,
                          staging_folder)
-from data import load_conversations, train_test_split
-from errors import UserError, one_line
-from prompt import IGNORE_INDEX, encode_example
-from errors import logger
+from data import (DataFile, as_prompt, load_data_files, load_prompts, mix, parse_shares, read_eval_prompts,
+                  split_files)
+from errors import UserError, logger, one_line
+from generation import GenerationParams, generate_text
+from prompt import IGNORE_INDEX, STOP_STRINGS, build_prompt_ids, encode_example, extract_response, measure_example, \
+    question_text
 from models import (ADAPTER_CONFIG, adapter_key_report, device_map_for, load_adapter, load_model, load_tokenizer,
                     pick_dtype, refuse_compressed_base, resolve_model_path, save_training_config, target_modules)
+
+
+DEFAULT_EVAL_PROMPTS = 4  # --eval_prompts default: this many held-out records, or of DEFAULT_PROMPTS_FILE
+DEFAULT_PROMPTS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample", "heldout_prompts.json")
 
 
 def build_examples(convs, args, tokenizer, counts: dict | None = None) -> tuple[list[dict], int]:
@@ -118,30 +124,53 @@ class Plan:
         return max(1, math.ceil(args.num_epochs * max(1, batches // self.grad_accum)))
 
 
-def run(args, data: tuple[str, list] | None = None) -> str | None:
+def run(args, data: tuple[list[DataFile], list | None] | None = None) -> str | None:
     """The run for flags that train_args.check_args passed: data, model, training, final save.
-    `data`: (format, conversations) already read from --data_path (read here when None)."""
+    `data`: train_args.preflight's ([DataFile], --eval_prompts prompts) (read here when None)."""
+    files, prompts = data or (load_data_files(args.data_path), read_eval_prompts(args.eval_prompts, args.prompt_type))
     if args.inspect_data:
-        return inspect_data(args, data)
-    data_format, convs = data or load_conversations(args.data_path)
-    test_size = args.test_size if args.test_size is not None else min(200, len(convs) // 10)
-    train_convs, test_convs = train_test_split(convs, test_size, args.seed, args.data_path)
+        return inspect_data(args, files)
+    n_records = sum(len(f.conversations) for f in files)
+    test_size = args.test_size if args.test_size is not None else min(200, n_records // 10)
+    splits = split_files(files, test_size, args.seed, args.data_path)
     model_path = resolve_model_path(args.model_path)
     refuse_compressed_base(model_path, args.model_path)
     tokenizer = load_tokenizer(model_path, args.trust_remote_code)
     tokenizer.padding_side = "right"
     counts: dict = {}
-    train_examples, dropped_train = build_examples(train_convs, args, tokenizer, counts)
-    test_examples, dropped_test = build_examples(test_convs, args, tokenizer, counts)
-    if dropped_train + dropped_test:
+    per_file, test_examples, dropped, file_counts = [], [], 0, []
+    for file, (train_convs, test_convs) in zip(files, splits):
+        file_train, dropped_train = build_examples(train_convs, args, tokenizer, counts)
+        file_test, dropped_test = build_examples(test_convs, args, tokenizer, counts)
+        per_file.append(file_train)
+        test_examples += file_test
+        dropped += dropped_train + dropped_test
+        file_counts.append({"path": file.path, "format": file.format, "records": len(file.conversations),
+                            "train_examples": len(file_train), "eval_examples": len(file_test),
+                            "dropped_examples": dropped_train + dropped_test})
+    if dropped:
         logger.warning("dropped %d of %d records whose response lies beyond --cutoff_len %d",
-                       dropped_train + dropped_test, len(convs), args.cutoff_len)
-    if not train_examples:
+                       dropped, n_records, args.cutoff_len)
+    shares = parse_shares(args.data_shares, len(files))
+    for file, examples in zip(files, per_file):
+        if not examples and (shares or len(files) == 1):
+            raise UserError(f"{file.path}: no training example keeps a supervised token within "
+                            f"--cutoff_len {args.cutoff_len}; raise --cutoff_len")
+    if not any(per_file):
         raise UserError(f"{args.data_path}: no training example keeps a supervised token within "
                         f"--cutoff_len {args.cutoff_len}; raise --cutoff_len")
+    mixed = mix(per_file, shares, args.seed)
+    train_examples = [ex for part in mixed for ex in part]
+    for entry, part, share in zip(file_counts, mixed, shares or [None] * len(files)):
+        entry.update(share=share, in_training_mix=len(part))
     plan = Plan.from_args(args)
-    log_summary(args, data_format, len(convs), train_examples, test_examples, counts["truncated"],
-                plan.total_steps(args, len(train_examples)))
+    data_format = ",".join(dict.fromkeys(f.format for f in files))
+    log_summary(args, data_format, n_records, train_examples, test_examples, counts["truncated"],
+                plan.total_steps(args, len(train_examples)), file_counts)
+    if prompts is None:  # the default: the first held-out records, or our sample prompts
+        held_out = [conv for _, test_convs in splits for conv in test_convs]
+        prompts = [as_prompt(c) for c in held_out[:DEFAULT_EVAL_PROMPTS]] or \
+            load_prompts(DEFAULT_PROMPTS_FILE)[:DEFAULT_EVAL_PROMPTS]
 
     model, resolved = load_trainable_model(args, model_path, plan)
     trainer = make_trainer(args, plan, model, tokenizer, train_examples, test_examples)
@@ -150,9 +179,10 @@ def run(args, data: tuple[str, list] | None = None) -> str | None:
         "base_model_resolved": model_path,
         "prompt_type": args.prompt_type,
         "data_format": data_format,
+        "data_files": file_counts,
         "num_train_examples": len(train_examples),
         "num_eval_examples": len(test_examples),
-        "dropped_examples": dropped_train + dropped_test,
+        "dropped_examples": dropped,
         "gradient_accumulation_steps": plan.grad_accum,
         "world_size": plan.world_size,
         "gradient_checkpointing": plan.gradient_checkpointing,
@@ -167,6 +197,11 @@ def run(args, data: tuple[str, list] | None = None) -> str | None:
     lr_watch, progress, stop = LearningRateWatch(), ProgressLog(args.output_path), GracefulStop()
     for callback in (SaveConfig(config), lr_watch, FiniteGradients(args.learning_rate), progress, stop):
         trainer.add_callback(callback)
+    if prompts:
+        trainer.add_callback(GenerationSamples(
+            prompts, args.prompt_type, tokenizer, args.eval_max_new_tokens, args.output_path,
+            every=None if test_examples else args.eval_steps, writers=trainer.callback_handler.callbacks,
+            wandb=args.wandb))
     try:
         trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
         if stop.stopped_at is not None:
@@ -192,19 +227,27 @@ def run(args, data: tuple[str, list] | None = None) -> str | None:
     return args.output_path
 
 
-def inspect_data(args, data: tuple[str, list] | None = None) -> None:
-    """--inspect_data FILE: every example of the data file as {input_ids, labels} JSON lines."""
+def inspect_data(args, files: list[DataFile]) -> None:
+    """--inspect_data FILE: every record of every data file as one JSON line, in file order:
+    {"where", "length", "cut", "input_ids", "labels"} for an example ("length": its tokens before
+    --cutoff_len, "cut": whether the cut shortened it), {"where", "length", "dropped": true} for a
+    record with no supervised token within --cutoff_len."""
     if os.path.exists(args.inspect_data):
         raise UserError(f"--inspect_data {args.inspect_data} exists; pass a new file name")
-    _, convs = data or load_conversations(args.data_path)
     tokenizer = load_tokenizer(resolve_model_path(args.model_path), args.trust_remote_code)
-    counts: dict = {}
-    examples, dropped = build_examples(convs, args, tokenizer, counts)
+    kept = cut = dropped = 0
     with open(args.inspect_data, "w", encoding="utf-8") as f:
-        for ex in examples:
-            f.write(json.dumps({"input_ids": ex["input_ids"], "labels": ex["labels"]}) + "\n")
+        for conv in (conv for file in files for conv in file.conversations):
+            ex, truncated, length = measure_example(args.prompt_type, conv, tokenizer, args.cutoff_len, args.train_on)
+            if ex is None:
+                line = {"where": conv.where, "length": length, "dropped": True}
+                dropped += 1
+            else:
+                line = {"where": conv.where, "length": length, "cut": truncated, **ex}
+                kept, cut = kept + 1, cut + truncated
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
     logger.info("wrote %d examples to %s (%d cut at --cutoff_len %d; %d dropped: no supervised token "
-                "within it)", len(examples), args.inspect_data, counts["truncated"], args.cutoff_len, dropped)
+                "within it)", kept, args.inspect_data, cut, args.cutoff_len, dropped)
 
 
 def close_progress_bars(trainer) -> None:
@@ -228,8 +271,14 @@ def is_write_failure(e: BaseException) -> bool:
 
 
 def log_summary(args, data_format: str, n_records: int, train: list[dict], test: list[dict], truncated: int,
-                total_steps: int) -> None:
+                total_steps: int, file_counts: list[dict]) -> None:
     """What the run will do, and each thing that would surprise a user, before any weight loads."""
+    if len(file_counts) > 1:
+        for c in file_counts:
+            share = f", share {c['share']:g}" if c["share"] is not None else ""
+            logger.info("%s: %s format, %d records: %d train / %d eval examples, %d in the training mix%s",
+                        c["path"], c["format"], c["records"], c["train_examples"], c["eval_examples"],
+                        c["in_training_mix"], share)
     n_tokens = sum(len(e["input_ids"]) for e in train)
     n_sup = sum(sum(1 for t in e["labels"] if t != IGNORE_INDEX) for e in train)
     logger.info("%s: %s format, %d train / %d eval examples, %d tokens (%d supervised), %d optimizer steps",
@@ -597,6 +646,85 @@ class ProgressLog(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         self.write(state, "save", checkpoint=os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+
+
+class GenerationSamples(TrainerCallback):
+    """--eval_prompts: greedy answers to a few prompts at every evaluation (with `every`, at every
+    `every`-th step: a run without a held-out split), on the main process, appended to
+    OUTPUT/samples.jsonl as {"step", "index", "prompt" (the question as a person reads it),
+    "answer"}, and written to TensorBoard (text "samples/N") and to wandb (a table) when they log.
+
+    The answers are what generate.py prints for the adapter at that step with the default decoding
+    (generation.generate_text, the template's stop strings; --eval_max_new_tokens tokens at most).
+    Training is not changed: the model is switched to eval mode and back, nothing keeps gradients,
+    and every random generator (python, numpy, torch, CUDA) is put back as it was, so the trained
+    adapter is bitwise the one a run without samples gives.
+    """
+
+    def __init__(self, prompts: list, prompt_type: str, tokenizer, max_new_tokens: int, folder: str,
+                 every: int | None = None, writers: list | None = None, wandb: bool = False):
+        self.prompt_type, self.tokenizer, self.every = prompt_type, tokenizer, every
+        self.questions = [question_text(conv) for conv in prompts]
+        self.prompt_ids = [build_prompt_ids(prompt_type, conv, tokenizer) for conv in prompts]
+        self.params = GenerationParams(max_new_tokens=max_new_tokens)
+        self.path = os.path.join(folder, SAMPLES_LOG)
+        self.writers = writers if writers is not None else []  # the Trainer's callbacks: TensorBoard's
+        self.wandb = wandb
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        if self.every is None:
+            self.write_samples(state, model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.every is not None and state.global_step % self.every == 0:
+            self.write_samples(state, model)
+
+    def answers(self, model) -> list[str]:
+        """The greedy answer to every prompt, leaving the model's mode and every RNG as they were."""
+        import random
+
+        import numpy as np
+
+        rng = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+               torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+        training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                return [extract_response(generate_text(model, self.tokenizer, ids, self.params,
+                                                       STOP_STRINGS[self.prompt_type]), self.prompt_type)
+                        for ids in self.prompt_ids]
+        finally:
+            model.train(training)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            random.setstate(rng[0])
+            np.random.set_state(rng[1])
+            torch.set_rng_state(rng[2])
+            if rng[3] is not None:
+                torch.cuda.set_rng_state_all(rng[3])
+
+    def write_samples(self, state, model) -> None:
+        if not state.is_world_process_zero or model is None:
+            return
+        step = state.global_step
+        rows = [{"step": step, "index": i, "prompt": q, "answer": a}
+                for i, (q, a) in enumerate(zip(self.questions, self.answers(model)))]
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        for callback in self.writers:
+            tb = getattr(callback, "tb_writer", None)
+            if tb is not None:
+                for row in rows:
+                    tb.add_text(f"samples/{row['index']}", f"**prompt**\n\n{row['prompt']}\n\n**answer**\n\n"
+                                f"{row['answer']}", step)
+                tb.flush()
+        if self.wandb:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.log({"eval/samples": wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])})
 
 
 class LearningRateWatch(TrainerCallback):

@@ -9,7 +9,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 import finetune
 from conftest import INSTRUCT_RECORDS, ROOT, train_args, write_jsonl
@@ -29,16 +28,14 @@ def wait_for(predicate, proc, timeout=120):
     return False
 
 
-def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path, tiny_models):
-    from safetensors.torch import load_file
-
+def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, tiny_models):
+    """The training page's Stop: exit status 0, checkpoint-N and the line saying how to go on; the
+    resumed run appends to trainer_log.jsonl and ends with an adapter that loads. (That a resumed
+    checkpoint continues exactly is test_train.py's SIGKILL test: the Trainer's own checkpoint.)"""
     model = tiny_models["sp"]  # small vocabulary: fast steps
     data = write_jsonl(tmp_path / "d.jsonl", INSTRUCT_RECORDS * 4)
-    common = ["--max_steps", "40", "--save_steps", "1000", "--lora_dropout", "0.1", "--learning_rate", "1e-3",
+    common = ["--max_steps", "24", "--save_steps", "1000", "--lora_dropout", "0.1", "--learning_rate", "1e-3",
               "--warmup_steps", "3", "--seed", "7"]
-    full = str(tmp_path / "full")
-    finetune.main(train_args(data, full, model, *common))
-
     out = str(tmp_path / "stopped")
     log = os.path.join(out, "trainer_log.jsonl")
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "finetune.py"), *train_args(data, out, model, *common)],
@@ -52,7 +49,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path, tiny_models):
     stop = events[-1]
     n = stop["step"]
     checkpoint = os.path.join(out, f"checkpoint-{n}")
-    assert stop["event"] == "stop" and stop["checkpoint"] == checkpoint and 1 <= n < 40
+    assert stop["event"] == "stop" and stop["checkpoint"] == checkpoint and 1 <= n < 24
     assert f"stopped at step {n}: checkpoint saved to {checkpoint}; continue with --resume_from_checkpoint " \
            f"{checkpoint}" in output
     assert "Traceback" not in output
@@ -60,17 +57,12 @@ def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path, tiny_models):
     assert os.path.isfile(os.path.join(checkpoint, "training_config.json"))
     assert not os.path.exists(os.path.join(out, "adapter_config.json"))
     assert [e["event"] for e in events if e["event"] in ("start", "save", "stop")] == ["start", "save", "stop"]
-    assert events[0]["total_steps"] == 40 and events[0]["step"] == 0
+    assert events[0]["total_steps"] == 24 and events[0]["step"] == 0
 
     finetune.main(train_args(data, out, model, *common, "--resume_from_checkpoint", checkpoint))
     resumed = read_jsonl(log)[len(events):]  # appended
     assert resumed[0]["event"] == "start" and resumed[0]["step"] == n
-    assert resumed[-1] == {**resumed[-1], "event": "end", "step": 40, "adapter": out}
-    a = load_file(os.path.join(full, "adapter_model.safetensors"))
-    b = load_file(os.path.join(out, "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
+    assert resumed[-1] == {**resumed[-1], "event": "end", "step": 24, "adapter": out}
     from models import load_adapter
     from transformers import AutoModelForCausalLM
 
