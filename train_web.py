@@ -37,7 +37,7 @@ import tempfile
 import threading
 
 import train_args
-from checkpoints import ADAPTER_CONFIG, checkpoints_in
+from checkpoints import ADAPTER_CONFIG, SAMPLES_LOG, TRAINER_LOG, checkpoints_in
 from errors import UserError, cli_errors, one_line, setup_logging
 from models import EMBEDDED_MODEL, QUANT_CHOICES
 from webui import HelpFormatter, add_server_args
@@ -46,8 +46,6 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 FINETUNE = os.path.join(ROOT, "finetune.py")
 COMMON_SH = os.path.join(ROOT, "scripts", "common.sh")
 WORK_DIR = "train_web_runs"
-TRAINER_LOG = "trainer_log.jsonl"  # what the trainer writes into --output_path, one event a line
-SAMPLES = "samples.jsonl"  # the generation samples of each evaluation
 # finetune.py's flags the page shows, in this order (those the parser lacks are left out)
 PAGE_FLAGS = ("prompt_type", "train_on", "cutoff_len", "micro_batch_size", "batch_size", "num_epochs", "max_steps",
               "learning_rate", "warmup_steps", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
@@ -661,7 +659,7 @@ def build_page(args, folders: Folders, presets: dict[str, list[str]]):
             frame = gr.update()  # unchanged: the browser keeps the plot as drawn
         else:  # None when empty: a LinePlot whose first frame is empty draws no lines of its colors
             frame = pd.DataFrame(points, columns=["step", "loss", "curve"]) if points else None
-        samples = latest_samples(read_jsonl(os.path.join(out, SAMPLES))) if out else []
+        samples = latest_samples(read_jsonl(os.path.join(out, SAMPLES_LOG))) if out else []
         result = ""
         if out and not running and rc is not None:
             if rc == 0 and os.path.isfile(os.path.join(out, ADAPTER_CONFIG)):
