@@ -739,7 +739,7 @@ def build_page(args, folders: Folders, presets: dict[str, list[str]]):
             box.change(show_command, inputs=inputs, outputs=command, queue=False, api_visibility="private")
         preset.change(apply_preset, inputs=preset, outputs=[quant, *flag_boxes], queue=False,
                       api_visibility="private")
-        uploads.upload(upload, inputs=uploads, outputs=data, api_visibility="private")
+        uploads.upload(upload, inputs=uploads, outputs=data, api_name="upload", api_visibility="private")
         check.click(check_data, inputs=inputs, outputs=[data_report, examples], api_name="check_data")
         start_btn.click(start, inputs=inputs, outputs=[status, command], api_name="start", concurrency_limit=None)
         resume_btn.click(resume, inputs=inputs, outputs=[status, command], api_name="resume", concurrency_limit=None)

@@ -292,7 +292,8 @@ def test_check_data_files_lists_every_error(tmp_path):
 
 # --- the page in a real browser ----------------------------------------------------------------------
 
-from test_web import Server, browser  # noqa: E402,F401  (the Chromium fixture of the other pages)
+from test_pages_hostile import Page  # noqa: E402  (raw requests to any handler, hidden ones too)
+from test_web import browser  # noqa: E402,F401  (the Chromium fixture of the other pages)
 
 QUICK_RUN = {"micro_batch_size": "2", "batch_size": "4", "max_steps": "40", "warmup_steps": "0", "test_size": "4",
              "eval_steps": "10", "save_steps": "10", "logging_steps": "1", "learning_rate": "1e-2",
@@ -304,8 +305,11 @@ def train_page(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("train_page")
     data = write_jsonl(root / "data.jsonl", INSTRUCT_RECORDS * 4)
     work = root / "work"
-    server = Server("train_web.py", "--model_path", tiny_model, "--data_path", data, "--work_dir", str(work),
-                    "--allow_dir", str(root), "--allow_dir", os.path.dirname(tiny_model))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", GRADIO_ANALYTICS_ENABLED="False")
+    server = Page("train_web.py", ["--model_path", tiny_model, "--data_path", data, "--work_dir", str(work),
+                                   "--allow_dir", str(root), "--allow_dir", os.path.dirname(tiny_model)], env,
+                  str(root / "page.log"))
+    server.wait()
     server.root, server.data, server.work = root, data, work
     yield server
     server.stop()
@@ -343,6 +347,10 @@ def test_api_refuses_paths_outside_the_folders(train_page):
         client.predict("", "none", {"path": "/etc/passwd"}, "run", "", False, *values, api_name="/start")
     with pytest.raises(AppError, match="Quantization must be one of"):
         client.predict("", "2bit", train_page.data, "run", "", False, *values, api_name="/start")
+    # the hidden upload handler takes files from gradio's upload folder only
+    refused = train_page.call("upload", [[{"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}]])
+    assert not refused["ok"] and "not uploaded by a user" in refused["error"], refused
+    assert not os.path.exists(train_page.work / "uploads" / "passwd")
     assert "Traceback" not in train_page.output()
 
 
