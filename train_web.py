@@ -528,7 +528,7 @@ def run_inspect(argv: list[str], work_dir: str, timeout: int = 600) -> tuple[dic
 # --- the page -------------------------------------------------------------------------------------
 
 
-def build_page(args, folders: Folders, presets: dict[str, list[str]]):
+def build_page(args, folders: Folders, presets: dict[str, list[str]], runner: Runner):
     import gradio as gr
     import pandas as pd
 
@@ -536,7 +536,6 @@ def build_page(args, folders: Folders, presets: dict[str, list[str]]):
 
     parser = finetune_parser()
     actions = page_actions(parser)
-    runner = Runner(folders.work_dir)
     max_chars = args.max_input_chars
     tokenizers: dict[str, object] = {}
     preset_names = list(presets)
@@ -760,8 +759,14 @@ def run(args) -> None:
     os.makedirs(args.work_dir, exist_ok=True)
     folders = Folders(args.work_dir, args.allow_dir or [os.getcwd()])
     presets = read_presets()
-    launch(build_page(args, folders, presets), args, max_file_size=args.max_upload_mb * 1024 * 1024,
-           allowed_paths=[])
+    runner = Runner(folders.work_dir)
+    page = build_page(args, folders, presets, runner)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so the run below is stopped too
+    try:
+        launch(page, args, max_file_size=args.max_upload_mb * 1024 * 1024, allowed_paths=[])
+    finally:
+        if runner.stop():  # the run saves a checkpoint and exits on its own; Resume continues it
+            print(f"stopping the run in {runner.output}: it saves a checkpoint and exits", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None):

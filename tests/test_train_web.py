@@ -155,6 +155,26 @@ def test_newest_checkpoint(tmp_path):
         train_web.newest_checkpoint(str(tmp_path / "none"))
 
 
+def test_runner_one_run_at_a_time_and_stop(tmp_path):
+    runner = train_web.Runner(str(tmp_path))
+    code = ("import signal, sys, time\n"
+            "signal.signal(signal.SIGTERM, lambda *_: (print('saved', flush=True), sys.exit(0)))\n"
+            "print('started', flush=True)\n"
+            "time.sleep(60)\n")
+    log = runner.start([sys.executable, "-c", code], str(tmp_path / "out"), "m")
+    assert runner.running() and log.startswith(str(tmp_path / "logs" / "out-"))
+    with pytest.raises(UserError, match="a run is going already"):
+        runner.start([sys.executable, "-c", "pass"], str(tmp_path / "other"), "m")
+    deadline = time.time() + 30
+    while "started" not in open(log).read().splitlines() and time.time() < deadline:  # the handler is set
+        time.sleep(0.1)
+    assert runner.stop()
+    runner.proc.wait(30)
+    assert runner.poll() == 0 and not runner.running() and not runner.stop()
+    assert open(log).read().splitlines()[-2:] == ["started", "saved"]
+    assert open(log).read().startswith("$ " + shlex.join([sys.executable, "-c", code]).splitlines()[0])
+
+
 # --- the run's files ------------------------------------------------------------------------------
 
 
