@@ -38,7 +38,7 @@ import threading
 
 import train_args
 from checkpoints import ADAPTER_CONFIG, SAMPLES_LOG, TRAINER_LOG, checkpoints_in
-from errors import UserError, cli_errors, one_line, setup_logging
+from errors import UserError, cli_errors, setup_logging
 from models import EMBEDDED_MODEL, QUANT_CHOICES
 from webui import HelpFormatter, add_server_args
 
@@ -127,7 +127,7 @@ def read_presets(common_sh: str = COMMON_SH) -> dict[str, list[str]]:
             '  for name in ${PRESETS[i + 1]}; do declare -n arr="$name"; printf "%s\\0" "${arr[@]}"; unset -n arr; done\n'
             'done\n')
     proc = subprocess.run(["bash", "-c", code, "presets", common_sh], cwd=os.path.dirname(os.path.dirname(common_sh)),
-                          capture_output=True, text=True, timeout=30)
+                          capture_output=True, text=True, timeout=30, check=False)
     if proc.returncode != 0:
         raise UserError(f"cannot read the presets from {common_sh}: {proc.stderr.strip() or proc.returncode}")
     presets: dict[str, list[str]] = {}
@@ -517,7 +517,7 @@ def newest_checkpoint(output: str) -> str:
 
 def run_inspect(argv: list[str], work_dir: str, timeout: int = 600) -> tuple[dict, str]:
     """Run finetune.py --inspect_data (argv ends with it) and read what it wrote."""
-    proc = subprocess.run(argv, cwd=work_dir, capture_output=True, text=True, timeout=timeout,
+    proc = subprocess.run(argv, cwd=work_dir, capture_output=True, text=True, timeout=timeout, check=False,
                           env=dict(os.environ, PYTHONUNBUFFERED="1"), stdin=subprocess.DEVNULL)
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.splitlines() if line.strip()]

@@ -10,10 +10,12 @@ import shlex
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
-
-from conftest import INSTRUCT_RECORDS, ROOT, run_script, write_jsonl
+from conftest import INSTRUCT_RECORDS, ROOT, write_jsonl
+from test_pages_hostile import Page  # raw requests to any handler, hidden ones too
+from test_web import browser  # noqa: F401  (the Chromium fixture of the other pages)
 
 import train_web
 from errors import UserError
@@ -41,7 +43,7 @@ def script_args(script: str, tmp_path) -> list[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("TOT_CUDA", "MODEL_PATH", "PYTHON", "DATA_PATH",
                                                             "OUTPUT_PATH")}
     proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", script)], cwd=tmp_path, env=dict(env, PYTHON="echo"),
-                          capture_output=True, text=True, timeout=30)
+                          capture_output=True, text=True, timeout=30, check=False)
     assert proc.returncode == 0, proc.stderr
     argv = proc.stdout.split()
     return argv[argv.index("--output_path") + 2:]
@@ -102,7 +104,7 @@ def command(parser, folders, tmp_path, **over):
     data = write_jsonl(tmp_path / "data" / "d.jsonl", INSTRUCT_RECORDS)
     values = train_web.flag_values(parser)
     values.update(over.pop("values", {}))
-    kwargs = dict(model="", quant="none", data=data, output="run", values=values)
+    kwargs = {"model": "", "quant": "none", "data": data, "output": "run", "values": values}
     kwargs.update(over)
     return train_web.build_command(parser, folders, **kwargs)
 
@@ -166,13 +168,13 @@ def test_runner_one_run_at_a_time_and_stop(tmp_path):
     with pytest.raises(UserError, match="a run is going already"):
         runner.start([sys.executable, "-c", "pass"], str(tmp_path / "other"), "m")
     deadline = time.time() + 30
-    while "started" not in open(log).read().splitlines() and time.time() < deadline:  # the handler is set
+    while "started" not in Path(log).read_text().splitlines() and time.time() < deadline:  # the handler is set
         time.sleep(0.1)
     assert runner.stop()
     runner.proc.wait(30)
     assert runner.poll() == 0 and not runner.running() and not runner.stop()
-    assert open(log).read().splitlines()[-2:] == ["started", "saved"]
-    assert open(log).read().startswith("$ " + shlex.join([sys.executable, "-c", code]).splitlines()[0])
+    assert Path(log).read_text().splitlines()[-2:] == ["started", "saved"]
+    assert Path(log).read_text().startswith("$ " + shlex.join([sys.executable, "-c", code]).splitlines()[0])
 
 
 # --- the run's files ------------------------------------------------------------------------------
@@ -312,8 +314,6 @@ def test_check_data_files_lists_every_error(tmp_path):
 
 # --- the page in a real browser ----------------------------------------------------------------------
 
-from test_pages_hostile import Page  # noqa: E402  (raw requests to any handler, hidden ones too)
-from test_web import browser  # noqa: E402,F401  (the Chromium fixture of the other pages)
 
 QUICK_RUN = {"micro_batch_size": "2", "batch_size": "4", "max_steps": "40", "warmup_steps": "0", "test_size": "4",
              "eval_steps": "10", "save_steps": "10", "logging_steps": "1", "learning_rate": "1e-2",
@@ -374,14 +374,14 @@ def test_api_refuses_paths_outside_the_folders(train_page):
     assert "Traceback" not in train_page.output()
 
 
-def test_train_page_in_browser(browser, train_page, tiny_model, tmp_path):
+def test_train_page_in_browser(browser, train_page, tiny_model, tmp_path):  # noqa: F811
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(train_page.url)
     page.locator("#uploads input[type=file]").set_input_files(train_page.data)  # lands in the work folder
     uploaded = os.path.join(os.path.realpath(train_page.work), "uploads", "data.jsonl")
     page.wait_for_function("(p) => document.querySelector('#data_path textarea, #data_path input').value === p",
                            arg=uploaded, timeout=30_000)
-    assert open(uploaded).read() == open(train_page.data).read()
+    assert Path(uploaded).read_text() == Path(train_page.data).read_text()
     page.get_by_role("button", name="Check data").click()
     page.locator("#examples .tok").first.wait_for(timeout=120_000)
     assert f"{uploaded}: instruct format, {4 * len(INSTRUCT_RECORDS)} records" in \
@@ -390,7 +390,8 @@ def test_train_page_in_browser(browser, train_page, tiny_model, tmp_path):
     argv = shown_command(page)
     assert argv[1] == os.path.join(ROOT, "finetune.py")
     inspect = tmp_path / "inspect.jsonl"
-    proc = subprocess.run(argv + ["--inspect_data", str(inspect)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(argv + ["--inspect_data", str(inspect)], capture_output=True, text=True, timeout=300,
+                          check=False)
     assert proc.returncode == 0, proc.stderr
     expected = [json.loads(line) for line in inspect.read_text().splitlines()[:3]]
     shown = page.evaluate("""() => [...document.querySelectorAll('#examples .example')].map(
