@@ -52,6 +52,7 @@ PAGE_FLAGS = ("prompt_type", "train_on", "cutoff_len", "micro_batch_size", "batc
               "packing", "test_size", "data_shares", "eval_steps", "eval_prompts", "eval_max_new_tokens",
               "save_steps", "save_total_limit", "logging_steps", "seed")
 PATH_FLAGS = {"eval_prompts"}  # a file: confined like the data ("none" switches the samples off)
+NUMBER = re.compile(r"-?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 UPLOAD_NAME = re.compile(r"[^\w.-]+")
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # tqdm's cursor moves in the log
@@ -210,6 +211,8 @@ def build_command(parser, folders: Folders, model: str, quant: str, data: str, o
         text = as_text(value).strip()
         if not text or same_value(action, text):
             continue
+        if text.startswith("-") and not NUMBER.fullmatch(text):  # a value, never another flag
+            raise UserError(f"{option} {text}: a value cannot start with '-'")
         if action.dest in PATH_FLAGS and text != "none":
             text = folders.confine(text, f"--{action.dest}")
         argv += [option, text]
@@ -647,10 +650,16 @@ def build_page(args, folders: Folders, presets: dict[str, list[str]], runner: Ru
             return "Stopping: the run finishes its step, saves a checkpoint and exits (Resume continues it)"
         return "Nothing is running."
 
-    def refresh(shown_curves):
+    def refresh(shown_curves, output_text):
         running = runner.running()
         rc = runner.poll()
         out = runner.output
+        if not out:  # no run from this page yet: an earlier run's curves in the output folder, if any
+            try:
+                out = folders.confine(check_text("Output folder", output_text, max_chars) or "lora-run",
+                                      "Output folder", base=folders.work_dir)
+            except UserError:
+                out = ""
         log = parse_trainer_log(read_jsonl(os.path.join(out, TRAINER_LOG))) if out else parse_trainer_log([])
         points = curve_points(log)
         curves = [log["train"], log["eval"]]
@@ -744,7 +753,7 @@ def build_page(args, folders: Folders, presets: dict[str, list[str]], runner: Ru
         resume_btn.click(resume, inputs=inputs, outputs=[status, command], api_name="resume", concurrency_limit=None)
         stop_btn.click(stop, outputs=status, api_name="stop", queue=False)
         timer = gr.Timer(1.5)
-        timer.tick(refresh, inputs=shown_curves, outputs=[progress, plot, samples, log, result, shown_curves],
+        timer.tick(refresh, inputs=[shown_curves, output], outputs=[progress, plot, samples, log, result, shown_curves],
                    queue=False, api_visibility="private")
         page.load(show_command, inputs=inputs, outputs=command, queue=False, api_visibility="private")
     return guard_requests(page, max_chars)

@@ -123,7 +123,9 @@ def test_command_is_finetune_with_the_changed_flags(parser, folders, tmp_path):
 
 def test_command_refuses_bad_values_in_one_line(parser, folders, tmp_path):
     for values, message in (({"cutoff_len": "abc"}, "invalid int value"), ({"cutoff_len": "0"}, "must be > 0"),
-                            ({"batch_size": "5"}, "not a multiple"), ({"prompt_type": "evil"}, "invalid choice")):
+                            ({"batch_size": "5"}, "not a multiple"), ({"prompt_type": "evil"}, "invalid choice"),
+                            ({"lora_target_modules": "--overwrite_output_dir"}, "cannot start with '-'"),
+                            ({"data_shares": "--inspect_data=x"}, "cannot start with '-'")):
         with pytest.raises(UserError, match=message) as e:
             command(parser, folders, tmp_path, values=values)
         assert "\n" not in str(e.value)
