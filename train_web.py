@@ -454,6 +454,19 @@ def next_steps(model: str, adapter: str) -> str:
     return "\n".join(f"{what}:\n```\n{shlex.join(cmd)}\n```" for what, cmd in commands)
 
 
+def run_result(out: str, returncode: int, log: dict, log_path: str, model: str) -> str:
+    """What an ended run left (Markdown): the adapter and what to do with it, the checkpoint a
+    stopped run saved, or the error line of a failed one."""
+    if returncode == 0 and os.path.isfile(os.path.join(out, ADAPTER_CONFIG)):
+        return f"**Finished.** Adapter: `{out}`\n\n" + next_steps(model, out)
+    if returncode == 0:
+        saved = checkpoints_in(out) if os.path.isdir(out) else []
+        where = log.get("checkpoint") or (os.path.join(out, saved[-1]) if saved else "none")
+        return f"**Stopped.** Checkpoint: `{where}`; press Resume to continue it."
+    errors = [line for line in log_tail(log_path, 200).splitlines() if line.startswith("error")]
+    return f"**Failed** (exit status {returncode}): `{errors[-1] if errors else 'see the log'}`"
+
+
 # --- the run --------------------------------------------------------------------------------------
 
 
@@ -668,17 +681,8 @@ def build_page(args, folders: Folders, presets: dict[str, list[str]], runner: Ru
         else:  # None when empty: a LinePlot whose first frame is empty draws no lines of its colors
             frame = pd.DataFrame(points, columns=["step", "loss", "curve"]) if points else None
         samples = latest_samples(read_jsonl(os.path.join(out, SAMPLES_LOG))) if out else []
-        result = ""
-        if out and not running and rc is not None:
-            if rc == 0 and os.path.isfile(os.path.join(out, ADAPTER_CONFIG)):
-                result = f"**Finished.** Adapter: `{out}`\n\n" + next_steps(runner.model, out)
-            elif rc == 0:
-                where = log.get("checkpoint") or (os.path.join(out, checkpoints_in(out)[-1])
-                                                  if os.path.isdir(out) and checkpoints_in(out) else "")
-                result = f"**Stopped.** Checkpoint: `{where}`; press Resume to continue it."
-            else:
-                errors = [line for line in log_tail(runner.log_path, 200).splitlines() if line.startswith("error")]
-                result = f"**Failed** (exit status {rc}): `{errors[-1] if errors else 'see the log'}`"
+        result = run_result(out, rc, log, runner.log_path, runner.model) if out and not running and rc is not None \
+            else ""
         return (progress_html(log["progress"], running), frame,
                 pd.DataFrame(samples, columns=["step", "index", "prompt", "answer"]),
                 log_tail(runner.log_path) if runner.log_path else "", result, curves)

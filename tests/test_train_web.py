@@ -211,6 +211,19 @@ def test_curve_points_name_both_curves_from_the_start():
     assert train_web.curve_points({"train": [], "eval": []}) == []
 
 
+def test_run_result(tmp_path):
+    out, log = tmp_path / "out", tmp_path / "run.log"
+    (out / "checkpoint-3").mkdir(parents=True)
+    log.write_text("step 1\nerror: --output_path x is a file; pass a folder\n")
+    assert train_web.run_result(str(out), 0, {}, str(log), "m") == \
+        f"**Stopped.** Checkpoint: `{out / 'checkpoint-3'}`; press Resume to continue it."
+    assert train_web.run_result(str(out), 2, {}, str(log), "m") == \
+        "**Failed** (exit status 2): `error: --output_path x is a file; pass a folder`"
+    (out / "adapter_config.json").write_text("{}")
+    finished = train_web.run_result(str(out), 0, {}, str(log), "m")
+    assert finished.startswith(f"**Finished.** Adapter: `{out}`") and "chat.py --model_path m --lora_path" in finished
+
+
 def test_read_jsonl_skips_a_half_written_line(tmp_path):
     path = tmp_path / "log.jsonl"
     path.write_text('{"event": "log", "step": 1}\n[1]\n{"event": "lo')
