@@ -32,16 +32,16 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.utils import is_flash_attn_2_available
 
-from checkpoints import (ADAPTER_FILES, SAMPLES_LOG, TRAINER_LOG, publish_files, remove_earlier_checkpoints, reset_run_logs,
-                         staging_folder)
+from checkpoints import (ADAPTER_FILES, SAMPLES_LOG, TRAINER_LOG, publish_files, remove_earlier_checkpoints,
+                         reset_run_logs, staging_folder)
 from data import (DataFile, as_prompt, load_data_files, load_prompts, mix, parse_shares, read_eval_prompts,
                   split_files)
 from errors import UserError, logger, one_line
 from generation import GenerationParams, generate_text
-from prompt import IGNORE_INDEX, STOP_STRINGS, build_prompt_ids, encode_example, extract_response, measure_example, \
-    question_text
 from models import (ADAPTER_CONFIG, adapter_key_report, device_map_for, load_adapter, load_model, load_tokenizer,
                     pick_dtype, refuse_compressed_base, resolve_model_path, save_training_config, target_modules)
+from prompt import (IGNORE_INDEX, STOP_STRINGS, build_prompt_ids, encode_example, extract_response, measure_example,
+                    question_text)
 
 
 DEFAULT_EVAL_PROMPTS = 4  # --eval_prompts default: this many held-out records, or of DEFAULT_PROMPTS_FILE

@@ -9,13 +9,7 @@ import pytest
 import torch
 
 import finetune
-from conftest import INSTRUCT_RECORDS, train_args, write_jsonl
-
-
-def read_jsonl(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
+from conftest import INSTRUCT_RECORDS, read_jsonl, train_args, write_jsonl
 
 PROMPTS = [
     {"instruction": "Translate this sentence into English.", "input": "我明天要去图书馆还书。"},
