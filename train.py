@@ -138,31 +138,8 @@ def run(args, data: tuple[list[DataFile], list | None] | None = None) -> str | N
     tokenizer = load_tokenizer(model_path, args.trust_remote_code)
     tokenizer.padding_side = "right"
     counts: dict = {}
-    per_file, test_examples, dropped, file_counts = [], [], 0, []
-    for file, (train_convs, test_convs) in zip(files, splits):
-        file_train, dropped_train = build_examples(train_convs, args, tokenizer, counts)
-        file_test, dropped_test = build_examples(test_convs, args, tokenizer, counts)
-        per_file.append(file_train)
-        test_examples += file_test
-        dropped += dropped_train + dropped_test
-        file_counts.append({"path": file.path, "format": file.format, "records": len(file.conversations),
-                            "train_examples": len(file_train), "eval_examples": len(file_test),
-                            "dropped_examples": dropped_train + dropped_test})
-    if dropped:
-        logger.warning("dropped %d of %d records whose response lies beyond --cutoff_len %d",
-                       dropped, n_records, args.cutoff_len)
-    shares = parse_shares(args.data_shares, len(files))
-    for file, examples in zip(files, per_file):
-        if not examples and (shares or len(files) == 1):
-            raise UserError(f"{file.path}: no training example keeps a supervised token within "
-                            f"--cutoff_len {args.cutoff_len}; raise --cutoff_len")
-    if not any(per_file):
-        raise UserError(f"{args.data_path}: no training example keeps a supervised token within "
-                        f"--cutoff_len {args.cutoff_len}; raise --cutoff_len")
-    mixed = mix(per_file, shares, args.seed)
-    train_examples = [ex for part in mixed for ex in part]
-    for entry, part, share in zip(file_counts, mixed, shares or [None] * len(files)):
-        entry.update(share=share, in_training_mix=len(part))
+    train_examples, test_examples, file_counts = build_training_mix(args, files, splits, tokenizer, counts)
+    dropped = sum(c["dropped_examples"] for c in file_counts)
     plan = Plan.from_args(args)
     data_format = ",".join(dict.fromkeys(f.format for f in files))
     log_summary(args, data_format, n_records, train_examples, test_examples, counts["truncated"],
@@ -225,6 +202,34 @@ def run(args, data: tuple[list[DataFile], list | None] | None = None) -> str | N
     finally:
         stop.restore_handlers()
     return args.output_path
+
+
+def build_training_mix(args, files: list[DataFile], splits: list[tuple[list, list]], tokenizer,
+                       counts: dict) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train examples in the --data_shares mix, eval examples, each file's counts for the log and
+    training_config.json) from each file's (train, test) conversations."""
+    per_file, test_examples, file_counts = [], [], []
+    for file, (train_convs, test_convs) in zip(files, splits):
+        file_train, dropped_train = build_examples(train_convs, args, tokenizer, counts)
+        file_test, dropped_test = build_examples(test_convs, args, tokenizer, counts)
+        per_file.append(file_train)
+        test_examples += file_test
+        file_counts.append({"path": file.path, "format": file.format, "records": len(file.conversations),
+                            "train_examples": len(file_train), "eval_examples": len(file_test),
+                            "dropped_examples": dropped_train + dropped_test})
+    dropped = sum(c["dropped_examples"] for c in file_counts)
+    if dropped:
+        logger.warning("dropped %d of %d records whose response lies beyond --cutoff_len %d",
+                       dropped, sum(len(f.conversations) for f in files), args.cutoff_len)
+    shares = parse_shares(args.data_shares, len(files))
+    empty = [file.path for file, examples in zip(files, per_file) if not examples]
+    if len(empty) == len(files) or (empty and shares):  # a share of nothing cannot be drawn
+        raise UserError(f"{empty[0] if shares else args.data_path}: no training example keeps a supervised token "
+                        f"within --cutoff_len {args.cutoff_len}; raise --cutoff_len")
+    mixed = mix(per_file, shares, args.seed)
+    for entry, part, share in zip(file_counts, mixed, shares or [None] * len(files)):
+        entry.update(share=share, in_training_mix=len(part))
+    return [ex for part in mixed for ex in part], test_examples, file_counts
 
 
 def inspect_data(args, files: list[DataFile]) -> None:
