@@ -3,6 +3,7 @@ the run's own log files under --overwrite_output_dir, and quiet adapter saves.""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -65,28 +66,35 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, tiny_models):
     load_adapter(AutoModelForCausalLM.from_pretrained(model), out)  # the final adapter loads
 
 
-def test_trainer_log_lines(tmp_path, tiny_models):
+def test_trainer_log_lines(tmp_path, tiny_models, caplog):
+    """One epoch of 12 examples in 3 steps of 4: every event, with the Trainer's own numbers."""
     data = write_jsonl(tmp_path / "d.jsonl", INSTRUCT_RECORDS * 2)
     out = str(tmp_path / "out")
-    finetune.main(train_args(data, out, tiny_models["sp"], "--test_size", "4", "--eval_steps", "2"))
+    finetune.main(train_args(data, out, tiny_models["sp"], "--test_size", "4", "--eval_steps", "2", "--max_steps", "-1",
+                             "--num_epochs", "1", "--eval_prompts", "none"))
     events = read_jsonl(os.path.join(out, "trainer_log.jsonl"))
     assert [(e["event"], e["step"]) for e in events] == [
-        ("start", 0), ("log", 1), ("log", 2), ("eval", 2), ("save", 2), ("log", 3), ("log", 4), ("eval", 4),
-        ("save", 4), ("end", 4)]
-    history = json.load(open(os.path.join(out, "checkpoint-4", "trainer_state.json")))["log_history"]
-    losses = {h["step"]: h["loss"] for h in history if "loss" in h}
-    eval_losses = {h["step"]: h["eval_loss"] for h in history if "eval_loss" in h}
-    rates = {h["step"]: h["learning_rate"] for h in history if "loss" in h}
+        ("start", 0), ("log", 1), ("log", 2), ("eval", 2), ("save", 2), ("log", 3), ("eval", 3), ("save", 3),
+        ("end", 3)]
+    state = json.load(open(os.path.join(out, "checkpoint-3", "trainer_state.json")))
+    losses = {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
+    eval_losses = {h["step"]: h["eval_loss"] for h in state["log_history"] if "eval_loss" in h}
+    rates = {h["step"]: h["learning_rate"] for h in state["log_history"] if "loss" in h}
     for e in events:
-        assert e["total_steps"] == 4
+        assert e["total_steps"] == 3
         if e["event"] == "log":
             assert e["loss"] == losses[e["step"]] and e["learning_rate"] == rates[e["step"]]
-            assert e["epoch"] > 0 and e["elapsed_s"] > 0 and e["remaining_s"] >= 0 and e["tokens_per_s"] > 0
+            assert e["epoch"] == e["step"] / 3 and e["elapsed_s"] > 0 and e["remaining_s"] >= 0
         if e["event"] == "eval":
             assert e["eval_loss"] == eval_losses[e["step"]]
         if e["event"] == "save":
             assert e["checkpoint"] == os.path.join(out, f"checkpoint-{e['step']}")
     assert events[-1]["adapter"] == out and events[-1]["remaining_s"] == 0
+    # tokens/s counts the input tokens of the epoch: every token of the 12 training examples once
+    tokens = int(re.search(r"12 train / 4 eval examples, (\d+) tokens", caplog.text).group(1))
+    assert state["num_input_tokens_seen"] == tokens
+    last = events[-1]
+    assert last["tokens_per_s"] == pytest.approx(tokens / last["elapsed_s"], rel=0.02)
 
 
 def test_overwrite_empties_our_logs_and_keeps_foreign_files(tmp_path, tiny_models):
