@@ -37,7 +37,7 @@ from checkpoints import (ADAPTER_FILES, SAMPLES_LOG, TRAINER_LOG, publish_files,
 from data import (DataFile, as_prompt, load_data_files, load_prompts, mix, parse_shares, read_eval_prompts,
                   split_files)
 from errors import UserError, logger, one_line
-from generation import GenerationParams, generate_text
+from generation import GenerationParams, check_context, generate_text
 from models import (ADAPTER_CONFIG, adapter_key_report, device_map_for, load_adapter, load_model, load_tokenizer,
                     pick_dtype, refuse_compressed_base, resolve_model_path, save_training_config, target_modules)
 from prompt import (IGNORE_INDEX, STOP_STRINGS, build_prompt_ids, encode_example, extract_response, measure_example,
@@ -151,6 +151,12 @@ def run(args, data: tuple[list[DataFile], list | None] | None = None) -> str | N
 
     model, resolved = load_trainable_model(args, model_path, plan)
     trainer = make_trainer(args, plan, model, tokenizer, train_examples, test_examples)
+    if prompts:
+        samples = GenerationSamples(prompts, args.prompt_type, tokenizer, args.eval_max_new_tokens, args.output_path,
+                                    every=None if test_examples else args.eval_steps,
+                                    writers=trainer.callback_handler.callbacks, wandb=args.wandb)
+        samples.check_context(model)
+        trainer.add_callback(samples)
     config = {
         "base_model": args.model_path,
         "base_model_resolved": model_path,
@@ -174,11 +180,6 @@ def run(args, data: tuple[list[DataFile], list | None] | None = None) -> str | N
     lr_watch, progress, stop = LearningRateWatch(), ProgressLog(args.output_path), GracefulStop()
     for callback in (SaveConfig(config), lr_watch, FiniteGradients(args.learning_rate), progress, stop):
         trainer.add_callback(callback)
-    if prompts:
-        trainer.add_callback(GenerationSamples(
-            prompts, args.prompt_type, tokenizer, args.eval_max_new_tokens, args.output_path,
-            every=None if test_examples else args.eval_steps, writers=trainer.callback_handler.callbacks,
-            wandb=args.wandb))
     try:
         trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
         if stop.stopped_at is not None:
@@ -670,11 +671,18 @@ class GenerationSamples(TrainerCallback):
                  every: int | None = None, writers: list | None = None, wandb: bool = False):
         self.prompt_type, self.tokenizer, self.every = prompt_type, tokenizer, every
         self.questions = [question_text(conv) for conv in prompts]
+        self.wheres = [conv.where for conv in prompts]
         self.prompt_ids = [build_prompt_ids(prompt_type, conv, tokenizer) for conv in prompts]
         self.params = GenerationParams(max_new_tokens=max_new_tokens)
         self.path = os.path.join(folder, SAMPLES_LOG)
         self.writers = writers if writers is not None else []  # the Trainer's callbacks: TensorBoard's
         self.wandb = wandb
+
+    def check_context(self, model) -> None:
+        """Refuse, before training, a prompt whose answer would not fit the model's context."""
+        for where, ids in zip(self.wheres, self.prompt_ids):
+            check_context(model, len(ids), self.params.max_new_tokens, prompt=f"the eval prompt {where}".strip(),
+                          new_name="--eval_max_new_tokens", fix="shorten it (--eval_prompts)")
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
         if self.every is None:
