@@ -32,16 +32,16 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.utils import is_flash_attn_2_available
 
-from checkpoints import (ADAPTER_FILES, SAMPLES_LOG, TRAINER_LOG, publish_files, remove_earlier_checkpoints, reset_run_logs,
-                         staging_folder)
+from checkpoints import (ADAPTER_FILES, SAMPLES_LOG, TRAINER_LOG, publish_files, remove_earlier_checkpoints,
+                         reset_run_logs, staging_folder)
 from data import (DataFile, as_prompt, load_data_files, load_prompts, mix, parse_shares, read_eval_prompts,
                   split_files)
 from errors import UserError, logger, one_line
-from generation import GenerationParams, generate_text
-from prompt import IGNORE_INDEX, STOP_STRINGS, build_prompt_ids, encode_example, extract_response, measure_example, \
-    question_text
+from generation import GenerationParams, check_context, generate_text
 from models import (ADAPTER_CONFIG, adapter_key_report, device_map_for, load_adapter, load_model, load_tokenizer,
                     pick_dtype, refuse_compressed_base, resolve_model_path, save_training_config, target_modules)
+from prompt import (IGNORE_INDEX, STOP_STRINGS, build_prompt_ids, encode_example, extract_response, measure_example,
+                    question_text)
 
 
 DEFAULT_EVAL_PROMPTS = 4  # --eval_prompts default: this many held-out records, or of DEFAULT_PROMPTS_FILE
@@ -138,31 +138,8 @@ def run(args, data: tuple[list[DataFile], list | None] | None = None) -> str | N
     tokenizer = load_tokenizer(model_path, args.trust_remote_code)
     tokenizer.padding_side = "right"
     counts: dict = {}
-    per_file, test_examples, dropped, file_counts = [], [], 0, []
-    for file, (train_convs, test_convs) in zip(files, splits):
-        file_train, dropped_train = build_examples(train_convs, args, tokenizer, counts)
-        file_test, dropped_test = build_examples(test_convs, args, tokenizer, counts)
-        per_file.append(file_train)
-        test_examples += file_test
-        dropped += dropped_train + dropped_test
-        file_counts.append({"path": file.path, "format": file.format, "records": len(file.conversations),
-                            "train_examples": len(file_train), "eval_examples": len(file_test),
-                            "dropped_examples": dropped_train + dropped_test})
-    if dropped:
-        logger.warning("dropped %d of %d records whose response lies beyond --cutoff_len %d",
-                       dropped, n_records, args.cutoff_len)
-    shares = parse_shares(args.data_shares, len(files))
-    for file, examples in zip(files, per_file):
-        if not examples and (shares or len(files) == 1):
-            raise UserError(f"{file.path}: no training example keeps a supervised token within "
-                            f"--cutoff_len {args.cutoff_len}; raise --cutoff_len")
-    if not any(per_file):
-        raise UserError(f"{args.data_path}: no training example keeps a supervised token within "
-                        f"--cutoff_len {args.cutoff_len}; raise --cutoff_len")
-    mixed = mix(per_file, shares, args.seed)
-    train_examples = [ex for part in mixed for ex in part]
-    for entry, part, share in zip(file_counts, mixed, shares or [None] * len(files)):
-        entry.update(share=share, in_training_mix=len(part))
+    train_examples, test_examples, file_counts = build_training_mix(args, files, splits, tokenizer, counts)
+    dropped = sum(c["dropped_examples"] for c in file_counts)
     plan = Plan.from_args(args)
     data_format = ",".join(dict.fromkeys(f.format for f in files))
     log_summary(args, data_format, n_records, train_examples, test_examples, counts["truncated"],
@@ -174,6 +151,12 @@ def run(args, data: tuple[list[DataFile], list | None] | None = None) -> str | N
 
     model, resolved = load_trainable_model(args, model_path, plan)
     trainer = make_trainer(args, plan, model, tokenizer, train_examples, test_examples)
+    if prompts:
+        samples = GenerationSamples(prompts, args.prompt_type, tokenizer, args.eval_max_new_tokens, args.output_path,
+                                    every=None if test_examples else args.eval_steps,
+                                    writers=trainer.callback_handler.callbacks, wandb=args.wandb)
+        samples.check_context(model)
+        trainer.add_callback(samples)
     config = {
         "base_model": args.model_path,
         "base_model_resolved": model_path,
@@ -197,11 +180,6 @@ def run(args, data: tuple[list[DataFile], list | None] | None = None) -> str | N
     lr_watch, progress, stop = LearningRateWatch(), ProgressLog(args.output_path), GracefulStop()
     for callback in (SaveConfig(config), lr_watch, FiniteGradients(args.learning_rate), progress, stop):
         trainer.add_callback(callback)
-    if prompts:
-        trainer.add_callback(GenerationSamples(
-            prompts, args.prompt_type, tokenizer, args.eval_max_new_tokens, args.output_path,
-            every=None if test_examples else args.eval_steps, writers=trainer.callback_handler.callbacks,
-            wandb=args.wandb))
     try:
         trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
         if stop.stopped_at is not None:
@@ -225,6 +203,34 @@ def run(args, data: tuple[list[DataFile], list | None] | None = None) -> str | N
     finally:
         stop.restore_handlers()
     return args.output_path
+
+
+def build_training_mix(args, files: list[DataFile], splits: list[tuple[list, list]], tokenizer,
+                       counts: dict) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train examples in the --data_shares mix, eval examples, each file's counts for the log and
+    training_config.json) from each file's (train, test) conversations."""
+    per_file, test_examples, file_counts = [], [], []
+    for file, (train_convs, test_convs) in zip(files, splits):
+        file_train, dropped_train = build_examples(train_convs, args, tokenizer, counts)
+        file_test, dropped_test = build_examples(test_convs, args, tokenizer, counts)
+        per_file.append(file_train)
+        test_examples += file_test
+        file_counts.append({"path": file.path, "format": file.format, "records": len(file.conversations),
+                            "train_examples": len(file_train), "eval_examples": len(file_test),
+                            "dropped_examples": dropped_train + dropped_test})
+    dropped = sum(c["dropped_examples"] for c in file_counts)
+    if dropped:
+        logger.warning("dropped %d of %d records whose response lies beyond --cutoff_len %d",
+                       dropped, sum(len(f.conversations) for f in files), args.cutoff_len)
+    shares = parse_shares(args.data_shares, len(files))
+    empty = [file.path for file, examples in zip(files, per_file) if not examples]
+    if len(empty) == len(files) or (empty and shares):  # a share of nothing cannot be drawn
+        raise UserError(f"{empty[0] if shares else args.data_path}: no training example keeps a supervised token "
+                        f"within --cutoff_len {args.cutoff_len}; raise --cutoff_len")
+    mixed = mix(per_file, shares, args.seed)
+    for entry, part, share in zip(file_counts, mixed, shares or [None] * len(files)):
+        entry.update(share=share, in_training_mix=len(part))
+    return [ex for part in mixed for ex in part], test_examples, file_counts
 
 
 def inspect_data(args, files: list[DataFile]) -> None:
@@ -665,11 +671,18 @@ class GenerationSamples(TrainerCallback):
                  every: int | None = None, writers: list | None = None, wandb: bool = False):
         self.prompt_type, self.tokenizer, self.every = prompt_type, tokenizer, every
         self.questions = [question_text(conv) for conv in prompts]
+        self.wheres = [conv.where for conv in prompts]
         self.prompt_ids = [build_prompt_ids(prompt_type, conv, tokenizer) for conv in prompts]
         self.params = GenerationParams(max_new_tokens=max_new_tokens)
         self.path = os.path.join(folder, SAMPLES_LOG)
         self.writers = writers if writers is not None else []  # the Trainer's callbacks: TensorBoard's
         self.wandb = wandb
+
+    def check_context(self, model) -> None:
+        """Refuse, before training, a prompt whose answer would not fit the model's context."""
+        for where, ids in zip(self.wheres, self.prompt_ids):
+            check_context(model, len(ids), self.params.max_new_tokens, prompt=f"the eval prompt {where}".strip(),
+                          new_name="--eval_max_new_tokens", fix="shorten it (--eval_prompts)")
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
         if self.every is None:

@@ -60,8 +60,8 @@ def build_parser(defaults: dict, description: str | None = None) -> argparse.Arg
     a("--data_shares", metavar="S1,S2", default=None,
       help="with several --data_path files: the share of the training examples each gives (positive, summing "
            "to 1; the total stays the number of training examples): a file with more than its share is "
-           "subsampled without repeats, one with fewer is repeated, both drawn with --seed (default: every "
-           "example of every file once)")
+           "subsampled without repeats, one with fewer is repeated, both drawn with --seed; without it every "
+           "example of every file is trained once")
     a("--output_path", default=d["output_path"], help="where the adapter, checkpoints and logs go")
     a("--model_path", default=d["model_path"],
       help=f"base model: Hugging Face id, local folder or .gguf file (default: embedded {EMBEDDED_MODEL})")
@@ -92,8 +92,8 @@ def build_parser(defaults: dict, description: str | None = None) -> argparse.Arg
     a("--eval_steps", type=int, default=d["eval_steps"])
     a("--eval_prompts", metavar="FILE", default=None,
       help="prompts (any data format; answers are not needed) answered greedily at every evaluation (every "
-           "--eval_steps without a held-out split) into OUTPUT/samples.jsonl, TensorBoard and wandb; default: "
-           "the first 4 held-out records, or sample/heldout_prompts.json without a held-out split; none: off")
+           "--eval_steps without a held-out split) into OUTPUT/samples.jsonl, TensorBoard and wandb; without it "
+           "the first 4 held-out records, or of sample/heldout_prompts.json without a held-out split; none: off")
     a("--eval_max_new_tokens", type=int, default=d["eval_max_new_tokens"],
       help="the longest answer to an --eval_prompts prompt, in tokens")
     a("--save_steps", type=int, default=d["save_steps"])

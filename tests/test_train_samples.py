@@ -4,18 +4,13 @@ several data files in one run (--data_path a,b --data_shares)."""
 import json
 import os
 import random
+import re
 
 import pytest
 import torch
 
 import finetune
-from conftest import INSTRUCT_RECORDS, train_args, write_jsonl
-
-
-def read_jsonl(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
+from conftest import INSTRUCT_RECORDS, read_jsonl, train_args, write_jsonl
 
 PROMPTS = [
     {"instruction": "Translate this sentence into English.", "input": "我明天要去图书馆还书。"},
@@ -126,6 +121,21 @@ def test_bad_eval_prompts_are_one_line_errors_before_training(tmp_path, tiny_mod
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and message.format(tmp=tmp_path) in err
     assert not out.exists()
+
+
+def test_eval_prompt_beyond_the_context_is_refused_before_training(tmp_path, tiny_models, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", INSTRUCT_RECORDS)
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"instruction": "Hi"}])
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:  # the tiny model's context is 1024 tokens
+        finetune.main(train_args(data, str(out), tiny_models["sp"], "--eval_prompts", prompts,
+                                 "--eval_max_new_tokens", "1020"))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: the eval prompt {re.escape(prompts)}:1 is (\d+) tokens and --eval_max_new_tokens is "
+                        r"1020: \d+ tokens exceed the model's context of 1024 tokens; shorten it \(--eval_prompts\), "
+                        r"or lower --eval_max_new_tokens", err), err
+    assert not out.exists() or not os.listdir(out)  # refused before anything is written
 
 
 # --- several data files --------------------------------------------------------------------------
