@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import INSTRUCT_RECORDS, ROOT, write_jsonl
+from conftest import INSTRUCT_RECORDS, ROOT, read_jsonl, write_jsonl
 from test_pages_hostile import Page  # raw requests to any handler, hidden ones too
 from test_web import browser  # noqa: F401  (the Chromium fixture of the other pages)
 
@@ -408,7 +408,7 @@ def test_train_page_in_browser(browser, train_page, tiny_model, tmp_path):  # no
     proc = subprocess.run(argv + ["--inspect_data", str(inspect)], capture_output=True, text=True, timeout=300,
                           check=False)
     assert proc.returncode == 0, proc.stderr
-    expected = [json.loads(line) for line in inspect.read_text().splitlines()[:3]]
+    expected = read_jsonl(inspect)[:3]
     shown = page.evaluate("""() => [...document.querySelectorAll('#examples .example')].map(
         e => [...e.querySelectorAll('.tok')].map(t => [Number(t.dataset.id), t.classList.contains('sup')]))""")
     assert shown == [[[t, lab != -100] for t, lab in zip(e["input_ids"], e["labels"])] for e in expected]
