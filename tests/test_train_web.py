@@ -364,7 +364,12 @@ def wait_text(page, selector: str, text: str, timeout: float = 120):
 
 
 def test_api_refuses_paths_outside_the_folders(train_page):
+    import psutil
     from gradio_client import Client
+
+    listening = {c.laddr.ip for c in psutil.Process(train_page.proc.pid).net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN}
+    assert listening == {"127.0.0.1"} and "gradio.live" not in train_page.output()  # this machine only
 
     client = Client(train_page.url, verbose=False)
     flags = train_web.flag_values(train_web.finetune_parser(), train_web.read_presets()["instruction"])
