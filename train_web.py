@@ -749,7 +749,7 @@ def build_page(args, folders: Folders, presets: dict[str, list[str]], runner: Ru
         inputs = [model, quant, data, output, lora, overwrite, *flag_boxes]
         for box in inputs:
             box.change(show_command, inputs=inputs, outputs=command, queue=False, api_visibility="private")
-        preset.change(apply_preset, inputs=preset, outputs=[quant, *flag_boxes], queue=False,
+        preset.change(apply_preset, inputs=preset, outputs=[quant, *flag_boxes], queue=False, api_name="preset",
                       api_visibility="private")
         uploads.upload(upload, inputs=uploads, outputs=data, api_name="upload", api_visibility="private")
         check.click(check_data, inputs=inputs, outputs=[data_report, examples], api_name="check_data")

@@ -387,6 +387,11 @@ def test_api_refuses_paths_outside_the_folders(train_page):
         client.predict("", "none", {"path": "/etc/passwd"}, "run", "", False, *values, api_name="/start")
     with pytest.raises(AppError, match="Quantization must be one of"):
         client.predict("", "2bit", train_page.data, "run", "", False, *values, api_name="/start")
+    qlora = train_page.call("preset", ["QLoRA"])  # fills quantization and the flags from scripts/common.sh
+    assert qlora["ok"] and qlora["data"][0] == "4bit" and qlora["data"][1:] == [
+        train_web.flag_values(train_web.finetune_parser(), train_web.read_presets()["QLoRA"])[a.dest]
+        for a in train_web.page_actions(train_web.finetune_parser())]
+    assert train_page.call("preset", ["evil"])["error"].startswith("Preset (the recipes of scripts/common.sh) must be")
     # the hidden upload handler takes files from gradio's upload folder only
     refused = train_page.call("upload", [[{"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}]])
     assert not refused["ok"] and "not uploaded by a user" in refused["error"], refused
