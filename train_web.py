@@ -12,7 +12,8 @@ finetune.py that matter, with its defaults; the exact command line, which the pa
 process (what the page does is what the script does). Start, Stop (SIGTERM: the run saves a
 checkpoint and exits), Resume (from the newest checkpoint of the output folder); the progress,
 the loss curves, the evaluation samples and the log tail update live; when the run ends, the
-adapter path and the commands that chat with it, merge it and export it to GGUF.
+adapter path and the commands that chat with it, merge it and export it to GGUF, and a button that
+serves it on the chat page (chat.py as another child process).
 
 The page reads and writes only inside the folders it was started with: --work_dir (uploads,
 logs, default outputs) and each --allow_dir (default: the current folder). Every path it is sent
@@ -31,6 +32,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -524,6 +526,12 @@ class Runner:
             return self.returncode
 
 
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
 def newest_checkpoint(output: str) -> str:
     names = checkpoints_in(output) if os.path.isdir(output) else []
     if not names:
@@ -544,7 +552,7 @@ def run_inspect(argv: list[str], work_dir: str, timeout: int = 600) -> tuple[dic
 # --- the page -------------------------------------------------------------------------------------
 
 
-def build_page(args, folders: Folders, presets: dict[str, list[str]], runner: Runner):
+def build_page(args, folders: Folders, presets: dict[str, list[str]], runner: Runner, chat: Runner):
     import gradio as gr
     import pandas as pd
 
@@ -658,6 +666,25 @@ def build_page(args, folders: Folders, presets: dict[str, list[str]], runner: Ru
             return f"Not resumed: {e}", gr.update()
         return f"Resumed from `{checkpoint}`, log `{runner.log_path}`", shlex.join(argv)
 
+    def open_chat(model, output):
+        """Serve the finished adapter on the chat page (chat.py, a child process on a free port)."""
+        try:
+            out = folders.confine(check_text("Output folder", output, max_chars) or "lora-run", "Output folder",
+                                  base=folders.work_dir)
+            if not os.path.isfile(os.path.join(out, ADAPTER_CONFIG)):
+                raise UserError(f"{out} holds no adapter yet: let a run finish first")
+            port = free_port(args.host)
+            argv = [sys.executable, os.path.join(ROOT, "chat.py"), "--model_path",
+                    model_argument(check_text("Model", model, max_chars), folders), "--lora_path", out,
+                    "--host", args.host, "--port", str(port)]
+            if chat.stop():  # one chat page at a time: the previous adapter's makes room
+                chat.proc.wait(30)
+            chat.start(argv, "chat", "")
+        except UserError as e:
+            return f"Chat page not started: {e}"
+        url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{port}/"
+        return f"Chat page with `{out}`: [{url}]({url}) (it opens once the model has loaded; log `{chat.log_path}`)"
+
     def stop():
         if runner.stop():
             return "Stopping: the run finishes its step, saves a checkpoint and exits (Resume continues it)"
@@ -745,6 +772,9 @@ def build_page(args, folders: Folders, presets: dict[str, list[str]], runner: Ru
                                wrap=True, elem_id="samples")
         log = gr.Textbox(label="Log (tail)", lines=12, max_lines=12, autoscroll=True, elem_id="log")
         result = gr.Markdown(elem_id="result")
+        with gr.Row():
+            chat_btn = gr.Button("Open in chat page")
+            chat_status = gr.Markdown(elem_id="chat_status")
 
         inputs = [model, quant, data, output, lora, overwrite, *flag_boxes]
         for box in inputs:
@@ -756,6 +786,8 @@ def build_page(args, folders: Folders, presets: dict[str, list[str]], runner: Ru
         start_btn.click(start, inputs=inputs, outputs=[status, command], api_name="start", concurrency_limit=None)
         resume_btn.click(resume, inputs=inputs, outputs=[status, command], api_name="resume", concurrency_limit=None)
         stop_btn.click(stop, outputs=status, api_name="stop", queue=False)
+        chat_btn.click(open_chat, inputs=[model, output], outputs=chat_status, api_name="open_chat",
+                       concurrency_limit=None)
         timer = gr.Timer(1.5)
         timer.tick(refresh, inputs=[shown_curves, output], outputs=[progress, plot, samples, log, result, shown_curves],
                    queue=False, api_visibility="private")
@@ -772,14 +804,15 @@ def run(args) -> None:
     os.makedirs(args.work_dir, exist_ok=True)
     folders = Folders(args.work_dir, args.allow_dir or [os.getcwd()])
     presets = read_presets()
-    runner = Runner(folders.work_dir)
-    page = build_page(args, folders, presets, runner)
+    runner, chat = Runner(folders.work_dir), Runner(folders.work_dir)
+    page = build_page(args, folders, presets, runner, chat)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so the run below is stopped too
     try:
         launch(page, args, max_file_size=args.max_upload_mb * 1024 * 1024, allowed_paths=[])
     finally:
         if runner.stop():  # the run saves a checkpoint and exits on its own; Resume continues it
             print(f"stopping the run in {runner.output}: it saves a checkpoint and exits", file=sys.stderr)
+        chat.stop()
 
 
 def main(argv: list[str] | None = None):

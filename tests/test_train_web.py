@@ -10,6 +10,7 @@ import shlex
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -449,6 +450,18 @@ def test_train_page_in_browser(browser, train_page, tiny_model, tmp_path):  # no
     assert "merge_lora.py" in page.locator("#result").inner_text()
     shot = os.environ.get("TRAIN_PAGE_SCREENSHOT") or str(tmp_path / "train_page.png")
     page.screenshot(path=shot, full_page=True)
+    page.get_by_role("button", name="Open in chat page").click()  # chat.py with the adapter, a child process
+    wait_text(page, "#chat_status", "Chat page with", 30)
+    chat_url = page.locator("#chat_status a").get_attribute("href")
+    assert chat_url.startswith("http://127.0.0.1:")
+    deadline = time.time() + 120
+    while True:
+        try:
+            assert "Vicuna-LoRA chat" in urllib.request.urlopen(chat_url, timeout=2).read().decode()
+            break
+        except OSError:
+            assert time.time() < deadline, "the chat page did not start"
+            time.sleep(0.5)
     # the finished run's folder holds an adapter: a new start there is refused unless overwriting
     page.get_by_role("button", name="Start").click()
     wait_text(page, "#status", "already holds an adapter", 30)
