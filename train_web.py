@@ -441,7 +441,7 @@ def progress_html(progress: dict, running: bool) -> str:
 
 def next_steps(model: str, adapter: str) -> str:
     """The commands that chat with an adapter, merge it and export it to GGUF (Markdown)."""
-    py = os.path.relpath(sys.executable) if sys.executable.startswith(ROOT) else sys.executable
+    py = sys.executable
     tool = os.path.join(ROOT, "tools")
     merged = adapter.rstrip(os.sep) + "-merged"
     commands = [
