@@ -363,6 +363,11 @@ TRAINING_CONFIG = "training_config.json"  # template name + resolved hyperparame
 # The files a finished run puts at the top of --output_path; --overwrite_output_dir replaces these
 # and nothing else (a user's README.md stays).
 ADAPTER_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, TRAINING_CONFIG, "loss.png")
+# What a run appends to while it trains (train.py): --overwrite_output_dir empties them, a resumed run
+# appends. TensorBoard's runs/ folder (a new runs/DATE_HOST per run) is left as it is.
+TRAINER_LOG = "trainer_log.jsonl"  # one line per event: progress for the training page
+SAMPLES_LOG = "samples.jsonl"  # --eval_prompts answers at each evaluation
+RUN_LOGS = (TRAINER_LOG, SAMPLES_LOG)
 CHECKPOINT_DIR = re.compile(r"checkpoint-(\d+)")
 
 
@@ -402,6 +407,12 @@ def check_output_folder(out: str, resume_from: str | None = None, overwrite: boo
                         f"--resume_from_checkpoint {resume_from} belongs to another folder; "
                         f"pass --output_path {parent} to continue that run there, or a new folder")
     if overwrite:
+        for name in RUN_LOGS:
+            path = os.path.join(out, name)
+            if os.path.lexists(path) and (os.path.islink(path) or not os.path.isfile(path)):
+                raise UserError(f"--output_path {out}: {name} is not a file a run of finetune.py wrote (a folder "
+                                "or link); --overwrite_output_dir replaces only an earlier run's own files: move it "
+                                "away or pass a new --output_path")
         for name in checkpoints:  # only checkpoints an earlier run of ours wrote may be replaced
             stray = not_ours(os.path.join(out, name))
             if stray:
@@ -416,7 +427,8 @@ def check_output_folder(out: str, resume_from: str | None = None, overwrite: boo
                         "--output_path, or --overwrite_output_dir to replace that run's checkpoints and adapter")
     what = "already holds an adapter" if ADAPTER_CONFIG in entries else "is not empty"
     raise UserError(f"--output_path {out} {what} ({listing(entries)}); pass a new or empty folder, or "
-                    "--overwrite_output_dir to replace only the adapter files in it (nothing else is touched)")
+                    "--overwrite_output_dir to replace only an earlier run's adapter files and logs in it "
+                    "(nothing else is touched)")
 
 
 # Every file a checkpoint-N folder of ours holds (the Trainer's and our training_config.json).
@@ -446,6 +458,16 @@ def remove_earlier_checkpoints(out: str) -> None:
             os.remove(os.path.join(folder, file))
         os.rmdir(folder)
         logger.info("--overwrite_output_dir: removed %s of the earlier run", folder)
+
+
+def reset_run_logs(out: str) -> None:
+    """--overwrite_output_dir: empty an earlier run's trainer_log.jsonl and samples.jsonl (checked to
+    be plain files by check_output_folder), so the new run's lines are not mixed with its."""
+    for name in RUN_LOGS:
+        path = os.path.join(out, name)
+        if os.path.isfile(path) and not os.path.islink(path):
+            os.remove(path)
+            logger.info("--overwrite_output_dir: removed %s of the earlier run", path)
 
 
 CHECKPOINT_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, "trainer_state.json", "optimizer.pt", "scheduler.pt")

@@ -18,11 +18,13 @@ too, never a traceback.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
 import stat
 import sys
+from dataclasses import dataclass
 
 from errors import UserError, one_line
 from prompt import Conversation
@@ -63,16 +65,16 @@ def _type(value) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _read_text(path: str) -> str:
+def _read_text(path: str, flag: str = "--data_path") -> str:
     name = _name(path)
     if not os.path.exists(path):
-        raise DataError(f"{name}: no such file; pass an existing JSON or JSONL file to --data_path")
+        raise DataError(f"{name}: no such file; pass an existing JSON or JSONL file to {flag}")
     if os.path.isdir(path):
-        raise DataError(f"{name}: is a directory; pass a JSON or JSONL file to --data_path")
+        raise DataError(f"{name}: is a directory; pass a JSON or JSONL file to {flag}")
     try:
         mode = os.stat(path).st_mode
         if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISSOCK(mode):
-            raise DataError(f"{name}: not a regular file; pass a JSON or JSONL file to --data_path")
+            raise DataError(f"{name}: not a regular file; pass a JSON or JSONL file to {flag}")
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as e:
@@ -198,7 +200,7 @@ def _decode_line(line: str, name: str, lineno: int) -> object:
     return value
 
 
-def read_records(path: str) -> list[tuple[str, object]]:
+def read_records(path: str, flag: str = "--data_path") -> list[tuple[str, object]]:
     """[(where, record)] where `where` is "file:line N" or "file: record N" for error messages.
 
     A file that starts with `[` is one JSON list. Otherwise it is JSONL: one value per line, split
@@ -207,7 +209,7 @@ def read_records(path: str) -> list[tuple[str, object]]:
     objects one after another (a `.json` file holding one object is one record).
     """
     name = _name(path)
-    text = _read_text(path)
+    text = _read_text(path, flag)
     start = _WS.match(text).end()
     if start == len(text):
         return []
@@ -269,8 +271,9 @@ def _string(record: dict, key: str, where: str, optional: bool = False) -> str:
     return _text(value, where, f"field {key!r}")
 
 
-def _pair_turns(messages: list[tuple[str, str]], where: str) -> Conversation:
-    """[(role, text)] with an optional leading system message -> Conversation, checking order."""
+def _pair_turns(messages: list[tuple[str, str]], where: str, open_end: bool = False) -> Conversation:
+    """[(role, text)] with an optional leading system message -> Conversation, checking order.
+    `open_end`: a last user turn without an answer is allowed (a generation prompt)."""
     system = None
     if messages and messages[0][0] == "system":
         system = messages[0][1]
@@ -286,17 +289,20 @@ def _pair_turns(messages: list[tuple[str, str]], where: str) -> Conversation:
         if expected == "assistant":
             turns.append((messages[i - 1][1], text))
     if len(messages) % 2:
-        raise DataError(f"{where}: conversation ends with a user turn; the last turn must be the assistant's")
+        if not open_end:
+            raise DataError(f"{where}: conversation ends with a user turn; the last turn must be the assistant's")
+        turns.append((messages[-1][1], None))
     return Conversation(turns=turns, system=system)
 
 
-def parse_record(record: dict, fmt: str, where: str) -> Conversation:
+def parse_record(record: dict, fmt: str, where: str, open_end: bool = False) -> Conversation:
+    """One record as a Conversation; `open_end`: the last answer may be missing (a prompt)."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
     if fmt == "instruct":
         instruction = _string(record, "instruction", where)
         inp = _string(record, "input", where, optional=True)
-        output = _string(record, "output", where)
+        output = _string(record, "output", where, optional=open_end)
         if not instruction.strip():
             raise DataError(f"{where}: empty 'instruction'")
         return Conversation(turns=[(instruction, output)], input=inp)
@@ -312,15 +318,15 @@ def parse_record(record: dict, fmt: str, where: str) -> Conversation:
                 _text(v, where, f"{key}[{i}]")
         if not inputs:
             raise DataError(f"{where}: empty conversation")
-        if len(inputs) != len(outputs):
+        if len(inputs) != len(outputs) and not (open_end and len(inputs) == len(outputs) + 1):
             raise DataError(f"{where}: {len(inputs)} user turns but {len(outputs)} assistant turns; "
                             "'input' and 'output' must have the same length")
         system = _string(record, "instruction", where, optional=True)
-        return Conversation(turns=list(zip(inputs, outputs)), system=system or None)
+        return Conversation(turns=list(zip(inputs, outputs + [None])), system=system or None)
     if fmt == "sharegpt":
-        return _pair_turns(_messages(record, where, "conversations", "from", "value", SHAREGPT_ROLES), where)
+        return _pair_turns(_messages(record, where, "conversations", "from", "value", SHAREGPT_ROLES), where, open_end)
     if fmt == "openai":
-        return _pair_turns(_messages(record, where, "messages", "role", "content", OPENAI_ROLES), where)
+        return _pair_turns(_messages(record, where, "messages", "role", "content", OPENAI_ROLES), where, open_end)
     raise DataError(f"{where}: unknown format {fmt!r}")
 
 
@@ -342,9 +348,10 @@ def _messages(record, where, key, role_key, text_key, roles) -> list[tuple[str, 
     return out
 
 
-def load_conversations(path: str) -> tuple[str, list[Conversation]]:
-    """Read, detect and validate a whole file. Returns (format, conversations)."""
-    records = read_records(path)
+def load_conversations(path: str, flag: str = "--data_path", open_end: bool = False) -> tuple[str, list[Conversation]]:
+    """Read, detect and validate a whole file. Returns (format, conversations). `open_end`: records
+    may lack their last answer (generation prompts)."""
+    records = read_records(path, flag)
     if not records:
         raise DataError(f"{_name(path)}: no records; the file is empty")
     fmt = detect_format(records[0][1], records[0][0])
@@ -353,8 +360,123 @@ def load_conversations(path: str) -> tuple[str, list[Conversation]]:
         if isinstance(record, dict) and detect_format(record, where) != fmt:
             raise DataError(f"{where}: record format {detect_format(record, where)!r} differs from "
                             f"the file's first record ({fmt!r}); use one format per file")
-        convs.append(parse_record(record, fmt, where))
+        conv = parse_record(record, fmt, where, open_end)
+        conv.where = where
+        convs.append(conv)
     return fmt, convs
+
+
+# --- several files in one run: --data_path a.jsonl,b.json --data_shares 0.7,0.3 -------------------
+
+
+@dataclass
+class DataFile:
+    """One file of --data_path, read and validated on its own (each file has its own format)."""
+
+    path: str
+    format: str
+    conversations: list[Conversation]
+
+
+def data_paths(spec: str) -> list[str]:
+    """The files of --data_path: comma-separated (a name that exists as written is one file, even
+    with a comma in it)."""
+    if "," not in spec or os.path.exists(spec):
+        return [spec]
+    paths = [p.strip() for p in spec.split(",")]
+    if not all(paths):
+        raise DataError(f"--data_path {_name(spec)}: an empty file name between commas; pass FILE or FILE1,FILE2")
+    twice = sorted({p for p in paths if paths.count(p) > 1})
+    if twice:
+        raise DataError(f"--data_path names {_name(twice[0])} twice; name each file once (--data_shares gives a "
+                        "file more weight)")
+    return paths
+
+
+def load_data_files(spec: str) -> list[DataFile]:
+    """Every file of --data_path read and validated (load_conversations): the first bad record of
+    any file is a one-line DataError naming it."""
+    return [DataFile(path, *load_conversations(path)) for path in data_paths(spec)]
+
+
+def parse_shares(spec: str | None, n_files: int) -> list[float] | None:
+    """--data_shares: one positive share per --data_path file, summing to 1 (None: no mixing)."""
+    if spec is None:
+        return None
+    try:
+        shares = [float(x) for x in spec.split(",")]
+    except ValueError:
+        raise DataError(f"--data_shares {_name(spec)}: not a comma-separated list of numbers, e.g. 0.7,0.3") from None
+    if len(shares) != n_files:
+        raise DataError(f"--data_shares {spec} has {len(shares)} shares but --data_path has {n_files} "
+                        f"file{'s' if n_files != 1 else ''}; pass one share per file")
+    if not all(math.isfinite(x) and x > 0 for x in shares):
+        raise DataError(f"--data_shares {spec}: every share must be a number > 0")
+    if abs(sum(shares) - 1) > 1e-6:
+        raise DataError(f"--data_shares {spec} sums to {sum(shares):g}; the shares must sum to 1")
+    return shares
+
+
+def split_counts(total: int, weights: list[float]) -> list[int]:
+    """`total` split in proportion to `weights` (largest remainder: the parts sum to `total`)."""
+    exact = [total * w / sum(weights) for w in weights]
+    counts = [math.floor(x) for x in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (counts[i] - exact[i], i))
+    for i in by_remainder[:total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def split_files(files: list[DataFile], test_size: int, seed: int, spec: str) -> list[tuple[list, list]]:
+    """(train, test) conversations of each file: the held-out records are taken from each file in
+    proportion to its size (train_test_split within each file)."""
+    total = sum(len(f.conversations) for f in files)
+    if len(files) > 1 and test_size >= total and test_size > 0:
+        raise DataError(f"--test_size {test_size} leaves no training data: --data_path {_name(spec)} has {total} "
+                        f"records; pass a smaller --test_size (at most {total - 1}) or 0")
+    counts = split_counts(test_size, [len(f.conversations) for f in files])
+    return [train_test_split(f.conversations, k, seed, f.path) for f, k in zip(files, counts)]
+
+
+def as_prompt(conv: Conversation) -> Conversation:
+    """The conversation up to its last user turn, unanswered: what a model is asked to continue."""
+    user = conv.turns[-1][0]
+    return Conversation(turns=[*conv.turns[:-1], (user, None)], system=conv.system, input=conv.input, where=conv.where)
+
+
+def load_prompts(path: str, flag: str = "--eval_prompts") -> list[Conversation]:
+    """Generation prompts from a file in any of the data formats; the last answer may be missing
+    (sample/heldout_prompts.json) and is dropped when present."""
+    return [as_prompt(conv) for conv in load_conversations(path, flag, open_end=True)[1]]
+
+
+def read_eval_prompts(spec: str | None, prompt_type: str) -> list[Conversation] | None:
+    """--eval_prompts: its prompts read and checked, [] for "none", None for the default (chosen by
+    train.py once the held-out split is made)."""
+    if spec is None:
+        return None
+    if spec == "none":
+        return []
+    prompts = load_prompts(spec)
+    for conv in prompts:
+        if prompt_type == "instruct" and not conv.is_single_turn:
+            raise DataError(f"--eval_prompts {conv.where}: {len(conv.turns)} turns, but the instruct template holds "
+                            "one instruction; pass single-turn prompts or --prompt_type chat")
+    return prompts
+
+
+def mix(per_file: list[list], shares: list[float] | None, seed: int) -> list[list]:
+    """Each file's training examples as the mix takes them: all of them without `shares`; with
+    them, share_i of the total from file i, a random subset (no repeats) when the file has more
+    and the whole file repeated, plus a random subset, when it has fewer. Deterministic in `seed`."""
+    if shares is None:
+        return per_file
+    rng = random.Random(seed)
+    taken = []
+    for items, k in zip(per_file, split_counts(sum(len(x) for x in per_file), shares)):
+        whole, rest = divmod(k, len(items)) if items else (0, 0)
+        taken.append(items * whole + [items[i] for i in sorted(rng.sample(range(len(items)), rest))])
+    return taken
 
 
 def train_test_split(items: list, test_size: int, seed: int, path: str) -> tuple[list, list]:

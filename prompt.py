@@ -62,6 +62,7 @@ class Conversation:
     turns: list[tuple[str, str | None]]
     system: str | None = None
     input: str = ""
+    where: str = field(default="", compare=False, repr=False)  # "file:line" of a data record
 
     @property
     def is_single_turn(self) -> bool:
@@ -125,6 +126,11 @@ def _user_text(conv: Conversation, i: int, user: str) -> str:
     if i == 0 and conv.input:
         return f"{user}\n{conv.input}"
     return user
+
+
+def question_text(conv: Conversation) -> str:
+    """The last user turn as a person reads it (alpaca's `input` joined to a first instruction)."""
+    return _user_text(conv, len(conv.turns) - 1, conv.turns[-1][0])
 
 
 def render_chat_template(conv: Conversation, tokenizer) -> Pieces:
@@ -326,13 +332,24 @@ def encode_example(prompt_type: str, conv: Conversation, tokenizer, cutoff_len: 
                    train_on: str = "all") -> tuple[dict | None, bool]:
     """(example, truncated): the example cut to cutoff_len (None when no supervised token
     survives the cut) and whether the cut removed any token."""
+    return _encode_cut(prompt_type, conv, tokenizer, cutoff_len, train_on, cutoff_len)[:2]
+
+
+def measure_example(prompt_type: str, conv: Conversation, tokenizer, cutoff_len: int,
+                    train_on: str = "all") -> tuple[dict | None, bool, int]:
+    """encode_example's (example, truncated) and the whole example's token count before the cut
+    (the whole text is tokenized, not only what fits: for --inspect_data's statistics)."""
+    return _encode_cut(prompt_type, conv, tokenizer, cutoff_len, train_on, None)
+
+
+def _encode_cut(prompt_type, conv, tokenizer, cutoff_len, train_on, max_len) -> tuple[dict | None, bool, int]:
     pieces = render(prompt_type, conv, tokenizer)
-    input_ids, labels = tokenize_pieces(pieces, tokenizer, train_on, max_len=cutoff_len)
-    truncated = len(input_ids) > cutoff_len
+    input_ids, labels = tokenize_pieces(pieces, tokenizer, train_on, max_len=max_len)
+    length, truncated = len(input_ids), len(input_ids) > cutoff_len
     input_ids, labels = input_ids[:cutoff_len], labels[:cutoff_len]
     if all(label == IGNORE_INDEX for label in labels):
-        return None, truncated
-    return {"input_ids": input_ids, "labels": labels}, truncated
+        return None, truncated, length
+    return {"input_ids": input_ids, "labels": labels}, truncated, length
 
 
 def build_example(prompt_type: str, conv: Conversation, tokenizer, cutoff_len: int,

@@ -11,9 +11,13 @@ Imported by the entry scripts after argument parsing, so `--help` and flag error
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import signal
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -28,13 +32,20 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.utils import is_flash_attn_2_available
 
-from checkpoints import ADAPTER_FILES, publish_files, remove_earlier_checkpoints, staging_folder
-from data import load_conversations, train_test_split
-from errors import UserError, one_line
-from prompt import IGNORE_INDEX, encode_example
-from errors import logger
+from checkpoints import (ADAPTER_FILES, SAMPLES_LOG, TRAINER_LOG, publish_files, remove_earlier_checkpoints,
+                         reset_run_logs, staging_folder)
+from data import (DataFile, as_prompt, load_data_files, load_prompts, mix, parse_shares, read_eval_prompts,
+                  split_files)
+from errors import UserError, logger, one_line
+from generation import GenerationParams, check_context, generate_text
 from models import (ADAPTER_CONFIG, adapter_key_report, device_map_for, load_adapter, load_model, load_tokenizer,
                     pick_dtype, refuse_compressed_base, resolve_model_path, save_training_config, target_modules)
+from prompt import (IGNORE_INDEX, STOP_STRINGS, build_prompt_ids, encode_example, extract_response, measure_example,
+                    question_text)
+
+
+DEFAULT_EVAL_PROMPTS = 4  # --eval_prompts default: this many held-out records, or of DEFAULT_PROMPTS_FILE
+DEFAULT_PROMPTS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample", "heldout_prompts.json")
 
 
 def build_examples(convs, args, tokenizer, counts: dict | None = None) -> tuple[list[dict], int]:
@@ -113,41 +124,48 @@ class Plan:
         return max(1, math.ceil(args.num_epochs * max(1, batches // self.grad_accum)))
 
 
-def run(args, data: tuple[str, list] | None = None) -> str | None:
+def run(args, data: tuple[list[DataFile], list | None] | None = None) -> str | None:
     """The run for flags that train_args.check_args passed: data, model, training, final save.
-    `data`: (format, conversations) already read from --data_path (read here when None)."""
+    `data`: train_args.preflight's ([DataFile], --eval_prompts prompts) (read here when None)."""
+    files, prompts = data or (load_data_files(args.data_path), read_eval_prompts(args.eval_prompts, args.prompt_type))
     if args.inspect_data:
-        return inspect_data(args, data)
-    data_format, convs = data or load_conversations(args.data_path)
-    test_size = args.test_size if args.test_size is not None else min(200, len(convs) // 10)
-    train_convs, test_convs = train_test_split(convs, test_size, args.seed, args.data_path)
+        return inspect_data(args, files)
+    n_records = sum(len(f.conversations) for f in files)
+    test_size = args.test_size if args.test_size is not None else min(200, n_records // 10)
+    splits = split_files(files, test_size, args.seed, args.data_path)
     model_path = resolve_model_path(args.model_path)
     refuse_compressed_base(model_path, args.model_path)
     tokenizer = load_tokenizer(model_path, args.trust_remote_code)
     tokenizer.padding_side = "right"
     counts: dict = {}
-    train_examples, dropped_train = build_examples(train_convs, args, tokenizer, counts)
-    test_examples, dropped_test = build_examples(test_convs, args, tokenizer, counts)
-    if dropped_train + dropped_test:
-        logger.warning("dropped %d of %d records whose response lies beyond --cutoff_len %d",
-                       dropped_train + dropped_test, len(convs), args.cutoff_len)
-    if not train_examples:
-        raise UserError(f"{args.data_path}: no training example keeps a supervised token within "
-                        f"--cutoff_len {args.cutoff_len}; raise --cutoff_len")
+    train_examples, test_examples, file_counts = build_training_mix(args, files, splits, tokenizer, counts)
+    dropped = sum(c["dropped_examples"] for c in file_counts)
     plan = Plan.from_args(args)
-    log_summary(args, data_format, len(convs), train_examples, test_examples, counts["truncated"],
-                plan.total_steps(args, len(train_examples)))
+    data_format = ",".join(dict.fromkeys(f.format for f in files))
+    log_summary(args, data_format, n_records, train_examples, test_examples, counts["truncated"],
+                plan.total_steps(args, len(train_examples)), file_counts)
+    if prompts is None:  # the default: the first held-out records, or our sample prompts
+        held_out = [conv for _, test_convs in splits for conv in test_convs]
+        prompts = [as_prompt(c) for c in held_out[:DEFAULT_EVAL_PROMPTS]] or \
+            load_prompts(DEFAULT_PROMPTS_FILE)[:DEFAULT_EVAL_PROMPTS]
 
     model, resolved = load_trainable_model(args, model_path, plan)
     trainer = make_trainer(args, plan, model, tokenizer, train_examples, test_examples)
+    if prompts:
+        samples = GenerationSamples(prompts, args.prompt_type, tokenizer, args.eval_max_new_tokens, args.output_path,
+                                    every=None if test_examples else args.eval_steps,
+                                    writers=trainer.callback_handler.callbacks, wandb=args.wandb)
+        samples.check_context(model)
+        trainer.add_callback(samples)
     config = {
         "base_model": args.model_path,
         "base_model_resolved": model_path,
         "prompt_type": args.prompt_type,
         "data_format": data_format,
+        "data_files": file_counts,
         "num_train_examples": len(train_examples),
         "num_eval_examples": len(test_examples),
-        "dropped_examples": dropped_train + dropped_test,
+        "dropped_examples": dropped,
         "gradient_accumulation_steps": plan.grad_accum,
         "world_size": plan.world_size,
         "gradient_checkpointing": plan.gradient_checkpointing,
@@ -158,15 +176,23 @@ def run(args, data: tuple[str, list] | None = None) -> str | None:
     }
     if args.overwrite_output_dir and plan.rank == 0 and os.path.isdir(args.output_path):
         remove_earlier_checkpoints(args.output_path)
-    lr_watch = LearningRateWatch()
-    for callback in (SaveConfig(config), lr_watch, FiniteGradients(args.learning_rate)):
+        reset_run_logs(args.output_path)
+    lr_watch, progress, stop = LearningRateWatch(), ProgressLog(args.output_path), GracefulStop()
+    for callback in (SaveConfig(config), lr_watch, FiniteGradients(args.learning_rate), progress, stop):
         trainer.add_callback(callback)
     try:
         trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-        if plan.rank == 0:
+        if stop.stopped_at is not None:
+            checkpoint = os.path.join(args.output_path, f"checkpoint-{stop.stopped_at}")
+            progress.write(trainer.state, "stop", checkpoint=checkpoint)
+            if plan.rank == 0:
+                logger.info("stopped at step %d: checkpoint saved to %s; continue with --resume_from_checkpoint %s",
+                            stop.stopped_at, checkpoint, checkpoint)
+        elif plan.rank == 0:
             # lora_B starts at zero: still zero after steps at a positive learning rate means a broken
             # run; after steps at rate 0 only (one step inside the warmup) it is what the user asked for
             save_final_adapter(trainer, args.output_path, config, updated=lr_watch.max_lr > 0)
+            progress.write(trainer.state, "end", adapter=args.output_path)
     except Exception as e:
         close_progress_bars(trainer)  # so the error starts a line of its own
         if not is_write_failure(e):
@@ -174,22 +200,60 @@ def run(args, data: tuple[str, list] | None = None) -> str | None:
         where = getattr(e, "filename", None) or args.output_path
         raise UserError(f"writing {where} failed ({getattr(e, 'strerror', None) or one_line(e)}); free disk space "
                         "or pass another --output_path (checkpoints written completely before are kept)") from None
+    finally:
+        stop.restore_handlers()
     return args.output_path
 
 
-def inspect_data(args, data: tuple[str, list] | None = None) -> None:
-    """--inspect_data FILE: every example of the data file as {input_ids, labels} JSON lines."""
+def build_training_mix(args, files: list[DataFile], splits: list[tuple[list, list]], tokenizer,
+                       counts: dict) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train examples in the --data_shares mix, eval examples, each file's counts for the log and
+    training_config.json) from each file's (train, test) conversations."""
+    per_file, test_examples, file_counts = [], [], []
+    for file, (train_convs, test_convs) in zip(files, splits):
+        file_train, dropped_train = build_examples(train_convs, args, tokenizer, counts)
+        file_test, dropped_test = build_examples(test_convs, args, tokenizer, counts)
+        per_file.append(file_train)
+        test_examples += file_test
+        file_counts.append({"path": file.path, "format": file.format, "records": len(file.conversations),
+                            "train_examples": len(file_train), "eval_examples": len(file_test),
+                            "dropped_examples": dropped_train + dropped_test})
+    dropped = sum(c["dropped_examples"] for c in file_counts)
+    if dropped:
+        logger.warning("dropped %d of %d records whose response lies beyond --cutoff_len %d",
+                       dropped, sum(len(f.conversations) for f in files), args.cutoff_len)
+    shares = parse_shares(args.data_shares, len(files))
+    empty = [file.path for file, examples in zip(files, per_file) if not examples]
+    if len(empty) == len(files) or (empty and shares):  # a share of nothing cannot be drawn
+        raise UserError(f"{empty[0] if shares else args.data_path}: no training example keeps a supervised token "
+                        f"within --cutoff_len {args.cutoff_len}; raise --cutoff_len")
+    mixed = mix(per_file, shares, args.seed)
+    for entry, part, share in zip(file_counts, mixed, shares or [None] * len(files)):
+        entry.update(share=share, in_training_mix=len(part))
+    return [ex for part in mixed for ex in part], test_examples, file_counts
+
+
+def inspect_data(args, files: list[DataFile]) -> None:
+    """--inspect_data FILE: every record of every data file as one JSON line, in file order:
+    {"where", "length", "cut", "input_ids", "labels"} for an example ("length": its tokens before
+    --cutoff_len, "cut": whether the cut shortened it), {"where", "length", "dropped": true} for a
+    record with no supervised token within --cutoff_len."""
     if os.path.exists(args.inspect_data):
         raise UserError(f"--inspect_data {args.inspect_data} exists; pass a new file name")
-    _, convs = data or load_conversations(args.data_path)
     tokenizer = load_tokenizer(resolve_model_path(args.model_path), args.trust_remote_code)
-    counts: dict = {}
-    examples, dropped = build_examples(convs, args, tokenizer, counts)
+    kept = cut = dropped = 0
     with open(args.inspect_data, "w", encoding="utf-8") as f:
-        for ex in examples:
-            f.write(json.dumps({"input_ids": ex["input_ids"], "labels": ex["labels"]}) + "\n")
+        for conv in (conv for file in files for conv in file.conversations):
+            ex, truncated, length = measure_example(args.prompt_type, conv, tokenizer, args.cutoff_len, args.train_on)
+            if ex is None:
+                line = {"where": conv.where, "length": length, "dropped": True}
+                dropped += 1
+            else:
+                line = {"where": conv.where, "length": length, "cut": truncated, **ex}
+                kept, cut = kept + 1, cut + truncated
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
     logger.info("wrote %d examples to %s (%d cut at --cutoff_len %d; %d dropped: no supervised token "
-                "within it)", len(examples), args.inspect_data, counts["truncated"], args.cutoff_len, dropped)
+                "within it)", kept, args.inspect_data, cut, args.cutoff_len, dropped)
 
 
 def close_progress_bars(trainer) -> None:
@@ -213,8 +277,14 @@ def is_write_failure(e: BaseException) -> bool:
 
 
 def log_summary(args, data_format: str, n_records: int, train: list[dict], test: list[dict], truncated: int,
-                total_steps: int) -> None:
+                total_steps: int, file_counts: list[dict]) -> None:
     """What the run will do, and each thing that would surprise a user, before any weight loads."""
+    if len(file_counts) > 1:
+        for c in file_counts:
+            share = f", share {c['share']:g}" if c["share"] is not None else ""
+            logger.info("%s: %s format, %d records: %d train / %d eval examples, %d in the training mix%s",
+                        c["path"], c["format"], c["records"], c["train_examples"], c["eval_examples"],
+                        c["in_training_mix"], share)
     n_tokens = sum(len(e["input_ids"]) for e in train)
     n_sup = sum(sum(1 for t in e["labels"] if t != IGNORE_INDEX) for e in train)
     logger.info("%s: %s format, %d train / %d eval examples, %d tokens (%d supervised), %d optimizer steps",
@@ -281,6 +351,10 @@ def load_trainable_model(args, model_path: str, plan: Plan):
     # name the base as the user did (the embedded model's name, a hub id), not the cache folder it
     # resolved to: adapter_config.json travels to other machines
     model.peft_config["default"].base_model_name_or_path = args.model_path
+    # We never resize the vocabulary, so every save (checkpoint-N, final) leaves the base's embeddings
+    # out. peft's default ("auto") finds that out by reading config.json of base_model_name_or_path,
+    # which names the user's base, not a folder: it asks the hub and warns offline.
+    model.save_pretrained = functools.partial(model.save_pretrained, save_embedding_layers=False)
     trainable, total = model.get_nb_trainable_parameters()
     logger.info("trainable parameters: %s of %s (%.3f%%), dtype %s, quant %s",
                 f"{trainable:,}", f"{total:,}", 100 * trainable / total, dtype, args.quant)
@@ -331,6 +405,9 @@ def make_trainer(args, plan: Plan, model, tokenizer, train_examples: list[dict],
         ddp_find_unused_parameters=False if ddp else None,
         ddp_backend=None if on_gpu or not ddp else "gloo",
         use_cpu=not on_gpu,
+        # tokens/s in trainer_log.jsonl: a packed row has no padding (and may hold the pad id as a
+        # real token: EOS), a padded batch counts its attention mask
+        include_num_input_tokens_seen="all" if args.packing else "non_padding",
         train_sampling_strategy="group_by_length" if (args.group_by_length and not args.packing) else "random",
         dataloader_num_workers=0,
         deepspeed=args.deepspeed,
@@ -476,6 +553,191 @@ class FiniteGradients(TrainerCallback):
             raise UserError(f"step {state.global_step + 1}: the gradients hold NaN or infinite values: training "
                             f"diverged; lower --learning_rate (now {self.learning_rate:g}) or check the data "
                             "(checkpoints written so far are kept)")
+
+
+class GracefulStop(TrainerCallback):
+    """SIGTERM or SIGINT (the training page's Stop, Ctrl-C) ends the run at the end of the current
+    optimizer step with a normal checkpoint-N (the Trainer's own save), which --resume_from_checkpoint
+    continues exactly; `stopped_at` is then that step and the final adapter is not written.
+
+    The handlers live while train() runs, in the main thread of every process (torchrun forwards a
+    signal to all of them; the request is shared at each step end, so all processes stop at the
+    same step). A second signal gets the default behaviour back: it kills at once.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.requested = False
+        self.stopped_at: int | None = None
+        self._previous: dict = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._request) for s in self.SIGNALS}
+
+    def _request(self, signum, frame):
+        self.requested = True
+        for s in self.SIGNALS:
+            signal.signal(s, signal.SIG_DFL)  # the next one is not caught
+        logger.info("%s: stopping after this optimizer step and saving a checkpoint (send it again to kill "
+                    "at once)", signal.Signals(signum).name)
+
+    def restore_handlers(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        requested = self.requested
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([int(requested)], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            requested = bool(flag.item())
+        if requested:
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.restore_handlers()
+
+
+class ProgressLog(TrainerCallback):
+    """OUTPUT/trainer_log.jsonl (LLaMA-Factory's name): one JSON line per event, appended by the
+    main process, for the training page and scripts. Every line has "event" ("start", "log",
+    "eval", "save", "stop", "end"), "step", "total_steps", "epoch", "elapsed_s" and "remaining_s"
+    (this process's training time so far and the estimate for the steps left, at its pace),
+    "tokens_per_s" (input tokens per second of training in this process) and "learning_rate";
+    "log" adds "loss", "eval" adds "eval_loss", "save" and "stop" add "checkpoint" (the folder),
+    "end" adds "adapter" (the output folder). A resumed run appends: the last line of a step wins."""
+
+    def __init__(self, folder: str):
+        self.path = os.path.join(folder, TRAINER_LOG)
+        self.started = time.monotonic()
+        self.first_step, self.first_tokens, self.learning_rate = 0, 0, None
+
+    def write(self, state, event: str, **values) -> None:
+        if not state.is_world_process_zero:
+            return
+        elapsed = time.monotonic() - self.started
+        done = state.global_step - self.first_step
+        tokens = state.num_input_tokens_seen - self.first_tokens
+        line = {"event": event, "step": state.global_step, "total_steps": state.max_steps, "epoch": state.epoch,
+                "elapsed_s": round(elapsed, 3),
+                "remaining_s": round(elapsed / done * (state.max_steps - state.global_step), 3) if done > 0 else None,
+                "tokens_per_s": round(tokens / elapsed, 1) if elapsed > 0 and tokens else None,
+                "learning_rate": self.learning_rate, **values}
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def on_train_begin(self, args, state, control, lr_scheduler=None, **kwargs):
+        self.started = time.monotonic()
+        self.first_step, self.first_tokens = state.global_step, state.num_input_tokens_seen
+        self._scheduler_rate(lr_scheduler)
+        self.write(state, "start")
+
+    def _scheduler_rate(self, lr_scheduler) -> None:
+        if lr_scheduler is not None:
+            self.learning_rate = lr_scheduler.get_last_lr()[0]
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" in logs:
+            self.learning_rate = logs.get("learning_rate", self.learning_rate)
+            self.write(state, "log", loss=logs["loss"])
+        elif "eval_loss" in logs:
+            self.write(state, "eval", eval_loss=logs["eval_loss"])
+
+    def on_save(self, args, state, control, **kwargs):
+        self.write(state, "save", checkpoint=os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+
+
+class GenerationSamples(TrainerCallback):
+    """--eval_prompts: greedy answers to a few prompts at every evaluation (with `every`, at every
+    `every`-th step: a run without a held-out split), on the main process, appended to
+    OUTPUT/samples.jsonl as {"step", "index", "prompt" (the question as a person reads it),
+    "answer"}, and written to TensorBoard (text "samples/N") and to wandb (a table) when they log.
+
+    The answers are what generate.py prints for the adapter at that step with the default decoding
+    (generation.generate_text, the template's stop strings; --eval_max_new_tokens tokens at most).
+    Training is not changed: the model is switched to eval mode and back, nothing keeps gradients,
+    and every random generator (python, numpy, torch, CUDA) is put back as it was, so the trained
+    adapter is bitwise the one a run without samples gives.
+    """
+
+    def __init__(self, prompts: list, prompt_type: str, tokenizer, max_new_tokens: int, folder: str,
+                 every: int | None = None, writers: list | None = None, wandb: bool = False):
+        self.prompt_type, self.tokenizer, self.every = prompt_type, tokenizer, every
+        self.questions = [question_text(conv) for conv in prompts]
+        self.wheres = [conv.where for conv in prompts]
+        self.prompt_ids = [build_prompt_ids(prompt_type, conv, tokenizer) for conv in prompts]
+        self.params = GenerationParams(max_new_tokens=max_new_tokens)
+        self.path = os.path.join(folder, SAMPLES_LOG)
+        self.writers = writers if writers is not None else []  # the Trainer's callbacks: TensorBoard's
+        self.wandb = wandb
+
+    def check_context(self, model) -> None:
+        """Refuse, before training, a prompt whose answer would not fit the model's context."""
+        for where, ids in zip(self.wheres, self.prompt_ids):
+            check_context(model, len(ids), self.params.max_new_tokens, prompt=f"the eval prompt {where}".strip(),
+                          new_name="--eval_max_new_tokens", fix="shorten it (--eval_prompts)")
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        if self.every is None:
+            self.write_samples(state, model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.every is not None and state.global_step % self.every == 0:
+            self.write_samples(state, model)
+
+    def answers(self, model) -> list[str]:
+        """The greedy answer to every prompt, leaving the model's mode and every RNG as they were."""
+        import random
+
+        import numpy as np
+
+        rng = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+               torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+        training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                return [extract_response(generate_text(model, self.tokenizer, ids, self.params,
+                                                       STOP_STRINGS[self.prompt_type]), self.prompt_type)
+                        for ids in self.prompt_ids]
+        finally:
+            model.train(training)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            random.setstate(rng[0])
+            np.random.set_state(rng[1])
+            torch.set_rng_state(rng[2])
+            if rng[3] is not None:
+                torch.cuda.set_rng_state_all(rng[3])
+
+    def write_samples(self, state, model) -> None:
+        if not state.is_world_process_zero or model is None:
+            return
+        step = state.global_step
+        rows = [{"step": step, "index": i, "prompt": q, "answer": a}
+                for i, (q, a) in enumerate(zip(self.questions, self.answers(model)))]
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        for callback in self.writers:
+            tb = getattr(callback, "tb_writer", None)
+            if tb is not None:
+                for row in rows:
+                    tb.add_text(f"samples/{row['index']}", f"**prompt**\n\n{row['prompt']}\n\n**answer**\n\n"
+                                f"{row['answer']}", step)
+                tb.flush()
+        if self.wandb:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.log({"eval/samples": wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])})
 
 
 class LearningRateWatch(TrainerCallback):

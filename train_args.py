@@ -15,7 +15,7 @@ import math
 import os
 
 from checkpoints import check_output_folder, check_resume_checkpoint
-from data import load_conversations
+from data import data_paths, load_data_files, parse_shares, read_eval_prompts
 from errors import UserError, cli_errors, setup_logging
 from models import EMBEDDED_MODEL, QUANT_CHOICES, target_modules
 from prompt import PROMPT_TYPES
@@ -41,6 +41,7 @@ DEFAULTS = dict(
     train_on="all",
     test_size=None,  # 200 records, or a tenth of the data when that is fewer
     eval_steps=200,
+    eval_max_new_tokens=128,
     save_steps=200,
     save_total_limit=3,
     logging_steps=10,
@@ -52,7 +53,15 @@ def build_parser(defaults: dict, description: str | None = None) -> argparse.Arg
     d = defaults
     p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     a = p.add_argument
-    a("--data_path", default=d["data_path"], help="JSON/JSONL instruction or chat data (format auto-detected)")
+    a("--data_path", default=d["data_path"],
+      help="JSON/JSONL instruction or chat data (format auto-detected per file); several files: a.jsonl,b.json "
+           "(each read and checked on its own, formats may differ; the held-out records are taken from each "
+           "file in proportion to its size)")
+    a("--data_shares", metavar="S1,S2", default=None,
+      help="with several --data_path files: the share of the training examples each gives (positive, summing "
+           "to 1; the total stays the number of training examples): a file with more than its share is "
+           "subsampled without repeats, one with fewer is repeated, both drawn with --seed; without it every "
+           "example of every file is trained once")
     a("--output_path", default=d["output_path"], help="where the adapter, checkpoints and logs go")
     a("--model_path", default=d["model_path"],
       help=f"base model: Hugging Face id, local folder or .gguf file (default: embedded {EMBEDDED_MODEL})")
@@ -81,6 +90,12 @@ def build_parser(defaults: dict, description: str | None = None) -> argparse.Arg
     a("--test_size", type=int, default=d["test_size"],
       help="records held out for evaluation (0: none; None: 200, or a tenth of the data when fewer)")
     a("--eval_steps", type=int, default=d["eval_steps"])
+    a("--eval_prompts", metavar="FILE", default=None,
+      help="prompts (any data format; answers are not needed) answered greedily at every evaluation (every "
+           "--eval_steps without a held-out split) into OUTPUT/samples.jsonl, TensorBoard and wandb; without it "
+           "the first 4 held-out records, or of sample/heldout_prompts.json without a held-out split; none: off")
+    a("--eval_max_new_tokens", type=int, default=d["eval_max_new_tokens"],
+      help="the longest answer to an --eval_prompts prompt, in tokens")
     a("--save_steps", type=int, default=d["save_steps"])
     a("--save_total_limit", type=int, default=d["save_total_limit"], help="checkpoints kept (0: all)")
     a("--logging_steps", type=int, default=d["logging_steps"])
@@ -101,7 +116,9 @@ def build_parser(defaults: dict, description: str | None = None) -> argparse.Arg
     a("--deepspeed", metavar="JSON", default=None,
       help="DeepSpeed config for HF Trainer, e.g. config-sample/zero2.json (pip install deepspeed)")
     a("--inspect_data", metavar="FILE", default=None,
-      help="write every example as {input_ids, labels} JSON lines to FILE and exit")
+      help="write every example as JSON lines to FILE and exit: {where (file:line), length (tokens before "
+           "--cutoff_len), cut, input_ids, labels}, or {where, length, dropped: true} for a record with no "
+           "supervised token within --cutoff_len")
     a("--trust_remote_code", action="store_true", help="allow model code from the hub (off by default)")
     return p
 
@@ -109,7 +126,7 @@ def build_parser(defaults: dict, description: str | None = None) -> argparse.Arg
 def check_args(args) -> None:
     """Every flag in range and every combination possible, before anything loads or is written."""
     for name in ("cutoff_len", "micro_batch_size", "batch_size", "lora_r", "lora_alpha",
-                 "eval_steps", "save_steps", "logging_steps"):
+                 "eval_steps", "save_steps", "logging_steps", "eval_max_new_tokens"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name} must be > 0, got {getattr(args, name)}")
     for name in ("warmup_steps", "save_total_limit"):
@@ -138,6 +155,7 @@ def check_args(args) -> None:
         raise UserError(f"--deepspeed {args.deepspeed} needs the deepspeed package: pip install deepspeed")
     if args.max_steps <= 0 and args.num_epochs <= 0:
         raise UserError("--num_epochs must be > 0 (or pass --max_steps)")
+    parse_shares(args.data_shares, len(data_paths(args.data_path)))
     targets = target_modules(args.lora_target_modules)
     if args.resume_from_checkpoint:
         check_resume_checkpoint(args.resume_from_checkpoint, args.lora_r, args.lora_alpha, targets)
@@ -145,13 +163,13 @@ def check_args(args) -> None:
         check_output_folder(args.output_path, args.resume_from_checkpoint, args.overwrite_output_dir)
 
 
-def preflight(args) -> tuple[str, list]:
+def preflight(args) -> tuple[list, list | None]:
     """Everything that can be checked before torch loads: the flags, the output folder, a resumed
-    checkpoint, and the whole data file (format, conversations), which is returned."""
+    checkpoint, every data file and the --eval_prompts file, which are returned: ([DataFile],
+    prompts or None for the default)."""
     check_args(args)
-    return load_conversations(args.data_path)
-
-
+    files = load_data_files(args.data_path)
+    return files, None if args.inspect_data else read_eval_prompts(args.eval_prompts, args.prompt_type)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

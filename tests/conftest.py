@@ -128,6 +128,11 @@ def write_jsonl(path, records) -> str:
     return str(path)
 
 
+def read_jsonl(path) -> list:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
 INSTRUCT_RECORDS = [
     {"instruction": "Say hello.", "input": "", "output": "Hello! 你好！"},
     {"instruction": "Translate to English.", "input": "我们的模型", "output": "Our model."},

@@ -115,3 +115,73 @@ def test_cli_bad_input_one_line_no_traceback_nothing_written(tmp_path, content, 
     assert re.search(message, lines[0]), lines[0]
     assert not out.exists()
     assert result.stdout == ""
+
+
+# --- several files: --data_path a,b --data_shares; prompt files (--eval_prompts) -------------------
+
+
+def test_split_counts_and_mix_are_exact_and_seeded():
+    from data import mix, split_counts
+
+    assert split_counts(10, [0.7, 0.3]) == [7, 3]
+    assert split_counts(5, [1, 1, 1]) == [2, 2, 1]  # largest remainder, ties to the first
+    assert split_counts(4, [3, 100]) == [0, 4] and split_counts(0, [1, 2]) == [0, 0]
+    a, b = list(range(10)), list(range(100, 104))  # 14 examples: 0.5 -> 7 from a, 7 from b
+    taken = mix([a, b], [0.5, 0.5], seed=3)
+    assert len(taken[0]) == 7 and len(set(taken[0])) == 7 and set(taken[0]) <= set(a)  # subsampled, no repeats
+    assert taken[1][:4] == b and len(taken[1]) == 7 and set(taken[1][4:]) <= set(b)  # whole, then 3 more
+    assert mix([a, b], [0.5, 0.5], seed=3) == taken and mix([a, b], [0.5, 0.5], seed=4) != taken
+    assert mix([a, b], None, seed=3) == [a, b]
+
+
+def test_data_paths_and_shares_are_one_line_errors(tmp_path):
+    from data import data_paths, parse_shares
+
+    assert data_paths("a.jsonl, b.json") == ["a.jsonl", "b.json"]
+    odd = tmp_path / "x,y.jsonl"
+    odd.write_text("")
+    assert data_paths(str(odd)) == [str(odd)]  # an existing name with a comma is one file
+    with pytest.raises(DataError, match="--data_path a.jsonl,,b.json: an empty file name between commas"):
+        data_paths("a.jsonl,,b.json")
+    with pytest.raises(DataError, match="--data_path names a.jsonl twice"):
+        data_paths("a.jsonl,a.jsonl")
+    assert parse_shares("0.7,0.3", 2) == [0.7, 0.3] and parse_shares(None, 2) is None
+    for spec, message in [("0.7", "has 1 shares but --data_path has 2 files"), ("0.5,0.4", "sums to 0.9"),
+                          ("1.5,-0.5", "every share must be a number > 0"), ("a,b", "not a comma-separated list"),
+                          ("nan,0.5", "every share must be a number > 0")]:
+        with pytest.raises(DataError, match=f"--data_shares {spec}.*{message}" if spec != "0.7" else message):
+            parse_shares(spec, 2)
+
+
+def test_held_out_records_come_from_each_file_in_proportion(tmp_path):
+    from data import load_data_files, split_files
+
+    a = write_jsonl(tmp_path / "a.jsonl", [{"instruction": f"a{i}", "output": "x"} for i in range(30)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"messages": [{"role": "user", "content": f"b{i}"},
+                                                         {"role": "assistant", "content": "y"}]} for i in range(10)])
+    files = load_data_files(f"{a},{b}")
+    assert [(f.path, f.format, len(f.conversations)) for f in files] == [(a, "instruct", 30), (b, "openai", 10)]
+    assert files[1].conversations[3].where == f"{b}:4"
+    (a_train, a_test), (b_train, b_test) = split_files(files, 8, seed=1, spec=f"{a},{b}")
+    assert (len(a_train), len(a_test), len(b_train), len(b_test)) == (24, 6, 8, 2)
+    with pytest.raises(DataError, match=r"--test_size 40 leaves no training data: --data_path .* has 40 records"):
+        split_files(files, 40, seed=1, spec=f"{a},{b}")
+
+
+def test_prompt_files_need_no_answers(tmp_path):
+    from data import load_prompts
+
+    path = tmp_path / "p.jsonl"
+    write_jsonl(path, [{"instruction": "Translate.", "input": "你好"},
+                       {"instruction": "Hi", "output": "an answer that is dropped"},
+                       {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                     {"role": "user", "content": "c"}]}][:2])
+    assert load_prompts(str(path)) == [Conversation(turns=[("Translate.", None)], input="你好"),
+                                       Conversation(turns=[("Hi", None)])]
+    chat = write_jsonl(tmp_path / "c.jsonl", [
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                      {"role": "user", "content": "c"}]},
+        {"input": ["x", "y"], "output": ["z"]}][:1])
+    assert load_prompts(chat) == [Conversation(turns=[("a", "b"), ("c", None)])]
+    with pytest.raises(DataError, match="nope.json: no such file; pass an existing JSON or JSONL file to --eval_prompts"):
+        load_prompts(str(tmp_path / "nope.json"))

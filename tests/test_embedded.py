@@ -37,7 +37,8 @@ def test_train_then_generate_on_embedded_model(tmp_path):
     out = str(tmp_path / "lora")
     finetune.main(["--data_path", data, "--output_path", out, "--test_size", "2", "--eval_steps", "4",
                    "--max_steps", "8", "--micro_batch_size", "2", "--batch_size", "2", "--warmup_steps", "0",
-                   "--logging_steps", "1", "--learning_rate", "1e-2", "--save_steps", "100"])
+                   "--logging_steps", "1", "--learning_rate", "1e-2", "--save_steps", "100",
+                   "--eval_prompts", "none"])  # samples (about 15 s here) are test_train_samples.py's subject
     config = json.load(open(os.path.join(out, TRAINING_CONFIG)))
     assert config["base_model"] == EMBEDDED_MODEL and config["num_eval_examples"] == 2
     # the adapter names its base publicly, not by this machine's cache folder

@@ -30,13 +30,15 @@ def inspect(tmp_path, records, model, *extra, entry=finetune):
 
 def test_golden_instruct_mask(tmp_path, tiny_models):
     [ex] = inspect(tmp_path, [{"instruction": "Hi", "input": "", "output": "Hello"}], tiny_models["bpe"])
-    assert ex == {"input_ids": GOLDEN_INSTRUCT_IDS, "labels": GOLDEN_INSTRUCT_LABELS}
+    assert ex == {"where": f"{tmp_path / 'd.jsonl'}:1", "length": 33, "cut": False,
+                  "input_ids": GOLDEN_INSTRUCT_IDS, "labels": GOLDEN_INSTRUCT_LABELS}
 
 
 def test_golden_chat_mask_every_assistant_turn(tmp_path, tiny_models):
     rec = {"input": ["你好", "1+1?"], "output": ["嗨", "2"]}
     [ex] = inspect(tmp_path, [rec], tiny_models["bpe"], entry=finetune_chat)
-    assert ex == {"input_ids": GOLDEN_CHAT_IDS, "labels": GOLDEN_CHAT_LABELS}
+    assert ex == {"where": f"{tmp_path / 'd.jsonl'}:1", "length": len(GOLDEN_CHAT_IDS), "cut": False,
+                  "input_ids": GOLDEN_CHAT_IDS, "labels": GOLDEN_CHAT_LABELS}
 
 
 def test_chat_last_turn_only(tmp_path, tiny_models):
@@ -56,16 +58,22 @@ def test_sentencepiece_mask_has_bos_and_eos(tmp_path, tiny_models, sp_tokenizer)
     assert sp_tokenizer.decode(labels[n_prompt:], skip_special_tokens=True) == "你好 world"
 
 
-def test_truncation_drops_examples_without_supervised_tokens(tmp_path, tiny_models, caplog):
+def test_truncation_drops_examples_without_supervised_tokens(tmp_path, tiny_models, bpe_tokenizer, caplog):
+    from prompt import Conversation, render, tokenize_pieces
+
     records = [{"instruction": "short", "output": "ok"},
                {"instruction": "long " * 200, "output": "never seen"}]
-    examples = inspect(tmp_path, records, tiny_models["bpe"], "--cutoff_len", "64")
-    assert len(examples) == 1 and len(examples[0]["input_ids"]) <= 64
+    kept, dropped = inspect(tmp_path, records, tiny_models["bpe"], "--cutoff_len", "64")
+    assert len(kept["input_ids"]) == kept["length"] <= 64 and kept["cut"] is False
+    whole, _ = tokenize_pieces(render("instruct", Conversation([("long " * 200, "never seen")])), bpe_tokenizer)
+    assert dropped == {"where": f"{tmp_path / 'd.jsonl'}:2", "length": len(whole), "dropped": True}
+    assert len(whole) > 200
     assert "1 dropped" in caplog.text
     # A response cut short keeps its supervised prefix (and loses its EOS).
     [ex] = inspect(tmp_path / "..", [{"instruction": "q", "output": "word " * 100}], tiny_models["bpe"],
                    "--cutoff_len", "40")
     assert len(ex["input_ids"]) == 40 and ex["labels"][-1] != M and 2 not in ex["labels"]
+    assert ex["cut"] is True and ex["length"] > 100
 
 
 def test_chat_template_prompt_type_masks(tmp_path, tiny_models, bpe_tokenizer):
