@@ -165,7 +165,8 @@ def load_served(model_path: str, loras: list[tuple[str, str]], quant: str = "non
     from models import load_adapter, load_for_inference, resolve_prompt_type
 
     model, tokenizer = load_for_inference(model_path, None, quant, trust_remote_code=trust_remote_code)
-    base_type = resolve_prompt_type(prompt_type, None,
+    # a merged or quantized folder's own training_config.json, as generate.py and chat.py read it
+    base_type = resolve_prompt_type(prompt_type, model_path,
                                     "chat_template" if getattr(tokenizer, "chat_template", None) else "instruct")
     served = {base_name or model_path: Served(base_name or model_path, None, base_type)}
     for i, (name, path) in enumerate(loras):

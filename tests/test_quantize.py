@@ -282,3 +282,35 @@ def test_training_on_compressed_base_is_one_line(tmp_path, tiny_model, instruct_
 def test_missing_library_is_one_line(capsys, tmp_path, tiny_model, calib):
     out = str(tmp_path / "out")
     expect_error(capsys, tiny_args(tiny_model, out, calib), INSTALL, out=out)
+
+
+@needs_library
+def test_api_server_serves_quantized_folder(gptq_tiny):
+    """serve.py on a GPTQ folder through the official openai client: the folder's own template
+    (training_config.json says instruct, though its tokenizer has a chat template) builds the
+    prompt, and a completion is the quantized model's greedy continuation."""
+    import openai
+
+    from prompt import Conversation, build_prompt_ids
+    from serve import Engine, build_app, load_served
+    from test_serve import Running
+
+    model, tokenizer, served = load_served(gptq_tiny, [], base_name="gptq")
+    assert tokenizer.chat_template and served["gptq"].prompt_type == "instruct"
+    engine = Engine(model, tokenizer, served, max_queue=4)
+    running = Running(engine, build_app(engine, api_key=None))
+    try:
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        chat = client.chat.completions.create(model="gptq", messages=[{"role": "user", "content": "Say hi."}],
+                                              temperature=0, max_tokens=3)
+        assert chat.usage.prompt_tokens == len(build_prompt_ids("instruct", Conversation(turns=[("Say hi.", None)]),
+                                                                 tokenizer))
+        out = client.completions.create(model="gptq", prompt="Once upon a time", max_tokens=6, temperature=0,
+                                        extra_body={"min_tokens": 6})
+        ids = tokenizer("Once upon a time", return_tensors="pt").input_ids
+        expected = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                                  pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:]
+        assert out.usage.completion_tokens == 6
+        assert out.choices[0].text == tokenizer.decode(expected, skip_special_tokens=True)
+    finally:
+        running.close()
