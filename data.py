@@ -348,22 +348,52 @@ def _messages(record, where, key, role_key, text_key, roles) -> list[tuple[str, 
     return out
 
 
+def parse_records(records: list[tuple[str, object]], open_end: bool = False):
+    """(format, where, Conversation or DataError) for each record, in order. The file's format is its
+    first record's; one bad record does not stop the others being checked."""
+    fmt = None
+    for where, record in records:
+        try:
+            found = detect_format(record, where)
+            fmt = fmt or found
+            if found != fmt:
+                raise DataError(f"{where}: record format {found!r} differs from the file's first record "
+                                f"({fmt!r}); use one format per file")
+            conv = parse_record(record, fmt, where, open_end)
+            conv.where = where
+            yield fmt, where, conv
+        except DataError as e:
+            yield fmt, where, e
+
+
 def load_conversations(path: str, flag: str = "--data_path", open_end: bool = False) -> tuple[str, list[Conversation]]:
-    """Read, detect and validate a whole file. Returns (format, conversations). `open_end`: records
-    may lack their last answer (generation prompts)."""
+    """Read, detect and validate a whole file. Returns (format, conversations); the first bad
+    record is a DataError. `open_end`: records may lack their last answer (generation prompts)."""
     records = read_records(path, flag)
     if not records:
         raise DataError(f"{_name(path)}: no records; the file is empty")
-    fmt = detect_format(records[0][1], records[0][0])
     convs = []
-    for where, record in records:
-        if isinstance(record, dict) and detect_format(record, where) != fmt:
-            raise DataError(f"{where}: record format {detect_format(record, where)!r} differs from "
-                            f"the file's first record ({fmt!r}); use one format per file")
-        conv = parse_record(record, fmt, where, open_end)
-        conv.where = where
+    for fmt, _, conv in parse_records(records, open_end):
+        if isinstance(conv, DataError):
+            raise conv
         convs.append(conv)
     return fmt, convs
+
+
+def check_data_file(path: str, flag: str = "--data_path") -> tuple[str | None, int, list[str]]:
+    """(format, records, every error as one line) for a file, as load_conversations words them; a
+    file that cannot be read (or a JSON syntax error, which ends the reading) is one error."""
+    try:
+        records = read_records(path, flag)
+    except UserError as e:
+        return None, 0, [str(e)]
+    if not records:
+        return None, 0, [f"{_name(path)}: no records; the file is empty"]
+    fmt, errors = None, []
+    for fmt, _, conv in parse_records(records):
+        if isinstance(conv, DataError):
+            errors.append(str(conv))
+    return fmt, len(records), errors
 
 
 # --- several files in one run: --data_path a.jsonl,b.json --data_shares 0.7,0.3 -------------------

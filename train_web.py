@@ -234,32 +234,15 @@ def build_command(parser, folders: Folders, model: str, quant: str, data: str, o
 
 def check_data_files(paths: list[str]) -> tuple[list[dict], list[str]]:
     """Each file's format and record count, and every validation error (file:line) as finetune.py
-    words it: ([{"path", "format", "records"}], [error lines])."""
-    from data import DataError, detect_format, parse_record, read_records
+    words it (data.check_data_file): ([{"path", "format", "records", "errors"}], [error lines])."""
+    from data import check_data_file
 
     files, errors = [], []
     for path in paths:
-        try:
-            records = read_records(path)
-        except UserError as e:
-            errors.append(str(e))
-            continue
-        fmt = None
-        bad = 0
-        for where, record in records:
-            try:
-                found = detect_format(record, where)
-                fmt = fmt or found
-                if found != fmt:
-                    raise DataError(f"{where}: record format {found!r} differs from the file's first record "
-                                    f"({fmt!r}); use one format per file")
-                parse_record(record, fmt, where)
-            except UserError as e:
-                errors.append(str(e))
-                bad += 1
-        if not records:
-            errors.append(f"{path if path.isprintable() else repr(path)}: no records; the file is empty")
-        files.append({"path": path, "format": fmt or "?", "records": len(records), "errors": bad})
+        fmt, n_records, found = check_data_file(path)
+        errors += found
+        if n_records:
+            files.append({"path": path, "format": fmt or "?", "records": n_records, "errors": len(found)})
     return files, errors
 
 
