@@ -49,8 +49,8 @@ def graph():
 
 
 def tools_scripts() -> set[str]:
-    return {n[:-3] for n in os.listdir(os.path.join(ROOT, "tools")) if n.endswith(".py")} | {"bench_cpu",
-                                                                                               "gen_unicode_tables"}
+    return {n[:-3] for n in os.listdir(os.path.join(ROOT, "tools")) if n.endswith(".py")} | {
+        "bench_cpu", "gen_unicode_tables", "train_float_reference"}
 
 
 def test_no_import_cycle(graph):
