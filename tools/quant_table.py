@@ -103,7 +103,9 @@ def model_for(key: str, args) -> tuple[list[str] | None, int | None, str]:
             return None, None, ""
         print("$ " + " ".join(os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in cmd), flush=True)
         subprocess.run(cmd, check=True)
-    return ["--model_path", out], files_size(out), ""
+    made = json.load(open(os.path.join(out, "training_config.json")))["quantized"]
+    return ["--model_path", out], files_size(out), (f"{made['nsamples']} x {made['seqlen']} calibration"
+                                                    if "nsamples" in made else "")
 
 
 def score(key: str, flags: list[str], text: str, args) -> dict:
@@ -248,17 +250,17 @@ def main(argv: list[str] | None = None) -> int:
                   f"(difference {abs(a['ppl'] - b['ppl']):.4f}); {a['tokens']} tokens scored in {a['chunks']} "
                   f"chunks of {a['ctx']}")
     print()
-    print("| model | " + " | ".join(f"PPL {n} | loss {n}" for n in names) + " | size MB |")
-    print("|---" * (2 * len(names) + 2) + "|")
+    print("| model | " + " | ".join(f"PPL {n} | loss {n}" for n in names) + " | size MB | |")
+    print("|---" * (2 * len(names) + 3) + "|")
     for key in rows:
         cells = [ROWS[key][0]]
         if results[key] is None:
-            cells += ["not made"] * (2 * len(names) + 1)
+            cells += ["not made"] * (2 * len(names) + 2)
         else:
             scores, size, note = results[key]
             for i, s in enumerate(scores):
                 cells += [f"{s['ppl']:.4f}", f"{100 * (s['ppl'] / ref[0][i]['ppl'] - 1):+.2f} %" if ref else "—"]
-            cells.append(f"{size / 1e6:.1f}" + (f" ({note})" if note else ""))
+            cells += [f"{size / 1e6:.1f}", note]
         print("| " + " | ".join(cells) + " |", flush=True)
     return 0
 
