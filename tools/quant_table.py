@@ -21,8 +21,10 @@ the loaded model's memory footprint instead.
 
 --layer_errors rtn4,gptq4: where the quantized folders' error is, per kind of linear layer: the
 relative weight error ||W' - W||^2 / ||W||^2 and the relative output error on the float model's
-own inputs X to that layer, ||(W' - W) X||^2 / ||W X||^2 (GPTQ's objective), X from the first
---layer_chunks chunks of each text, summed over the 30 layers. (Not for AWQ: its scales move into
+own inputs X to that layer, ||(W' - W) X||^2 / ||W X||^2 (GPTQ's objective), summed over the 30
+layers, with X from the first --layer_chunks chunks of each text (held out) and from the records
+tools/quantize.py calibrates on by default (--nsamples x --seqlen), each with and without position
+0 (whose activations in SmolLM2 are far larger than the rest). (Not for AWQ: its scales move into
 the preceding norm, so W' there multiplies another X.)
 """
 
@@ -53,20 +55,38 @@ ROWS = {
        for b in (4, 3, 2) for m in ("rtn", "gptq")},
     "gptq4act": (f"GPTQ 4-bit g{GROUP} --desc_act", "folder", ["--method", "gptq", "--bits", "4", "--desc_act"]),
     "awq4": (f"AWQ 4-bit g{GROUP}", "folder", ["--method", "awq", "--bits", "4"]),
+    # calibration on the English records of the default file only (CALIB_EN, made by english_records)
+    "gptq4en": (f"GPTQ 4-bit g{GROUP}, English calibration", "folder", ["--method", "gptq", "--bits", "4", "--calib_data"]),
     **{f"gguf-{t}": (f"GGUF {t} (vicuna)", "gguf", t) for t in ("f32", "q8_0", "q4_1", "q4_0", "q4_k_m")},
 }
-ORDER = ("float", "int8", "nf4", "rtn4", "gptq4", "gptq4act", "awq4", "rtn3", "gptq3", "rtn2", "gptq2",
+ORDER = ("float", "int8", "nf4", "rtn4", "gptq4", "gptq4en", "gptq4act", "awq4", "rtn3", "gptq3", "rtn2", "gptq2",
          "gguf-f32", "gguf-q8_0", "gguf-q4_1", "gguf-q4_0", "gguf-q4_k_m")
 
 
 def folder_name(flags: list[str]) -> str:
-    """gptq-w4g64, rtn-w3g64, gptq-w4g64-act: the cache folder of a tools/quantize.py row."""
+    """gptq-w4g64, rtn-w3g64, gptq-w4g64-act, gptq-w4g64-en: the cache folder of a tools/quantize.py row."""
     method, bits = flags[flags.index("--method") + 1], flags[flags.index("--bits") + 1]
-    return f"{method}-w{bits}g{GROUP}" + ("-act" if "--desc_act" in flags else "")
+    return (f"{method}-w{bits}g{GROUP}" + ("-act" if "--desc_act" in flags else "")
+            + ("-en" if "--calib_data" in flags else ""))
+
+
+def english_records(cache: str) -> str:
+    """The records of tools/quantize.py's default calibration file with no Chinese character
+    (`grep -vP '\\p{Han}' sample/instruct/data_sample.jsonl`: 154 of 314)."""
+    import quantize
+
+    out = os.path.join(cache, "calib_en.jsonl")
+    with open(quantize.DEFAULT_CALIB, encoding="utf-8") as f:
+        lines = [ln for ln in f if not any("\u4e00" <= c <= "\u9fff" for c in ln)]
+    with open(out, "w", encoding="utf-8") as f:
+        f.writelines(lines)
+    return out
 
 
 def quantize_command(flags: list[str], out: str, nsamples: int, seqlen: int) -> list[str]:
     calib = [] if "rtn" in flags else ["--nsamples", str(nsamples), "--seqlen", str(seqlen)]
+    if "--calib_data" in flags:
+        flags = [*flags, english_records(os.path.dirname(out))]
     return [sys.executable, os.path.join(HERE, "quantize.py"), *flags, "--group_size", str(GROUP), *calib,
             "--output_path", out]
 
@@ -134,41 +154,61 @@ def same_ids(text: str) -> str:
     raise SystemExit(f"error: {text}: transformers and vicuna.cpp tokenize differently from id {first}")
 
 
-def input_grams(model, texts: list[str], ctx: int, chunks: int) -> dict:
-    """{linear name: X^T X} over the float model's inputs to each linear layer on the first
-    `chunks` chunks of each text (the chunks eval_ppl.py scores)."""
-    import torch
-
+def text_chunks(texts: list[str], ctx: int, chunks: int) -> list[list[int]]:
+    """The first `chunks` chunks of each text, as eval_ppl.py cuts them."""
     from eval_ppl import read_text, text_token_ids
     from models import EMBEDDED_MODEL, load_tokenizer, resolve_model_path
 
     tokenizer = load_tokenizer(resolve_model_path(EMBEDDED_MODEL))
+    out = []
+    for text in texts:
+        ids, bos = text_token_ids(tokenizer, read_text(text))
+        for ch in range(min(chunks, len(ids) // ctx)):
+            out.append(ids[ch * ctx:(ch + 1) * ctx])
+            if bos is not None:
+                out[-1][0] = bos
+    return out
+
+
+def calibration_records(nsamples: int, seqlen: int) -> list[list[int]]:
+    """The records tools/quantize.py calibrates on by default (sample/instruct, its template and order)."""
+    import quantize
+    from data import load_conversations
+    from models import EMBEDDED_MODEL, load_tokenizer, resolve_model_path
+
+    path = resolve_model_path(EMBEDDED_MODEL)
+    fmt, convs = load_conversations(quantize.DEFAULT_CALIB)
+    prompt_type = quantize.calibration_prompt_type(None, path, fmt)
+    return quantize.calibration_ids(convs, quantize.DEFAULT_CALIB, load_tokenizer(path), prompt_type, nsamples, seqlen)
+
+
+def input_grams(model, sequences: list[list[int]]) -> dict:
+    """{linear name: (X0^T X0, X^T X)}: the float model's inputs to each linear layer, at position 0
+    of each sequence and at the other positions."""
+    import torch
+
     grams, hooks = {}, []
 
     def hook(name):
         def pre(module, inputs):
-            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
-            grams[name] = grams.get(name, 0) + x.T @ x
+            x = inputs[0][0].float()
+            first, rest = grams.get(name, (0, 0))
+            grams[name] = (first + x[:1].T @ x[:1], rest + x[1:].T @ x[1:])
         return pre
 
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and name != "lm_head":
             hooks.append(module.register_forward_pre_hook(hook(name)))
     with torch.no_grad():
-        for text in texts:
-            ids, bos = text_token_ids(tokenizer, read_text(text))
-            for ch in range(min(chunks, len(ids) // ctx)):
-                chunk = ids[ch * ctx:(ch + 1) * ctx]
-                if bos is not None:
-                    chunk[0] = bos
-                model(input_ids=torch.tensor([chunk]), use_cache=False)
+        for seq in sequences:
+            model(input_ids=torch.tensor([seq]), use_cache=False)
     for h in hooks:
         h.remove()
     return grams
 
 
 def layer_errors(keys: list[str], args, texts: list[str]) -> None:
-    """Prints the --layer_errors table (see the module docstring)."""
+    """Prints the --layer_errors tables (see the module docstring)."""
     import re
 
     import torch
@@ -177,34 +217,50 @@ def layer_errors(keys: list[str], args, texts: list[str]) -> None:
     from models import EMBEDDED_MODEL, load_model, resolve_model_path
 
     reference = load_model(resolve_model_path(EMBEDDED_MODEL), dtype=torch.float32).eval()
-    grams = input_grams(reference, texts, args.ctx, args.layer_chunks)
-    weights = {n: m.weight.detach() for n, m in reference.named_modules() if n in grams}
-    sums = {}  # (key, kind) -> [weight err, weight norm, output err, output norm]
+    inputs = {"held-out text": input_grams(reference, text_chunks(texts, args.ctx, args.layer_chunks)),
+              "calibration": input_grams(reference, calibration_records(args.nsamples, args.seqlen))}
+    names = list(inputs["calibration"])
+    weights = {n: m.weight.detach() for n, m in reference.named_modules() if n in names}
+    for where, grams in inputs.items():
+        share = sum(float(grams[n][0].trace()) for n in names) / sum(float((g[0] + g[1]).trace())
+                                                                      for g in grams.values())
+        print(f"{where}: position 0 holds {100 * share:.1f} % of the squared input norm summed over the layers")
+    sums = {}  # (key, kind) -> {"weight": [err, norm], (where, positions): [err, norm]}
     for key in keys:
         if ROWS[key][1] != "folder" or "awq" in ROWS[key][2]:
             raise SystemExit(f"error: --layer_errors takes RTN and GPTQ rows, not {key}")
-        folder = os.path.join(args.cache, folder_name(ROWS[key][2]))
-        model = load_model(folder, dtype=torch.float32)
+        model = load_model(os.path.join(args.cache, folder_name(ROWS[key][2])), dtype=torch.float32)
         for name, module in model.named_modules():
-            if name not in grams:
+            if name not in weights:
                 continue
             decompress_module(module)
-            w, d, h = weights[name], module.weight.detach() - weights[name], grams[name]
-            acc = sums.setdefault((key, re.sub(r".*\.", "", name)), [0.0] * 4)
-            acc[0] += float(d.pow(2).sum())
-            acc[1] += float(w.pow(2).sum())
-            acc[2] += float(((d @ h) * d).sum())
-            acc[3] += float(((w @ h) * w).sum())
+            w = weights[name]
+            d = module.weight.detach() - w
+            acc = sums.setdefault((key, re.sub(r".*\.", "", name)), {})
+            pairs = {"weight": (d.pow(2).sum(), w.pow(2).sum())}
+            for where, grams in inputs.items():
+                first, rest = grams[name]
+                pairs[(where, "all")] = (((d @ (first + rest)) * d).sum(), ((w @ (first + rest)) * w).sum())
+                pairs[(where, "1..")] = (((d @ rest) * d).sum(), ((w @ rest) * w).sum())
+            for col, (e, n) in pairs.items():
+                old = acc.get(col, (0.0, 0.0))
+                acc[col] = (old[0] + float(e), old[1] + float(n))
     kinds = list(dict.fromkeys(kind for _, kind in sums))  # q_proj ... down_proj, in the model's order
-    print(f"\nper-layer error on the float model's inputs ({args.layer_chunks} chunks of {args.ctx} of "
-          f"{', '.join(map(os.path.basename, texts))}), relative, summed over the layers")
-    print("| layer | " + " | ".join(f"{ROWS[k][0]} weight | {ROWS[k][0]} output" for k in keys) + " |")
-    print("|---" * (2 * len(keys) + 1) + "|")
+    cols = ["weight"] + [(w, p) for w in inputs for p in ("all", "1..")]
+    heads = ["weight"] + [f"output, {w}" + (", positions 1.." if p == "1.." else "") for w, p in cols[1:]]
+    print(f"\nrelative error summed over the 30 layers: weight ||W'-W||^2/||W||^2, output ||(W'-W)X||^2/||WX||^2 "
+          f"on the float model's inputs X (held-out text: {args.layer_chunks} chunks of {args.ctx} of "
+          f"{', '.join(map(os.path.basename, texts))}; calibration: tools/quantize.py's default records, "
+          f"{args.nsamples} x {args.seqlen})")
+    print("| layer | " + " | ".join(f"{ROWS[k][0]}: {h}" for k in keys for h in heads) + " |")
+    print("|---" * (len(keys) * len(heads) + 1) + "|")
     for kind in kinds + ["all"]:
         cells = [kind]
         for key in keys:
-            acc = [sum(v[i] for (k, kd), v in sums.items() if k == key and kind in (kd, "all")) for i in range(4)]
-            cells += [f"{acc[0] / acc[1]:.5f}", f"{acc[2] / acc[3]:.5f}"]
+            for col in cols:
+                e = sum(v[col][0] for (k, kd), v in sums.items() if k == key and kind in (kd, "all"))
+                n = sum(v[col][1] for (k, kd), v in sums.items() if k == key and kind in (kd, "all"))
+                cells.append(f"{e / n:.5f}")
         print("| " + " | ".join(cells) + " |", flush=True)
 
 
