@@ -192,8 +192,10 @@ def input_grams(model, sequences: list[list[int]]) -> dict:
     def hook(name):
         def pre(module, inputs):
             x = inputs[0][0].float()
-            first, rest = grams.get(name, (0, 0))
-            grams[name] = (first + x[:1].T @ x[:1], rest + x[1:].T @ x[1:])
+            if name not in grams:
+                grams[name] = (torch.zeros(x.shape[1], x.shape[1]), torch.zeros(x.shape[1], x.shape[1]))
+            grams[name][0].addr_(x[0], x[0])
+            grams[name][1].addmm_(x[1:].T, x[1:])
         return pre
 
     for name, module in model.named_modules():
@@ -217,8 +219,9 @@ def layer_errors(keys: list[str], args, texts: list[str]) -> None:
     from models import EMBEDDED_MODEL, load_model, resolve_model_path
 
     reference = load_model(resolve_model_path(EMBEDDED_MODEL), dtype=torch.float32).eval()
-    inputs = {"held-out text": input_grams(reference, text_chunks(texts, args.ctx, args.layer_chunks)),
-              "calibration": input_grams(reference, calibration_records(args.nsamples, args.seqlen))}
+    inputs = {os.path.basename(t): input_grams(reference, text_chunks([t], args.ctx, args.layer_chunks))
+              for t in texts}
+    inputs["calibration"] = input_grams(reference, calibration_records(args.nsamples, args.seqlen))
     names = list(inputs["calibration"])
     weights = {n: m.weight.detach() for n, m in reference.named_modules() if n in names}
     for where, grams in inputs.items():
@@ -249,9 +252,8 @@ def layer_errors(keys: list[str], args, texts: list[str]) -> None:
     cols = ["weight"] + [(w, p) for w in inputs for p in ("all", "1..")]
     heads = ["weight"] + [f"output, {w}" + (", positions 1.." if p == "1.." else "") for w, p in cols[1:]]
     print(f"\nrelative error summed over the 30 layers: weight ||W'-W||^2/||W||^2, output ||(W'-W)X||^2/||WX||^2 "
-          f"on the float model's inputs X (held-out text: {args.layer_chunks} chunks of {args.ctx} of "
-          f"{', '.join(map(os.path.basename, texts))}; calibration: tools/quantize.py's default records, "
-          f"{args.nsamples} x {args.seqlen})")
+          f"on the float model's inputs X (held-out texts: the first {args.layer_chunks} chunks of {args.ctx}; "
+          f"calibration: tools/quantize.py's default records, {args.nsamples} x {args.seqlen})")
     print("| layer | " + " | ".join(f"{ROWS[k][0]}: {h}" for k in keys for h in heads) + " |")
     print("|---" * (len(keys) * len(heads) + 1) + "|")
     for kind in kinds + ["all"]:
