@@ -207,8 +207,9 @@ def recipe(method: str, bits: int, group_size: int, desc_act: bool):
     """llm-compressor's modifier: symmetric int weights with one scale per group, activations in
     full precision (WnA16, the layout vLLM's Marlin kernels take). rtn rounds each weight to the
     nearest step of that grid (QuantizationModifier); GPTQ chooses the steps with calibration data,
-    AWQ scales the channels with it first. AWQ too is symmetric here: its zero points, packed by compressed-tensors 0.19, do not load in transformers 5.24 (the packed
-    [out/8, groups] tensor meets an unpacked [out, groups] parameter: a size-mismatch error)."""
+    AWQ scales the channels with it first. AWQ too is symmetric here: its zero points, packed by
+    compressed-tensors 0.19, do not load in transformers 5.24 (the packed [out/8, groups] tensor
+    meets an unpacked [out, groups] parameter: a size-mismatch error)."""
     from compressed_tensors.quantization import ActivationOrdering, QuantizationArgs, QuantizationScheme
 
     grouped = group_size > 0
