@@ -1,10 +1,12 @@
-"""tools/quantize.py (issue 15): GPTQ and AWQ through llm-compressor, calibrated on our data.
+"""tools/quantize.py (issue 15): GPTQ and AWQ through llm-compressor, calibrated on our data, and
+the round-to-nearest baseline (--method rtn).
 
 The quantizing tests need the optional library (`pip install --no-deps -r requirements-quant.txt`) and are
 skipped without it; the bad-input tests run everywhere (every check comes before the library is
 imported). The method's point is asserted, not just that it runs: on records the calibration did
 not see, a GPTQ model's logits are closer to the float model's than those of a round-to-nearest
-model with the same bits, group size and quantizer (llm-compressor's QuantizationModifier).
+model with the same bits, group size and quantizer (--method rtn: llm-compressor's
+QuantizationModifier).
 """
 
 from __future__ import annotations
@@ -37,9 +39,12 @@ HELDOUT = [
 ]
 
 
-def tiny_args(model, out, calib, *extra):
+def tiny_args(model, out, calib, *extra, method=None):
+    """The tiny model's arguments; --method rtn takes no calibration flags."""
+    if method == "rtn":
+        return ["--model_path", model, "--output_path", out, "--group_size", "32", "--method", "rtn", *extra]
     return ["--model_path", model, "--output_path", out, "--calib_data", calib, "--group_size", "32",
-            "--nsamples", "8", "--seqlen", "64", *extra]
+            "--nsamples", "8", "--seqlen", "64", *extra, *(["--method", method] if method else [])]
 
 
 def run_main(argv):
@@ -62,16 +67,9 @@ def heldout_logits(model_dir: str, tokenizer_dir: str) -> torch.Tensor:
 
 
 def rtn_model(model_dir: str, out: str, bits: int, group_size: int) -> str:
-    """The same scheme as the tool's GPTQ, by round-to-nearest (no calibration)."""
-    from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import QuantizationModifier
-
-    from models import load_model
-
-    model = load_model(model_dir, dtype=torch.float32)
-    gptq = quantize.recipe("gptq", bits, group_size, False)
-    oneshot(model=model, recipe=QuantizationModifier(config_groups=gptq.config_groups, ignore=["lm_head"]))
-    model.save_pretrained(out, save_compressed=True)
+    """The same scheme as the tool's GPTQ, by round-to-nearest (no calibration): --method rtn."""
+    run_main(["--method", "rtn", "--model_path", model_dir, "--output_path", out, "--bits", str(bits),
+              "--group_size", str(group_size)])
     return out
 
 
@@ -144,6 +142,22 @@ def test_generate_script_reads_quantized_folder(gptq_tiny):
 
 
 @needs_library
+def test_rtn_tiny(tiny_model, tmp_path):
+    """--method rtn: the same folder (scheme, packed weights, tokenizer) with no calibration, and it loads."""
+    out = rtn_model(tiny_model, str(tmp_path / "rtn"), 3, 32)
+    weights = json.load(open(os.path.join(out, "config.json")))["quantization_config"]["config_groups"]["group_0"][
+        "weights"]
+    assert (weights["num_bits"], weights["group_size"], weights["symmetric"]) == (3, 32, True)
+    quantized = json.load(open(os.path.join(out, "training_config.json")))["quantized"]
+    assert quantized["method"] == "rtn" and "calib_data" not in quantized and "nsamples" not in quantized
+    assert os.path.isfile(os.path.join(out, "tokenizer.json"))
+    from models import load_for_inference
+
+    model, tokenizer = load_for_inference(out)
+    model.generate(tokenizer("Hi", return_tensors="pt").input_ids, max_new_tokens=3, do_sample=False)
+
+
+@needs_library
 @pytest.mark.slow
 def test_awq_tiny(tiny_model, calib, tmp_path):
     out = str(tmp_path / "awq")
@@ -201,19 +215,27 @@ def expect_error(capsys, argv, *needles, out=None):
         assert sorted(os.listdir(parent)) == before, "something was written"
 
 
-def test_adapter_folder_refused(capsys, tmp_path, calib):
+@pytest.mark.parametrize("method", quantize.METHODS)
+def test_adapter_folder_refused(capsys, tmp_path, calib, method):
     adapter = tmp_path / "lora"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text('{"r": 8, "peft_type": "LORA"}')
     out = str(tmp_path / "out")
-    expect_error(capsys, tiny_args(str(adapter), out, calib), "adapter folder", "merge_lora", out=out)
+    expect_error(capsys, tiny_args(str(adapter), out, calib, method=method), "adapter folder", "merge_lora", out=out)
 
 
-@pytest.mark.parametrize("method,bits", [("awq", 3), ("awq", 8), ("gptq", 5), ("gptq", 16)])
+@pytest.mark.parametrize("method,bits", [("awq", 3), ("awq", 8), ("gptq", 5), ("gptq", 16), ("rtn", 5), ("rtn", 1)])
 def test_unsupported_bits(capsys, tmp_path, tiny_model, calib, method, bits):
     out = str(tmp_path / "out")
-    expect_error(capsys, tiny_args(tiny_model, out, calib, "--method", method, "--bits", str(bits)),
+    expect_error(capsys, tiny_args(tiny_model, out, calib, "--bits", str(bits), method=method),
                  f"--bits {bits}", method, out=out)
+
+
+@pytest.mark.parametrize("flags", [["--calib_data", "x.jsonl"], ["--nsamples", "8"], ["--seqlen", "64"],
+                                   ["--prompt_type", "instruct"], ["--desc_act"]])
+def test_rtn_takes_no_calibration(capsys, tmp_path, tiny_model, flags):
+    out = str(tmp_path / "out")
+    expect_error(capsys, tiny_args(tiny_model, out, None, *flags, method="rtn"), flags[0], "rtn", out=out)
 
 
 def test_missing_calibration_file(capsys, tmp_path, tiny_model):
@@ -222,17 +244,19 @@ def test_missing_calibration_file(capsys, tmp_path, tiny_model):
     expect_error(capsys, tiny_args(tiny_model, out, missing), "nope.jsonl", "no such file", out=out)
 
 
-def test_output_folder_with_files(capsys, tmp_path, tiny_model, calib):
+@pytest.mark.parametrize("method", quantize.METHODS)
+def test_output_folder_with_files(capsys, tmp_path, tiny_model, calib, method):
     out = tmp_path / "out"
     out.mkdir()
     (out / "mine.txt").write_text("keep")
-    expect_error(capsys, tiny_args(tiny_model, str(out), calib), "--output_path", "not empty")
+    expect_error(capsys, tiny_args(tiny_model, str(out), calib, method=method), "--output_path", "not empty")
     assert os.listdir(out) == ["mine.txt"] and (out / "mine.txt").read_text() == "keep"
 
 
-def test_group_size_must_divide(capsys, tmp_path, tiny_model, calib):
+@pytest.mark.parametrize("method", quantize.METHODS)
+def test_group_size_must_divide(capsys, tmp_path, tiny_model, calib, method):
     out = str(tmp_path / "out")
-    argv = tiny_args(tiny_model, out, calib)
+    argv = tiny_args(tiny_model, out, calib, method=method)
     argv[argv.index("--group_size") + 1] = "48"
     expect_error(capsys, argv, "--group_size 48", "64", "pass --group_size 64", out=out)
 
@@ -248,7 +272,8 @@ def test_bad_calibration_record(capsys, tmp_path, tiny_model):
     expect_error(capsys, tiny_args(tiny_model, out, bad), "bad.jsonl", "bad.jsonl:2", out=out)
 
 
-def test_already_quantized_model_refused(capsys, tmp_path, tiny_model, calib):
+@pytest.mark.parametrize("method", quantize.METHODS)
+def test_already_quantized_model_refused(capsys, tmp_path, tiny_model, calib, method):
     import shutil
 
     q = tmp_path / "q"
@@ -257,7 +282,7 @@ def test_already_quantized_model_refused(capsys, tmp_path, tiny_model, calib):
     config["quantization_config"] = {"quant_method": "compressed-tensors"}
     (q / "config.json").write_text(json.dumps(config))
     out = str(tmp_path / "out")
-    expect_error(capsys, tiny_args(str(q), out, calib), "already quantized", out=out)
+    expect_error(capsys, tiny_args(str(q), out, calib, method=method), "already quantized", out=out)
 
 
 def test_training_on_compressed_base_is_one_line(tmp_path, tiny_model, instruct_file):
@@ -279,9 +304,10 @@ def test_training_on_compressed_base_is_one_line(tmp_path, tiny_model, instruct_
 
 
 @pytest.mark.skipif(HAVE_LIBRARY, reason="the library is installed")
-def test_missing_library_is_one_line(capsys, tmp_path, tiny_model, calib):
+@pytest.mark.parametrize("method", quantize.METHODS)
+def test_missing_library_is_one_line(capsys, tmp_path, tiny_model, calib, method):
     out = str(tmp_path / "out")
-    expect_error(capsys, tiny_args(tiny_model, out, calib), INSTALL, out=out)
+    expect_error(capsys, tiny_args(tiny_model, out, calib, method=method), INSTALL, out=out)
 
 
 @needs_library

@@ -3,6 +3,7 @@
     python tools/quantize.py --method gptq --bits 4 --group_size 128 --model_path vicuna-merged \\
         --calib_data sample/instruct/data_sample.jsonl --nsamples 128 --seqlen 512 --output_path vicuna-gptq
     python tools/quantize.py --method awq --output_path smollm2-awq     # the embedded model, sample/ data
+    python tools/quantize.py --method rtn --bits 4 --output_path smollm2-rtn   # the baseline: no calibration
 
 The algorithms are llm-compressor's (vLLM's project: GPTQModifier, AWQModifier), an optional
 dependency: `pip install --no-deps -r requirements-quant.txt`. The output is a compressed-tensors checkpoint
@@ -10,6 +11,10 @@ dependency: `pip install --no-deps -r requirements-quant.txt`. The output is a c
 transformers loads (`--model_path DIR` in generate.py, chat.py, serve.py; with compressed-tensors
 installed) and vLLM serves natively (4 and 8 bits: its WNA16 kernels; 2 and 3 bits load in
 transformers only). Linear layers are quantized, lm_head is kept in full precision.
+
+--method rtn is the baseline both are measured against: the same scheme (symmetric int, one scale
+per group, lm_head kept) by plain round-to-nearest (llm-compressor's QuantizationModifier), with no
+calibration data (--calib_data, --nsamples, --seqlen, --prompt_type and --desc_act are refused with it).
 
 Calibration text is read by data.py (any of our formats: instruct, vicuna_chat, sharegpt, openai)
 and rendered with the model's prompt template, so the quantizer sees what the model will see:
@@ -42,10 +47,13 @@ from errors import UserError, cli_errors, logger, one_line, setup_logging  # noq
 from model_folder import read_model_config, resolve_model_folder  # noqa: E402
 from models import EMBEDDED_MODEL, load_training_config, save_training_config  # noqa: E402
 
-METHODS = ("gptq", "awq")
-# Bits each method's recipe supports here: GPTQ any integer width the packed format holds; AWQ's
-# search targets 4-bit (its kernels and vLLM's AWQ path are 4-bit; 8-bit gains nothing over RTN).
-BITS = {"gptq": (2, 3, 4, 8), "awq": (4,)}
+METHODS = ("gptq", "awq", "rtn")
+CALIBRATED = ("gptq", "awq")
+# Bits each method's recipe supports here: GPTQ and round-to-nearest any integer width the packed
+# format holds; AWQ's search targets 4-bit (its kernels and vLLM's AWQ path are 4-bit; 8-bit gains
+# nothing over RTN).
+BITS = {"gptq": (2, 3, 4, 8), "awq": (4,), "rtn": (2, 3, 4, 8)}
+CALIBRATION_FLAGS = ("calib_data", "nsamples", "seqlen", "prompt_type")
 VLLM_BITS = (4, 8)  # vLLM's compressed-tensors WNA16 kernels
 DEFAULT_CALIB = os.path.join(ROOT, "sample", "instruct", "data_sample.jsonl")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -57,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     from prompt import PROMPT_TYPES
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", choices=METHODS, default="gptq", help="GPTQ or AWQ (default: gptq)")
-    p.add_argument("--bits", type=int, default=4, help="weight bits: gptq 2, 3, 4, 8; awq 4 (default: 4)")
+    p.add_argument("--method", choices=METHODS, default="gptq",
+                   help="GPTQ, AWQ, or rtn: round-to-nearest, no calibration (default: gptq)")
+    p.add_argument("--bits", type=int, default=4, help="weight bits: gptq and rtn 2, 3, 4, 8; awq 4 (default: 4)")
     p.add_argument("--group_size", type=int, default=None,
                    help="weights per scale along the input dimension, dividing every layer's input width; -1 for "
                         "one scale per output channel (default: 128, or the largest of 64, 32, 16 that divides: "
@@ -66,10 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--desc_act", action="store_true",
                    help="GPTQ: quantize columns in order of decreasing activation (static act-order: "
                         "groups stay in place, no g_idx; gptq only)")
-    p.add_argument("--calib_data", default=DEFAULT_CALIB,
+    p.add_argument("--calib_data", default=None,
                    help="calibration data in any of our formats (default: sample/instruct/data_sample.jsonl)")
-    p.add_argument("--nsamples", type=int, default=128, help="calibration records used (default: 128)")
-    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration record, at most (default: 512)")
+    p.add_argument("--nsamples", type=int, default=None, help="calibration records used (default: 128)")
+    p.add_argument("--seqlen", type=int, default=None, help="tokens per calibration record, at most (default: 512)")
     p.add_argument("--prompt_type", choices=PROMPT_TYPES, default=None,
                    help="template the calibration text is rendered with (default: the model's training_config.json, "
                         "else instruct for instruct data, chat for conversations)")
@@ -85,13 +94,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args) -> None:
+    """Refuses what cannot work; fills in the calibration defaults of GPTQ and AWQ."""
+    if args.method not in CALIBRATED:
+        given = [f"--{f}" for f in CALIBRATION_FLAGS if getattr(args, f) is not None]
+        if given:
+            raise UserError(f"{', '.join(given)}: --method {args.method} rounds to nearest without calibration data "
+                            "(drop them or use --method gptq or awq)")
+    else:
+        args.calib_data = args.calib_data or DEFAULT_CALIB
+        args.nsamples = 128 if args.nsamples is None else args.nsamples
+        args.seqlen = 512 if args.seqlen is None else args.seqlen
     if args.bits not in BITS[args.method]:
         raise UserError(f"--bits {args.bits}: {args.method} supports {', '.join(map(str, BITS[args.method]))} bits here"
                         + ("; use --method gptq for 2, 3 or 8 bits" if args.method == "awq" else ""))
     if args.group_size is not None and (args.group_size == 0 or args.group_size < -1):
         raise UserError(f"--group_size {args.group_size}: pass a positive group size (e.g. 128) or -1 for per-channel")
     if args.desc_act and args.method != "gptq":
-        raise UserError("--desc_act is GPTQ's activation order; AWQ has none (drop --desc_act or use --method gptq)")
+        raise UserError(f"--desc_act is GPTQ's activation order; --method {args.method} has none "
+                        "(drop --desc_act or use --method gptq)")
+    if args.method not in CALIBRATED:
+        return
     if args.nsamples < 1:
         raise UserError(f"--nsamples {args.nsamples}: pass at least 1 calibration record")
     if args.seqlen < 8:
@@ -183,9 +205,11 @@ def calibration_ids(convs: list, path: str, tokenizer, prompt_type: str, nsample
 
 def recipe(method: str, bits: int, group_size: int, desc_act: bool):
     """llm-compressor's modifier: symmetric int weights with one scale per group, activations in
-    full precision (WnA16, the layout vLLM's Marlin kernels take). AWQ too is symmetric here: its
-    zero points, packed by compressed-tensors 0.19, do not load in transformers 5.24 (the packed
-    [out/8, groups] tensor meets an unpacked [out, groups] parameter: a size-mismatch error)."""
+    full precision (WnA16, the layout vLLM's Marlin kernels take). rtn rounds each weight to the
+    nearest step of that grid (QuantizationModifier); GPTQ chooses the steps with calibration data,
+    AWQ scales the channels with it first. AWQ too is symmetric here: its zero points, packed by
+    compressed-tensors 0.19, do not load in transformers 5.24 (the packed [out/8, groups] tensor
+    meets an unpacked [out, groups] parameter: a size-mismatch error)."""
     from compressed_tensors.quantization import ActivationOrdering, QuantizationArgs, QuantizationScheme
 
     grouped = group_size > 0
@@ -193,6 +217,10 @@ def recipe(method: str, bits: int, group_size: int, desc_act: bool):
         num_bits=bits, type="int", symmetric=True, strategy="group" if grouped else "channel",
         group_size=group_size if grouped else None)
     scheme = QuantizationScheme(targets=["Linear"], weights=weights)
+    if method == "rtn":
+        from llmcompressor.modifiers.quantization import QuantizationModifier
+
+        return QuantizationModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
     if method == "gptq":
         from llmcompressor.modifiers.gptq import GPTQModifier
 
@@ -228,7 +256,9 @@ def quantize(args) -> str:
 
     check_args(args)
     check_new_folder(args.output_path, "--output_path")
-    data_format, convs = load_conversations(args.calib_data)  # every record checked: one-line DataError
+    calibrated = args.method in CALIBRATED
+    if calibrated:
+        data_format, convs = load_conversations(args.calib_data)  # every record checked: one-line DataError
     model_dir = resolve_model_folder(args.model_path)
     config = read_model_config(model_dir)
     if args.group_size is None:
@@ -240,12 +270,16 @@ def quantize(args) -> str:
     from datasets import Dataset
     from models import load_model, load_tokenizer, pick_dtype
 
-    tokenizer = load_tokenizer(model_dir)
-    prompt_type = calibration_prompt_type(args.prompt_type, model_dir, data_format)
-    samples = calibration_ids(convs, args.calib_data, tokenizer, prompt_type, args.nsamples, args.seqlen, args.seed)
-    logger.info("%s %d-bit, group size %s%s: %d calibration records of %s (%s template), %d tokens",
-                args.method.upper(), args.bits, args.group_size, ", act-order" if args.desc_act else "",
-                len(samples), args.calib_data, prompt_type, sum(map(len, samples)))
+    if calibrated:
+        tokenizer = load_tokenizer(model_dir)
+        prompt_type = calibration_prompt_type(args.prompt_type, model_dir, data_format)
+        samples = calibration_ids(convs, args.calib_data, tokenizer, prompt_type, args.nsamples, args.seqlen,
+                                  args.seed)
+        logger.info("%s %d-bit, group size %s%s: %d calibration records of %s (%s template), %d tokens",
+                    args.method.upper(), args.bits, args.group_size, ", act-order" if args.desc_act else "",
+                    len(samples), args.calib_data, prompt_type, sum(map(len, samples)))
+    else:
+        logger.info("round-to-nearest %d-bit, group size %s: no calibration", args.bits, args.group_size)
 
     import logging
 
@@ -257,16 +291,21 @@ def quantize(args) -> str:
 
     cpu_workarounds()
     model = load_model(model_dir, dtype=pick_dtype() if torch.cuda.is_available() else torch.float32)
-    dataset = Dataset.from_dict({"input_ids": samples, "attention_mask": [[1] * len(s) for s in samples]})
-    oneshot(model=model, dataset=dataset, recipe=recipe(args.method, args.bits, args.group_size, args.desc_act),
-            num_calibration_samples=len(samples), max_seq_length=args.seqlen)
-
+    modifier = recipe(args.method, args.bits, args.group_size, args.desc_act)
     training = dict(load_training_config(model_dir))
-    training["prompt_type"] = prompt_type
-    training["quantized"] = {
-        "method": args.method, "bits": args.bits, "group_size": args.group_size, "desc_act": args.desc_act,
-        "calib_data": os.path.abspath(args.calib_data), "nsamples": len(samples), "seqlen": args.seqlen,
-        "model_path": args.model_path, "libraries": library_versions()}
+    training["quantized"] = {"method": args.method, "bits": args.bits, "group_size": args.group_size,
+                             "desc_act": args.desc_act, "model_path": args.model_path,
+                             "libraries": library_versions()}
+    if calibrated:
+        dataset = Dataset.from_dict({"input_ids": samples, "attention_mask": [[1] * len(s) for s in samples]})
+        oneshot(model=model, dataset=dataset, recipe=modifier, num_calibration_samples=len(samples),
+                max_seq_length=args.seqlen)
+        training["prompt_type"] = prompt_type
+        training["quantized"].update(calib_data=os.path.abspath(args.calib_data), nsamples=len(samples),
+                                     seqlen=args.seqlen)
+    else:
+        oneshot(model=model, recipe=modifier)
+
     try:
         with staging_folder(args.output_path) as tmp:
             model.save_pretrained(tmp, save_compressed=True)
