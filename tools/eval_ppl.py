@@ -38,6 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from errors import UserError, cli_errors, logger, one_line, setup_logging  # noqa: E402
+from eval_data import read_text, text_token_ids  # noqa: E402
 from models import add_model_args  # noqa: E402
 
 VICUNA = os.path.join(ROOT, "tools", "vicuna.cpp", "build", "vicuna")
@@ -109,38 +110,7 @@ def check_args(args) -> None:
             raise UserError(f"--json {args.json}: is a folder; pass a file name")
 
 
-def read_text(path: str) -> str:
-    """The text file's contents, refused when missing, not UTF-8 or blank."""
-    if not os.path.exists(path):
-        raise UserError(f"--text {path}: no such file")
-    if os.path.isdir(path):
-        raise UserError(f"--text {path}: is a folder; pass a UTF-8 text file")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise UserError(f"--text {path}: cannot read it ({e.strerror or one_line(e)})") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"--text {path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
-    if not text.strip():
-        raise UserError(f"--text {path}: the file is empty; pass a text of at least one --ctx of tokens")
-    return text
-
-
 # --- text: llama.cpp's chunked perplexity ------------------------------------------------------------
-
-
-def text_token_ids(tokenizer, text: str) -> tuple[list[int], int | None]:
-    """(ids, bos): the text's ids as llama.cpp tokenizes a perplexity text (the leading special ids
-    the tokenizer adds, then the text without them), and the BOS id each chunk starts with, or None
-    when the tokenizer adds no BOS (SmolLM2)."""
-    from prompt import leading_special_ids
-
-    lead = leading_special_ids(tokenizer)
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None and tokenizer.bos_token_id in lead else None
-    return lead + list(tokenizer(text, add_special_tokens=False)["input_ids"]), bos
 
 
 def chunk_count(n_ids: int, ctx: int, chunks: int | None, path: str) -> int:

@@ -73,10 +73,10 @@ def folder_name(flags: list[str]) -> str:
 def english_records(cache: str) -> str:
     """The records of tools/quantize.py's default calibration file with no Chinese character
     (`grep -vP '\\p{Han}' sample/instruct/data_sample.jsonl`: 154 of 314)."""
-    import quantize
+    import eval_data
 
     out = os.path.join(cache, "calib_en.jsonl")
-    with open(quantize.DEFAULT_CALIB, encoding="utf-8") as f:
+    with open(eval_data.DEFAULT_CALIB, encoding="utf-8") as f:
         lines = [ln for ln in f if not any("\u4e00" <= c <= "\u9fff" for c in ln)]
     with open(out, "w", encoding="utf-8") as f:
         f.writelines(lines)
@@ -130,19 +130,18 @@ def model_for(key: str, args) -> tuple[list[str] | None, int | None, str]:
 
 def score(key: str, flags: list[str], text: str, args) -> dict:
     """eval_ppl.py's result for the row on the text (cached in --cache/scores)."""
-    import eval_ppl
-
     name = os.path.splitext(os.path.basename(text))[0]
     out = os.path.join(args.cache, "scores", f"{key}.{name}.ctx{args.ctx}.json")
     if not os.path.isfile(out):
         os.makedirs(os.path.dirname(out), exist_ok=True)
-        eval_ppl.main([*flags, "--text", text, "--ctx", str(args.ctx), "--json", out])
+        subprocess.run([sys.executable, os.path.join(HERE, "eval_ppl.py"), *flags, "--text", text, "--ctx",
+                        str(args.ctx), "--json", out], check=True)
     return json.load(open(out))["results"][0]
 
 
 def same_ids(text: str) -> str:
     """Whether vicuna's tokenization of the text (BOS handling included) is eval_ppl.py's."""
-    from eval_ppl import read_text, text_token_ids
+    from eval_data import read_text, text_token_ids
     from models import EMBEDDED_MODEL, load_tokenizer, resolve_model_path
 
     ours, bos = text_token_ids(load_tokenizer(resolve_model_path(EMBEDDED_MODEL)), read_text(text))
@@ -156,7 +155,7 @@ def same_ids(text: str) -> str:
 
 def text_chunks(texts: list[str], ctx: int, chunks: int) -> list[list[int]]:
     """The first `chunks` chunks of each text, as eval_ppl.py cuts them."""
-    from eval_ppl import read_text, text_token_ids
+    from eval_data import read_text, text_token_ids
     from models import EMBEDDED_MODEL, load_tokenizer, resolve_model_path
 
     tokenizer = load_tokenizer(resolve_model_path(EMBEDDED_MODEL))
@@ -172,14 +171,14 @@ def text_chunks(texts: list[str], ctx: int, chunks: int) -> list[list[int]]:
 
 def calibration_records(nsamples: int, seqlen: int) -> list[list[int]]:
     """The records tools/quantize.py calibrates on by default (sample/instruct, its template and order)."""
-    import quantize
+    import eval_data
     from data import load_conversations
     from models import EMBEDDED_MODEL, load_tokenizer, resolve_model_path
 
     path = resolve_model_path(EMBEDDED_MODEL)
-    fmt, convs = load_conversations(quantize.DEFAULT_CALIB)
-    prompt_type = quantize.calibration_prompt_type(None, path, fmt)
-    return quantize.calibration_ids(convs, quantize.DEFAULT_CALIB, load_tokenizer(path), prompt_type, nsamples, seqlen)
+    fmt, convs = load_conversations(eval_data.DEFAULT_CALIB)
+    prompt_type = eval_data.calibration_prompt_type(None, path, fmt)
+    return eval_data.calibration_ids(convs, eval_data.DEFAULT_CALIB, load_tokenizer(path), prompt_type, nsamples, seqlen)
 
 
 def input_grams(model, sequences: list[list[int]]) -> dict:

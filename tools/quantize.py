@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import shutil
 import sys
 
@@ -45,6 +44,7 @@ sys.path.insert(0, ROOT)
 from checkpoints import check_new_folder, publish_folder, staging_folder  # noqa: E402
 from errors import UserError, cli_errors, logger, one_line, setup_logging  # noqa: E402
 from model_folder import read_model_config, resolve_model_folder  # noqa: E402
+from eval_data import DEFAULT_CALIB, calibration_ids, calibration_prompt_type  # noqa: E402
 from models import EMBEDDED_MODEL, load_training_config, save_training_config  # noqa: E402
 
 METHODS = ("gptq", "awq", "rtn")
@@ -55,7 +55,6 @@ CALIBRATED = ("gptq", "awq")
 BITS = {"gptq": (2, 3, 4, 8), "awq": (4,), "rtn": (2, 3, 4, 8)}
 CALIBRATION_FLAGS = ("calib_data", "nsamples", "seqlen", "prompt_type")
 VLLM_BITS = (4, 8)  # vLLM's compressed-tensors WNA16 kernels
-DEFAULT_CALIB = os.path.join(ROOT, "sample", "instruct", "data_sample.jsonl")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
 INSTALL_HINT = "pip install --no-deps -r requirements-quant.txt"
@@ -171,33 +170,6 @@ def check_library() -> None:
 
 
 # --- calibration -----------------------------------------------------------------------------------
-
-
-def calibration_prompt_type(prompt_type: str | None, model_dir: str, data_format: str) -> str:
-    if prompt_type:
-        return prompt_type
-    saved = load_training_config(model_dir).get("prompt_type")
-    if saved:
-        logger.info("calibration prompt type %r, from %s's training_config.json", saved, model_dir)
-        return saved
-    return "instruct" if data_format == "instruct" else "chat"
-
-
-def calibration_ids(convs: list, path: str, tokenizer, prompt_type: str, nsamples: int, seqlen: int,
-                    seed: int = 0) -> list[list[int]]:
-    """Token ids of up to `nsamples` of the conversations read from `path`, rendered with
-    `prompt_type` (question and answer, as in training), each cut to `seqlen`."""
-    from prompt import render, tokenize_pieces
-
-    order = list(range(len(convs)))
-    random.Random(seed).shuffle(order)
-    if len(convs) < nsamples:
-        logger.info("%s holds %d records, fewer than --nsamples %d; using them all", path, len(convs), nsamples)
-    samples = []
-    for i in order[:nsamples]:
-        ids, _ = tokenize_pieces(render(prompt_type, convs[i], tokenizer), tokenizer, max_len=seqlen)
-        samples.append(ids[:seqlen])
-    return samples
 
 
 # --- the quantization ------------------------------------------------------------------------------
