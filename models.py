@@ -373,6 +373,9 @@ def load_adapter(model, lora_path: str, trainable: bool = False):
     state = check_adapter_file(weights)
     config = lora_config_from_dict(read_adapter_config(lora_path, state, weights), lora_path)
     config.inference_mode = not trainable
+    # the base the adapter names, for the messages below; peft renames it to the loaded model's folder
+    # and warns when the names differ (always, for the embedded model or a hub id resolved to a cache)
+    declared, config.base_model_name_or_path = config.base_model_name_or_path, None
     try:
         peft_model = get_peft_model(model, config)
     except ValueError as e:
@@ -382,12 +385,12 @@ def load_adapter(model, lora_path: str, trainable: bool = False):
         if key not in expected:
             raise UserError(f"adapter {lora_path} does not fit base model {_base_name(model)}: the model has "
                             f"no module for {key}; pass the base model the adapter was trained on "
-                            f"({config.base_model_name_or_path or 'see its adapter_config.json'})")
+                            f"({declared or 'see its adapter_config.json'})")
         if tuple(value.shape) != tuple(expected[key].shape):
             raise UserError(f"adapter {lora_path} does not fit base model {_base_name(model)}: {key} is "
                             f"{tuple(value.shape)} in the adapter but {tuple(expected[key].shape)} in the model; "
                             f"pass the base model the adapter was trained on "
-                            f"({config.base_model_name_or_path or 'see its adapter_config.json'})")
+                            f"({declared or 'see its adapter_config.json'})")
     missing = sorted(set(expected) - set(state))
     if missing:
         raise UserError(f"adapter {lora_path} lacks {len(missing)} LoRA tensors the config declares, "

@@ -155,3 +155,21 @@ def test_missing_adapter_folder_and_non_lora_file(tmp_path, tiny_model):
     torch.save({"model.embed_tokens.weight": torch.zeros(2, 2)}, d / "pytorch_model.bin")
     with pytest.raises(UserError, match="holds no LoRA weights"):
         load_adapter(base(tiny_model), str(d))
+
+
+def test_adapter_naming_another_path_of_its_base_loads_without_peft_warning(tmp_path, tiny_model, peft_adapter):
+    """Adapters name their base as the user did (the embedded model's name, a hub id), which is never
+    the folder it resolves to: loading one must not make peft warn that the name was "renamed"."""
+    import shutil
+    import warnings
+
+    adapter = str(tmp_path / "named")
+    shutil.copytree(peft_adapter, adapter)
+    config_path = os.path.join(adapter, "adapter_config.json")
+    config = json.load(open(config_path))
+    config["base_model_name_or_path"] = "SmolLM2-135M-Instruct"
+    json.dump(config, open(config_path, "w"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_adapter(base(tiny_model), adapter)
+    assert not [w for w in caught if "base_model_name_or_path" in str(w.message)], [str(w.message) for w in caught]
