@@ -366,12 +366,17 @@ def parse_records(records: list[tuple[str, object]], open_end: bool = False):
             yield fmt, where, e
 
 
-def load_conversations(path: str, flag: str = "--data_path", open_end: bool = False) -> tuple[str, list[Conversation]]:
-    """Read, detect and validate a whole file. Returns (format, conversations); the first bad
-    record is a DataError. `open_end`: records may lack their last answer (generation prompts)."""
+def _some_records(path: str, flag: str) -> list[tuple[str, object]]:
     records = read_records(path, flag)
     if not records:
         raise DataError(f"{_name(path)}: no records; the file is empty")
+    return records
+
+
+def load_conversations(path: str, flag: str = "--data_path", open_end: bool = False) -> tuple[str, list[Conversation]]:
+    """Read, detect and validate a whole file. Returns (format, conversations); the first bad
+    record is a DataError. `open_end`: records may lack their last answer (generation prompts)."""
+    records = _some_records(path, flag)
     convs = []
     for fmt, _, conv in parse_records(records, open_end):
         if isinstance(conv, DataError):
@@ -384,11 +389,9 @@ def check_data_file(path: str, flag: str = "--data_path") -> tuple[str | None, i
     """(format, records, every error as one line) for a file, as load_conversations words them; a
     file that cannot be read (or a JSON syntax error, which ends the reading) is one error."""
     try:
-        records = read_records(path, flag)
+        records = _some_records(path, flag)
     except UserError as e:
         return None, 0, [str(e)]
-    if not records:
-        return None, 0, [f"{_name(path)}: no records; the file is empty"]
     fmt, errors = None, []
     for fmt, _, conv in parse_records(records):
         if isinstance(conv, DataError):
