@@ -246,36 +246,24 @@ def check_data_files(paths: list[str]) -> tuple[list[dict], list[str]]:
     return files, errors
 
 
-INSPECT_COUNTS = re.compile(r"wrote (\d+) examples .*?\((\d+) cut at --cutoff_len (\d+); (\d+) dropped")
-
-
-def read_inspect(path: str, log: str = "") -> dict:
-    """--inspect_data's file (and its log line) -> {"examples", "dropped" (records), "counts"}."""
+def read_inspect(path: str) -> dict:
+    """--inspect_data's file -> {"examples", "dropped" (records with no supervised token left)}."""
     examples, dropped = [], []
     with open(path, encoding="utf-8") as f:
         for line in f:
             if line.strip():
                 item = json.loads(line)
                 (dropped if item.get("dropped") else examples).append(item)
-    counts = {}
-    m = INSPECT_COUNTS.search(log)
-    if m:
-        counts = {"kept": int(m.group(1)), "cut": int(m.group(2)), "cutoff_len": int(m.group(3)),
-                  "dropped": int(m.group(4))}
-    return {"examples": examples, "dropped": dropped, "counts": counts}
+    return {"examples": examples, "dropped": dropped}
 
 
 def token_stats(inspected: dict, cutoff_len: int) -> dict:
-    """Lengths (tokens before the cutoff where the trainer says so), how many exceed the cutoff."""
+    """Counts, and the lengths of every record before the cutoff: how many exceed it."""
     examples, dropped = inspected["examples"], inspected["dropped"]
-    lengths = [e.get("length", len(e["input_ids"])) for e in examples] + [d["length"] for d in dropped
-                                                                          if "length" in d]
-    supervised = sum(sum(1 for t in e["labels"] if t != -100) for e in examples)
-    cut = sum(1 for e in examples if e.get("cut", e.get("length", 0) > cutoff_len))
-    counts = inspected.get("counts") or {}
-    stats = {"examples": len(examples), "dropped": len(dropped) if dropped else counts.get("dropped", 0),
-             "cut": counts.get("cut", cut), "tokens": sum(len(e["input_ids"]) for e in examples),
-             "supervised": supervised}
+    lengths = [e["length"] for e in examples + dropped]
+    stats = {"examples": len(examples), "dropped": len(dropped), "cut": sum(1 for e in examples if e["cut"]),
+             "tokens": sum(len(e["input_ids"]) for e in examples),
+             "supervised": sum(sum(1 for t in e["labels"] if t != -100) for e in examples)}
     if lengths:
         ordered = sorted(lengths)
         stats.update(min=ordered[0], median=ordered[len(ordered) // 2], max=ordered[-1],
@@ -529,7 +517,7 @@ def run_inspect(argv: list[str], work_dir: str, timeout: int = 600) -> tuple[dic
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         raise UserError(lines[-1] if lines else f"finetune.py --inspect_data exited with {proc.returncode}")
-    return read_inspect(argv[-1], proc.stderr), proc.stderr
+    return read_inspect(argv[-1]), proc.stderr
 
 
 # --- the page -------------------------------------------------------------------------------------

@@ -292,25 +292,15 @@ def test_render_example_marks_supervised_tokens_and_escapes(bpe_tokenizer):
     assert f"cut at --cutoff_len {len(ids)} (the record has {len(ids) + 5} tokens)" in shown
 
 
-def test_token_stats_with_and_without_the_trainers_extra_keys():
-    old = {"examples": [{"input_ids": [1] * 10, "labels": [-100] * 4 + [1] * 6},
-                        {"input_ids": [1] * 16, "labels": [-100] * 8 + [1] * 8}],
-           "dropped": [], "counts": {"kept": 2, "cut": 1, "cutoff_len": 16, "dropped": 1}}
-    stats = train_web.token_stats(old, 16)
-    assert stats == {"examples": 2, "dropped": 1, "cut": 1, "tokens": 26, "supervised": 14, "min": 10, "median": 16,
-                     "max": 16, "mean": 13.0, "over_cutoff": 0}
-    new = {"examples": [{"input_ids": [1] * 16, "labels": [1] * 16, "length": 20, "cut": True, "where": "a:1"}],
-           "dropped": [{"where": "a:2", "length": 40, "dropped": True}], "counts": {}}
-    stats = train_web.token_stats(new, 16)
-    assert (stats["cut"], stats["dropped"], stats["over_cutoff"], stats["max"]) == (1, 1, 2, 40)
-
-
-def test_read_inspect_counts_from_the_log(tmp_path):
+def test_token_stats_from_inspect_data_lines(tmp_path):
     path = tmp_path / "x.jsonl"
-    path.write_text(json.dumps({"input_ids": [1, 2], "labels": [-100, 2]}) + "\n")
-    log = "[12:00:00] wrote 1 examples to x.jsonl (0 cut at --cutoff_len 256; 3 dropped: no supervised token within it)"
-    got = train_web.read_inspect(str(path), log)
-    assert got["counts"] == {"kept": 1, "cut": 0, "cutoff_len": 256, "dropped": 3} and len(got["examples"]) == 1
+    path.write_text("".join(json.dumps(line) + "\n" for line in [
+        {"input_ids": [1] * 16, "labels": [1] * 16, "length": 20, "cut": True, "where": "a:1"},
+        {"input_ids": [1] * 10, "labels": [-100] * 4 + [1] * 6, "length": 10, "cut": False, "where": "a:2"},
+        {"where": "a:3", "length": 40, "dropped": True}]))
+    stats = train_web.token_stats(train_web.read_inspect(str(path)), 16)
+    assert stats == {"examples": 2, "dropped": 1, "cut": 1, "tokens": 26, "supervised": 22, "min": 10, "median": 20,
+                     "max": 40, "mean": 23.3, "over_cutoff": 2}
 
 
 def test_check_data_files_lists_every_error(tmp_path):
