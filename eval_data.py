@@ -25,19 +25,39 @@ def calibration_prompt_type(prompt_type: str | None, model_dir: str, data_format
 
 
 def calibration_ids(convs: list, path: str, tokenizer, prompt_type: str, nsamples: int, seqlen: int,
-                    seed: int = 0) -> list[list[int]]:
-    """Token ids of up to `nsamples` of the conversations read from `path`, rendered with
-    `prompt_type` (question and answer, as in training), each cut to `seqlen`."""
+                    seed: int = 0, pack: bool = False) -> list[list[int]]:
+    """Token ids of up to `nsamples` calibration sequences from the conversations read from `path`,
+    rendered with `prompt_type` (question and answer, as in training) in a seeded order. Unpacked,
+    each record is one sequence cut to `seqlen`. Packed, the rendered records follow each other (each
+    ends with its EOS, as in training) and are cut into sequences of `seqlen` tokens, the last one
+    shorter when the records run out: the GPTQ paper's fixed-length segments, where a sequence's first
+    position (an attention sink with outlier activations in many LLaMA-family models) is one token
+    in `seqlen`, not one in a record's length."""
     from prompt import render, tokenize_pieces
 
     order = list(range(len(convs)))
     random.Random(seed).shuffle(order)
-    if len(convs) < nsamples:
-        logger.info("%s holds %d records, fewer than --nsamples %d; using them all", path, len(convs), nsamples)
-    samples = []
-    for i in order[:nsamples]:
-        ids, _ = tokenize_pieces(render(prompt_type, convs[i], tokenizer), tokenizer, max_len=seqlen)
-        samples.append(ids[:seqlen])
+    samples: list[list[int]] = []
+    if not pack:
+        if len(convs) < nsamples:
+            logger.info("%s holds %d records, fewer than --nsamples %d; using them all", path, len(convs), nsamples)
+        for i in order[:nsamples]:
+            ids, _ = tokenize_pieces(render(prompt_type, convs[i], tokenizer), tokenizer, max_len=seqlen)
+            samples.append(ids[:seqlen])
+        return samples
+    stream: list[int] = []
+    for i in order:
+        ids, _ = tokenize_pieces(render(prompt_type, convs[i], tokenizer), tokenizer)
+        stream += ids
+        while len(stream) >= seqlen and len(samples) < nsamples:
+            samples.append(stream[:seqlen])
+            stream = stream[seqlen:]
+        if len(samples) == nsamples:
+            return samples
+    if stream:
+        samples.append(stream)
+    logger.info("%s holds %d tokens: %d packed sequences of up to %d, fewer than --nsamples %d; using them all",
+                path, sum(map(len, samples)), len(samples), seqlen, nsamples)
     return samples
 
 

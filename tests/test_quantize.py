@@ -196,6 +196,31 @@ def test_gptq_embedded_model(tmp_path):
     model.generate(tokenizer("Hi", return_tensors="pt").input_ids, max_new_tokens=3, do_sample=False)
 
 
+def test_packed_calibration_is_the_records_back_to_back(bpe_tokenizer, tmp_path):
+    """--pack: the rendered records (each with its EOS, in the seeded order) cut into --seqlen
+    sequences; unpacked, one record per sequence cut to --seqlen."""
+    import random
+
+    from data import load_conversations
+    from eval_data import calibration_ids
+    from prompt import render, tokenize_pieces
+
+    convs = load_conversations(write_jsonl(tmp_path / "calib.jsonl", INSTRUCT_RECORDS * 4))[1]
+    order = list(range(len(convs)))
+    random.Random(7).shuffle(order)
+    whole = [tokenize_pieces(render("instruct", convs[i], bpe_tokenizer), bpe_tokenizer)[0] for i in order]
+    assert all(ids[-1] == bpe_tokenizer.eos_token_id for ids in whole)
+    stream = [t for ids in whole for t in ids]
+
+    packed = calibration_ids(convs, "calib.jsonl", bpe_tokenizer, "instruct", 1000, 48, seed=7, pack=True)
+    assert [len(s) for s in packed[:-1]] == [48] * (len(packed) - 1) and 0 < len(packed[-1]) <= 48
+    assert [t for s in packed for t in s] == stream
+    few = calibration_ids(convs, "calib.jsonl", bpe_tokenizer, "instruct", 3, 48, seed=7, pack=True)
+    assert few == packed[:3]
+    one_each = calibration_ids(convs, "calib.jsonl", bpe_tokenizer, "instruct", 5, 48, seed=7)
+    assert one_each == [ids[:48] for ids in whole[:5]]
+
+
 # --- bad inputs: one line, nothing written ---------------------------------------------------------
 
 
@@ -232,7 +257,7 @@ def test_unsupported_bits(capsys, tmp_path, tiny_model, calib, method, bits):
 
 
 @pytest.mark.parametrize("flags", [["--calib_data", "x.jsonl"], ["--nsamples", "8"], ["--seqlen", "64"],
-                                   ["--prompt_type", "instruct"], ["--desc_act"]])
+                                   ["--prompt_type", "instruct"], ["--desc_act"], ["--pack"]])
 def test_rtn_takes_no_calibration(capsys, tmp_path, tiny_model, flags):
     out = str(tmp_path / "out")
     expect_error(capsys, tiny_args(tiny_model, out, None, *flags, method="rtn"), flags[0], "rtn", out=out)

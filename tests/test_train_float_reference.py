@@ -1,6 +1,7 @@
-"""tools/vicuna.cpp/train_float_reference.py: the float model behind docs/performance.md's
-"On a float model trained here" table. Two steps of a hidden-32 model: the folder loads in
-transformers with SmolLM2's architecture choices and converts to GGUF."""
+"""The float references of docs/performance.md's quantized-types tables. train_float_reference.py:
+two steps of a hidden-32 model, the folder loads in transformers with SmolLM2's architecture choices
+and converts to GGUF. rotate_float_reference.py: the rotated model computes the original's logits
+(transformers, both tied and untied heads, norm gains folded) with every weight moved."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 sys.path.insert(0, os.path.join(ROOT, "tools", "vicuna.cpp"))
 
 import convert_gguf
+import rotate_float_reference as rfr
 import train_float_reference as tfr
 
 
@@ -49,3 +51,71 @@ def test_two_steps_load_and_convert(tmp_path, embedded_path):
     gguf = str(tmp_path / "model.f32.gguf")
     assert convert_gguf.main(["--model_path", out, "--outfile", gguf, "--outtype", "f32", "--no-verify"]) == 0
     assert os.path.getsize(gguf) > 49152 * 32 * 4
+
+
+# --- rotate_float_reference.py: the embedded model's function on weights off the Q4_1 grid ---------
+
+
+def _with_random_gains(model, seed: int = 1):
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    norms = [model.model.norm] + [n for layer in model.model.layers
+                                  for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+    with torch.no_grad():
+        for norm in norms:  # fresh models have gains of 1, which would make folding them untested
+            norm.weight.copy_(0.5 + 1.5 * torch.rand(norm.weight.shape, generator=gen))
+    return model
+
+
+def _tiny(tie: bool):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
+    return _with_random_gains(LlamaForCausalLM(cfg).float().eval())
+
+
+def test_rotation_keeps_the_logits_and_moves_every_weight():
+    import torch
+
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(2))
+    for tie in (True, False):
+        model = _tiny(tie)
+        rotated = rfr.rotate(model, seed=3)
+        with torch.no_grad():
+            want, got = model(input_ids=ids).logits, rotated(input_ids=ids).logits
+        assert (want - got).abs().max().item() < 1e-4 * want.abs().max().item()
+        assert rotated.config.tie_word_embeddings is False
+        assert rotated.lm_head.weight.data_ptr() != rotated.model.embed_tokens.weight.data_ptr()
+        before, after = dict(model.named_parameters()), dict(rotated.named_parameters())
+        for name, w in after.items():
+            if name.endswith("norm.weight"):
+                assert torch.equal(w, torch.ones_like(w)), name
+                continue
+            old = before.get(name, before["model.embed_tokens.weight"])  # a tied head is the embedding
+            # each weight is a new mix of a row's values, not a small change of the old one
+            assert (w - old).abs().mean() > 0.5 * old.abs().mean(), name
+        # the same seed gives the same model; another seed another one
+        assert torch.equal(rfr.rotate(model, seed=3).lm_head.weight, rotated.lm_head.weight)
+        assert not torch.equal(rfr.rotate(model, seed=4).lm_head.weight, rotated.lm_head.weight)
+
+
+def test_rotated_folder_loads_and_an_existing_output_is_refused(tmp_path, tiny_model):
+    import pytest
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = str(tmp_path / "rot")
+    assert rfr.main(["--model_path", tiny_model, "--output", out]) == 0
+    ids = torch.tensor([[5, 17, 99, 3, 250, 7]])
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)(input_ids=ids).logits
+        got = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(input_ids=ids).logits
+    assert (want - got).abs().max().item() < 1e-4
+    before = sorted(os.listdir(out))
+    with pytest.raises(SystemExit, match="exists"):
+        rfr.main(["--model_path", tiny_model, "--output", out])
+    assert sorted(os.listdir(out)) == before

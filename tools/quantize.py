@@ -53,7 +53,7 @@ CALIBRATED = ("gptq", "awq")
 # format holds; AWQ's search targets 4-bit (its kernels and vLLM's AWQ path are 4-bit; 8-bit gains
 # nothing over RTN).
 BITS = {"gptq": (2, 3, 4, 8), "awq": (4,), "rtn": (2, 3, 4, 8)}
-CALIBRATION_FLAGS = ("calib_data", "nsamples", "seqlen", "prompt_type")
+CALIBRATION_FLAGS = ("calib_data", "nsamples", "seqlen", "prompt_type", "pack")
 VLLM_BITS = (4, 8)  # vLLM's compressed-tensors WNA16 kernels
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
@@ -76,8 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "groups stay in place, no g_idx; gptq only)")
     p.add_argument("--calib_data", default=None,
                    help="calibration data in any of our formats (default: sample/instruct/data_sample.jsonl)")
-    p.add_argument("--nsamples", type=int, default=None, help="calibration records used (default: 128)")
-    p.add_argument("--seqlen", type=int, default=None, help="tokens per calibration record, at most (default: 512)")
+    p.add_argument("--nsamples", type=int, default=None,
+                   help="calibration sequences: records, or with --pack sequences of --seqlen tokens (default: 128)")
+    p.add_argument("--seqlen", type=int, default=None, help="tokens per calibration sequence, at most (default: 512)")
+    p.add_argument("--pack", action="store_true", default=None,
+                   help="concatenate the rendered records and cut them into --seqlen-token sequences (as the GPTQ "
+                        "paper calibrates) instead of one record per sequence")
     p.add_argument("--prompt_type", choices=PROMPT_TYPES, default=None,
                    help="template the calibration text is rendered with (default: the model's training_config.json, "
                         "else instruct for instruct data, chat for conversations)")
@@ -246,10 +250,11 @@ def quantize(args) -> str:
         tokenizer = load_tokenizer(model_dir)
         prompt_type = calibration_prompt_type(args.prompt_type, model_dir, data_format)
         samples = calibration_ids(convs, args.calib_data, tokenizer, prompt_type, args.nsamples, args.seqlen,
-                                  args.seed)
-        logger.info("%s %d-bit, group size %s%s: %d calibration records of %s (%s template), %d tokens",
+                                  args.seed, pack=bool(args.pack))
+        logger.info("%s %d-bit, group size %s%s: %d calibration %s of %s (%s template), %d tokens",
                     args.method.upper(), args.bits, args.group_size, ", act-order" if args.desc_act else "",
-                    len(samples), args.calib_data, prompt_type, sum(map(len, samples)))
+                    len(samples), "packed sequences" if args.pack else "records", args.calib_data, prompt_type,
+                    sum(map(len, samples)))
     else:
         logger.info("round-to-nearest %d-bit, group size %s: no calibration", args.bits, args.group_size)
 
@@ -274,7 +279,8 @@ def quantize(args) -> str:
                 max_seq_length=args.seqlen)
         training["prompt_type"] = prompt_type
         training["quantized"].update(calib_data=os.path.abspath(args.calib_data), nsamples=len(samples),
-                                     seqlen=args.seqlen)
+                                     seqlen=args.seqlen, pack=bool(args.pack),
+                                     calib_tokens=sum(map(len, samples)))
     else:
         oneshot(model=model, recipe=modifier)
 
