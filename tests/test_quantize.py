@@ -97,10 +97,12 @@ def test_gptq_folder_layout(gptq_tiny, tiny_model):
     assert q["quant_method"] == "compressed-tensors" and q["format"] == "pack-quantized"
     weights = q["config_groups"]["group_0"]["weights"]
     assert (weights["num_bits"], weights["group_size"], weights["symmetric"]) == (4, 32, True)
+    assert weights["actorder"] == "weight"  # act-order by default (static: no g_idx)
     assert q["ignore"] == ["lm_head"]
     training = json.load(open(os.path.join(gptq_tiny, "training_config.json")))
     assert training["prompt_type"] == "instruct"
     assert training["quantized"]["method"] == "gptq" and training["quantized"]["nsamples"] == 8
+    assert training["quantized"]["desc_act"] is True and training["quantized"]["pack"] is False
     for name in ("tokenizer.json", "tokenizer_config.json", "model.safetensors"):
         assert os.path.isfile(os.path.join(gptq_tiny, name))
     # packed int32 weights, not float ones
@@ -172,12 +174,14 @@ def test_awq_tiny(tiny_model, calib, tmp_path):
 
 @needs_library
 @pytest.mark.slow
-def test_gptq_3bit_act_order(tiny_model, calib, tmp_path):
+def test_gptq_3bit_natural_order_packed(tiny_model, calib, tmp_path):
     out = str(tmp_path / "g3")
-    run_main(tiny_args(tiny_model, out, calib, "--bits", "3", "--desc_act"))
+    run_main(tiny_args(tiny_model, out, calib, "--bits", "3", "--no-desc_act", "--pack"))
     q = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
     weights = q["config_groups"]["group_0"]["weights"]
-    assert (weights["num_bits"], weights["actorder"]) == (3, "weight")
+    assert (weights["num_bits"], weights["actorder"]) == (3, None)
+    made = json.load(open(os.path.join(out, "training_config.json")))["quantized"]
+    assert made["pack"] is True and made["desc_act"] is False and made["calib_tokens"] <= 8 * 64
     ref, got = heldout_logits(tiny_model, tiny_model), heldout_logits(out, tiny_model)
     assert torch.isfinite(got).all() and (got - ref).pow(2).mean() < 0.01
 
@@ -257,7 +261,8 @@ def test_unsupported_bits(capsys, tmp_path, tiny_model, calib, method, bits):
 
 
 @pytest.mark.parametrize("flags", [["--calib_data", "x.jsonl"], ["--nsamples", "8"], ["--seqlen", "64"],
-                                   ["--prompt_type", "instruct"], ["--desc_act"], ["--pack"]])
+                                   ["--prompt_type", "instruct"], ["--desc_act"], ["--no-desc_act"],
+                                   ["--pack"]])
 def test_rtn_takes_no_calibration(capsys, tmp_path, tiny_model, flags):
     out = str(tmp_path / "out")
     expect_error(capsys, tiny_args(tiny_model, out, None, *flags, method="rtn"), flags[0], "rtn", out=out)
@@ -286,9 +291,10 @@ def test_group_size_must_divide(capsys, tmp_path, tiny_model, calib, method):
     expect_error(capsys, argv, "--group_size 48", "64", "pass --group_size 64", out=out)
 
 
-def test_desc_act_is_gptq_only(capsys, tmp_path, tiny_model, calib):
+@pytest.mark.parametrize("flag", ["--desc_act", "--no-desc_act"])
+def test_desc_act_is_gptq_only(capsys, tmp_path, tiny_model, calib, flag):
     out = str(tmp_path / "out")
-    expect_error(capsys, tiny_args(tiny_model, out, calib, "--method", "awq", "--desc_act"), "--desc_act", out=out)
+    expect_error(capsys, tiny_args(tiny_model, out, calib, "--method", "awq", flag), flag, out=out)
 
 
 def test_bad_calibration_record(capsys, tmp_path, tiny_model):

@@ -51,23 +51,29 @@ ROWS = {
     "float": ("float (f32, transformers)", "float", None),
     "int8": ("bitsandbytes int8", "bnb", "8bit"),
     "nf4": ("bitsandbytes nf4", "bnb", "4bit"),
-    **{f"{m}{b}": (f"{m.upper()} {b}-bit g{GROUP}", "folder", ["--method", m, "--bits", str(b)])
-       for b in (4, 3, 2) for m in ("rtn", "gptq")},
+    # gptq4/3/2: columns in their natural order (--no-desc_act); gptq*act: act-order, the tool's default
+    **{f"rtn{b}": (f"RTN {b}-bit g{GROUP}", "folder", ["--method", "rtn", "--bits", str(b)]) for b in (4, 3, 2)},
+    **{f"gptq{b}": (f"GPTQ {b}-bit g{GROUP} --no-desc_act", "folder",
+                    ["--method", "gptq", "--bits", str(b), "--no-desc_act"]) for b in (4, 3, 2)},
+    "gptq3act": (f"GPTQ 3-bit g{GROUP} --desc_act", "folder", ["--method", "gptq", "--bits", "3", "--desc_act"]),
     "gptq4act": (f"GPTQ 4-bit g{GROUP} --desc_act", "folder", ["--method", "gptq", "--bits", "4", "--desc_act"]),
+    "gptq4actpack": (f"GPTQ 4-bit g{GROUP} --desc_act --pack", "folder",
+                     ["--method", "gptq", "--bits", "4", "--desc_act", "--pack"]),
     "awq4": (f"AWQ 4-bit g{GROUP}", "folder", ["--method", "awq", "--bits", "4"]),
     # calibration on the English records of the default file only (CALIB_EN, made by english_records)
-    "gptq4en": (f"GPTQ 4-bit g{GROUP}, English calibration", "folder", ["--method", "gptq", "--bits", "4", "--calib_data"]),
+    "gptq4en": (f"GPTQ 4-bit g{GROUP} --no-desc_act, English calibration", "folder",
+                ["--method", "gptq", "--bits", "4", "--no-desc_act", "--calib_data"]),
     **{f"gguf-{t}": (f"GGUF {t} (vicuna)", "gguf", t) for t in ("f32", "q8_0", "q4_1", "q4_0", "q4_k_m")},
 }
-ORDER = ("float", "int8", "nf4", "rtn4", "gptq4", "gptq4en", "gptq4act", "awq4", "rtn3", "gptq3", "rtn2", "gptq2",
-         "gguf-f32", "gguf-q8_0", "gguf-q4_1", "gguf-q4_0", "gguf-q4_k_m")
+ORDER = ("float", "int8", "nf4", "rtn4", "gptq4", "gptq4en", "gptq4act", "gptq4actpack", "awq4", "rtn3", "gptq3",
+         "gptq3act", "rtn2", "gptq2", "gguf-f32", "gguf-q8_0", "gguf-q4_1", "gguf-q4_0", "gguf-q4_k_m")
 
 
 def folder_name(flags: list[str]) -> str:
-    """gptq-w4g64, rtn-w3g64, gptq-w4g64-act, gptq-w4g64-en: the cache folder of a tools/quantize.py row."""
+    """gptq-w4g64, rtn-w3g64, gptq-w4g64-act-pack, gptq-w4g64-en: the cache folder of a tools/quantize.py row."""
     method, bits = flags[flags.index("--method") + 1], flags[flags.index("--bits") + 1]
     return (f"{method}-w{bits}g{GROUP}" + ("-act" if "--desc_act" in flags else "")
-            + ("-en" if "--calib_data" in flags else ""))
+            + ("-pack" if "--pack" in flags else "") + ("-en" if "--calib_data" in flags else ""))
 
 
 def english_records(cache: str) -> str:
@@ -83,11 +89,12 @@ def english_records(cache: str) -> str:
     return out
 
 
-def quantize_command(flags: list[str], out: str, nsamples: int, seqlen: int) -> list[str]:
+def quantize_command(flags: list[str], out: str, nsamples: int, seqlen: int, model_path: str | None = None) -> list[str]:
     calib = [] if "rtn" in flags else ["--nsamples", str(nsamples), "--seqlen", str(seqlen)]
     if "--calib_data" in flags:
         flags = [*flags, english_records(os.path.dirname(out))]
-    return [sys.executable, os.path.join(HERE, "quantize.py"), *flags, "--group_size", str(GROUP), *calib,
+    model = ["--model_path", model_path] if model_path else []
+    return [sys.executable, os.path.join(HERE, "quantize.py"), *flags, *model, "--group_size", str(GROUP), *calib,
             "--output_path", out]
 
 
@@ -97,35 +104,54 @@ def files_size(path: str) -> int:
     return sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path) if n.endswith(".safetensors"))
 
 
-def bnb_footprint(quant: str) -> int:
-    from models import EMBEDDED_MODEL, load_model, resolve_model_path
+def base_model(args) -> str:
+    """The float model every row is made from: --model_path, else the embedded model."""
+    from models import EMBEDDED_MODEL, resolve_model_path
 
-    return load_model(resolve_model_path(EMBEDDED_MODEL), quant=quant).get_memory_footprint()
+    return resolve_model_path(args.model_path or EMBEDDED_MODEL)
+
+
+def f32_gguf(args) -> str:
+    """The base model as an f32 GGUF: ppl_table.py's for the embedded model, else made into --cache."""
+    if not args.model_path:
+        return ppl_table.f32_reference()
+    out = os.path.join(args.cache, "model.f32.gguf")
+    if not os.path.isfile(out):
+        subprocess.run([sys.executable, os.path.join(HERE, "convert_gguf.py"), "--model_path", base_model(args),
+                        "--outfile", out, "--outtype", "f32"], check=True)
+    return out
+
+
+def bnb_footprint(quant: str, args) -> int:
+    from models import load_model
+
+    return load_model(base_model(args), quant=quant).get_memory_footprint()
 
 
 def model_for(key: str, args) -> tuple[list[str] | None, int | None, str]:
     """(eval_ppl.py flags, size in bytes, size note) for a row, making its model first (None: not made)."""
-    from models import EMBEDDED_MODEL, resolve_model_path
-
     _, kind, arg = ROWS[key]
     if kind == "float":
-        path = resolve_model_path(EMBEDDED_MODEL)
+        path = base_model(args)
         return ["--model_path", path], files_size(path), ""
     if kind == "bnb":
-        return ["--quant", arg], None, "in memory"
+        return ["--model_path", base_model(args), "--quant", arg], None, "in memory"
     if kind == "gguf":
-        path = ppl_table.quantized(ppl_table.f32_reference(), arg)
+        path = ppl_table.quantized(f32_gguf(args), arg)
         return ["--model_path", path, "--engine", "vicuna"], files_size(path), ""
     out = os.path.join(args.cache, folder_name(arg))
     if not os.path.isdir(out):
-        cmd = quantize_command(arg, out, args.nsamples, args.seqlen)
+        cmd = quantize_command(arg, out, args.nsamples, args.seqlen, args.model_path)
         if args.ready:
             return None, None, ""
         print("$ " + " ".join(os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in cmd), flush=True)
         subprocess.run(cmd, check=True)
     made = json.load(open(os.path.join(out, "training_config.json")))["quantized"]
-    return ["--model_path", out], files_size(out), (f"{made['nsamples']} x {made['seqlen']} calibration"
-                                                    if "nsamples" in made else "")
+    note = ""
+    if "nsamples" in made:
+        note = (f"{made['nsamples']} {'packed ' if made.get('pack') else ''}x {made['seqlen']} calibration"
+                + (f" ({made['calib_tokens']:,} tokens)" if "calib_tokens" in made else ""))
+    return ["--model_path", out], files_size(out), note
 
 
 def score(key: str, flags: list[str], text: str, args) -> dict:
@@ -139,13 +165,13 @@ def score(key: str, flags: list[str], text: str, args) -> dict:
     return json.load(open(out))["results"][0]
 
 
-def same_ids(text: str) -> str:
+def same_ids(text: str, args) -> str:
     """Whether vicuna's tokenization of the text (BOS handling included) is eval_ppl.py's."""
     from eval_data import read_text, text_token_ids
-    from models import EMBEDDED_MODEL, load_tokenizer, resolve_model_path
+    from models import load_tokenizer
 
-    ours, bos = text_token_ids(load_tokenizer(resolve_model_path(EMBEDDED_MODEL)), read_text(text))
-    theirs, vbos = ppl_table.vicuna_ids(ppl_table.f32_reference(), text)
+    ours, bos = text_token_ids(load_tokenizer(base_model(args)), read_text(text))
+    theirs, vbos = ppl_table.vicuna_ids(f32_gguf(args), text)
     theirs = ([vbos] if vbos is not None else []) + theirs
     if ours == theirs and bos == vbos:
         return f"{text}: {len(ours)} token ids, the same in transformers and vicuna.cpp"
@@ -153,12 +179,12 @@ def same_ids(text: str) -> str:
     raise SystemExit(f"error: {text}: transformers and vicuna.cpp tokenize differently from id {first}")
 
 
-def text_chunks(texts: list[str], ctx: int, chunks: int) -> list[list[int]]:
+def text_chunks(texts: list[str], ctx: int, chunks: int, model_dir: str) -> list[list[int]]:
     """The first `chunks` chunks of each text, as eval_ppl.py cuts them."""
     from eval_data import read_text, text_token_ids
-    from models import EMBEDDED_MODEL, load_tokenizer, resolve_model_path
+    from models import load_tokenizer
 
-    tokenizer = load_tokenizer(resolve_model_path(EMBEDDED_MODEL))
+    tokenizer = load_tokenizer(model_dir)
     out = []
     for text in texts:
         ids, bos = text_token_ids(tokenizer, read_text(text))
@@ -169,13 +195,12 @@ def text_chunks(texts: list[str], ctx: int, chunks: int) -> list[list[int]]:
     return out
 
 
-def calibration_records(nsamples: int, seqlen: int) -> list[list[int]]:
+def calibration_records(nsamples: int, seqlen: int, path: str) -> list[list[int]]:
     """The records tools/quantize.py calibrates on by default (sample/instruct, its template and order)."""
     import eval_data
     from data import load_conversations
-    from models import EMBEDDED_MODEL, load_tokenizer, resolve_model_path
+    from models import load_tokenizer
 
-    path = resolve_model_path(EMBEDDED_MODEL)
     fmt, convs = load_conversations(eval_data.DEFAULT_CALIB)
     prompt_type = eval_data.calibration_prompt_type(None, path, fmt)
     return eval_data.calibration_ids(convs, eval_data.DEFAULT_CALIB, load_tokenizer(path), prompt_type, nsamples, seqlen)
@@ -215,12 +240,13 @@ def layer_errors(keys: list[str], args, texts: list[str]) -> None:
     import torch
     from compressed_tensors import decompress_module
 
-    from models import EMBEDDED_MODEL, load_model, resolve_model_path
+    from models import load_model
 
-    reference = load_model(resolve_model_path(EMBEDDED_MODEL), dtype=torch.float32).eval()
-    inputs = {os.path.basename(t): input_grams(reference, text_chunks([t], args.ctx, args.layer_chunks))
+    reference = load_model(base_model(args), dtype=torch.float32).eval()
+    inputs = {os.path.basename(t): input_grams(reference, text_chunks([t], args.ctx, args.layer_chunks,
+                                                                      base_model(args)))
               for t in texts}
-    inputs["calibration"] = input_grams(reference, calibration_records(args.nsamples, args.seqlen))
+    inputs["calibration"] = input_grams(reference, calibration_records(args.nsamples, args.seqlen, base_model(args)))
     names = list(inputs["calibration"])
     weights = {n: m.weight.detach() for n, m in reference.named_modules() if n in names}
     for where, grams in inputs.items():
@@ -267,7 +293,11 @@ def layer_errors(keys: list[str], args, texts: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cache", default=os.path.join(ROOT, ".cache", "ppl_table"), help="models and scores")
+    p.add_argument("--model_path", default=None,
+                   help="the float model to quantize every way (default: the embedded SmolLM2-135M-Instruct), "
+                        "e.g. tools/vicuna.cpp/rotate_float_reference.py's folder")
+    p.add_argument("--cache", default=None,
+                   help="models and scores (default: .cache/ppl_table, or .cache/ppl_table/NAME for --model_path NAME)")
     p.add_argument("--texts", default=",".join(TEXTS))
     p.add_argument("--rows", default=",".join(ORDER), help="comma-separated rows (default: %(default)s)")
     p.add_argument("--ctx", type=int, default=512)
@@ -278,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
                                                           "errors instead of the table")
     p.add_argument("--layer_chunks", type=int, default=2, help="--layer_errors: chunks of each text (default: 2)")
     args = p.parse_args(argv)
+    if args.cache is None:
+        args.cache = os.path.join(ROOT, ".cache", "ppl_table", *(
+            [os.path.basename(os.path.normpath(args.model_path))] if args.model_path else []))
     texts = args.texts.split(",")
     if args.layer_errors:
         layer_errors(args.layer_errors.split(","), args, texts)
@@ -286,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise SystemExit(f"error: unknown rows {unknown}; known: {', '.join(ORDER)}")
-    checks = [same_ids(t) for t in texts]
+    checks = [same_ids(t, args) for t in texts]
     results = {}
     for key in rows:
         flags, size, note = model_for(key, args)
@@ -294,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
             results[key] = None
             continue
         if ROWS[key][1] == "bnb":
-            size = bnb_footprint(ROWS[key][2])
+            size = bnb_footprint(ROWS[key][2], args)
         results[key] = ([score(key, flags, t, args) for t in texts], size, note)
 
     names = [os.path.basename(t) for t in texts]
